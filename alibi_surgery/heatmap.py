@@ -1,0 +1,58 @@
+"""Layer x head heatmap of first-token mass, coloured around the 0.5 sink threshold, with classes marked."""
+
+from __future__ import annotations
+
+import io
+
+from .io_utils import atomic_write_bytes
+from .report import HeadReport
+
+__all__ = ["plot_heatmap", "save_heatmap"]
+
+MARKS = {"dead": "D", "bos-sink": "S", "low-entropy": "L", "healthy": ""}
+
+
+def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
+    """Draw ``report`` on ``ax`` (a new figure when None); returns the matplotlib Axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    if ax is None:
+        width = min(2.0 + 0.42 * report.n_head, 40.0)
+        height = min(1.5 + 0.32 * report.n_layer, 40.0)
+        _, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    centre = report.thresholds.sink
+    image = ax.imshow(report.bos_mass.numpy(), cmap="RdBu_r", aspect="auto", interpolation="nearest",
+                      norm=TwoSlopeNorm(vmin=0.0, vcenter=centre, vmax=1.0))
+    classes = report.classes
+    small = report.n_head * report.n_layer <= 2048
+    for layer, row in enumerate(classes):
+        for head, cls in enumerate(row):
+            if MARKS[cls] and small:
+                ax.text(head, layer, MARKS[cls], ha="center", va="center", fontsize=7,
+                        color="white" if cls == "dead" else "black")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    step = max(1, report.n_head // 16)
+    ax.set_xticks(range(0, report.n_head, step))
+    ax.set_yticks(range(0, report.n_layer, max(1, report.n_layer // 24)))
+    s = report.summary()
+    ax.set_title(title or f"{report.metadata.get('model', 'model')}: first-token mass "
+                          f"(D dead {s['dead']}, S sink {s['bos_sink']}, L low-entropy {s['low_entropy']})",
+                 fontsize=9)
+    ax.figure.colorbar(image, ax=ax, label=f"bos_mass (centre = {centre:g})")
+    return ax
+
+
+def save_heatmap(report: HeadReport, path) -> None:
+    """Render the heatmap to a PNG at ``path`` (written atomically)."""
+    import matplotlib.pyplot as plt
+
+    ax = plot_heatmap(report)
+    buf = io.BytesIO()
+    ax.figure.savefig(buf, format="png", dpi=120)
+    plt.close(ax.figure)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,158 @@
+"""``HeadReport``: per-head first-token mass and entropy, the paper's classes, and their JSON/CSV forms.
+
+Classes (defaults from Schallon 2026; every threshold is configurable through :class:`Thresholds`):
+
+* ``dead``: bos_mass > 0.95
+* ``bos-sink``: 0.50 < bos_mass <= 0.95
+* ``low-entropy``: entropy < 0.50 and neither of the above
+* ``healthy``: everything else
+
+"Sick" (collapsed) means dead or bos-sink.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+
+import torch
+
+from .io_utils import atomic_write_text
+
+__all__ = ["Thresholds", "HeadReport", "CLASSES", "classify", "collapse_band"]
+
+CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
+SICK = ("dead", "bos-sink")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    dead: float = 0.95
+    sink: float = 0.50
+    low_entropy: float = 0.50
+
+    def __post_init__(self):
+        if not 0.0 <= self.sink < self.dead <= 1.0:
+            raise ValueError(f"thresholds need 0 <= sink < dead <= 1, got sink={self.sink}, dead={self.dead}")
+        if self.low_entropy < 0:
+            raise ValueError(f"the low-entropy threshold must be >= 0, got {self.low_entropy}")
+
+
+def classify(bos_mass: float, entropy: float, t: Thresholds = Thresholds()) -> str:
+    if bos_mass > t.dead:
+        return "dead"
+    if bos_mass > t.sink:
+        return "bos-sink"
+    if entropy < t.low_entropy:
+        return "low-entropy"
+    return "healthy"
+
+
+def collapse_band(sick: list[list[bool]], share: float = 0.75) -> tuple[int, int] | None:
+    """The narrowest contiguous head-index range holding at least ``share`` of all sick heads (ties: lowest start).
+
+    ``sick[layer][head]``. Returns ``(first, last)`` inclusive, or None when no head is sick.
+    """
+    n_head = len(sick[0])
+    per_index = [sum(row[h] for row in sick) for h in range(n_head)]
+    total = sum(per_index)
+    if total == 0:
+        return None
+    need = share * total
+    for width in range(1, n_head + 1):
+        for start in range(0, n_head - width + 1):
+            if sum(per_index[start:start + width]) >= need:
+                return start, start + width - 1
+    return 0, n_head - 1  # unreachable: the full range holds every sick head
+
+
+@dataclasses.dataclass
+class HeadReport:
+    """Diagnosis of every head of one model. ``bos_mass``/``entropy`` are float32 ``[n_layer, n_head]``."""
+
+    bos_mass: torch.Tensor
+    entropy: torch.Tensor
+    n_tokens: int
+    thresholds: Thresholds = Thresholds()
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_layer(self) -> int:
+        return self.bos_mass.shape[0]
+
+    @property
+    def n_head(self) -> int:
+        return self.bos_mass.shape[1]
+
+    @property
+    def classes(self) -> list[list[str]]:
+        return [[classify(float(b), float(e), self.thresholds) for b, e in zip(brow, erow)]
+                for brow, erow in zip(self.bos_mass.tolist(), self.entropy.tolist())]
+
+    def summary(self) -> dict:
+        flat = [c for row in self.classes for c in row]
+        return {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"), "dead": flat.count("dead"),
+                "low_entropy": flat.count("low-entropy")}
+
+    def sick_mask(self) -> list[list[bool]]:
+        return [[c in SICK for c in row] for row in self.classes]
+
+    def sick_heads(self) -> dict[int, list[int]]:
+        """Collapsed heads as a selection ``{layer: [heads]}`` (layers without any are left out)."""
+        return {layer: [h for h, s in enumerate(row) if s] for layer, row in enumerate(self.sick_mask()) if any(row)}
+
+    def band(self) -> tuple[int, int] | None:
+        return collapse_band(self.sick_mask())
+
+    def to_dict(self) -> dict:
+        classes = self.classes
+        heads = [{"layer": layer, "head": h, "bos_mass": float(self.bos_mass[layer, h]),
+                  "entropy": float(self.entropy[layer, h]), "class": classes[layer][h]}
+                 for layer in range(self.n_layer) for h in range(self.n_head)]
+        metric = dict(self.metadata.get("metric", {}))
+        metric["thresholds"] = dataclasses.asdict(self.thresholds)
+        return {"model": self.metadata.get("model"), "n_layer": self.n_layer, "n_head": self.n_head,
+                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(),
+                "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric")}}
+
+    def to_json(self, path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_csv(self, path) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["layer", "head", "bos_mass", "entropy", "class"])
+        for h in self.to_dict()["heads"]:
+            writer.writerow([h["layer"], h["head"], f"{h['bos_mass']:.6f}", f"{h['entropy']:.6f}", h["class"]])
+        atomic_write_text(path, buf.getvalue())
+
+    @classmethod
+    def from_json(cls, path) -> "HeadReport":
+        with open(path) as fh:
+            data = json.load(fh)
+        bos = torch.zeros(data["n_layer"], data["n_head"])
+        ent = torch.zeros_like(bos)
+        for h in data["heads"]:
+            bos[h["layer"], h["head"]] = h["bos_mass"]
+            ent[h["layer"], h["head"]] = h["entropy"]
+        metric = dict(data.get("metric", {}))
+        thresholds = Thresholds(**metric.pop("thresholds", {}))
+        metadata = dict(data.get("metadata", {}), model=data.get("model"), metric=metric)
+        return cls(bos, ent, data["n_tokens"], thresholds, metadata)
+
+    def format_summary(self) -> str:
+        """Compact terminal summary: counts per class, sick heads per layer, and the sick head-index band."""
+        s = self.summary()
+        total = self.n_layer * self.n_head
+        sick = s["dead"] + s["bos_sink"]
+        lines = [f"{self.metadata.get('model', 'model')}: {self.n_layer} layers x {self.n_head} heads, "
+                 f"{self.n_tokens} tokens",
+                 f"  healthy {s['healthy']}  bos-sink {s['bos_sink']}  dead {s['dead']}  "
+                 f"low-entropy {s['low_entropy']}  (collapsed {sick}/{total} = {100.0 * sick / total:.1f}%)"]
+        per_layer = [sum(row) for row in self.sick_mask()]
+        lines.append("  collapsed per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
+        band = self.band()
+        lines.append("  collapse band: " + ("none" if band is None else f"H{band[0]}-H{band[1]}"))
+        return "\n".join(lines)

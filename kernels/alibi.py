@@ -1,0 +1,39 @@
+"""ALiBi facts shared by every backend: BLOOM's slopes and key positions.
+
+Both functions reproduce ``transformers.models.bloom.modeling_bloom`` exactly:
+
+* ``alibi_slopes(n_head)`` is ``_get_alibi_slopes``: for n the largest power of two <= n_head, the first n slopes are
+  ``(2^(-8/n))^k`` for k = 1..n; the remaining heads take the odd powers k = 1, 3, 5, ... of ``2^(-8/(2n))``, appended.
+  Slopes therefore fall with the head index for powers of two, and are not monotone otherwise.
+* ``key_positions(valid)`` is the ``(cumsum - 1) * mask`` of ``build_alibi_tensor``: the first real token of every row
+  has position 0, left padding does not count. Padded keys get position -1, which the kernels read as "masked".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["alibi_slopes", "key_positions"]
+
+
+def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Return BLOOM's ALiBi slopes as a float32 tensor of shape ``[n_head]``."""
+    if n_head < 1:
+        raise ValueError(f"n_head must be >= 1, got {n_head}")
+    closest = 2 ** math.floor(math.log2(n_head))
+    # float32 pow, as transformers computes it, so the slopes are bit-identical to eager BLOOM's.
+    base = torch.tensor(2.0 ** (-(2.0 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, closest + 1, dtype=torch.int32))
+    if closest != n_head:
+        extra_base = torch.tensor(2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        n_extra = min(closest, n_head - closest)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 2 * n_extra, 2, dtype=torch.int32))])
+    return slopes.to(device)
+
+
+def key_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Map a ``[batch, k_len]`` key-validity mask (bool or 0/1) to int32 ALiBi positions, -1 for padded keys."""
+    valid = valid.to(torch.int32)
+    return ((valid.cumsum(-1, dtype=torch.int32) - 1) * valid - (1 - valid)).to(torch.int32)

@@ -1,0 +1,112 @@
+"""Ahead-of-time compilation of the kernels for real GPU targets, on a machine without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and a cubin; the
+``ptxas`` that ships with Triton then reports registers, spills and stack (``ptxas -v``). The interpreter proves the
+maths; this proves that the same source really compiles for sm_80/86/89/90, within the register file and shared
+memory. Needs only the ``triton`` wheel (its bundled ptxas), no CUDA driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+__all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd"]
+
+ARCHS = (80, 86, 89, 90)
+# Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, compute capabilities).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileResult:
+    kernel: str
+    arch: int
+    config: dict
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+
+    @property
+    def smem_limit(self) -> int:
+        return SMEM_LIMIT[self.arch]
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_stores == 0 and self.spill_loads == 0 and self.shared_bytes <= self.smem_limit
+
+
+def _ptxas() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_report(ptx: str) -> dict:
+    gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_90a where Triton asked for it
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    text = proc.stdout + proc.stderr
+    number = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_bytes=number(r"(\d+) bytes stack frame"))
+
+
+def aot_compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                divisible: tuple[str, ...] = ()) -> CompileResult:
+    """Compile ``fn`` for ``sm_<arch>`` and read back its resource usage.
+
+    ``divisible`` names the arguments that the JIT would see as multiples of 16 (16-byte aligned pointers, strides
+    of head_dim-multiple rows) and so specialise with ``tt.divisibility``; without it loads are not vectorised and
+    the register report would not describe the kernel that really runs.
+    """
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    report = _ptxas_report(compiled.asm["ptx"])
+    config = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
+    return CompileResult(fn.__name__, arch, config, shared_bytes=compiled.metadata.shared, **report)
+
+
+def fwd_signature(dtype: torch.dtype) -> dict:
+    """Runtime-argument types of ``_alibi_fwd_kernel`` for inputs of ``dtype``."""
+    from .attention_fwd import _alibi_fwd_kernel
+
+    t = _TRITON_TYPE[dtype]
+    pointers = dict(Q=t, K=t, V=t, O=t, LSE="fp32", KPOS="i32", KSTART="i32", SLOPES="fp32", STATS="fp32")
+    sig = {}
+    for name in _alibi_fwd_kernel.arg_names:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif not name.isupper():
+            sig[name] = "i32"
+    return sig
+
+
+def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) -> CompileResult:
+    """Compile the forward kernel with exactly the configuration the launcher picks on ``arch``."""
+    from .attention_fwd import _alibi_fwd_kernel, pick_config
+
+    cfg = pick_config(head_dim, dtype, arch)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
+                      UPCAST=False, IEEE=dtype == torch.float32)
+    sig = fwd_signature(dtype)
+    divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
+    return aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)

@@ -1,0 +1,268 @@
+"""Fused causal ALiBi attention forward (Triton), with optional per-head statistics in the same pass.
+
+Semantics are BLOOM's (``BloomAttention`` eager), computed in one flash-style pass:
+
+    s[i, j] = (q_i . k_j) / sqrt(d) + slope_h * pos_j        for valid keys j <= i (bottom-right causal)
+    o_i     = softmax_j(s[i, :]) @ v
+
+``pos_j`` comes from ``key_positions`` (cumsum of the attention mask, -1 for padded keys). The query row i of a
+q_len-long block sits at key index ``k_len - q_len + i``, so the KV-cache decode step (q_len = 1) runs through it.
+
+Supported:
+    * q, k, v as strided ``[batch, head, time, head_dim]`` views (no copies of BLOOM's fused QKV output);
+    * head_dim any multiple of 16 up to 128 (non powers of two are padded with masked lanes: 80 -> 128);
+    * any head count, any left padding or padding pattern; fp32, fp16, bf16 inputs, fp32 accumulation;
+    * fp32 inputs use IEEE fp32 dot products (not tf32).
+Limits:
+    * forward only here; no dropout (BLOOM's attention dropout is 0 at inference);
+    * masking is additive with -1e30, so a row with no visible key (a padded query: every key at or before it is
+      padding) returns a finite average of the values, as eager BLOOM does; such rows are never counted in the
+      statistics and their output is meaningless.
+
+Statistics (``WITH_STATS``, a constexpr: attention without statistics compiles without them) are, per query row,
+    p0 = P[i, j0] with j0 the first real key (position 0), and the entropy H_i = -sum_j P[i, j] ln P[i, j],
+accumulated with a centred running sum ``S = sum_j exp(s_j - m)(s_j - m)`` so that ``H = ln l - S / l`` never
+cancels large numbers. Key blocks left of the diagonal skip the causal mask; padding is a per-key bias vector. Each program writes (sum p0, sum H, row count) over its valid rows; the launcher sums them.
+No T x T matrix exists at any point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig"]
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+_MASKED = tl.constexpr(-1.0e30)  # additive mask: finite, so 0 * (s - m) never makes a NaN
+
+
+@triton.jit
+def _fwd_block_range(
+    acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+    stride_kt, stride_vt, k_len, start, stop,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks)."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < k_len
+        kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
+        bias = tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        s2 = qk * qk_scale + bias[None, :]
+        if CAUSAL:
+            s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s2 - m_new[:, None])
+        if WITH_STATS:
+            c_i = alpha * (c_i + (m_i - m_new) * l_i) + tl.sum(p * (s2 - m_new[:, None]), 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i, c_i
+
+
+@triton.jit
+def _alibi_fwd_kernel(
+    Q, K, V, O, LSE, KPOS, KSTART, SLOPES, STATS,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    n_head, q_len, k_len, n_qblocks, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_head
+    h = pid_bh % n_head
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q_shift = k_len - q_len  # query row i sits at key index i + q_shift
+    row_k = offs_m + q_shift
+    m_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    slope2 = tl.load(SLOPES + h) * _LOG2E  # everything runs in base-2 units: s2 = s * log2(e)
+    kstart = tl.load(KSTART + b)
+    pos_row = KPOS + b * k_len
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)  # centred sum of p * (s2 - m), statistics only
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = (kstart // BLOCK_N) * BLOCK_N  # leading fully padded key blocks are skipped
+    hi = tl.minimum(k_len, q_shift + (pid_m + 1) * BLOCK_M)
+    diag = tl.maximum(lo, ((q_shift + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)  # first block needing the causal mask
+    acc, l_i, m_i, c_i = _fwd_block_range(
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+        stride_kt, stride_vt, k_len, lo, diag,
+        HEAD_DIM, BLOCK_N, False, WITH_STATS, UPCAST, IEEE)
+    acc, l_i, m_i, c_i = _fwd_block_range(
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+        stride_kt, stride_vt, k_len, diag, hi,
+        HEAD_DIM, BLOCK_N, True, WITH_STATS, UPCAST, IEEE)
+
+    qpos = tl.load(pos_row + row_k, mask=m_ok, other=-1)
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing: o = 0
+    out = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * q_len + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_ok)
+
+    if WITH_STATS:
+        # Score of the first real key (position 0, no ALiBi bias), recomputed here rather than tracked in the loop.
+        k0 = tl.load(k_base + tl.minimum(kstart, k_len - 1) * stride_kt + offs_d, mask=d_ok, other=0.0)
+        s_first = tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale
+        counted = m_ok & (qpos >= 0)
+        if EXCLUDE_FIRST:
+            counted = counted & (qpos > 0)
+        p0 = tl.math.exp2(tl.minimum(s_first - m_i, 0.0)) / l_i
+        ent = (tl.math.log2(l_i) - c_i / l_i) * _LN2
+        if NORMALIZE_ENTROPY:
+            ent = tl.where(qpos > 0, ent / tl.log(tl.maximum((qpos + 1).to(tl.float32), 2.0)), 0.0)
+        base = STATS + (pid_bh * n_qblocks + pid_m) * 3
+        tl.store(base + 0, tl.sum(tl.where(counted, p0, 0.0), 0))
+        tl.store(base + 1, tl.sum(tl.where(counted, ent, 0.0), 0))
+        tl.store(base + 2, tl.sum(counted.to(tl.float32), 0))
+
+
+class FwdConfig(tuple):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) chosen by :func:`pick_config`."""
+
+    __slots__ = ()
+
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages))
+
+    block_m = property(lambda self: self[0])
+    block_n = property(lambda self: self[1])
+    num_warps = property(lambda self: self[2])
+    num_stages = property(lambda self: self[3])
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> FwdConfig:
+    """Tile sizes for one launch. ``arch`` is the compute capability as 80/86/89/90 (None: interpreter).
+
+    fp32 tiles are halved (twice the bytes per element); sm_86/sm_89 get fewer pipeline stages for their 99 KB of
+    shared memory per block.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    if arch is None:
+        return FwdConfig(64, 64, 4, 1)
+    if dtype == torch.float32:
+        return FwdConfig(64, 32, 4, 2 if arch in (86, 89) else 3)
+    if block_d <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    return FwdConfig(128, 64, 8, 2 if arch in (86, 89) else 3)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim % 16 or not 16 <= head_dim <= 128:
+        raise ValueError(f"head_dim must be a multiple of 16 in [16, 128], got {head_dim}")
+
+
+def alibi_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_pos: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    with_stats: bool = False,
+    exclude_first_query: bool = False,
+    normalize_entropy: bool = False,
+):
+    """Launch the fused kernel.
+
+    Args:
+        q: ``[B, H, q_len, d]``; k, v: ``[B, H, k_len, d]`` with ``q_len <= k_len``. Any strides with a unit stride
+            on d.
+        key_pos: int32 ``[B, k_len]`` from :func:`key_positions` (-1 marks a padded key).
+        slopes: float32 ``[H]``.
+    Returns:
+        ``(out [B, q_len, H, d] in q's dtype, lse [B, H, q_len] float32, stats)`` where stats is None or a float32
+        ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows.
+    """
+    batch, n_head, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    check_head_dim(head_dim)
+    if q_len > k_len:
+        raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride on head_dim")
+    key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    kstart = torch.argmax((key_pos >= 0).to(torch.int32), dim=1).to(torch.int32)
+    kstart = torch.where((key_pos >= 0).any(1), kstart, torch.full_like(kstart, k_len))
+    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+
+    interp = interpreting()
+    arch = None if interp else _arch(q.device)
+    cfg = pick_config(head_dim, q.dtype, arch)
+    n_qblocks = triton.cdiv(q_len, cfg.block_m)
+    out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=torch.float32)
+    stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if with_stats else lse
+
+    grid = (n_qblocks, batch * n_head)
+    _alibi_fwd_kernel[grid](
+        q, k, v, out, lse, key_pos, kstart, slopes, stats,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(2), out.stride(1),
+        n_head, q_len, k_len, n_qblocks, LOG2E / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        WITH_STATS=with_stats, EXCLUDE_FIRST=exclude_first_query, NORMALIZE_ENTROPY=normalize_entropy,
+        UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, (stats.sum(2) if with_stats else None)
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor

@@ -1,0 +1,96 @@
+"""Blocked ALiBi attention in plain torch: the CPU backend, and the readable twin of ``attention_fwd``.
+
+It runs the kernel's algorithm (online softmax over key blocks, centred entropy accumulator, first-token score
+captured where position == 0) with torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over
+(batch, head). Memory is O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per
+tile; accumulation is fp32. Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["alibi_attention_blocked"]
+
+MASKED = -1.0e30  # additive mask, as in the kernel: finite, so 0 * (s - m) never makes a NaN
+
+
+def alibi_attention_blocked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_pos: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    with_stats: bool = False,
+    exclude_first_query: bool = False,
+    normalize_entropy: bool = False,
+    block_q: int = 256,
+    block_k: int = 512,
+):
+    """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`."""
+    batch, n_head, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    if q_len > k_len:
+        raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
+    f32 = torch.float32
+    scale = 1.0 / math.sqrt(head_dim)
+    key_pos = key_pos.to(device=q.device, dtype=torch.int64)
+    key_ok = key_pos >= 0  # [B, Tk]
+    first_key = torch.where(key_ok.any(1), key_ok.int().argmax(1), torch.full_like(key_pos[:, 0], k_len))
+    slope = slopes.to(device=q.device, dtype=f32).view(1, n_head, 1, 1)
+    shift = k_len - q_len
+
+    out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=f32)
+    stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if with_stats else None
+    k_lo = (int(first_key.min()) // block_k) * block_k
+
+    for q0 in range(0, q_len, block_q):
+        q1 = min(q0 + block_q, q_len)
+        rows = torch.arange(q0, q1, device=q.device) + shift  # key index of each query row
+        qb = q[:, :, q0:q1].to(f32)
+        m = torch.full((batch, n_head, q1 - q0), -1.0e30, device=q.device, dtype=f32)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(batch, n_head, q1 - q0, head_dim, device=q.device, dtype=f32)
+        centred = torch.zeros_like(m)
+        s_first = torch.full_like(m, float("-inf"))
+        for k0 in range(k_lo, min(k_len, shift + q1), block_k):
+            k1 = min(k0 + block_k, k_len)
+            cols = torch.arange(k0, k1, device=q.device)
+            pos = key_pos[:, k0:k1]
+            visible = (pos >= 0)[:, None, None, :] & (cols[None, :] <= rows[:, None])[None, None]
+            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)) * scale
+            s = torch.where(visible, s + slope * pos.to(f32)[:, None, None, :], MASKED)
+
+            m_new = torch.maximum(m, s.amax(-1))
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(s - m_new[..., None])
+            if with_stats:
+                centred = alpha * (centred + (m - m_new) * l) + (p * (s - m_new[..., None])).sum(-1)
+                is_first = (cols[None, :] == first_key[:, None])[:, None, None, :]  # [B, 1, 1, bk]
+                s_first = torch.where(is_first.any(-1), torch.where(is_first, s, 0.0).sum(-1), s_first)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.matmul(p, v[:, :, k0:k1].to(f32))
+            m = m_new
+
+        l = torch.where(l > 0, l, 1.0)  # query blocks left of every real key iterate nothing: o = 0
+        out[:, q0:q1] = (acc / l[..., None]).transpose(1, 2).to(q.dtype)
+        lse[:, :, q0:q1] = m + torch.log(l)
+
+        if with_stats:
+            qpos = key_pos[:, rows][:, None, :]  # [B, 1, bq]
+            counted = qpos >= 0
+            if exclude_first_query:
+                counted = counted & (qpos > 0)
+            p0 = torch.exp((s_first - m).clamp_max(0.0)) / l
+            ent = torch.log(l) - centred / l
+            if normalize_entropy:
+                n_visible = (qpos + 1).to(f32).clamp_min(2.0)
+                ent = torch.where(qpos > 0, ent / torch.log(n_visible), 0.0)
+            stats[..., 0] += torch.where(counted, p0, 0.0).sum(-1)
+            stats[..., 1] += torch.where(counted, ent, 0.0).sum(-1)
+            stats[..., 2] += counted.to(f32).sum(-1)
+    return out, lse, stats
