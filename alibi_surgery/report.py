@@ -21,7 +21,7 @@ import torch
 
 from .io_utils import atomic_write_text
 
-__all__ = ["Thresholds", "HeadReport", "CLASSES", "classify", "collapse_band"]
+__all__ = ["Thresholds", "HeadReport", "CLASSES", "SICK", "classify", "collapse_band"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SICK = ("dead", "bos-sink")
@@ -50,22 +50,26 @@ def classify(bos_mass: float, entropy: float, t: Thresholds = Thresholds()) -> s
     return "healthy"
 
 
-def collapse_band(sick: list[list[bool]], share: float = 0.75) -> tuple[int, int] | None:
-    """The narrowest contiguous head-index range holding at least ``share`` of all sick heads (ties: lowest start).
-
-    ``sick[layer][head]``. Returns ``(first, last)`` inclusive, or None when no head is sick.
-    """
+def collapse_band(sick: list[list[bool]]) -> tuple[int, int] | None:
+    """The head-index band where collapse sits: of the contiguous runs of head indices that are collapsed in at
+    least half as many layers as the most-collapsed index, the run holding the most collapsed heads (ties: the
+    lower indices). ``sick[layer][head]``. Returns ``(first, last)`` inclusive, or None when no head is sick."""
     n_head = len(sick[0])
     per_index = [sum(row[h] for row in sick) for h in range(n_head)]
-    total = sum(per_index)
-    if total == 0:
+    top = max(per_index)
+    if top == 0:
         return None
-    need = share * total
-    for width in range(1, n_head + 1):
-        for start in range(0, n_head - width + 1):
-            if sum(per_index[start:start + width]) >= need:
-                return start, start + width - 1
-    return 0, n_head - 1  # unreachable: the full range holds every sick head
+    best, best_count, start = None, -1, None
+    for h in range(n_head + 1):
+        inside = h < n_head and 2 * per_index[h] >= top
+        if inside and start is None:
+            start = h
+        elif not inside and start is not None:
+            count = sum(per_index[start:h])
+            if count > best_count:
+                best, best_count = (start, h - 1), count
+            start = None
+    return best
 
 
 @dataclasses.dataclass

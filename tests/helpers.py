@@ -1,0 +1,102 @@
+"""Shared test helpers: eager BLOOM ground truth, the tolerance rule, tiny model builders.
+
+Ground truth is always transformers' own eager code in fp32. The tolerance rule (flash-attention's): in low
+precision, our error against fp32 may be at most twice eager PyTorch's own error in that precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import BloomConfig, BloomForCausalLM
+from transformers.cache_utils import DynamicCache
+from transformers.models.bloom.modeling_bloom import BloomAttention, build_alibi_tensor
+
+from alibi_surgery import patch_bloom
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_RUNS = INTERPRETING or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="triton needs CUDA or TRITON_INTERPRET=1")
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=needs_triton)]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+
+
+def bloom_config(hidden: int, n_head: int, n_layer: int = 1, vocab: int = 300) -> BloomConfig:
+    return BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def left_padded_mask(batch: int, length: int, pads) -> torch.Tensor:
+    """[batch, length] 0/1 mask with pads[b] leading zeros."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    return mask
+
+
+def causal_4d_mask(mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's additive [B, 1, q_len, k_len] mask: 0 where key j is real and j <= the query's key index."""
+    batch, k_len = mask2d.shape
+    rows = torch.arange(q_len)[:, None] + (k_len - q_len)
+    allowed = (torch.arange(k_len)[None, :] <= rows)[None] & mask2d.bool()[:, None, :]
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def run_attention(attn: BloomAttention, hidden: torch.Tensor, mask2d: torch.Tensor, past: int = 0,
+                  output_attentions: bool = False):
+    """Run a BloomAttention as BloomModel does. With ``past`` > 0 the first ``past`` tokens go through the module
+    first (filling a DynamicCache) and the output is that of the remaining tokens (the decode path)."""
+    dtype = hidden.dtype
+    zeros = torch.zeros_like(hidden)
+    cache = DynamicCache() if past else None
+    with torch.no_grad():
+        if past:
+            attn(hidden[:, :past], zeros[:, :past], build_alibi_tensor(mask2d[:, :past], attn.num_heads, dtype),
+                 causal_4d_mask(mask2d[:, :past], past, dtype), layer_past=cache, use_cache=True)
+        q = hidden[:, past:]
+        out, probs = attn(q, zeros[:, past:], build_alibi_tensor(mask2d, attn.num_heads, dtype),
+                          causal_4d_mask(mask2d, q.shape[1], dtype), layer_past=cache, use_cache=past > 0,
+                          output_attentions=output_attentions)
+    return (out, probs) if output_attentions else out
+
+
+def make_attention(hidden: int, n_head: int, seed: int = 0) -> BloomAttention:
+    torch.manual_seed(seed)
+    attn = BloomAttention(bloom_config(hidden, n_head), layer_idx=0).eval()
+    with torch.no_grad():  # larger-than-default weights: sharper attention, a harder test
+        attn.query_key_value.weight.normal_(0, 0.6 / hidden**0.5 * 4)
+        attn.query_key_value.bias.normal_(0, 0.1)
+    return attn
+
+
+def attention_case(hidden: int, n_head: int, dtype, backend, mask2d, past: int = 0, seed: int = 0):
+    """(ours, eager in dtype, eager fp32 reference, valid-row mask) for one configuration."""
+    ref_mod = make_attention(hidden, n_head, seed)
+    torch.manual_seed(seed + 1)
+    x = torch.randn(mask2d.shape[0], mask2d.shape[1], hidden)
+    low = copy.deepcopy(ref_mod).to(dtype)
+    ours_mod = patch_bloom(copy.deepcopy(ref_mod).to(dtype), backend)
+    ref = run_attention(ref_mod, x, mask2d, past)
+    eager = run_attention(low, x.to(dtype), mask2d, past).float()
+    ours = run_attention(ours_mod, x.to(dtype), mask2d, past).float()
+    valid = mask2d[:, past:].bool()
+    return ours, eager, ref, valid
+
+
+def assert_tolerance(ours, eager, ref, valid, dtype, what="output"):
+    """fp32: close to the reference; fp16/bf16: error <= 2x eager's own error in that dtype (+ a tiny floor)."""
+    rows = valid[..., None].expand_as(ref)
+    err = (ours - ref)[rows].abs().max().item() if rows.any() else 0.0
+    base = (eager - ref)[rows].abs().max().item() if rows.any() else 0.0
+    scale = ref[rows].abs().max().item() if rows.any() else 1.0
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    if dtype == torch.float32:
+        assert err <= 1e-5 * max(scale, 1.0), f"{what}: fp32 error {err:.3g} (scale {scale:.3g})"
+    else:
+        assert err <= 2 * base + 1e-6 * scale, f"{what}: error {err:.3g} > 2 x eager {dtype} error {base:.3g}"
+    return err, base
+
