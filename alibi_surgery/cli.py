@@ -53,6 +53,7 @@ def _add_random_model(sub) -> None:
     p.add_argument("--layers", type=int, help="fewer layers than the shape has")
     p.add_argument("--vocab", type=int, help="smaller vocabulary than 250,880")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exist-ok", action="store_true", help="keep DIR if it already holds a BLOOM model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,13 +118,28 @@ def _cmd_diagnose(args) -> None:
 def _cmd_random_model(args) -> None:
     from .random_model import write_random_bloom
 
+    if args.exist_ok and (Path(args.out) / "config.json").is_file():
+        from .loading import resolve_model_dir
+
+        resolve_model_dir(args.out)  # it must really be a BLOOM safetensors directory
+        print(f"keeping the model already in {args.out}")
+        return
     out = write_random_bloom(args.out, args.shape, n_layer=args.layers, vocab_size=args.vocab, seed=args.seed)
     print(f"wrote a random {args.shape} BLOOM to {out}")
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bar and one-line errors only: no transformers warnings or loading bars on the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     commands = {"diagnose": _cmd_diagnose, "random-model": _cmd_random_model}
     try:
         commands[args.command](args)

@@ -1,21 +1,21 @@
 """Ahead-of-time compilation of the kernels for real GPU targets, on a machine without a GPU.
 
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and a cubin; the
-``ptxas`` that ships with Triton then reports registers, spills and stack (``ptxas -v``). The interpreter proves the
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and a cubin with the
+``ptxas`` that ships with Triton; its ``ptxas -v`` log reports registers, spills and stack. The interpreter proves the
 maths; this proves that the same source really compiles for sm_80/86/89/90, within the register file and shared
 memory. Needs only the ``triton`` wheel (its bundled ptxas), no CUDA driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+import io
 import re
-import subprocess
-import tempfile
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -37,6 +37,7 @@ class CompileResult:
     spill_loads: int
     stack_bytes: int
     shared_bytes: int
+    dtype_name: str = ""
 
     @property
     def smem_limit(self) -> int:
@@ -47,20 +48,10 @@ class CompileResult:
         return self.spill_stores == 0 and self.spill_loads == 0 and self.shared_bytes <= self.smem_limit
 
 
-def _ptxas() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
-def _ptxas_report(ptx: str) -> dict:
-    gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_90a where Triton asked for it
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as fh:
-            fh.write(ptx)
-        proc = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True, check=True)
-    text = proc.stdout + proc.stderr
+def _parse_ptxas_log(text: str) -> dict:
     number = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
+    if "Used" not in text:
+        raise RuntimeError("no ptxas -v report was captured")
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_bytes=number(r"(\d+) bytes stack frame"))
 
@@ -75,9 +66,18 @@ def aot_compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     """
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    report = _ptxas_report(compiled.asm["ptx"])
+    # Triton itself runs `ptxas -v` (with its own flags) to build the cubin; have it print that log, and bypass
+    # the compile cache so that ptxas really runs.
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    report = _parse_ptxas_log(log.getvalue())
     config = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
     return CompileResult(fn.__name__, arch, config, shared_bytes=compiled.metadata.shared, **report)
 
@@ -109,4 +109,5 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) 
                       UPCAST=False, IEEE=dtype == torch.float32)
     sig = fwd_signature(dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
-    return aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
+    result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])

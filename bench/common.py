@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: environment facts, CSV rows, peak-memory measurement on CPU."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__}
+
+
+def append_rows(op: str, rows: list[dict]) -> Path:
+    """Append ``rows`` (each merged with the environment) to ``RESULTS/<op>.csv``; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{op}.csv"
+    env = environment()
+    rows = [{**env, **r} for r in rows]
+    fields = list(rows[0])
+    new = not path.exists()
+    if not new:
+        with open(path, newline="") as fh:
+            old_fields = next(csv.reader(fh), [])
+        fields = old_fields + [f for f in fields if f not in old_fields]
+        if fields != old_fields:  # new columns: rewrite the file with the wider header
+            with open(path, newline="") as fh:
+                old = list(csv.DictReader(fh))
+            rows = old + rows
+            new = True
+    with open(path, "w" if new else "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 0.5 ms and cross-checked with ru_maxrss."""
+
+    def __enter__(self):
+        self.base = _rss_bytes()
+        self.base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        ru_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        sampled = self.peak - self.base
+        # ru_maxrss counts only growth past every earlier peak, so it is a lower bound when the entry level was lower.
+        self.extra_bytes = max(sampled, ru_peak - max(self.base_max, self.base))
+        return False
