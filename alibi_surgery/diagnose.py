@@ -36,17 +36,18 @@ def check_prompts(prompts) -> list[str]:
 def stats_from_attention_probs(probs: torch.Tensor, attention_mask: torch.Tensor, *,
                                exclude_first_query: bool = False, normalize_entropy: bool = False) -> torch.Tensor:
     """The paper's metrics from materialised attention ``probs [B, H, T, T]``: per (batch, head) sums of
-    (first-token mass, entropy with A clamped at 1e-10, row count) over valid query rows. Returns float64 [B, H, 3]."""
-    probs = probs.double()
+    (first-token mass, entropy with A clamped at 1e-10, row count) over valid query rows, in float32 (the caller
+    accumulates in float64). Returns [B, H, 3]."""
+    probs = probs.float()
     valid = attention_mask.bool()
     pos = attention_mask.long().cumsum(-1) - 1  # position of each real token; first real token is 0
     first = valid.int().argmax(-1)
     p0 = probs[torch.arange(probs.shape[0]), :, :, first]  # [B, H, T]: mass on each row's first real token
-    ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1)
+    ent = -probs.clamp_min(1e-10).log_().mul_(probs).sum(-1)  # one T x T temporary, not three
     if normalize_entropy:
-        ent = torch.where(pos[:, None, :] > 0, ent / (pos[:, None, :] + 1).clamp_min(2).double().log(), 0.0)
+        ent = torch.where(pos[:, None, :] > 0, ent / (pos[:, None, :] + 1).clamp_min(2).float().log(), 0.0)
     counted = valid & (pos > 0) if exclude_first_query else valid
-    w = counted[:, None, :].double()
+    w = counted[:, None, :].float()
     return torch.stack([(p0 * w).sum(-1), (ent * w).sum(-1), w.expand_as(p0).sum(-1)], -1)
 
 
@@ -106,7 +107,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
                 if concrete == "eager":
                     out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
                     for layer, probs in enumerate(out.attentions):
-                        sums[layer] += stats_from_attention_probs(probs, mask, **options).sum(0).cpu()
+                        sums[layer] += stats_from_attention_probs(probs, mask, **options).sum(0).cpu().double()
                     del out
                 else:
                     base(input_ids=ids, attention_mask=mask, use_cache=False)

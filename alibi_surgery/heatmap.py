@@ -21,8 +21,8 @@ def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
     from matplotlib.colors import TwoSlopeNorm
 
     if ax is None:
-        width = min(2.0 + 0.42 * report.n_head, 40.0)
-        height = min(1.5 + 0.32 * report.n_layer, 40.0)
+        width = min(max(5.5, 2.0 + 0.42 * report.n_head), 40.0)
+        height = min(max(3.0, 1.5 + 0.32 * report.n_layer), 40.0)
         _, ax = plt.subplots(figsize=(width, height), layout="constrained")
     centre = report.thresholds.sink
     image = ax.imshow(report.bos_mass.numpy(), cmap="RdBu_r", aspect="auto", interpolation="nearest",
@@ -40,9 +40,9 @@ def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
     ax.set_xticks(range(0, report.n_head, step))
     ax.set_yticks(range(0, report.n_layer, max(1, report.n_layer // 24)))
     s = report.summary()
-    ax.set_title(title or f"{report.metadata.get('model', 'model')}: first-token mass "
-                          f"(D dead {s['dead']}, S sink {s['bos_sink']}, L low-entropy {s['low_entropy']})",
-                 fontsize=9)
+    ax.set_title(title or f"{report.metadata.get('model', 'model')}: first-token mass\n"
+                          f"D dead {s['dead']}, S bos-sink {s['bos_sink']}, L low-entropy {s['low_entropy']}, "
+                          f"healthy {s['healthy']}", fontsize=9)
     ax.figure.colorbar(image, ax=ax, label=f"bos_mass (centre = {centre:g})")
     return ax
 

@@ -194,7 +194,7 @@ def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> F
     if arch is None:
         return FwdConfig(64, 64, 4, 1)
     if dtype == torch.float32:
-        return FwdConfig(32, 16, 4, 2) if wide else FwdConfig(32, 32, 8, 2)
+        return FwdConfig(32, 16, 8, 2) if wide else FwdConfig(32, 32, 8, 2)
     stages = 2 if arch in (86, 89) else 3
     return FwdConfig(64, 64, 8, stages) if wide else FwdConfig(128, 64, 8, stages)
 

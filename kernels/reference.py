@@ -27,8 +27,8 @@ def alibi_attention_blocked(
     with_stats: bool = False,
     exclude_first_query: bool = False,
     normalize_entropy: bool = False,
-    block_q: int = 256,
-    block_k: int = 512,
+    block_q: int = 128,
+    block_k: int = 256,
 ):
     """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`."""
     batch, n_head, q_len, head_dim = q.shape
