@@ -64,6 +64,8 @@ def aot_compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     of head_dim-multiple rows) and so specialise with ``tt.divisibility``; without it loads are not vectorised and
     the register report would not describe the kernel that really runs.
     """
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("ahead-of-time compilation needs the JIT: unset TRITON_INTERPRET")
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
     # Triton itself runs `ptxas -v` (with its own flags) to build the cubin; have it print that log, and bypass

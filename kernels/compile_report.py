@@ -8,13 +8,17 @@ architecture's per-block limit. Exit status 1 if any configuration spills or exc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from .aot import ARCHS, CompileResult, compile_fwd
+from .attention_fwd import interpreting
 
 HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,9 +60,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only these architectures")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
+    parser.add_argument("--json", metavar="OUT", help="also write every result as JSON")
     args = parser.parse_args(argv)
+    if interpreting():  # interpreted kernels cannot be compiled: run again with the JIT
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
     results = compile_all(launcher_configs(tuple(args.arch or ARCHS)), args.jobs)
     print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(dataclasses.asdict(r), ok=r.ok, smem_limit=r.smem_limit) for r in results], fh, indent=1)
     bad = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(bad)}/{len(results)} configurations compile with 0 spills within shared memory")
     return 1 if bad else 0
