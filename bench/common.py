@@ -20,9 +20,13 @@ def environment() -> dict:
     import transformers
     import triton
 
+    here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+                                cwd=here, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, check=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
