@@ -15,21 +15,22 @@ Supported:
     * fp32 inputs use IEEE fp32 dot products (not tf32).
 Limits:
     * forward only here; no dropout (BLOOM's attention dropout is 0 at inference);
-    * masking is additive with -1e30, so a row with no visible key (a padded query: every key at or before it is
-      padding) returns a finite average of the values, as eager BLOOM does; such rows are never counted in the
-      statistics and their output is meaningless.
+    * masking is additive with -1e30. A padded query row (every key at or before it is padding) returns o = 0 when
+      its whole key range is padding-skipped, else a finite average of values, as eager BLOOM does; either way it
+      is never counted in the statistics and its output is meaningless.
 
 Statistics (``WITH_STATS``, a constexpr: attention without statistics compiles without them) are, per query row,
     p0 = P[i, j0] with j0 the first real key (position 0), and the entropy H_i = -sum_j P[i, j] ln P[i, j],
-accumulated with a centred running sum ``S = sum_j exp(s_j - m)(s_j - m)`` so that ``H = ln l - S / l`` never
-cancels large numbers. Key blocks left of the diagonal skip the causal mask; padding is a per-key bias vector. Each program writes (sum p0, sum H, row count) over its valid rows; the launcher sums them.
-No T x T matrix exists at any point.
+accumulated with a centred running sum ``C = sum_j exp(s_j - m)(s_j - m)`` so that ``H = ln l - C / l`` never
+cancels large numbers. Each program writes (sum p0, sum H, row count) over its valid rows; the launcher sums them.
+Key blocks left of the diagonal skip the causal mask; padding is a per-key bias vector. No T x T matrix exists.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -164,18 +165,13 @@ def _alibi_fwd_kernel(
         tl.store(base + 2, tl.sum(counted.to(tl.float32), 0))
 
 
-class FwdConfig(tuple):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) chosen by :func:`pick_config`."""
+class FwdConfig(NamedTuple):
+    """Tile sizes and launch options chosen by :func:`pick_config`."""
 
-    __slots__ = ()
-
-    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages))
-
-    block_m = property(lambda self: self[0])
-    block_n = property(lambda self: self[1])
-    num_warps = property(lambda self: self[2])
-    num_stages = property(lambda self: self[3])
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
 def interpreting() -> bool:
@@ -234,6 +230,10 @@ def alibi_attention_fwd(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride on head_dim")
+        if t.dtype != q.dtype or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"q, k, v must share one of float32/float16/bfloat16, got {name} {t.dtype}")
+    if key_pos.shape != (batch, k_len):
+        raise ValueError(f"key_pos must be [batch, k_len] = {[batch, k_len]}, got {list(key_pos.shape)}")
     key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
     kstart = torch.argmax((key_pos >= 0).to(torch.int32), dim=1).to(torch.int32)
     kstart = torch.where((key_pos >= 0).any(1), kstart, torch.full_like(kstart, k_len))
