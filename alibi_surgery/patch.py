@@ -143,13 +143,13 @@ def _key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: tor
 def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                      output_attentions=False, **kwargs):
     state: _PatchState = self.__dict__[_STATE]
-    eager = type(self).forward.__get__(self) if not state.had_forward else state.old_forward
     dropout_on = self.training and self.attention_dropout.p > 0
     if state.backend == "eager" or output_attentions or dropout_on:
         if output_attentions and state.backend != "eager":
             warnings.warn("output_attentions=True: this call runs BLOOM's eager attention", stacklevel=3)
         if state.sink is not None:
             raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
+        eager = state.old_forward if state.had_forward else type(self).forward.__get__(self)
         return eager(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
                      output_attentions=output_attentions, **kwargs)
 
