@@ -1,8 +1,8 @@
 """Blocked ALiBi attention in plain torch: the CPU backend, and the readable twin of ``attention_fwd``.
 
-It runs the kernel's algorithm (online softmax over key blocks, centred entropy accumulator, first-token score
-captured where position == 0) with torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over
-(batch, head). Memory is O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per
+It runs the kernel's algorithm (online softmax over key blocks, padding as a per-key bias, the causal mask only on
+diagonal tiles, centred entropy accumulator, first-token score recomputed from q and the position-0 key) with
+torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over (batch, head). Memory is O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per
 tile; accumulation is fp32. Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
 """
 
@@ -28,7 +28,7 @@ def alibi_attention_blocked(
     exclude_first_query: bool = False,
     normalize_entropy: bool = False,
     block_q: int = 128,
-    block_k: int = 256,
+    block_k: int = 128,
 ):
     """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`."""
     batch, n_head, q_len, head_dim = q.shape
@@ -47,6 +47,10 @@ def alibi_attention_blocked(
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=f32)
     stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if with_stats else None
     k_lo = (int(first_key.min()) // block_k) * block_k
+    # Per-key bias: slope * position, or the mask value for padding ([B, H, 1, Tk], small).
+    bias = torch.where(key_ok[:, None, None, :], slope * key_pos.to(f32)[:, None, None, :], MASKED)
+    # Key of position 0 per batch row, for the first-token score (as the kernel does: one dot per row).
+    k_first = k[torch.arange(batch, device=q.device), :, first_key.clamp(max=k_len - 1)].to(f32)  # [B, H, d]
 
     for q0 in range(0, q_len, block_q):
         q1 = min(q0 + block_q, q_len)
@@ -56,22 +60,17 @@ def alibi_attention_blocked(
         l = torch.zeros_like(m)
         acc = torch.zeros(batch, n_head, q1 - q0, head_dim, device=q.device, dtype=f32)
         centred = torch.zeros_like(m)
-        s_first = torch.full_like(m, float("-inf"))
         for k0 in range(k_lo, min(k_len, shift + q1), block_k):
             k1 = min(k0 + block_k, k_len)
-            cols = torch.arange(k0, k1, device=q.device)
-            pos = key_pos[:, k0:k1]
-            visible = (pos >= 0)[:, None, None, :] & (cols[None, :] <= rows[:, None])[None, None]
-            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)) * scale
-            s = torch.where(visible, s + slope * pos.to(f32)[:, None, None, :], MASKED)
-
+            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)).mul_(scale).add_(bias[..., k0:k1])
+            if k1 - 1 > shift + q0:  # a diagonal tile: some key lies after some query row
+                s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp(m - m_new)
-            p = torch.exp(s - m_new[..., None])
+            s_centred = s - m_new[..., None]
+            p = torch.exp(s_centred)
             if with_stats:
-                centred = alpha * (centred + (m - m_new) * l) + (p * (s - m_new[..., None])).sum(-1)
-                is_first = (cols[None, :] == first_key[:, None])[:, None, None, :]  # [B, 1, 1, bk]
-                s_first = torch.where(is_first.any(-1), torch.where(is_first, s, 0.0).sum(-1), s_first)
+                centred = alpha * (centred + (m - m_new) * l) + (p * s_centred).sum(-1)
             l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + torch.matmul(p, v[:, :, k0:k1].to(f32))
             m = m_new
@@ -85,6 +84,7 @@ def alibi_attention_blocked(
             counted = qpos >= 0
             if exclude_first_query:
                 counted = counted & (qpos > 0)
+            s_first = torch.matmul(qb, k_first[..., None]).squeeze(-1) * scale  # position 0: no bias
             p0 = torch.exp((s_first - m).clamp_max(0.0)) / l
             ent = torch.log(l) - centred / l
             if normalize_entropy:
