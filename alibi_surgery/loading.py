@@ -57,11 +57,10 @@ def resolve_model_dir(model: str) -> Path:
     if not config_file.is_file():
         raise UsageError(f"no config.json in {model}: not a Hugging Face model directory")
     try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config.json in {model} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") \
-            from None
-    model_type = config.get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise UsageError(f"config.json in {model} is not valid JSON: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "bloom":
         raise UsageError(f"{model} is a {model_type or 'unknown'} model, not BLOOM: alibi-surgery needs BLOOM's "
                          f"ALiBi attention")

@@ -68,6 +68,13 @@ def _no_tokenizer_dir(model_dir: Path, root: Path) -> Path:
     return d
 
 
+def _bad_config_dir(root: Path) -> Path:
+    d = root / "badcfg"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "bloom", ')
+    return d
+
+
 def _pickle_dir(model_dir: Path, root: Path) -> Path:
     d = root / "pickle"
     d.mkdir()
@@ -82,6 +89,7 @@ BAD = {
     "missing-path": (lambda m, r: ["diagnose", str(r / "nope")], "does not exist"),
     "not-bloom": (lambda m, r: ["diagnose", str(_gpt2_dir(r))], "not BLOOM"),
     "no-tokenizer": (lambda m, r: ["diagnose", str(_no_tokenizer_dir(m, r))], "tokenizer"),
+    "bad-config": (lambda m, r: ["diagnose", str(_bad_config_dir(r))], "not valid JSON"),
     "pickle-only": (lambda m, r: ["diagnose", str(_pickle_dir(m, r))], "pickle"),
     "empty-prompt": (lambda m, r: ["diagnose", str(m), "--prompt", "   "], "prompt 0 is empty"),
     "empty-prompts-file": (lambda m, r: ["diagnose", str(m), "--prompts-file", str(_touch(r / "e.txt"))],
