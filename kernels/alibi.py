@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["alibi_slopes", "key_positions"]
+__all__ = ["alibi_slopes", "key_positions", "first_real_key"]
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -37,3 +37,10 @@ def key_positions(valid: torch.Tensor) -> torch.Tensor:
     """Map a ``[batch, k_len]`` key-validity mask (bool or 0/1) to int32 ALiBi positions, -1 for padded keys."""
     valid = valid.to(torch.int32)
     return ((valid.cumsum(-1, dtype=torch.int32) - 1) * valid - (1 - valid)).to(torch.int32)
+
+
+def first_real_key(key_pos: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first real key (position 0) in ``[batch, k_len]`` positions; k_len if all padding."""
+    real = key_pos >= 0
+    first = real.to(torch.int32).argmax(-1)
+    return torch.where(real.any(-1), first, torch.full_like(first, key_pos.shape[-1]))

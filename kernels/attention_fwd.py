@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .alibi import first_real_key
+
 __all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig"]
 
 LOG2E = 1.4426950408889634
@@ -235,8 +237,7 @@ def alibi_attention_fwd(
     if key_pos.shape != (batch, k_len):
         raise ValueError(f"key_pos must be [batch, k_len] = {[batch, k_len]}, got {list(key_pos.shape)}")
     key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
-    kstart = torch.argmax((key_pos >= 0).to(torch.int32), dim=1).to(torch.int32)
-    kstart = torch.where((key_pos >= 0).any(1), kstart, torch.full_like(kstart, k_len))
+    kstart = first_real_key(key_pos).to(torch.int32)
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
 
     interp = interpreting()

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .alibi import first_real_key
+
 __all__ = ["alibi_attention_blocked"]
 
 MASKED = -1.0e30  # additive mask, as in the kernel: finite, so 0 * (s - m) never makes a NaN
@@ -39,7 +41,7 @@ def alibi_attention_blocked(
     scale = 1.0 / math.sqrt(head_dim)
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)
     key_ok = key_pos >= 0  # [B, Tk]
-    first_key = torch.where(key_ok.any(1), key_ok.int().argmax(1), torch.full_like(key_pos[:, 0], k_len))
+    first_key = first_real_key(key_pos)
     slope = slopes.to(device=q.device, dtype=f32).view(1, n_head, 1, 1)
     shift = k_len - q_len
 
