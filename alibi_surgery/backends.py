@@ -12,6 +12,7 @@ import torch
 
 from .errors import UsageError
 from .kernels import alibi_attention_blocked, alibi_attention_fwd
+from .kernels.autograd import alibi_attention_train
 from .kernels.attention_fwd import interpreting
 
 BACKENDS = ("auto", "triton", "torch", "eager")
@@ -36,11 +37,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def alibi_attention(q, k, v, key_pos, slopes, backend: str, **stats_options):
-    """Run fused ALiBi attention with a concrete backend (``triton`` or ``torch``); see ``alibi_attention_fwd``."""
+    """Run fused ALiBi attention with a concrete backend (``triton`` or ``torch``); see ``alibi_attention_fwd``.
+
+    Returns ``(out, lse, stats)``. When autograd records (q, k or v requires grad) the call goes through
+    :class:`~alibi_surgery.kernels.autograd.AlibiAttention` and ``lse`` is None (it is kept for the backward).
+    """
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"alibi_attention needs the triton or torch backend, got {backend!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, stats = alibi_attention_train(q, k, v, key_pos, slopes, backend, **stats_options)
+        return out, None, stats
     if backend == "triton":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise NotImplementedError("the triton backend has no backward pass yet: use backend='torch' to train")
         return alibi_attention_fwd(q, k, v, key_pos, slopes, **stats_options)
-    if backend == "torch":
-        return alibi_attention_blocked(q, k, v, key_pos, slopes, **stats_options)
-    raise ValueError(f"alibi_attention needs the triton or torch backend, got {backend!r}")
+    return alibi_attention_blocked(q, k, v, key_pos, slopes, **stats_options)

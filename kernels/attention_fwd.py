@@ -244,7 +244,9 @@ def alibi_attention_fwd(
     arch = None if interp else _arch(q.device)
     cfg = pick_config(head_dim, q.dtype, arch)
     n_qblocks = triton.cdiv(q_len, cfg.block_m)
-    out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=q.dtype)
+    # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
+    store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
+    out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=store_dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=torch.float32)
     stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if with_stats else lse
 
@@ -261,7 +263,7 @@ def alibi_attention_fwd(
         UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse, (stats.sum(2) if with_stats else None)
+    return out.to(q.dtype), lse, (stats.sum(2) if with_stats else None)
 
 
 def _arch(device: torch.device) -> int:

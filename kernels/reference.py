@@ -14,7 +14,7 @@ import torch
 
 from .alibi import first_real_key
 
-__all__ = ["alibi_attention_blocked"]
+__all__ = ["alibi_attention_blocked", "alibi_attention_blocked_bwd"]
 
 MASKED = -1.0e30  # additive mask, as in the kernel: finite, so 0 * (s - m) never makes a NaN
 
@@ -96,3 +96,58 @@ def alibi_attention_blocked(
             stats[..., 1] += torch.where(counted, ent, 0.0).sum(-1)
             stats[..., 2] += counted.to(f32).sum(-1)
     return out, lse, stats
+
+
+def alibi_attention_blocked_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_pos: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+):
+    """Gradients (dq, dk, dv) of :func:`alibi_attention_blocked`, recomputing each probability tile from ``lse``.
+
+    ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v as in the forward. Padded query rows (position -1) get no
+    gradient and pass none on: their outputs are undefined, and in BLOOM they feed only other padded rows.
+    Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
+    """
+    batch, n_head, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    f32 = torch.float32
+    scale = 1.0 / math.sqrt(head_dim)
+    key_pos = key_pos.to(device=q.device, dtype=torch.int64)
+    key_ok = key_pos >= 0
+    slope = slopes.to(device=q.device, dtype=f32).view(1, n_head, 1, 1)
+    shift = k_len - q_len
+    bias = torch.where(key_ok[:, None, None, :], slope * key_pos.to(f32)[:, None, None, :], MASKED)
+    row_ok = key_ok[:, shift:][:, None, :]  # [B, 1, q_len]: real query rows
+    do = do.to(f32).transpose(1, 2)  # [B, H, q_len, d]
+    delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij
+    dq = torch.zeros(batch, n_head, q_len, head_dim, device=q.device, dtype=f32)
+    dk = torch.zeros(batch, n_head, k_len, head_dim, device=q.device, dtype=f32)
+    dv = torch.zeros_like(dk)
+    k_lo = (int(first_real_key(key_pos).min()) // block_k) * block_k
+
+    for q0 in range(0, q_len, block_q):
+        q1 = min(q0 + block_q, q_len)
+        rows = torch.arange(q0, q1, device=q.device) + shift
+        qb, dob = q[:, :, q0:q1].to(f32), do[:, :, q0:q1]
+        lse_b, delta_b, ok_b = lse[:, :, q0:q1, None], delta[:, :, q0:q1, None], row_ok[..., q0:q1, None]
+        for k0 in range(k_lo, min(k_len, shift + q1), block_k):
+            k1 = min(k0 + block_k, k_len)
+            kb, vb = k[:, :, k0:k1].to(f32), v[:, :, k0:k1].to(f32)
+            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).add_(bias[..., k0:k1])
+            if k1 - 1 > shift + q0:
+                s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
+            p = torch.where(ok_b, torch.exp(s - lse_b), 0.0)
+            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
+            ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta_b)
+            dq[:, :, q0:q1] += torch.matmul(ds, kb)
+            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
+    return (dq * scale).to(q.dtype), (dk * scale).to(q.dtype), dv.to(q.dtype)

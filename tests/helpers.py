@@ -64,6 +64,31 @@ def run_attention(attn: BloomAttention, hidden: torch.Tensor, mask2d: torch.Tens
     return (out, probs) if output_attentions else out
 
 
+def attention_grads(attn: BloomAttention, hidden: torch.Tensor, mask2d: torch.Tensor, upstream: torch.Tensor) -> dict:
+    """Backpropagate ``sum(out * upstream)`` through ``attn`` (run as BloomModel does) and return the gradients of
+    the input, of the fused QKV projection output (dq, dk, dv interleaved as BLOOM lays them out) and of the weights.
+    """
+    dtype = hidden.dtype
+    x = hidden.detach().clone().requires_grad_()
+    attn.zero_grad(set_to_none=True)
+    captured = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured["qkv"] = output
+
+    hook = attn.query_key_value.register_forward_hook(keep)
+    try:
+        out, _ = attn(x, torch.zeros_like(x), build_alibi_tensor(mask2d, attn.num_heads, dtype),
+                      causal_4d_mask(mask2d, x.shape[1], dtype))
+        (out.float() * upstream).sum().backward()
+    finally:
+        hook.remove()
+    return {"input": x.grad.float(), "qkv_out": captured["qkv"].grad.float(),
+            "qkv_weight": attn.query_key_value.weight.grad.float(), "qkv_bias": attn.query_key_value.bias.grad.float(),
+            "dense_weight": attn.dense.weight.grad.float()}
+
+
 def make_attention(hidden: int, n_head: int, seed: int = 0) -> BloomAttention:
     torch.manual_seed(seed)
     attn = BloomAttention(bloom_config(hidden, n_head), layer_idx=0).eval()
