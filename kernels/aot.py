@@ -19,7 +19,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd"]
+__all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd", "adamw_signature",
+           "compile_adamw"]
 
 ARCHS = (80, 86, 89, 90)
 # Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, compute capabilities).
@@ -38,6 +39,7 @@ class CompileResult:
     stack_bytes: int
     shared_bytes: int
     dtype_name: str = ""
+    variant: str = ""
 
     @property
     def smem_limit(self) -> int:
@@ -113,3 +115,28 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) 
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
     return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])
+
+
+def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> dict:
+    """Runtime-argument types of ``_adamw_kernel`` for params of ``dtype`` and gradients of ``grad_dtype``."""
+    from .adamw import _adamw_kernel
+
+    pointers = dict(P=_TRITON_TYPE[dtype], G=_TRITON_TYPE[grad_dtype or dtype], M="fp32", V="fp32", MASTER="fp32",
+                    SCALE="fp32", TABLE="i64", BLOCK_TENSOR="i32")
+    return {name: "*" + pointers[name] if name in pointers else "i32" if name in ("seed", "step") else "fp32"
+            for name in _adamw_kernel.arg_names if name in pointers or not name.isupper()}
+
+
+def compile_adamw(arch: int, dtype: torch.dtype, master: bool = False, stochastic: bool = False,
+                  grad_scale: bool = False, vec: int | None = None) -> CompileResult:
+    """Compile the AdamW kernel as the launcher runs it for params (and gradients) of ``dtype``. ``vec`` defaults
+    to the widest vector, which every BLOOM head-slice layout gets (its sizes are multiples of 16)."""
+    from .adamw import BLOCK, MAX_VEC, NUM_STAGES, NUM_WARPS, _adamw_kernel
+
+    constexprs = dict(BLOCK=BLOCK, VEC=vec or MAX_VEC, HAS_MASTER=master, HAS_SCALE=grad_scale,
+                      STOCHASTIC=stochastic)
+    sig = adamw_signature(dtype)
+    divisible = tuple(a for a in sig if sig[a].startswith("*"))
+    result = aot_compile(_adamw_kernel, sig, constexprs, arch, NUM_WARPS, NUM_STAGES, divisible)
+    variant = "+".join([n for n, on in (("master", master), ("sr", stochastic), ("scale", grad_scale)) if on]) or "plain"
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=variant)

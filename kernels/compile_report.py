@@ -1,8 +1,10 @@
 """AOT compile report: ``python -m alibi_surgery.kernels.compile_report [--arch 89 ...] [--jobs N]``.
 
 Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/96/128, fp32/fp16/bf16, with and
-without statistics) for sm_80/86/89/90 without a GPU, and prints registers, spills and shared memory against each
-architecture's per-block limit. Exit status 1 if any configuration spills or exceeds shared memory.
+without statistics) and the AdamW kernel's variants (fp32, bf16 rounded to nearest or stochastically, bf16/fp16 with
+an fp32 master copy; each with and without a gradient scale) for sm_80/86/89/90 without a GPU, and prints registers,
+spills and shared memory against each architecture's per-block limit. Exit status 1 if any configuration spills or
+exceeds shared memory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .aot import ARCHS, CompileResult, compile_fwd
+from .aot import ARCHS, CompileResult, compile_adamw, compile_fwd
 from .attention_fwd import interpreting
 
 HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# (param dtype, master copy, stochastic rounding) of each AdamW parameter mode
+ADAMW_MODES = ((torch.float32, False, False), (torch.bfloat16, False, False), (torch.bfloat16, False, True),
+               (torch.bfloat16, True, False), (torch.float16, True, False))
 
 
 def launcher_configs(archs=ARCHS):
@@ -29,11 +36,22 @@ def launcher_configs(archs=ARCHS):
     return list(itertools.product(archs, HEAD_DIMS, DTYPES, (False, True)))
 
 
-def _compile(args) -> CompileResult:
+def adamw_configs(archs=ARCHS):
+    """(arch, dtype, master, stochastic, grad_scale) for every AdamW variant."""
+    return [(arch, *mode, scale) for arch in archs for mode in ADAMW_MODES for scale in (False, True)]
+
+
+def all_configs(archs=ARCHS):
+    """Every (kernel, arguments) pair of the report, forward kernels first."""
+    return [("fwd", c) for c in launcher_configs(archs)] + [("adamw", c) for c in adamw_configs(archs)]
+
+
+def _compile(item) -> CompileResult:
     import warnings
 
     warnings.filterwarnings("ignore")
-    return compile_fwd(*args)
+    kind, args = item if isinstance(item[0], str) else ("fwd", item)
+    return (compile_fwd if kind == "fwd" else compile_adamw)(*args)
 
 
 def compile_all(configs, jobs: int = 2) -> list[CompileResult]:
@@ -44,14 +62,20 @@ def compile_all(configs, jobs: int = 2) -> list[CompileResult]:
 
 
 def format_table(results: list[CompileResult]) -> str:
-    head = f"{'kernel':<18}{'arch':>5}{'dtype':>10}{'d':>5}{'stats':>6}{'tile':>14}{'regs':>6}{'spill':>7}" \
-           f"{'smem KB':>9}{'limit':>7}  ok"
+    """One row per result. Forward rows fill d/stats and a BLOCK_MxBLOCK_N tile; AdamW rows fill variant and a
+    BLOCK/vector-width tile; the columns that do not apply show '-'."""
+    head = f"{'kernel':<18}{'arch':>5}{'dtype':>10}{'d':>5}{'stats':>6}{'variant':>14}{'tile':>14}{'regs':>6}" \
+           f"{'spill':>7}{'smem KB':>9}{'limit':>7}  ok"
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.config
-        tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}/w{c['num_warps']}s{c['num_stages']}"
-        lines.append(f"{r.kernel:<18}{r.arch:>5}{r.dtype_name:>10}{c['HEAD_DIM']:>5}{'yes' if c['WITH_STATS'] else 'no':>6}"
-                     f"{tile:>14}{r.registers:>6}{r.spill_stores + r.spill_loads:>7}{r.shared_bytes / 1024:>9.1f}"
+        if "HEAD_DIM" in c:
+            d, stats, tile = c["HEAD_DIM"], "yes" if c["WITH_STATS"] else "no", f"{c['BLOCK_M']}x{c['BLOCK_N']}"
+        else:
+            d, stats, tile = "-", "-", f"{c['BLOCK']}v{c['VEC']}"
+        tile += f"/w{c['num_warps']}s{c['num_stages']}"
+        lines.append(f"{r.kernel:<18}{r.arch:>5}{r.dtype_name:>10}{d:>5}{stats:>6}{r.variant or '-':>14}{tile:>14}"
+                     f"{r.registers:>6}{r.spill_stores + r.spill_loads:>7}{r.shared_bytes / 1024:>9.1f}"
                      f"{r.smem_limit // 1024:>7}  {'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)
 
@@ -66,7 +90,7 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
-    results = compile_all(launcher_configs(tuple(args.arch or ARCHS)), args.jobs)
+    results = compile_all(all_configs(tuple(args.arch or ARCHS)), args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

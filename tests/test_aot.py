@@ -22,7 +22,9 @@ def test_every_forward_configuration_compiles_without_spills(arch, tmp_path):
                            "--jobs", "1", "--json", str(out)], env=ENV, capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert {r["arch"] for r in results} == {arch}
-    assert len(results) == 4 * 3 * 2  # head dims x dtypes x statistics on/off
+    forward = [r for r in results if r["kernel"] == "_alibi_fwd_kernel"]
+    assert len(forward) == 4 * 3 * 2  # head dims x dtypes x statistics on/off
+    assert len(results) - len(forward) == 5 * 2  # AdamW: parameter modes x gradient scale on/off
     bad = [r for r in results if not r["ok"]]
     assert not bad and proc.returncode == 0, proc.stdout
     assert all(r["registers"] > 0 and r["shared_bytes"] <= r["smem_limit"] for r in results)
@@ -44,3 +46,26 @@ print(r.spill_stores, r.ok)
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
     spills, ok = proc.stdout.split()
     assert int(spills) > 0 and ok == "False", proc.stderr
+
+
+def test_adamw_state_moves_in_whole_vectors():
+    """With VEC = 4 the fp32 state and master buffers move in 16-byte accesses; with VEC = 1 (unaligned layouts)
+    they do not, so the count below really sees the vectorisation."""
+    code = """
+import re, torch, triton, warnings
+warnings.filterwarnings("ignore")
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from alibi_surgery.kernels.adamw import _adamw_kernel, NUM_WARPS, NUM_STAGES
+from alibi_surgery.kernels.aot import adamw_signature
+sig = adamw_signature(torch.bfloat16)
+attrs = {(_adamw_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if sig[a].startswith("*")}
+for vec in (4, 1):
+    c = dict(BLOCK=1024, VEC=vec, HAS_MASTER=True, HAS_SCALE=True, STOCHASTIC=False)
+    src = ASTSource(fn=_adamw_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 89, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+    print(len(re.findall(r"(?:ld|st)[.]global[.]v4[.]b32", k.asm["ptx"])))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    wide, scalar = map(int, proc.stdout.split())
+    assert wide >= 6 and scalar == 0, proc.stderr  # exp_avg, exp_avg_sq, master: loaded and stored
