@@ -3,13 +3,19 @@
 Public API:
     patch_bloom / unpatch_bloom / patched   swap fused ALiBi attention into a loaded BLOOM model, reversibly
     diagnose -> HeadReport                  per-head first-token mass, entropy and class, without T x T matrices
+    HeadSlices                              trainable per-head weight slices; no full-matrix gradient exists
+    HeadSlicedAdamW                         fused AdamW whose state covers the slices only
+    chunked_lm_loss                         LM-head cross-entropy without the [tokens, vocab] logits
 """
 
 from .diagnose import diagnose
 from .errors import UsageError
+from .loss import chunked_lm_loss
+from .optim import HeadSlicedAdamW
 from .patch import head_stats, patch_bloom, patched, unpatch_bloom
 from .report import HeadReport, Thresholds
+from .slices import HeadSlices
 
 __version__ = "0.1.0"
 __all__ = ["patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
-           "UsageError"]
+           "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss"]

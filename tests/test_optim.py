@@ -1,0 +1,190 @@
+"""HeadSlicedAdamW against the paper's way of training head slices (full matrices, gradient masks, AdamW)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alibi_surgery import HeadSlicedAdamW, HeadSlices, patch_bloom
+from alibi_surgery.errors import UsageError
+from helpers import BACKENDS
+from test_slices import SELECTION, batch, small_model
+
+STEPS = 6
+LRS = [1e-3 * (i + 1) / STEPS for i in range(STEPS)]  # a warm-up schedule, changed every step
+
+
+def paper_way(model, selection, batches, eps, max_grad_norm=None):
+    """Full-matrix requires_grad on qkv and dense weights (and qkv bias), gradient-mask hooks zeroing every row or
+    column outside the selection, torch.optim.AdamW(weight_decay=0): the paper's recipe."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for layer, heads in selection.items():
+        attn = model.transformer.h[layer].self_attention
+        d = attn.head_dim
+        row_mask = torch.zeros(attn.query_key_value.weight.shape[0], 1)
+        col_mask = torch.zeros(1, attn.dense.weight.shape[1])
+        for h in heads:
+            row_mask[h * 3 * d:(h + 1) * 3 * d] = 1
+            col_mask[:, h * d:(h + 1) * d] = 1
+        for p, mask in ((attn.query_key_value.weight, row_mask), (attn.query_key_value.bias, row_mask[:, 0]),
+                        (attn.dense.weight, col_mask)):
+            p.requires_grad_(True)
+            p.register_hook(lambda g, mask=mask: g * mask)
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=LRS[0], eps=eps, weight_decay=0.0)
+    for lr, (ids, mask, labels) in zip(LRS, batches):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+
+
+def sliced_way(model, selection, batches, eps, max_grad_norm=None, **opt_kw):
+    slices = HeadSlices(model, selection)
+    opt = HeadSlicedAdamW(slices, lr=LRS[0], eps=eps, max_grad_norm=max_grad_norm, **opt_kw)
+    for lr, (ids, mask, labels) in zip(LRS, batches):
+        opt.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step(lr=lr)
+    slices.remove()
+    return opt
+
+
+def selected(name, selection, d):
+    """Boolean mask of the selected elements of parameter ``name`` (all False for untouched parameters)."""
+    parts = name.split(".")
+    if len(parts) < 5 or parts[4] not in ("query_key_value", "dense") or int(parts[2]) not in selection:
+        return None
+    heads = selection[int(parts[2])]
+    if parts[4] == "query_key_value":
+        return [slice(h * 3 * d, (h + 1) * 3 * d) for h in heads], 0
+    return ([slice(h * d, (h + 1) * d) for h in heads], 1) if parts[5] == "weight" else None
+
+
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["noclip", "clip"])
+def test_equivalent_to_the_papers_method(backend, clip):
+    # eps 1e-6: Adam's first steps move every element by ~lr whatever its gradient's size, so an element whose
+    # gradient is ~1e-9 could flip sign between two equally valid fp32 summation orders; eps damps exactly those.
+    eps = 1e-6
+    base = small_model(seed=3)
+    initial = {k: v.clone() for k, v in base.state_dict().items()}
+    batches = [batch(base, seed=10 + i, length=29) for i in range(STEPS)]
+    paper, ours = copy.deepcopy(base), patch_bloom(copy.deepcopy(base), backend)
+    paper_way(paper, SELECTION, batches, eps, clip)
+    sliced_way(ours, SELECTION, batches, eps, clip)
+    d = base.transformer.h[0].self_attention.head_dim
+    paper_sd, ours_sd = paper.state_dict(), ours.state_dict()
+    n_trained = 0
+    for name, init in initial.items():
+        a, b = paper_sd[name], ours_sd[name]
+        sel = selected(name, SELECTION, d)
+        untouched = torch.ones_like(init, dtype=torch.bool)
+        if sel is not None:
+            for s in sel[0]:
+                index = (s,) if sel[1] == 0 else (slice(None), s)
+                untouched[index] = False
+                moved = (a[index] - init[index]).abs().max()
+                assert moved > 1e-4, f"{name}: the selected slice did not train"
+                # The gradients differ by fp32 summation order only (with eager attention they are bit-identical).
+                # Adam's normalisation magnifies that where the true gradient is zero: the k part of the qkv bias
+                # (q . b_k is the same for every key, so softmax ignores it) moves by lr * noise / (|noise| + eps)
+                # in both runs, from different noise. Hence bounds relative to how far the slice moved.
+                diff = (b[index] - a[index]).abs()
+                assert diff.max() <= 1e-3 * moved and diff.mean() <= 1e-4 * moved, (name, diff.max(), diff.mean())
+                n_trained += 1
+        assert torch.equal(a[untouched], init[untouched]), f"paper's way changed unselected {name}"
+        assert torch.equal(b[untouched], init[untouched]), f"head slices changed unselected {name}"
+    assert n_trained == 3 * sum(len(h) for h in SELECTION.values())
+
+
+def test_state_dict_round_trip_resumes_bit_exactly():
+    base = small_model(seed=4)
+    batches = [batch(base, seed=20 + i, length=21) for i in range(4)]
+
+    def run(model, opt, slices, part):
+        for ids, mask, labels in part:
+            opt.zero_grad()
+            model(ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+
+    a = copy.deepcopy(base)
+    sa = HeadSlices(a, SELECTION)
+    oa = HeadSlicedAdamW(sa, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    run(a, oa, sa, batches)
+
+    b = copy.deepcopy(base)
+    sb = HeadSlices(b, SELECTION)
+    ob = HeadSlicedAdamW(sb, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    run(b, ob, sb, batches[:2])
+    state = ob.state_dict()
+    sb.remove()
+    c = copy.deepcopy(b)  # a fresh process would load the saved model and this state
+    sc = HeadSlices(c, SELECTION)
+    oc = HeadSlicedAdamW(sc, lr=0.5, weight_decay=0.0)
+    oc.load_state_dict(state)
+    assert (oc.lr, oc.weight_decay, oc.step_count, oc.max_grad_norm) == (1e-3, 0.1, 2, 1.0)
+    run(c, oc, sc, batches[2:])
+    for x, y in zip(sa.tensors, sc.tensors):
+        assert torch.equal(x, y)
+    assert torch.equal(oa.exp_avg, oc.exp_avg) and torch.equal(oa.exp_avg_sq, oc.exp_avg_sq)
+
+
+def test_state_for_another_selection_is_refused():
+    model = small_model()
+    opt = HeadSlicedAdamW(HeadSlices(copy.deepcopy(model), SELECTION), lr=1e-3)
+    other = HeadSlicedAdamW(HeadSlices(copy.deepcopy(model), {0: [1]}), lr=1e-3)
+    with pytest.raises(UsageError, match="different head selection"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("rounding", ["master", "stochastic"])
+def test_bf16_model_trains_with_master_copy_or_stochastic_rounding(rounding):
+    """bf16 in place: the master copy tracks an fp32 run closely; stochastic rounding stays within bf16 noise."""
+    base = small_model(seed=5)
+    batches = [batch(base, seed=30 + i, length=21) for i in range(STEPS)]
+    ref = copy.deepcopy(base)
+    ref_opt = sliced_way(ref, SELECTION, batches, 1e-6)
+    low = copy.deepcopy(base).to(torch.bfloat16)
+    opt = sliced_way(low, SELECTION, batches, 1e-6, stochastic_rounding=rounding == "stochastic")
+    assert (opt.master is not None) == (rounding == "master")
+    assert opt.state_bytes == (12 if rounding == "master" else 8) * opt.slices.numel
+    attn, ref_attn = low.transformer.h[2].self_attention, ref.transformer.h[2].self_attention
+    w, w_ref = attn.query_key_value.weight[:240].float(), ref_attn.query_key_value.weight[:240]
+    w0 = base.transformer.h[2].self_attention.query_key_value.weight[:240]
+    drift = (w_ref - w0).abs().mean()
+    assert (w - w_ref).abs().mean() < 0.5 * drift  # the bf16 run follows the fp32 run's trajectory
+    if rounding == "master":  # flat order: layer 0 head 2 (three tensors), then layer 2 head 0's qkv rows
+        assert (opt.slices.specs[3].layer, opt.slices.specs[3].head, opt.slices.specs[3].kind) == (2, 0, "qkv_weight")
+        master = opt.layout.views(opt.master)[3]
+        assert torch.equal(master.to(torch.bfloat16), attn.query_key_value.weight[:240])
+    del ref_opt
+
+
+def test_fp32_copies_over_a_bf16_model_are_written_back_each_step():
+    model = small_model(seed=6).to(torch.bfloat16)
+    slices = HeadSlices(model, {1: [0]}, dtype=torch.float32)
+    opt = HeadSlicedAdamW(slices, lr=1e-2)
+    assert opt.master is None  # fp32 slices are their own master copy
+    ids, mask, labels = batch(model)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    opt.step()
+    assert torch.equal(model.transformer.h[1].self_attention.query_key_value.weight[:240],
+                       slices.tensors[0].to(torch.bfloat16))
+
+
+def test_bad_optimizer_arguments():
+    slices = HeadSlices(small_model(), SELECTION)
+    with pytest.raises(UsageError, match="HeadSlices"):
+        HeadSlicedAdamW([torch.zeros(3)], lr=1e-3)
+    with pytest.raises(UsageError, match="betas"):
+        HeadSlicedAdamW(slices, lr=1e-3, betas=(0.9, 1.0))
+    with pytest.raises(UsageError, match="max_grad_norm"):
+        HeadSlicedAdamW(slices, lr=1e-3, max_grad_norm=0)
