@@ -5,7 +5,7 @@
 For each shape (left-padded batch of 2, BLOOM's slopes) and dtype: the forward output and the gradients of q, k, v
 of the Triton kernels and of eager-style attention computed in that dtype (``softmax(qk^T/sqrt(d) + bias)`` with a
 materialised matrix, as BloomAttention does), both against a float64 reference, as ||x - ref|| / ||ref|| over real
-rows. Passes when the kernel's error is at most 2x eager's in fp16/bf16 (and below 1e-4 in fp32, IEEE dots), with no
+rows. Passes when the kernel's error is at most 2x eager's (+ unit roundoff) in fp16/bf16 (and below 1e-4 in fp32, IEEE dots), with no
 NaN. Outputs are fresh ``torch.empty`` buffers filled by the kernels, and inputs are drawn fresh per case.
 Prints one line per case and a summary; exit status 1 on any failure.
 """
@@ -70,8 +70,37 @@ def case(T, d, H, dtype, dev):
     if dtype == torch.float32:
         ok = finite and max(ours) < 1e-4  # IEEE fp32 dots: far under tf32's ~3e-4
     else:
-        ok = finite and all(a <= 2 * b + 1e-7 for a, b in zip(ours, eager))
+        # 2x eager's error, floored at the dtype's unit roundoff: at T = 1 eager's dq and dk are exactly 0 (a softmax
+        # over one key has zero gradient) while ours is dP - delta, two roundings of the same number.
+        floor = torch.finfo(dtype).eps / 2
+        ok = finite and all(a <= 2 * b + floor for a, b in zip(ours, eager))
     return ok, ours, eager
+
+
+def timings(T=2048, d=128, H=32, batch=1, dtype=torch.bfloat16) -> list[str]:
+    """Median ms of forward and forward+backward: fused kernels, SDPA with an additive ALiBi mask, eager-style."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    key_pos = key_positions(torch.ones(batch, T, device=dev))
+    slopes = alibi_slopes(H, dev)
+    q, k, v = (torch.randn(batch, H, T, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(batch, T, H, d, device=dev, dtype=dtype)
+    bias = (slopes.view(1, -1, 1, 1) * key_pos[:, None, None, :]).to(dtype)
+    bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=dev).tril(), float("-inf"))
+    impls = {
+        "fused": lambda: alibi_attention_train(q, k, v, key_pos, slopes, "triton")[0],
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2),
+        "eager": lambda: dense(q, k, v, key_pos, slopes),
+    }
+    lines = []
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        both = do_bench(lambda: fn().backward(do), warmup=25, rep=200, return_mode="median", grad_to_none=[q, k, v])
+        lines.append(f"{name:<6} T={T} H={H} d={d} {str(dtype)[6:]}: forward {fwd:.3f} ms, forward+backward {both:.3f} ms")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -92,6 +121,9 @@ def main(argv=None) -> int:
             detail = "  ".join(f"{n} {a:.1e}/{b:.1e}" for n, a, b in zip(names, ours, eager))
             print(f"{'ok  ' if ok else 'FAIL'} T={T:<5} d={d:<4} H={H:<4} {str(dtype)[6:]:<9} ours/eager: {detail}")
     print(f"\n{fails} failures")
+    if dev.type == "cuda":
+        for line in timings():
+            print(line)
     return 1 if fails else 0
 
 

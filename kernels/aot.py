@@ -19,7 +19,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd", "adamw_signature",
+__all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd", "bwd_signature", "compile_bwd", "adamw_signature",
            "compile_adamw"]
 
 ARCHS = (80, 86, 89, 90)
@@ -114,6 +114,36 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) 
     sig = fwd_signature(dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])
+
+
+def bwd_signature(kernel, dtype: torch.dtype) -> dict:
+    """Runtime-argument types of a backward kernel (``_alibi_bwd_dkdv_kernel`` or ``_alibi_bwd_dq_kernel``)."""
+    t = _TRITON_TYPE[dtype]
+    pointers = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, LSE="fp32", DELTA="fp32", KPOS="i32", KSTART="i32",
+                    SLOPES="fp32")
+    sig = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif not name.isupper():
+            sig[name] = "i32"
+    return sig
+
+
+def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str) -> CompileResult:
+    """Compile one backward kernel (``which``: ``"dkdv"`` or ``"dq"``) with the configuration its launcher picks."""
+    from .attention_bwd import _alibi_bwd_dkdv_kernel, _alibi_bwd_dq_kernel, pick_bwd_config
+
+    kernel = _alibi_bwd_dkdv_kernel if which == "dkdv" else _alibi_bwd_dq_kernel
+    cfg = pick_bwd_config(head_dim, dtype, arch)[0 if which == "dkdv" else 1]
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, UPCAST=False, IEEE=dtype == torch.float32)
+    sig = bwd_signature(kernel, dtype)
+    divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
+    result = aot_compile(kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
     return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])
 
 

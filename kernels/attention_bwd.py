@@ -234,12 +234,11 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) 
         return BwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1)  # big tiles: fewer interpreted steps
     wide = triton.next_power_of_2(head_dim) > 64
     if dtype == torch.float32:
-        cfg = BwdConfig(16, 32, 4, 1) if wide else BwdConfig(32, 32, 4, 1)
-        return cfg, BwdConfig(cfg.block_n, cfg.block_m, cfg.num_warps, cfg.num_stages)
+        return BwdConfig(16, 32, 8, 1), BwdConfig(16, 32, 8, 1)
     stages = 2 if arch in (86, 89) else 3
     if wide:
-        return BwdConfig(32, 64, 4, stages), BwdConfig(64, 32, 4, stages)
-    return BwdConfig(64, 64, 4, stages), BwdConfig(64, 64, 4, stages)
+        return BwdConfig(32, 64, 8, stages), BwdConfig(64, 32, 8, stages)
+    return BwdConfig(64, 64, 8, stages), BwdConfig(64, 32, 8, stages)
 
 
 def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes):

@@ -14,7 +14,7 @@ Supported:
     * any head count, any left padding or padding pattern; fp32, fp16, bf16 inputs, fp32 accumulation;
     * fp32 inputs use IEEE fp32 dot products (not tf32).
 Limits:
-    * forward only here; no dropout (BLOOM's attention dropout is 0 at inference);
+    * the backward pass is ``attention_bwd.py``; no dropout (BLOOM's attention dropout is 0);
     * masking is additive with -1e30. A padded query row (every key at or before it is padding) returns o = 0 when
       its whole key range is padding-skipped, else a finite average of values, as eager BLOOM does; either way it
       is never counted in the statistics and its output is meaningless.

@@ -1,7 +1,7 @@
 """AOT compile report: ``python -m alibi_surgery.kernels.compile_report [--arch 89 ...] [--jobs N]``.
 
 Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/96/128, fp32/fp16/bf16, with and
-without statistics) and the AdamW kernel's variants (fp32, bf16 rounded to nearest or stochastically, bf16/fp16 with
+without statistics), both backward kernels (dK/dV and dQ) for the same head dims and dtypes, and the AdamW kernel's variants (fp32, bf16 rounded to nearest or stochastically, bf16/fp16 with
 an fp32 master copy; each with and without a gradient scale) for sm_80/86/89/90 without a GPU, and prints registers,
 spills and shared memory against each architecture's per-block limit. Exit status 1 if any configuration spills or
 exceeds shared memory.
@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .aot import ARCHS, CompileResult, compile_adamw, compile_fwd
+from .aot import ARCHS, CompileResult, compile_adamw, compile_bwd, compile_fwd
 from .attention_fwd import interpreting
 
 HEAD_DIMS = (64, 80, 96, 128)
@@ -31,9 +31,9 @@ ADAMW_MODES = ((torch.float32, False, False), (torch.bfloat16, False, False), (t
                (torch.bfloat16, True, False), (torch.float16, True, False))
 
 
-def launcher_configs(archs=ARCHS):
+def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS):
     """(arch, head_dim, dtype, with_stats) for every configuration the forward launcher can pick."""
-    return list(itertools.product(archs, HEAD_DIMS, DTYPES, (False, True)))
+    return list(itertools.product(archs, head_dims, DTYPES, (False, True)))
 
 
 def adamw_configs(archs=ARCHS):
@@ -41,9 +41,15 @@ def adamw_configs(archs=ARCHS):
     return [(arch, *mode, scale) for arch in archs for mode in ADAMW_MODES for scale in (False, True)]
 
 
-def all_configs(archs=ARCHS):
-    """Every (kernel, arguments) pair of the report, forward kernels first."""
-    return [("fwd", c) for c in launcher_configs(archs)] + [("adamw", c) for c in adamw_configs(archs)]
+def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS):
+    """(arch, head_dim, dtype, which) for both backward kernels."""
+    return list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq")))
+
+
+def all_configs(archs=ARCHS, head_dims=HEAD_DIMS):
+    """Every (kernel, arguments) pair of the report: forward, backward, AdamW."""
+    return ([("fwd", c) for c in launcher_configs(archs, head_dims)]
+            + [("bwd", c) for c in bwd_configs(archs, head_dims)] + [("adamw", c) for c in adamw_configs(archs)])
 
 
 def _compile(item) -> CompileResult:
@@ -51,7 +57,7 @@ def _compile(item) -> CompileResult:
 
     warnings.filterwarnings("ignore")
     kind, args = item if isinstance(item[0], str) else ("fwd", item)
-    return (compile_fwd if kind == "fwd" else compile_adamw)(*args)
+    return {"fwd": compile_fwd, "bwd": compile_bwd, "adamw": compile_adamw}[kind](*args)
 
 
 def compile_all(configs, jobs: int = 2) -> list[CompileResult]:
@@ -64,17 +70,18 @@ def compile_all(configs, jobs: int = 2) -> list[CompileResult]:
 def format_table(results: list[CompileResult]) -> str:
     """One row per result. Forward rows fill d/stats and a BLOCK_MxBLOCK_N tile; AdamW rows fill variant and a
     BLOCK/vector-width tile; the columns that do not apply show '-'."""
-    head = f"{'kernel':<18}{'arch':>5}{'dtype':>10}{'d':>5}{'stats':>6}{'variant':>14}{'tile':>14}{'regs':>6}" \
+    head = f"{'kernel':<24}{'arch':>5}{'dtype':>10}{'d':>5}{'stats':>6}{'variant':>14}{'tile':>14}{'regs':>6}" \
            f"{'spill':>7}{'smem KB':>9}{'limit':>7}  ok"
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.config
         if "HEAD_DIM" in c:
-            d, stats, tile = c["HEAD_DIM"], "yes" if c["WITH_STATS"] else "no", f"{c['BLOCK_M']}x{c['BLOCK_N']}"
+            stats = ("yes" if c["WITH_STATS"] else "no") if "WITH_STATS" in c else "-"
+            d, tile = c["HEAD_DIM"], f"{c['BLOCK_M']}x{c['BLOCK_N']}"
         else:
             d, stats, tile = "-", "-", f"{c['BLOCK']}v{c['VEC']}"
         tile += f"/w{c['num_warps']}s{c['num_stages']}"
-        lines.append(f"{r.kernel:<18}{r.arch:>5}{r.dtype_name:>10}{d:>5}{stats:>6}{r.variant or '-':>14}{tile:>14}"
+        lines.append(f"{r.kernel:<24}{r.arch:>5}{r.dtype_name:>10}{d:>5}{stats:>6}{r.variant or '-':>14}{tile:>14}"
                      f"{r.registers:>6}{r.spill_stores + r.spill_loads:>7}{r.shared_bytes / 1024:>9.1f}"
                      f"{r.smem_limit // 1024:>7}  {'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)
@@ -83,6 +90,7 @@ def format_table(results: list[CompileResult]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only these architectures")
+    parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="only these head dims")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     parser.add_argument("--json", metavar="OUT", help="also write every result as JSON")
     args = parser.parse_args(argv)
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
-    results = compile_all(all_configs(tuple(args.arch or ARCHS)), args.jobs)
+    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS)), args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -17,16 +18,25 @@ from helpers import BACKENDS, DTYPES, assert_tolerance, attention_grads, left_pa
 from test_attention import SHAPES
 
 
-def grad_case(hidden, n_head, dtype, backend, mask, seed=0):
-    """Gradients of ours (patched, in dtype), eager in dtype and eager fp32, for a random upstream gradient that is
-    zero on padded rows (their outputs are undefined, and in BLOOM no loss reaches them)."""
+@functools.lru_cache(maxsize=8)
+def _eager_grads(hidden, n_head, dtype, mask_rows, seed):
+    """Eager BloomAttention gradients in fp32 (the reference) and in ``dtype`` (the baseline of the tolerance rule),
+    cached: both backends of one case share them (eager fp16/bf16 is the slow part on CPU)."""
+    mask = torch.tensor(mask_rows)
     ref_mod = make_attention(hidden, n_head, seed)
     torch.manual_seed(seed + 1)
     x = torch.randn(mask.shape[0], mask.shape[1], hidden)
     upstream = torch.randn_like(x) * mask[..., None]
-    ours_mod = patch_bloom(copy.deepcopy(ref_mod).to(dtype), backend)
     ref = attention_grads(ref_mod, x, mask, upstream)
     eager = attention_grads(copy.deepcopy(ref_mod).to(dtype), x.to(dtype), mask, upstream)
+    return ref_mod, x, upstream, ref, eager
+
+
+def grad_case(hidden, n_head, dtype, backend, mask, seed=0):
+    """Gradients of ours (patched, in dtype), eager in dtype and eager fp32, for a random upstream gradient that is
+    zero on padded rows (their outputs are undefined, and in BLOOM no loss reaches them)."""
+    ref_mod, x, upstream, ref, eager = _eager_grads(hidden, n_head, dtype, tuple(map(tuple, mask.tolist())), seed)
+    ours_mod = patch_bloom(copy.deepcopy(ref_mod).to(dtype), backend)
     ours = attention_grads(ours_mod, x.to(dtype), mask, upstream)
     return ours, eager, ref
 
