@@ -2,6 +2,8 @@
 
     alibi-surgery diagnose MODEL [--prompt TEXT ...] [--prompts-file F] [--json OUT] [--csv OUT] [--heatmap PNG]
     alibi-surgery random-model DIR [--shape tiny|bloom-560m|...] [--layers N] [--vocab N]
+    alibi-surgery repair MODEL --out DIR --corpus TEXT... [--heads auto|SPEC] [--band A-B --layers C-D] [...]
+    alibi-surgery compare A B [--json OUT] [--heatmap PNG] [--table]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written
 (``--debug`` shows the traceback instead).
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsageError
+from .options import add_model_options, add_prompt_options
 
 __all__ = ["main", "build_parser"]
 
@@ -23,20 +26,12 @@ def _add_diagnose(sub) -> None:
                        description="Per-head first-token mass and entropy over a prompt set, with the paper's "
                                    "classes (dead, bos-sink, low-entropy, healthy).")
     p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--csv", metavar="OUT", help="write one row per head as CSV")
     p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of first-token mass")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--backend", default="auto", help="auto, triton, torch or eager (default: auto)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
-    p.add_argument("--exclude-first-query", action="store_true",
-                   help="leave query row 0 (whose first-token mass is always 1) out of the averages")
-    p.add_argument("--normalize-entropy", action="store_true", help="divide each row's entropy by ln(visible keys)")
+    add_prompt_options(p)
+    add_model_options(p)
     p.add_argument("--dead-threshold", type=float, default=0.95, help="bos_mass above this is dead (0.95)")
     p.add_argument("--sink-threshold", type=float, default=0.50, help="bos_mass above this is a bos-sink (0.50)")
     p.add_argument("--low-entropy-threshold", type=float, default=0.50,
@@ -56,31 +51,96 @@ def _add_random_model(sub) -> None:
     p.add_argument("--exist-ok", action="store_true", help="keep DIR if it already holds a BLOOM model")
 
 
+def _add_repair(sub) -> None:
+    from .repair import RepairSettings
+    from .surgery import INITS
+
+    d = RepairSettings()
+    p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
+                       description="Plan, re-initialise, train only the selected heads' slices, checkpoint, "
+                                   "re-diagnose and report. The input directory is never written to.")
+    p.add_argument("model", help="local BLOOM model directory (config, safetensors, tokenizer) or cached hub id")
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
+    p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
+    p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
+    g = p.add_argument_group("plan")
+    g.add_argument("--heads", default="auto", help="'auto' (dead and bos-sink heads) or a list like '5:14,15;6:9-15'")
+    g.add_argument("--from-report", metavar="JSON", help="plan from this diagnosis instead of a fresh one")
+    g.add_argument("--band", metavar="A-B", help="the sick heads with index in A..B (with --layers)")
+    g.add_argument("--layers", metavar="C-D", help="restrict --band to these layers")
+    g.add_argument("--freeze", metavar="SPEC", help="heads that must stay untouched")
+    g.add_argument("--include", metavar="SPEC", help="healthy heads to re-initialise as well")
+    g.add_argument("--passes", type=int, default=1, help="repeat on the heads still collapsed (default 1)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory, then stop")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, default=d.seq_len)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up (0.1)")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    t.add_argument("--init", choices=INITS, default=d.init)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    t.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    t.add_argument("--stochastic-rounding", action="store_true", help="bf16 without an fp32 master copy")
+    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
+    add_model_options(p, backends="auto, triton or torch")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_repair(args) -> None:
+    from .repair import RepairSettings, repair
+
+    settings = RepairSettings(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                              lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, epochs=args.epochs,
+                              patience=args.patience, max_grad_norm=args.max_grad_norm, init=args.init,
+                              seed=args.seed, save_every_steps=args.save_every_steps,
+                              checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding)
+    if args.backend not in ("auto", "triton", "torch"):
+        raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
+    if args.from_report and not Path(args.from_report).is_file():
+        raise UsageError(f"--from-report does not exist: {args.from_report}")
+    prompts = None
+    if args.prompts_file:
+        args.prompt = []
+        prompts = _read_prompts(args)
+    result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=args.from_report,
+                    heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
+                    passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
+                    backend=args.backend, prompts=prompts, resume=args.resume, overwrite=args.overwrite,
+                    dry_run=args.dry_run, progress=not args.quiet)
+    if args.dry_run:
+        from .plan import Plan
+
+        memory = result.pop("memory")
+        print(Plan.from_dict(result).format(memory))
+        return
+    print(f"wrote {result['final']} and {Path(args.out) / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alibi-surgery", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_diagnose(sub)
     _add_random_model(sub)
+    _add_repair(sub)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
 def _read_prompts(args) -> list[str]:
-    from .prompts import DEFAULT_PROMPTS
+    from .prompts import DEFAULT_PROMPTS, read_prompts
 
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"prompts file does not exist: {path}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise UsageError(f"prompts file is empty: {path}")
-        prompts += lines
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise UsageError(f"prompt {i} is empty")
-    return prompts or list(DEFAULT_PROMPTS)
+    return read_prompts(args.prompt, args.prompts_file) or list(DEFAULT_PROMPTS)
 
 
 def _cmd_diagnose(args) -> None:
@@ -140,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_transformers()
-    commands = {"diagnose": _cmd_diagnose, "random-model": _cmd_random_model}
+    from .compare import run_compare
+
+    commands = {"diagnose": _cmd_diagnose, "random-model": _cmd_random_model, "repair": _cmd_repair,
+                "compare": run_compare}
     try:
         commands[args.command](args)
     except UsageError as exc:

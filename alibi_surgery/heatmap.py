@@ -47,12 +47,16 @@ def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
     return ax
 
 
-def save_heatmap(report: HeadReport, path) -> None:
-    """Render the heatmap to a PNG at ``path`` (written atomically)."""
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as a PNG at ``path`` (atomically) and close it."""
     import matplotlib.pyplot as plt
 
-    ax = plot_heatmap(report)
     buf = io.BytesIO()
-    ax.figure.savefig(buf, format="png", dpi=120)
-    plt.close(ax.figure)
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_heatmap(report: HeadReport, path) -> None:
+    """Render the heatmap to a PNG at ``path`` (written atomically)."""
+    save_figure(plot_heatmap(report).figure, path)

@@ -159,9 +159,10 @@ def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer
         key, value = layer_past.update(key, value, self.layer_idx)
     device = hidden_states.device
     backend = resolve_backend(state.backend, device)
-    slopes = state.slopes.get(device)
+    cache_key = (device, torch.is_inference_mode_enabled())  # an inference tensor must never reach autograd
+    slopes = state.slopes.get(cache_key)
     if slopes is None:
-        slopes = state.slopes[device] = alibi_slopes(self.num_heads, device)
+        slopes = state.slopes[cache_key] = alibi_slopes(self.num_heads, device)
     key_pos = key_positions(_key_validity(attention_mask, batch, key.shape[2], device))
     sink = state.sink
     context, _, stats = alibi_attention(

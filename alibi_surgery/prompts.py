@@ -67,3 +67,25 @@ DEFAULT_PROMPTS = (
     "Compute step by step: 17 * 24 = 408. 408 + 193 = 601. 601 - 256 = 345. 345 / 5 = 69. "
     "Check: 69 * 5 = 345, 345 + 256 = 601, 601 - 193 = 408, and 408 / 24 = 17. All steps agree.",
 )
+
+
+def read_prompts(prompts=None, prompts_file=None) -> list[str] | None:
+    """``prompts`` (strings) plus the non-empty lines of ``prompts_file``; None when both are empty. Empty prompts
+    and a missing or empty file are one-line errors."""
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"prompts file does not exist: {path}")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"prompts file is empty: {path}")
+        out += lines
+    for i, text in enumerate(out):
+        if not text.strip():
+            raise UsageError(f"prompt {i} is empty")
+    return out or None

@@ -133,18 +133,22 @@ class HeadReport:
         atomic_write_text(path, buf.getvalue())
 
     @classmethod
-    def from_json(cls, path) -> "HeadReport":
-        with open(path) as fh:
-            data = json.load(fh)
+    def from_dict(cls, data: dict) -> "HeadReport":
+        """The inverse of :meth:`to_dict`."""
         bos = torch.zeros(data["n_layer"], data["n_head"])
         ent = torch.zeros_like(bos)
         for h in data["heads"]:
             bos[h["layer"], h["head"]] = h["bos_mass"]
             ent[h["layer"], h["head"]] = h["entropy"]
-        metric = dict(data.get("metric", {}))
+        metric = dict(data.get("metric") or {})
         thresholds = Thresholds(**metric.pop("thresholds", {}))
-        metadata = dict(data.get("metadata", {}), model=data.get("model"), metric=metric)
+        metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric)
         return cls(bos, ent, data["n_tokens"], thresholds, metadata)
+
+    @classmethod
+    def from_json(cls, path) -> "HeadReport":
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))
 
     def format_summary(self) -> str:
         """Compact terminal summary: counts per class, sick heads per layer, and the sick head-index band."""

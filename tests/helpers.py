@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import BloomConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.bloom.modeling_bloom import BloomAttention, build_alibi_tensor
 

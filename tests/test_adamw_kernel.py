@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from alibi_surgery.kernels.adamw import (SliceLayout, adamw_step, adamw_step_reference, clip_scale,
+from alibi_surgery.kernels.adamw import (SliceLayout, adamw_step, clip_scale,
                                          global_grad_norm)
 from helpers import BACKENDS, INTERPRETING, needs_triton
 
