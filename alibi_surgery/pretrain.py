@@ -87,7 +87,7 @@ def pretrain(out, corpus, *, bos=False, save_dtype=torch.float32, layers=6, hidd
             report = diagnose(model, tokenizer, DEFAULT_PROMPTS, backend=backend, max_length=256)
             s = report.summary()
             share = (s["dead"] + s["bos_sink"]) / (config.n_layer * config.n_head)
-            entry = {"step": step, "loss": float(loss), "collapsed": share, "seconds": time.perf_counter() - t0,
+            entry = {"step": step, "loss": float(loss.detach()), "collapsed": share, "seconds": time.perf_counter() - t0,
                      **s}
             history.append(entry)
             with open(out / "log.jsonl", "a") as fh:

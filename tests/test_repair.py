@@ -228,3 +228,16 @@ def test_compare_command_is_wired(tiny_dir, corpus, tmp_path, capsys):
     assert main(["compare", str(base), str(base), "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "c.json").read_text())
     assert main(["compare", str(base), str(tmp_path / "missing.json")]) == 2
+
+
+def test_pretrain_smoke(corpus, tmp_path):
+    """The pre-training tool runs end to end on CPU and saves loadable models plus a log."""
+    from alibi_surgery.pretrain import pretrain
+
+    result = pretrain(tmp_path / "pt", [str(corpus / "doc*.txt")], layers=1, hidden=32, heads=2, seq_len=16,
+                      batch_size=4, max_steps=6, diagnose_every=3, device="cpu", backend="torch", bos=True,
+                      log=lambda *a: None)
+    assert result["steps"] == 6 and len(result["history"]) == 2
+    for name in ("last", "best-collapse"):
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "pt" / name).config.n_layer == 1
+    assert len((tmp_path / "pt" / "log.jsonl").read_text().splitlines()) == 2
