@@ -27,19 +27,11 @@ import triton
 import triton.language as tl
 
 from .alibi import first_real_key
-from .attention_fwd import LOG2E, _arch, check_head_dim, interpreting
+from .attention_fwd import (_LOG2E, _MASKED, LOG2E, _arch, _dot, _key_bias, _query_block_keys, check_head_dim,
+                            interpreting)
 
 __all__ = ["alibi_attention_bwd", "pick_bwd_config", "BwdConfig"]
 
-_LOG2E = tl.constexpr(LOG2E)
-_MASKED = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -100,8 +92,7 @@ def _alibi_bwd_dkdv_kernel(
     q_shift = k_len - q_len
 
     pos_row = KPOS + b * k_len
-    kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
-    bias_k = tl.where(kpos >= 0, tl.load(SLOPES + h) * _LOG2E * kpos.to(tl.float32), _MASKED)
+    bias_k = _key_bias(pos_row, offs_n, n_ok, tl.load(SLOPES + h) * _LOG2E)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
                 other=0.0)
@@ -146,8 +137,7 @@ def _dq_block_range(
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
-        bias = tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2)
         t_mask = n_ok[None, :] & d_ok[:, None]
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=t_mask, other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=t_mask, other=0.0)
@@ -204,9 +194,7 @@ def _alibi_bwd_dq_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    lo = (tl.load(KSTART + b) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(k_len, q_shift + (pid_m + 1) * BLOCK_M)
-    diag = tl.maximum(lo, ((q_shift + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)
+    lo, diag, hi = _query_block_keys(tl.load(KSTART + b), q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,
                          offs_n0, stride_kt, stride_vt, k_len, lo, diag, HEAD_DIM, BLOCK_N, False, UPCAST, IEEE)
     dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,

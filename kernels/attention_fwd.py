@@ -49,6 +49,31 @@ _MASKED = tl.constexpr(-1.0e30)  # additive mask: finite, so 0 * (s - m) never m
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """tl.dot, with IEEE fp32 products when IEEE (fp32 inputs), else the default (tensor cores, tf32 for fp32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _key_bias(pos_row, offs_n, n_ok, slope2):
+    """Per-key ALiBi bias in base-2 units: slope * position, or the mask value for padding and out-of-range keys."""
+    kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
+    return tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+
+
+@triton.jit
+def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks a query block visits: [lo, diag) need no causal mask, [diag, hi) do. Leading key blocks of pure
+    padding (before the first real key ``kstart``) are skipped."""
+    lo = (kstart // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(k_len, q_shift + (pid_m + 1) * BLOCK_M)
+    diag = tl.maximum(lo, ((q_shift + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)
+    return lo, diag, hi
+
+
+@triton.jit
 def _fwd_block_range(
     acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
@@ -60,8 +85,7 @@ def _fwd_block_range(
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
-        bias = tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
                      other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
@@ -69,11 +93,7 @@ def _fwd_block_range(
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        s2 = qk * qk_scale + bias[None, :]
+        s2 = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
         if CAUSAL:
             s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -83,10 +103,7 @@ def _fwd_block_range(
             c_i = alpha * (c_i + (m_i - m_new) * l_i) + tl.sum(p * (s2 - m_new[:, None]), 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if IEEE:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
+        acc += _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     return acc, l_i, m_i, c_i
 
@@ -131,9 +148,7 @@ def _alibi_fwd_kernel(
     c_i = tl.zeros([BLOCK_M], tl.float32)  # centred sum of p * (s2 - m), statistics only
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = (kstart // BLOCK_N) * BLOCK_N  # leading fully padded key blocks are skipped
-    hi = tl.minimum(k_len, q_shift + (pid_m + 1) * BLOCK_M)
-    diag = tl.maximum(lo, ((q_shift + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)  # first block needing the causal mask
+    lo, diag, hi = _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, c_i = _fwd_block_range(
         acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, lo, diag,
