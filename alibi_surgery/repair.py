@@ -365,17 +365,35 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
     prompts = list(prompts or DEFAULT_PROMPTS)
     # Resuming before the first checkpoint was written simply starts again: the input is unchanged.
     resume_from = _newest_checkpoint(out / "checkpoints") if resume else None
-    model, tokenizer = load_bloom(str(model_path), dtype=dtype, device=device)
-    cfg = model.config
-    if resume_from is not None:
+    if resume_from is not None:  # the checkpoint holds the model: read only the input's config to check it
+        from transformers import BloomConfig
+
         meta = json.loads((resume_from / STATE_FILE).read_text())
-        if meta["model"] != _config_key(cfg):
+        expected = _config_key(BloomConfig.from_pretrained(model_path, local_files_only=True))
+        if meta["model"] != expected:
             raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
-                             f"({meta['model']} vs {_config_key(cfg)})")
+                             f"({meta['model']} vs {expected})")
         if meta["settings"] != dataclasses.asdict(settings):
             raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
+    model, tokenizer = load_bloom(str(resume_from or model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
-    if resume_from is None:
+    cfg = model.config
+    if not dry_run:  # the cheap input checks come before the diagnosis
+        if corpus is None:
+            raise UsageError("--corpus is required (files, directories or globs of training text)")
+        chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
+        eval_chunks = None
+        if eval_text is not None:
+            path = Path(eval_text)
+            if not path.is_file():
+                raise UsageError(f"--eval-text does not exist: {path}")
+            eval_chunks = pack_text([path.read_text(encoding="utf-8")], tokenizer, settings.seq_len,
+                                    what="--eval-text")
+
+    if resume_from is not None:
+        plan = Plan.from_dict(meta["plan"])
+        baseline = HeadReport.from_json(out / "baseline.json")
+    else:
         if isinstance(report, (str, Path)):
             report = HeadReport.from_json(report)
         baseline = report if report is not None else diagnose(
@@ -389,22 +407,6 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                                     n_params_total=sum(p.numel() for p in model.parameters()),
                                     stochastic_rounding=settings.stochastic_rounding)
             return dict(plan.to_dict(), memory=memory)
-    if corpus is None:
-        raise UsageError("--corpus is required (files, directories or globs of training text)")
-    chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
-    eval_chunks = None
-    if eval_text is not None:
-        path = Path(eval_text)
-        if not path.is_file():
-            raise UsageError(f"--eval-text does not exist: {path}")
-        eval_chunks = pack_text([path.read_text(encoding="utf-8")], tokenizer, settings.seq_len, what="--eval-text")
-
-    if resume_from is not None:
-        plan = Plan.from_dict(meta["plan"])
-        baseline = HeadReport.from_json(out / "baseline.json")
-        model, tokenizer = load_bloom(str(resume_from), dtype=dtype, device=device)
-        patch_bloom(model, backend)
-    else:
         if (overwrite or resume) and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
