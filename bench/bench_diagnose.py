@@ -10,14 +10,12 @@ short warm-up at T = 64. Rows are appended to bench/results/diagnose.csv.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import PeakRSS, append_rows  # noqa: E402
+from common import PeakRSS, append_rows, emit, run_isolated  # noqa: E402
 
 
 def _one(shape: str, seq: int, provider: str, vocab: int | None) -> dict:
@@ -64,16 +62,13 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         shape, seq, provider = args.child.split(",")
-        print(json.dumps(_one(shape, int(seq), provider, args.vocab)))
+        emit(_one(shape, int(seq), provider, args.vocab))
         return
     rows = []
     for seq in args.seq:
         for provider in args.providers:
-            cmd = [sys.executable, __file__, "--child", f"{args.shape},{seq},{provider}"]
-            if args.vocab:
-                cmd += ["--vocab", str(args.vocab)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            row = json.loads(out)
+            row = run_isolated(__file__, ["--child", f"{args.shape},{seq},{provider}"]
+                               + (["--vocab", args.vocab] if args.vocab else []))
             rows.append(row)
             print(f"{row['shape']} T={seq:<5} {provider:<6} {row['seconds']:8.2f} s  "
                   f"{row['extra_mem_gb']:7.3f} GB extra", flush=True)

@@ -15,15 +15,13 @@ bench/results/loss.csv.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import PeakRSS, append_rows  # noqa: E402
+from common import PeakRSS, append_rows, emit, run_isolated  # noqa: E402
 
 BLOOM_VOCAB = 250880
 
@@ -118,14 +116,12 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(_one(args.child, args)))
+        emit(_one(args.child, args))
         return
     rows = []
     passthrough = sys.argv[1:]
     for provider in args.providers:
-        cmd = [sys.executable, __file__, *passthrough, "--child", provider]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(out))
+        rows.append(run_isolated(__file__, [*passthrough, "--child", provider]))
     print(f"{'provider':<8} {'device':<6} {'dtype':<9} {'B x T':>8} {'hidden':>6} {'vocab':>7} {'chunk':>5} "
           f"{'seconds':>8} {'peak GB':>8} {'pred GB':>8} {'loss':>9}")
     for r in rows:

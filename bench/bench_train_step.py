@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import PeakRSS, append_rows  # noqa: E402
+from common import IsolatedRunError, PeakRSS, append_rows, emit, run_isolated  # noqa: E402
 
 GIB = 2**30
 
@@ -209,18 +208,14 @@ def main(argv=None) -> int:
     if args.selection is None:
         args.selection = "spread" if args.heads else "paper-1b7"
     if args.worker:
-        print("RESULT " + json.dumps(_one(args.worker, args)), flush=True)
+        emit(_one(args.worker, args))
         return 0
     rows = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", method]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            rows.append(dict(method=method, error=(proc.stderr.strip().splitlines() or ["?"])[-1][:200]))
-            continue
-        rows.append(json.loads(lines[-1][7:]))
+        try:
+            rows.append(run_isolated(__file__, [*(argv if argv is not None else sys.argv[1:]), "--worker", method]))
+        except IsolatedRunError as exc:  # e.g. the paper's way running out of memory under the cap
+            rows.append(dict(method=method, error=str(exc)))
     for r in rows:
         print(json.dumps(r))
     good = [r for r in rows if "error" not in r]

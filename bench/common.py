@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import platform
 import resource
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -59,6 +61,29 @@ def append_rows(op: str, rows: list[dict]) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+RESULT = "RESULT "  # prefix of the one stdout line a worker process reports its row on
+
+
+def emit(row: dict) -> None:
+    """Report a worker's row to :func:`run_isolated`."""
+    print(RESULT + json.dumps(row), flush=True)
+
+
+class IsolatedRunError(RuntimeError):
+    """A worker process failed; the message is the last line of its stderr."""
+
+
+def run_isolated(script, args) -> dict:
+    """Run ``python script *args`` in a fresh process (so peak-memory readings never mix) and return the row it
+    reported with :func:`emit`. On failure its output tail goes to stderr and IsolatedRunError is raised."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise IsolatedRunError((proc.stderr.strip().splitlines() or ["no output"])[-1][:200])
+    return json.loads(lines[-1][len(RESULT):])
 
 
 def _rss_bytes() -> int:
