@@ -1,22 +1,25 @@
 """Training text for surgery: files, directories or globs, tokenised with the model's tokenizer and packed.
 
 ``load_corpus(specs, tokenizer, seq_len)`` reads every ``.txt``/``.md``/... text file named (directories are walked,
-globs expanded, hidden files skipped), tokenises each file, joins them with the tokenizer's EOS token, and cuts the
+globs expanded, hidden files skipped), tokenises each file as the tokenizer frames a text (BLOOM's adds nothing; one
+that prefixes ``<s>`` gets it at the start of every file), joins them with the tokenizer's EOS token, and cuts the
 stream into ``[n_chunks, seq_len]`` int64 rows (the tail shorter than ``seq_len`` is dropped). Files are read as
-UTF-8; one that is not is a one-line error naming it. Order is sorted by path, so a corpus packs identically on
+UTF-8; one that is not is a one-line error naming it. A ``.jsonl`` file is one document per line
+(``{"text": ...}``). Order is sorted by path, so a corpus packs identically on
 every run.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["corpus_files", "load_corpus", "pack_text"]
+__all__ = ["corpus_files", "load_corpus", "pack_text", "read_documents"]
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl", ".json", ".csv", ".tsv", ".py", ".html", ""}
 
@@ -42,11 +45,28 @@ def corpus_files(specs) -> list[Path]:
     return sorted(files)
 
 
-def _read(path: Path) -> str:
+def read_documents(path, *, what: str = "corpus file") -> list[str]:
+    """The documents of one file: a ``.jsonl`` file holds one ``{"text": ...}`` object per line, any other file is
+    one document."""
+    path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"corpus file is not UTF-8 text: {path}") from None
+        raise UsageError(f"{what} is not UTF-8 text: {path}") from None
+    if path.suffix.lower() != ".jsonl":
+        return [text]
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}:{n} is not a JSON line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UsageError(f'{path}:{n} has no "text" string')
+        docs.append(row["text"])
+    return docs
 
 
 def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus") -> torch.Tensor:
@@ -58,7 +78,9 @@ def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus"
     for text in texts:
         if not text.strip():
             continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text)["input_ids"]  # with the tokenizer's own framing (a <s> prefix, if it adds one)
+        if eos is not None and ids and ids[-1] == eos:
+            ids = ids[:-1]
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
@@ -71,4 +93,4 @@ def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus"
 def load_corpus(specs, tokenizer, seq_len: int, *, what: str = "corpus") -> tuple[torch.Tensor, list[Path]]:
     """Packed ``[n_chunks, seq_len]`` token rows and the files they came from."""
     files = corpus_files(specs)
-    return pack_text([_read(f) for f in files], tokenizer, seq_len, what=what), files
+    return pack_text([d for f in files for d in read_documents(f)], tokenizer, seq_len, what=what), files

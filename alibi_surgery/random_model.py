@@ -43,9 +43,10 @@ def bloom_config(shape: str = "tiny", *, n_layer: int | None = None, vocab_size:
                        bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens after 4 specials), as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, add_bos: bool = False):
+    """A byte-level tokenizer (256 byte tokens after 4 specials), as a transformers fast tokenizer. With ``add_bos``
+    it prefixes every encoded text with ``<s>`` (as LLaMA-style tokenizers do; BLOOM's does not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -55,6 +56,9 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", padding_side="left")
 

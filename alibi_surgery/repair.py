@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .compare import Comparison, save_delta_heatmap
-from .corpus import load_corpus, pack_text
+from .corpus import load_corpus, pack_text, read_documents
 from .diagnose import diagnose
 from .errors import UsageError
 from .heatmap import save_heatmap
@@ -115,7 +115,8 @@ def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Pat
     return out
 
 
-def _perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+    """exp(mean next-token loss) of ``model`` over packed ``[n, seq_len]`` chunks (no gradients)."""
     base = model.transformer
     total, count = 0.0, 0
     with torch.no_grad():
@@ -194,7 +195,7 @@ class _Run:
         self.model.eval()
         report = diagnose(self.model, self.tokenizer, self.prompts, backend=self.backend,
                           max_length=self.s.diag_max_length, thresholds=self.baseline.thresholds)
-        eval_ppl = _perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
+        eval_ppl = perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
             else None
         self.model.train()
         cmp = Comparison(self.baseline, report, targets=self.plan.selection, zone=self.plan.zone)
@@ -387,7 +388,7 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
             path = Path(eval_text)
             if not path.is_file():
                 raise UsageError(f"--eval-text does not exist: {path}")
-            eval_chunks = pack_text([path.read_text(encoding="utf-8")], tokenizer, settings.seq_len,
+            eval_chunks = pack_text(read_documents(path, what="--eval-text"), tokenizer, settings.seq_len,
                                     what="--eval-text")
 
     if resume_from is not None:

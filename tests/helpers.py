@@ -125,3 +125,16 @@ def assert_tolerance(ours, eager, ref, valid, dtype, what="output"):
         assert err <= 2 * base + 1e-6 * scale, f"{what}: error {err:.3g} > 2 x eager {dtype} error {base:.3g}"
     return err, base
 
+
+
+def selected_mask(name: str, shape, selection: dict, head_dim: int) -> torch.Tensor:
+    """True where BLOOM parameter ``name`` belongs to a selected head's slice (qkv rows and bias, dense columns)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    parts = name.split(".")
+    if len(parts) > 4 and parts[1] == "h" and int(parts[2]) in selection:
+        for h in selection[int(parts[2])]:
+            if parts[4] == "query_key_value":
+                mask[h * 3 * head_dim:(h + 1) * 3 * head_dim] = True
+            elif parts[4] == "dense" and parts[5] == "weight":
+                mask[:, h * head_dim:(h + 1) * head_dim] = True
+    return mask

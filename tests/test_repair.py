@@ -6,11 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import importlib
+
 import pytest
 import torch
+from helpers import selected_mask
 from transformers import AutoModelForCausalLM
-
-import importlib
 
 from alibi_surgery.cli import main
 from alibi_surgery.random_model import write_random_bloom
@@ -55,19 +56,6 @@ def file_hashes(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def selected_mask(name, shape, d=32):
-    """True where parameter ``name`` belongs to a selected head's slice."""
-    mask = torch.zeros(shape, dtype=torch.bool)
-    parts = name.split(".")
-    if len(parts) > 4 and parts[1] == "h" and int(parts[2]) in SELECTED:
-        for h in SELECTED[int(parts[2])]:
-            if parts[4] == "query_key_value":
-                mask[h * 3 * d:(h + 1) * 3 * d] = True
-            elif parts[4] == "dense" and parts[5] == "weight":
-                mask[:, h * d:(h + 1) * d] = True
-    return mask
-
-
 def test_surgery_invariants(tiny_dir, corpus, tmp_path):
     before_files = file_hashes(tiny_dir)
     report = run(tiny_dir, tmp_path / "out", corpus)
@@ -78,7 +66,7 @@ def test_surgery_invariants(tiny_dir, corpus, tmp_path):
     b = final.state_dict()
     changed = 0
     for name, before in a.items():
-        mask = selected_mask(name, before.shape)
+        mask = selected_mask(name, before.shape, SELECTED, 32)
         assert torch.equal(b[name][~mask], before[~mask]), f"{name} changed outside the selected slices"
         if mask.any():
             assert not torch.equal(b[name][mask], before[mask]), f"{name}: a selected slice did not change"
@@ -228,16 +216,3 @@ def test_compare_command_is_wired(tiny_dir, corpus, tmp_path, capsys):
     assert main(["compare", str(base), str(base), "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "c.json").read_text())
     assert main(["compare", str(base), str(tmp_path / "missing.json")]) == 2
-
-
-def test_pretrain_smoke(corpus, tmp_path):
-    """The pre-training tool runs end to end on CPU and saves loadable models plus a log."""
-    from alibi_surgery.pretrain import pretrain
-
-    result = pretrain(tmp_path / "pt", [str(corpus / "doc*.txt")], layers=1, hidden=32, heads=2, seq_len=16,
-                      batch_size=4, max_steps=6, diagnose_every=3, device="cpu", backend="torch", bos=True,
-                      log=lambda *a: None)
-    assert result["steps"] == 6 and len(result["history"]) == 2
-    for name in ("last", "best-collapse"):
-        assert AutoModelForCausalLM.from_pretrained(tmp_path / "pt" / name).config.n_layer == 1
-    assert len((tmp_path / "pt" / "log.jsonl").read_text().splitlines()) == 2
