@@ -4,6 +4,7 @@
     alibi-surgery random-model DIR [--shape tiny|bloom-560m|...] [--layers N] [--vocab N]
     alibi-surgery repair MODEL --out DIR --corpus TEXT... [--heads auto|SPEC] [--band A-B --layers C-D] [...]
     alibi-surgery compare A B [--json OUT] [--heatmap PNG] [--table]
+    alibi-surgery demo [--out DIR] [--overwrite]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written
 (``--debug`` shows the traceback instead).
@@ -124,6 +125,24 @@ def _cmd_repair(args) -> None:
     print(f"wrote {result['final']} and {Path(args.out) / 'report.md'}")
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole job on the embedded demo model (offline, a few CPU minutes)",
+                       description="Diagnose the shipped tiny BLOOM (learned first-token collapse), repair its "
+                                   "collapsed heads on a generated corpus, re-diagnose and compare.")
+    p.add_argument("--out", default="alibi-surgery-demo", help="output directory (default ./alibi-surgery-demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--epochs", type=int, help="surgery epochs (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    run_demo(args.out, overwrite=args.overwrite, epochs=args.epochs, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alibi-surgery", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -134,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_compare_parser
 
     add_compare_parser(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from .compare import run_compare
 
     commands = {"diagnose": _cmd_diagnose, "random-model": _cmd_random_model, "repair": _cmd_repair,
-                "compare": run_compare}
+                "compare": run_compare, "demo": _cmd_demo}
     try:
         commands[args.command](args)
     except UsageError as exc:

@@ -86,8 +86,8 @@ def plot_curves(log_path, png_path) -> None:
 
 
 def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05, bos: bool = False,
-             layers: int = 4, hidden: int = 128, heads: int = 8, seq_len: int = 64, batch_size: int = 32,
-             lr: float = 5e-3, weight_decay: float = 0.1, warmup: int = 200, steps: int | None = 6000,
+             layers: int = 4, hidden: int = 128, heads: int = 8, seq_len: int = 32, batch_size: int = 64,
+             lr: float = 5e-3, weight_decay: float = 0.0, warmup: int = 200, steps: int | None = 6000,
              minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None, diag_max_length: int | None = None,
              device: str | None = None, threads: int | None = None, seed: int = 0, backend: str = "eager",
              save_dtype=torch.float32, log=print) -> dict:
@@ -201,11 +201,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="recall", choices=["recall", "text"])
     p.add_argument("--corpus", nargs="+")
     p.add_argument("--bos", action="store_true", help="text data: open every window with <s>")
-    for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 64), ("batch-size", 32),
+    for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 32), ("batch-size", 64),
                           ("warmup", 200), ("steps", 6000), ("diagnose-every", 250), ("seed", 0), ("threads", 0),
                           ("diag-max-length", 0), ("save-every", 0)):
         p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in (("lr", 5e-3), ("weight-decay", 0.1), ("trigger-p", 0.05), ("minutes", 0.0)):
+    for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
         p.add_argument(f"--{name}", type=float, default=default)
     p.add_argument("--device")
     p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")

@@ -499,6 +499,8 @@ def _write_plots(run: _Run) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, [e["recovered"] for e in run.history], color="tab:green", marker="s", label="recovered")
     ax2.set_ylabel("recovered heads")
+    ax2.set_ylim(0, max(1, run.plan.n_heads) + 0.5)  # out of all targets, whole heads
+    ax2.yaxis.get_major_locator().set_params(integer=True)
     fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(run.out / "trajectory.png", dpi=110)
