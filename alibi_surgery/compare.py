@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -616,18 +615,21 @@ class _Spec:
 _SPEC_HELP = "expected LAYERS:HEADS such as 5-22:9-15, L5:H9,H12 or *:9-15"
 
 
-def _parse_indices(text: str, prefix: str, what: str, spec: str) -> list[int] | None:
-    """``*`` -> None (all); else comma-separated ``N`` / ``N-M`` items, each index optionally prefixed (L5, H9)."""
+def _parse_indices(text: str, kind: str, what: str, spec: str) -> list[int] | None:
+    """``*`` -> None (all); else comma-separated ``N`` / ``N-M`` items of ``kind`` (``layer``/``head``, so ``L5``,
+    ``H9`` work), parsed as plan specs are (:func:`~alibi_surgery.plan.match_range`)."""
+    from .plan import match_range
+
     if text.strip() == "*":
         return None
     out = []
     for part in text.split(","):
-        m = re.fullmatch(rf"\s*(?:{prefix})?(\d+)\s*(?:[-\u2013]\s*(?:{prefix})?(\d+)\s*)?", part, re.IGNORECASE)
-        if not m:
-            raise UsageError(f"{what}: bad selection {spec!r} ({_SPEC_HELP})")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UsageError(f"{what}: reversed range {part.strip()!r} in {spec!r}")
+        try:
+            lo, hi = match_range(part, kind)
+        except UsageError as exc:
+            if "reversed" in str(exc):
+                raise UsageError(f"{what}: reversed range {part.strip()!r} in {spec!r}") from None
+            raise UsageError(f"{what}: bad selection {spec!r} ({_SPEC_HELP})") from None
         out.extend(range(lo, hi + 1))
     return out
 
@@ -679,7 +681,7 @@ def parse_selection_spec(specs, what: str = "--targets") -> _Spec | None:
             if group.count(":") != 1:
                 raise UsageError(f"{what}: bad selection {spec!r} ({_SPEC_HELP})")
             layers, heads = group.split(":")
-            groups.append((_parse_indices(layers, "L", what, spec), _parse_indices(heads, "H", what, spec)))
+            groups.append((_parse_indices(layers, "layer", what, spec), _parse_indices(heads, "head", what, spec)))
     if not groups:
         raise UsageError(f"{what}: empty selection")
     return _Spec(groups)

@@ -69,12 +69,10 @@ _DTYPES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float
 
 # --------------------------------------------------------------------------------------------- specs
 
-def parse_range(spec: str, lo: int, hi: int, what: str) -> tuple[int, int]:
-    """``"9-15"`` or ``"9"`` -> ``(first, last)``, inclusive, checked to lie in ``lo..hi``.
-
-    ``what`` names the thing in error messages; for ``"layer"`` / ``"head"`` an ``L`` / ``H`` prefix is accepted
-    (``"H9-H15"``).
-    """
+def match_range(spec: str, what: str) -> tuple[int, int]:
+    """``"9-15"`` or ``"9"`` -> ``(first, last)``, inclusive, syntax only (no bounds). ``what`` names the thing in
+    error messages; for ``"layer"`` / ``"head"`` an ``L`` / ``H`` prefix is accepted (``"H9-H15"``), and an en dash
+    works as the dash."""
     if not isinstance(spec, str):
         raise UsageError(f"{what} range must be text like 9-15, got {spec!r}")
     prefix = _PREFIX.get(what)
@@ -87,6 +85,12 @@ def parse_range(spec: str, lo: int, hi: int, what: str) -> tuple[int, int]:
     last = first if m.group(2) is None else int(m.group(2))
     if last < first:
         raise UsageError(f"{what} range {spec.strip()!r} is reversed: write {last}-{first}")
+    return first, last
+
+
+def parse_range(spec: str, lo: int, hi: int, what: str) -> tuple[int, int]:
+    """:func:`match_range`, then checked to lie in ``lo..hi``."""
+    first, last = match_range(spec, what)
     for n in (first, last):
         if not lo <= n <= hi:
             raise UsageError(f"{what} {n} is out of range {lo}..{hi}")
