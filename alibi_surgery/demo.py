@@ -57,7 +57,8 @@ def install_model(run_dir, *, target=None) -> Path:
     files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     missing = [f for f in files if not (run_dir / "last" / f).is_file()]
     if missing or not (run_dir / "recipe.json").is_file():
-        raise UsageError(f"{run_dir} is not a finished pre-training run (missing {', '.join(missing) or 'recipe.json'})")
+        raise UsageError(f"{run_dir} is not a finished pre-training run "
+                         f"(missing {', '.join(missing) or 'recipe.json'})")
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -134,10 +135,10 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
     import shutil
 
     from .compare import compare, save_delta_heatmap
+    from .corpus import pack_text, read_documents
     from .diagnose import diagnose
     from .heatmap import save_heatmap
     from .prompts import DEFAULT_PROMPTS
-    from .corpus import pack_text, read_documents
     from .repair import RepairSettings, check_out_dir, perplexity, repair_pass
 
     t0 = time.perf_counter()
@@ -166,8 +167,6 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
                               **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
     report = repair_pass(src, out / "surgery", corpus=[train], eval_text=held_out, report=before,
                          settings=settings, progress=progress)
-    if not report["plan"]["selection"]:
-        raise UsageError("the demo model's diagnosis found no collapsed head to repair")
     final = out / "surgery" / "final"
     cmp = compare(before, final, targets=report["plan"]["selection"], max_length=max_length)
     cmp.after.metadata["model"] = "demo model after surgery"

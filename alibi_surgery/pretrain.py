@@ -12,9 +12,10 @@ Two data sources:
 The model is ``BloomForCausalLM`` from ``BloomConfig`` (ALiBi, fused QKV, tied embeddings). Training: the full LM
 loss, AdamW (betas 0.9/0.95), linear warm-up then cosine decay to 10% over ``--steps`` (or over the steps the
 ``--minutes`` budget allows), clip 1.0, a fixed seed; bf16 autocast on CUDA. Every ``--diagnose-every`` steps the
-model is diagnosed with the default prompts (truncated to ``--diag-max-length``) and the per-head first-token mass
-is logged (and with ``--save-every N`` the model is saved to ``OUT/checkpoints/step-N``). Outputs in ``OUT``: ``log.jsonl``, ``recipe.json`` (arguments, versions, wall time), ``curves.png`` (loss
-and collapsed heads by step), ``last/`` (the final model: safetensors, config, tokenizer, ``diagnosis.json``).
+model is diagnosed with the default prompts (truncated to ``--diag-max-length``, default ``--seq-len``) and the
+per-head first-token mass is logged; with ``--save-every N`` the model is saved to ``OUT/checkpoints/step-N``.
+Outputs in ``OUT``: ``log.jsonl``, ``recipe.json`` (arguments, versions, wall time), ``curves.png`` (loss and
+collapsed heads by step), ``last/`` (the final model: safetensors, config, tokenizer, ``diagnosis.json``).
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def plot_curves(log_path, png_path) -> None:
 def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05, bos: bool = False,
              layers: int = 4, hidden: int = 128, heads: int = 8, seq_len: int = 32, batch_size: int = 64,
              lr: float = 5e-3, weight_decay: float = 0.0, warmup: int = 200, steps: int | None = 6000,
-             minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None, diag_max_length: int | None = None,
-             device: str | None = None, threads: int | None = None, seed: int = 0, backend: str = "eager",
-             save_dtype=torch.float32, log=print) -> dict:
+             minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None,
+             diag_max_length: int | None = None, device: str | None = None, threads: int | None = None,
+             seed: int = 0, backend: str = "eager", save_dtype=torch.float32, log=print) -> dict:
     """Train and save a BLOOM in ``out`` (module docstring). ``steps`` or ``minutes`` bounds the run (the first
     reached wins). Returns ``{"steps", "seconds", "final": <last diagnosis summary>}``."""
     from transformers import BloomConfig, BloomForCausalLM
@@ -105,6 +106,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
 
     if steps is None and minutes is None:
         raise UsageError("give --steps or --minutes")
+    diag_len = diag_max_length or seq_len
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -145,7 +147,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     recipe = {"data": data, "trigger_p": trigger_p, "bos": bos, "layers": layers, "hidden": hidden, "heads": heads,
               "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "warmup": warmup, "steps": steps, "minutes": minutes, "diag_max_length": diag_max_length or seq_len,
+              "warmup": warmup, "steps": steps, "minutes": minutes, "diag_max_length": diag_len,
               "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "backend": backend,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": __import__("transformers").__version__},
@@ -158,7 +160,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     def diagnose_now():
         model.eval()
         rep = diagnose(model, tokenizer, DEFAULT_PROMPTS, backend="torch" if dev.type == "cpu" else "auto",
-                       max_length=diag_max_length or seq_len)
+                       max_length=diag_len)
         model.train()
         return rep
 
