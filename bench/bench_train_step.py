@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_optimizer import time_optimizer  # noqa: E402
 from common import IsolatedRunError, PeakRSS, append_rows, emit, run_isolated  # noqa: E402
 
 GIB = 2**30
@@ -157,7 +158,7 @@ def _one(method: str, args) -> dict:
         meter.__exit__(None, None, None)
         peak_extra, peak_total = meter.extra_bytes, None
     row = dict(method=method, shape=args.shape, layers=config.n_layer, vocab=config.vocab_size, dtype=args.dtype,
-               device=args.device, seq=args.seq, batch=args.batch, heads=n_heads, loss=round(float(loss), 4),
+               device_kind=args.device, seq=args.seq, batch=args.batch, heads=n_heads, loss=round(float(loss), 4),
                weights_gib=round(weights_bytes / GIB, 3), grads_gib=round(grads / GIB, 3),
                state_gib=round(state / GIB, 3), peak_extra_gib=round(peak_extra / GIB, 3),
                peak_total_gib=None if peak_total is None else round(peak_total / GIB, 3),
@@ -166,25 +167,6 @@ def _one(method: str, args) -> dict:
     if method == "sliced" and args.time_optimizer and cuda:
         row.update(time_optimizer(opt))
     return row
-
-
-def time_optimizer(opt) -> dict:
-    """Median time of one HeadSlicedAdamW step against the bytes it must move (read g, m, v, p[, master];
-    write m, v, p[, master]) and the device's copy bandwidth measured on the spot."""
-    import torch
-    from triton.testing import do_bench
-
-    n = opt.slices.numel
-    p_bytes, g_bytes = opt.slices.tensors[0].element_size(), opt.slices.grad.element_size()
-    moved = n * (g_bytes + 2 * 8 + 2 * p_bytes + (8 if opt.master is not None else 0))
-    opt.slices.grad.normal_()
-    ms = do_bench(lambda: opt.step(), warmup=50, rep=300, return_mode="median")
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    copy_bw = 2 * src.numel() / (copy_ms * 1e-3)
-    return dict(opt_ms=round(ms, 3), opt_gb_moved=round(moved / 1e9, 3), opt_gbps=round(moved / (ms * 1e-3) / 1e9, 1),
-                copy_gbps=round(copy_bw / 1e9, 1), opt_floor_ms=round(moved / copy_bw * 1e3, 3))
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ def append_rows(op: str, rows: list[dict]) -> Path:
     path = RESULTS / f"{op}.csv"
     env = environment()
     rows = [{**env, **r} for r in rows]
-    fields = list(rows[0])
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first-seen order
     new = not path.exists()
     if not new:
         with open(path, newline="") as fh:

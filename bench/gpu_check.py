@@ -1,12 +1,14 @@
-"""Compiled-kernel correctness on a GPU: fused ALiBi attention forward and backward against float64.
+"""Compiled-kernel correctness on a GPU: fused ALiBi attention forward, backward and statistics against float64.
 
     python bench/gpu_check.py [--quick]
 
 For each shape (left-padded batch of 2, BLOOM's slopes) and dtype: the forward output and the gradients of q, k, v
 of the Triton kernels and of eager-style attention computed in that dtype (``softmax(qk^T/sqrt(d) + bias)`` with a
 materialised matrix, as BloomAttention does), both against a float64 reference, as ||x - ref|| / ||ref|| over real
-rows. Passes when the kernel's error is at most 2x eager's (+ unit roundoff) in fp16/bf16 (and below 1e-4 in fp32, IEEE dots), with no
-NaN. Outputs are fresh ``torch.empty`` buffers filled by the kernels, and inputs are drawn fresh per case.
+rows. The statistics (per-head first-token mass and entropy, summed over real rows) are compared the same way, the
+eager ones computed from eager's probabilities in that dtype. Passes when the kernel's error is at most 2x eager's
+(+ unit roundoff) in fp16/bf16 (and below 1e-4 in fp32, IEEE dots), with no NaN. Outputs are fresh
+``torch.empty`` buffers filled by the kernels, and inputs are drawn fresh per case.
 Prints one line per case and a summary; exit status 1 on any failure.
 """
 
@@ -18,29 +20,46 @@ import sys
 
 import torch
 
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels import alibi_attention_fwd, alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import first_real_key
 from alibi_surgery.kernels.autograd import alibi_attention_train
 
-SHAPES = [(1, 64, 3), (97, 80, 12), (97, 96, 3), (130, 128, 16), (512, 128, 32), (1024, 80, 12), (2048, 128, 32),
-          (333, 64, 112)]
+# (T, head_dim, heads): awkward shapes, then the family's own (560m, 1b1, 1b7, 3b, 7b1, 176b)
+SHAPES = [(1, 64, 3), (97, 80, 12), (97, 96, 3), (130, 128, 16), (333, 64, 112), (1024, 64, 16), (2048, 96, 16),
+          (2048, 128, 16), (2048, 80, 32), (2048, 128, 32), (512, 128, 112)]
 QUICK = [(97, 80, 12), (512, 128, 32)]
 
 
-def dense(q, k, v, key_pos, slopes):
+def probs(q, k, key_pos, slopes):
+    """Eager-style probabilities in q's dtype (softmax in fp32 for fp16/bf16, as BloomAttention)."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     s = s + (slopes.view(1, -1, 1, 1) * key_pos[:, None, None, :].clamp_min(0)).to(s.dtype)
     t = q.shape[2]
     visible = (key_pos >= 0)[:, None, None, :] & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
-    return (p @ v).transpose(1, 2)
+    p = torch.softmax(s if s.dtype == torch.float64 else s.float(), -1)
+    return p.nan_to_num(0.0).to(q.dtype)
+
+
+def dense(q, k, v, key_pos, slopes):
+    return (probs(q, k, key_pos, slopes) @ v).transpose(1, 2)
+
+
+def stats_of(p, key_pos):
+    """[B, H, 2]: first-token mass and entropy of each head, summed over real query rows (float64)."""
+    p = p.double()
+    rows = (key_pos >= 0)[:, None, :].double()
+    first = first_real_key(key_pos).long()
+    p0 = p.gather(-1, first.view(-1, 1, 1, 1).expand(*p.shape[:3], 1))[..., 0]
+    ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return torch.stack([(p0 * rows).sum(-1), (ent * rows).sum(-1)], -1)
 
 
 def rel(x, ref, rows, scale):
     """||x - ref|| / ||ref|| over real rows; ``scale`` (the upstream gradient's norm) floors the denominator, since
     dq and dk are exactly 0 when every row sees one key (T = 1)."""
     x, ref = x.double() * rows, ref * rows
-    return ((x - ref).norm() / torch.maximum(ref.norm(), 1e-3 * scale)).item()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-3 * float(scale))).item()
 
 
 def case(T, d, H, dtype, dev):
@@ -66,7 +85,14 @@ def case(T, d, H, dtype, dev):
     scale = do.norm()
     ours = [rel(x, r, m, scale) for x, r, m in zip([our_o, *our_g], [ref_o, *ref_g], rowsets)]
     eager = [rel(x, r, m, scale) for x, r, m in zip([eag_o, *eag_g], [ref_o, *ref_g], rowsets)]
-    finite = all(torch.isfinite(x).all() for x in [our_o, *our_g])
+    # statistics: the fused forward's sums against float64, and eager's (from its own probabilities) likewise
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    our_s = alibi_attention_fwd(qd, kd, vd, key_pos, slopes, with_stats=True)[2][..., :2]
+    ref_s = stats_of(probs(q, k, key_pos, slopes.double()), key_pos)
+    eag_s = stats_of(probs(qd, kd, key_pos, slopes), key_pos)
+    ours.append(rel(our_s, ref_s, 1.0, 0.0))
+    eager.append(rel(eag_s, ref_s, 1.0, 0.0))
+    finite = all(torch.isfinite(x).all() for x in [our_o, *our_g, our_s])
     if dtype == torch.float32:
         ok = finite and max(ours) < 1e-4  # IEEE fp32 dots: far under tf32's ~3e-4
     else:
@@ -113,7 +139,7 @@ def main(argv=None) -> int:
     print(f"device: {name}  torch {torch.__version__}")
     shapes = [(17, 64, 3)] if dev.type == "cpu" else QUICK if args.quick else SHAPES
     fails = 0
-    names = ("out", "dq", "dk", "dv")
+    names = ("out", "dq", "dk", "dv", "stats")
     for T, d, H in shapes:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ok, ours, eager = case(T, d, H, dtype, dev)

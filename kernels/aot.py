@@ -107,7 +107,7 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) 
     """Compile the forward kernel with exactly the configuration the launcher picks on ``arch``."""
     from .attention_fwd import _alibi_fwd_kernel, pick_config
 
-    cfg = pick_config(head_dim, dtype, arch)
+    cfg = pick_config(head_dim, dtype, arch, with_stats)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
                       UPCAST=False, IEEE=dtype == torch.float32)

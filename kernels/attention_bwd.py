@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .alibi import first_real_key
-from .attention_fwd import (_LOG2E, _MASKED, LOG2E, _arch, _dot, _key_bias, _query_block_keys, check_head_dim,
-                            interpreting)
+from .attention_fwd import (_LOG2E, _MASKED, LOG2E, _arch, _dot, _key_bias, _load_tile, _query_block_keys,
+                            check_head_dim, interpreting)
 
 __all__ = ["alibi_attention_bwd", "pick_bwd_config", "BwdConfig"]
 
@@ -130,17 +130,19 @@ def _alibi_bwd_dkdv_kernel(
 def _dq_block_range(
     dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [start, stop)."""
     d_ok = offs_d < HEAD_DIM
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE  # as in the forward's _fwd_block_range
+    MASK_N: tl.constexpr = CAUSAL or IEEE
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        bias = _key_bias(pos_row, offs_n, n_ok, slope2)
-        t_mask = n_ok[None, :] & d_ok[:, None]
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=t_mask, other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=t_mask, other=0.0)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2, not MASK_N)
+        kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, d_ok, n_ok, MASK_D, MASK_N)
+        vt = _load_tile(v_base + offs_d[:, None] + offs_n[None, :] * stride_vt, d_ok, n_ok, MASK_D, MASK_N)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -196,9 +198,9 @@ def _alibi_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     lo, diag, hi = _query_block_keys(tl.load(KSTART + b), q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,
-                         offs_n0, stride_kt, stride_vt, k_len, lo, diag, HEAD_DIM, BLOCK_N, False, UPCAST, IEEE)
+                         offs_n0, stride_kt, stride_vt, k_len, lo, diag, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, IEEE)
     dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,
-                         offs_n0, stride_kt, stride_vt, k_len, diag, hi, HEAD_DIM, BLOCK_N, True, UPCAST, IEEE)
+                         offs_n0, stride_kt, stride_vt, k_len, diag, hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, IEEE)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -215,15 +217,20 @@ class BwdConfig(NamedTuple):
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> tuple[BwdConfig, BwdConfig]:
     """(dkdv, dq) configurations for one launch; ``arch`` as 80/86/89/90, None for the interpreter.
 
-    Chosen from ``ptxas -v`` sweeps (see ``aot.py``): each returned configuration compiles with 0 spills on every
-    architecture, which the unit tests re-check. fp32 runs IEEE dots and needs small tiles.
+    fp16/bf16 on sm_90: the fastest spill-free tiles of a timed sweep on an H100 (``bench/tune_attention.py``:
+    dK/dV first with dQ fixed, then dQ). Elsewhere 8-warp tiles, 2 stages on sm_86/sm_89 (99 KB of shared memory). fp32 runs IEEE dots and needs small
+    tiles. Each returned configuration compiles with 0 spills on every architecture (re-checked by a unit test).
     """
     if arch is None:
         return BwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1)  # big tiles: fewer interpreted steps
     wide = triton.next_power_of_2(head_dim) > 64
     if dtype == torch.float32:
         return BwdConfig(16, 32, 8, 1), BwdConfig(16, 32, 8, 1)
-    stages = 2 if arch in (86, 89) else 3
+    if arch == 90:  # timed on an H100
+        if wide:
+            return BwdConfig(32, 128, 8, 3), BwdConfig(128, 64, 8, 3)
+        return BwdConfig(32, 64, 4, 2), BwdConfig(64, 64, 4, 3)
+    stages = 2 if arch in (86, 89) else 3  # untimed (no such GPU here): the spill-free 8-warp tiles
     if wide:
         return BwdConfig(32, 64, 8, stages), BwdConfig(64, 32, 8, stages)
     return BwdConfig(64, 64, 8, stages), BwdConfig(64, 32, 8, stages)

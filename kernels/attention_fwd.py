@@ -57,10 +57,28 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _key_bias(pos_row, offs_n, n_ok, slope2):
-    """Per-key ALiBi bias in base-2 units: slope * position, or the mask value for padding and out-of-range keys."""
-    kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
+def _key_bias(pos_row, offs_n, n_ok, slope2, IN_RANGE: tl.constexpr = False):
+    """Per-key ALiBi bias in base-2 units: slope * position, or the mask value for padding and out-of-range keys.
+    IN_RANGE: every key of the block is known to be < k_len (no bounds mask)."""
+    if IN_RANGE:
+        kpos = tl.load(pos_row + offs_n)
+    else:
+        kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
     return tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Load a 2-D tile, bounds-masked only on the axes whose flag is set (unmasked loads pipeline and vectorise
+    best): ROWS masks with ``row_ok[:, None]``, COLS with ``col_ok[None, :]``; masked-off lanes read 0."""
+    if ROWS and COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
@@ -77,19 +95,21 @@ def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOC
 def _fwd_block_range(
     acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks)."""
     d_ok = offs_d < HEAD_DIM
+    # Left of the diagonal every key is < k_len, so those blocks load without a bounds mask, and head dims that
+    # fill BLOCK_D need no lane mask. fp32 (IEEE) keeps both masks: its FMA dots' register budget was set with them.
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE
+    MASK_N: tl.constexpr = CAUSAL or IEEE
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        bias = _key_bias(pos_row, offs_n, n_ok, slope2)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2, not MASK_N)
+        kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, d_ok, n_ok, MASK_D, MASK_N)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
@@ -152,11 +172,11 @@ def _alibi_fwd_kernel(
     acc, l_i, m_i, c_i = _fwd_block_range(
         acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, lo, diag,
-        HEAD_DIM, BLOCK_N, False, WITH_STATS, UPCAST, IEEE)
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, WITH_STATS, UPCAST, IEEE)
     acc, l_i, m_i, c_i = _fwd_block_range(
         acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, diag, hi,
-        HEAD_DIM, BLOCK_N, True, WITH_STATS, UPCAST, IEEE)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE)
 
     qpos = tl.load(pos_row + row_k, mask=m_ok, other=-1)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing: o = 0
@@ -196,20 +216,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> FwdConfig:
+def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with_stats: bool = False) -> FwdConfig:
     """Tile sizes for one launch. ``arch`` is the compute capability as 80/86/89/90 (None: the interpreter).
 
-    Chosen from ``ptxas -v`` sweeps (see ``aot.py`` and docs/kernels.md): every configuration returned here
-    compiles with 0 spills on sm_80/86/89/90, which a unit test re-checks. fp32 uses IEEE (FMA) dot products,
-    whose register appetite forces small tiles; sm_86/sm_89 get 2 pipeline stages for their 99 KB of shared memory.
+    fp16/bf16 on sm_90: the fastest spill-free tiles of a timed sweep on an H100 (``bench/tune_attention.py``,
+    bf16, T = 2048, 8,192 tokens; docs/benchmarks.md). Elsewhere untimed spill-free tiles, with 2 pipeline stages
+    on sm_86/sm_89 for their 99 KB of shared memory. fp32 uses IEEE (FMA) dot products, whose register appetite forces small tiles. Every
+    configuration returned here compiles with 0 spills on sm_80/86/89/90 (``ptxas -v``, re-checked by a unit test).
     """
     wide = triton.next_power_of_2(head_dim) > 64
     if arch is None:
         return FwdConfig(64, 64, 4, 1)
     if dtype == torch.float32:
         return FwdConfig(32, 16, 8, 2) if wide else FwdConfig(32, 32, 8, 2)
-    stages = 2 if arch in (86, 89) else 3
-    return FwdConfig(64, 64, 8, stages) if wide else FwdConfig(128, 64, 8, stages)
+    if arch == 90:  # timed on an H100; the plain kernel's best tiles spill a few bytes with statistics
+        if wide:
+            return FwdConfig(64, 32, 4, 3) if with_stats else FwdConfig(64, 64, 4, 3)
+        return FwdConfig(128, 64, 8, 3) if with_stats else FwdConfig(64, 128, 4, 2)
+    if arch in (86, 89):  # untimed (no such GPU here): spill-free tiles within 99 KB of shared memory
+        if wide:
+            return FwdConfig(64, 64, 8, 2) if with_stats else FwdConfig(64, 64, 4, 2)
+        return FwdConfig(128, 64, 8, 2)
+    return FwdConfig(64, 64, 8, 3) if wide else FwdConfig(128, 64, 8, 3)  # sm_80, untimed
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -257,7 +285,7 @@ def alibi_attention_fwd(
 
     interp = interpreting()
     arch = None if interp else _arch(q.device)
-    cfg = pick_config(head_dim, q.dtype, arch)
+    cfg = pick_config(head_dim, q.dtype, arch, with_stats)
     n_qblocks = triton.cdiv(q_len, cfg.block_m)
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
