@@ -133,18 +133,19 @@ def optimizer_table(rows: list[dict]) -> str:
 
 
 def diagnose_table(rows: list[dict]) -> str:
-    rows = latest(rows, ("device", "shape", "seq", "dtype", "provider"))
+    rows = latest(rows, ("device", "shape", "vocab", "seq", "dtype", "provider"))
     if not rows:
         return ""
-    eager = {(r["device"], r["shape"], r["seq"], r["dtype"]): r for r in rows if r["provider"] == "eager"}
+    eager = {(r["device"], r["shape"], r.get("vocab"), r["seq"], r["dtype"]): r for r in rows
+             if r["provider"] == "eager"}
     body = []
     for r in rows:
-        e = eager.get((r["device"], r["shape"], r["seq"], r["dtype"]))
+        e = eager.get((r["device"], r["shape"], r.get("vocab"), r["seq"], r["dtype"]))
         vs = "" if e is None or r is e else (f"time {float(r['seconds']) / float(e['seconds']):.2f}×, memory "
                                              f"{float(r['extra_mem_gb']) / max(float(e['extra_mem_gb']), 1e-9):.3f}×")
-        body.append([short_device(r["device"]), r["shape"], r["seq"], r["dtype"], r["provider"],
-                     f"{float(r['seconds']):.3f} s", f"{float(r['extra_mem_gb']):.3f} GB", vs])
-    return md(["device", "shape", "T", "dtype", "provider", "time", "peak extra memory", "against eager"],
+        body.append([short_device(r["device"]), r["shape"], r.get("vocab") or "250,880", r["seq"], r["dtype"],
+                     r["provider"], f"{float(r['seconds']):.3f} s", f"{float(r['extra_mem_gb']):.3f} GB", vs])
+    return md(["device", "shape", "vocab", "T", "dtype", "provider", "time", "peak extra memory", "against eager"],
               body) + "\n\n" + provenance(rows)
 
 

@@ -33,7 +33,7 @@ run() {  # run LIMIT LOG CMD...: at most LIMIT seconds and never past the deadli
 step="python3 bench/bench_train_step.py --shape bloom-7b1 --device cuda --dtype bfloat16 --seq 512 --heads 300 --cap-gib 24"
 for part in $parts; do
     case $part in
-        check) run 200 gpu_check.txt python3 bench/gpu_check.py ;;
+        check) run 210 gpu_check.txt python3 bench/gpu_check.py ;;
         attention)
             for op in fwd fwd_bwd; do
                 run 100 attention.txt python3 bench/bench_attention_$op.py --shapes bloom-7b1 --seqs 2048 512 4096 \
