@@ -27,7 +27,7 @@ from alibi_surgery.kernels.autograd import alibi_attention_train
 # (T, head_dim, heads): awkward shapes, then the family's own (560m, 1b1, 1b7, 3b, 7b1, 176b)
 SHAPES = [(1, 64, 3), (97, 80, 12), (97, 96, 3), (130, 128, 16), (333, 64, 112), (1024, 64, 16), (2048, 96, 16),
           (2048, 128, 16), (2048, 80, 32), (2048, 128, 32), (512, 128, 112)]
-QUICK = [(97, 80, 12), (512, 128, 32)]
+QUICK = [(97, 80, 12), (333, 64, 112), (512, 128, 32)]
 
 
 def probs(q, k, key_pos, slopes):
