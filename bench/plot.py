@@ -87,9 +87,8 @@ def attention_table(rows: list[dict]) -> str:
             if r is None:
                 cells.append("")
             else:
-                mem = num(r, "peak_mem_gb")
-                cells.append(f"{float(r['ms']):.3f} ms, {float(r['tflops']):.0f} TF"
-                             + (f", {mem:.2f} GB" if mem is not None else ""))
+                parts = [fmt(r, "ms", unit=" ms"), fmt(r, "tflops", ".3g", " TF"), fmt(r, "peak_mem_gb", ".2f", " GB")]
+                cells.append(", ".join(p for p in parts if p))
         t = num(c.get("triton", {}), "ms")
         ratios = ", ".join(f"{float(c[p]['ms']) / t:.2f}× {p}" for p in provs if p != "triton" and p in c and t)
         body.append([dev, shape, seq, batch, dtype, *cells, ratios])

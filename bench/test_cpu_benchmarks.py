@@ -22,9 +22,10 @@ def test_attention(benchmark, record, provider, backward):
     with torch.set_grad_enabled(backward):
         fn = make(provider, case, x)
         benchmark.pedantic((lambda: fn().backward(x.do)) if backward else fn, **PEDANTIC)
-    row = record("attention_fwd_bwd" if backward else "attention_fwd",
-                 dict(**case.row(), provider=provider, mode="fwd+bwd" if backward else "fwd", stats=False))
-    row["tflops"] = case.flops(backward) / (row["ms"] * 1e-3) / 1e12
+    tflops = case.flops(backward) / benchmark.stats.stats.median / 1e12
+    record("attention_fwd_bwd" if backward else "attention_fwd",
+           dict(**case.row(), provider=provider, mode="fwd+bwd" if backward else "fwd", stats=False,
+                tflops=round(tflops, 4)))
 
 
 @pytest.mark.parametrize("with_stats", [False, True], ids=["plain", "stats"])

@@ -118,10 +118,12 @@ def _fwd_block_range(
             s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         alpha = tl.math.exp2(m_i - m_new)
-        s2 = s2 - m_new[:, None]  # centred in place: one live score tile, reused by the statistics
-        p = tl.math.exp2(s2)
         if WITH_STATS:
+            s2 = s2 - m_new[:, None]  # centred in place: one live score tile, reused by the entropy sum
+            p = tl.math.exp2(s2)
             c_i = alpha * (c_i + (m_i - m_new) * l_i) + tl.sum(p * s2, 1)
+        else:
+            p = tl.math.exp2(s2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc += _dot(p.to(v.dtype), v, IEEE)
