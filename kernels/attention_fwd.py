@@ -82,6 +82,13 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale):
+    """Each query row's score against the first real key, in base-2 units (its ALiBi bias is 0)."""
+    k0 = tl.load(k_base + tl.minimum(kstart, k_len - 1) * stride_kt + offs_d, mask=d_ok, other=0.0)
+    return tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale
+
+
+@triton.jit
 def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks a query block visits: [lo, diag) need no causal mask, [diag, hi) do. Leading key blocks of pure
     padding (before the first real key ``kstart``) are skipped."""
@@ -170,12 +177,11 @@ def _alibi_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     c_i = tl.zeros([BLOCK_M], tl.float32)  # centred sum of p * (s2 - m), statistics only
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Score of the first real key (position 0, no ALiBi bias). fp16/bf16 compute it before the key loop, so that no
+    # register copy of q outlives the loop; fp32 (IEEE dots, small tiles) spills less computing it after.
     s_first = tl.zeros([BLOCK_M], tl.float32)
-    if WITH_STATS:
-        # Score of the first real key (position 0, no ALiBi bias), computed before the loop so that no register copy
-        # of q has to outlive it.
-        k0 = tl.load(k_base + tl.minimum(kstart, k_len - 1) * stride_kt + offs_d, mask=d_ok, other=0.0)
-        s_first = tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale
+    if WITH_STATS and not IEEE:
+        s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale)
 
     lo, diag, hi = _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, c_i = _fwd_block_range(
@@ -195,6 +201,8 @@ def _alibi_fwd_kernel(
     tl.store(LSE + pid_bh * q_len + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_ok)
 
     if WITH_STATS:
+        if IEEE:
+            s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale)
         counted = m_ok & (qpos >= 0)
         if EXCLUDE_FIRST:
             counted = counted & (qpos > 0)

@@ -29,7 +29,7 @@ def test_eager_provider_is_bloom_attention_and_agrees_with_ours():
     causal = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None].expand(b, 1, t, t)
     with torch.no_grad():
         ref = attn(x, torch.zeros_like(x), build_alibi_tensor(mask, 3, torch.float32), causal)[0]
-        q, k, v = (z.transpose(1, 2) for z in attn._reshape(attn.query_key_value(x)))  # [B, H, T, d]
+        q, k, v = attn._reshape(attn.query_key_value(x))  # each [B, H, T, d]
         case = attention.Case("bloom-560m", t, b, "float32", "cpu")
         inputs = attention.Inputs(case, requires_grad=False)
         inputs.q, inputs.k, inputs.v = q, k, v
