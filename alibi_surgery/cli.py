@@ -37,6 +37,9 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--sink-threshold", type=float, default=0.50, help="bos_mass above this is a bos-sink (0.50)")
     p.add_argument("--low-entropy-threshold", type=float, default=0.50,
                    help="entropy below this is low-entropy (0.50)")
+    p.add_argument("--stream", action="store_true",
+                   help="read and run one block at a time from the safetensors files (one block in memory); "
+                        "chosen automatically when the whole model would not fit in free memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -167,8 +170,9 @@ def _cmd_diagnose(args) -> None:
     from .backends import check_backend
     from .diagnose import diagnose
     from .io_utils import check_output_path
-    from .loading import load_bloom
+    from .loading import load_bloom, load_tokenizer, parse_device, parse_dtype
     from .report import Thresholds
+    from .stream import CheckpointIndex, diagnose_streamed, model_bytes, should_stream
 
     outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
                for k, v in (("json", args.json), ("csv", args.csv), ("heatmap", args.heatmap)) if v}
@@ -178,10 +182,22 @@ def _cmd_diagnose(args) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     prompts = _read_prompts(args)
-    model, tokenizer = load_bloom(args.model, dtype=args.dtype, device=args.device)
-    report = diagnose(model, tokenizer, prompts, batch_size=args.batch_size, max_length=args.max_length,
-                      backend=args.backend, exclude_first_query=args.exclude_first_query,
-                      normalize_entropy=args.normalize_entropy, thresholds=thresholds, progress=not args.quiet)
+    options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
+                   exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
+                   thresholds=thresholds, progress=not args.quiet)
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    index = CheckpointIndex(args.model)
+    stream = args.stream or should_stream(index.config, dtype, device)
+    if stream:
+        if not args.stream:
+            print(f"streaming block by block: the model needs {model_bytes(index.config, dtype) / 2**30:.1f} GiB "
+                  f"in {str(dtype)[6:]}, more than the free memory on {device}", file=sys.stderr)
+        report = diagnose_streamed(args.model, load_tokenizer(args.model), prompts, device=device, dtype=dtype,
+                                   **options)
+    else:
+        model, tokenizer = load_bloom(args.model, dtype=args.dtype, device=args.device)
+        report = diagnose(model, tokenizer, prompts, **options)
     print(report.format_summary())
     if "json" in outputs:
         report.to_json(outputs["json"])

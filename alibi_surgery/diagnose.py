@@ -18,7 +18,8 @@ from .errors import UsageError
 from .patch import bloom_attentions, head_stats, patched
 from .report import HeadReport, Thresholds
 
-__all__ = ["diagnose", "check_prompts", "stats_from_attention_probs"]
+__all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
+           "padded_batches"]
 
 
 def check_prompts(prompts) -> list[str]:
@@ -67,16 +68,59 @@ def _left_padding(tokenizer):
             tokenizer.pad_token = None
 
 
-def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
-             backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
-             thresholds: Thresholds = Thresholds(), progress: bool = False) -> HeadReport:
-    """Diagnose every head of a BLOOM model (``BloomForCausalLM`` or ``BloomModel``) over ``prompts``."""
+def check_options(prompts, backend: str, batch_size: int, max_length: int | None) -> list[str]:
+    """Validate diagnose()'s shared arguments; returns the prompt list."""
     prompts = check_prompts(prompts)
     check_backend(backend)
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if max_length is not None and max_length < 1:
         raise UsageError(f"max length must be >= 1, got {max_length}")
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, batch_size: int):
+    """Token ids of each prompt and the batches (lists of prompt indices, similar lengths together)."""
+    encoded = [tokenizer(p, truncation=max_length is not None, max_length=max_length)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise UsageError(f"prompt {i} has no tokens")
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    return encoded, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_batches(tokenizer, encoded, batches, device):
+    """Yield ``(input_ids, attention_mask)`` of each batch, left-padded, on ``device``."""
+    with _left_padding(tokenizer):
+        for batch in batches:
+            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            yield padded["input_ids"].to(device), padded["attention_mask"].to(device)
+
+
+def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
+                 max_length, thresholds, **extra) -> HeadReport:
+    """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows)."""
+    rows = sums[..., 2].clamp_min(1.0)
+    metadata = {
+        "model": model_name,
+        "metric": {"bos_mass": "mean attention on position 0 (the first real token)",
+                   "entropy": "mean row entropy in nats" + (", divided by ln(visible keys)" if normalize_entropy
+                                                            else ""),
+                   "averaging": "token-weighted over valid query rows of all prompts",
+                   "exclude_first_query": exclude_first_query, "normalize_entropy": normalize_entropy},
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "backend": backend,
+        "n_prompts": len(encoded), "prompt_tokens": [len(e) for e in encoded],
+        "rows_counted": int(sums[0, 0, 2]), "max_length": max_length, **extra,
+    }
+    n_tokens = sum(len(e) for e in encoded)
+    return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata)
+
+
+def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
+             backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
+             thresholds: Thresholds = Thresholds(), progress: bool = False) -> HeadReport:
+    """Diagnose every head of a BLOOM model (``BloomForCausalLM`` or ``BloomModel``) over ``prompts``."""
+    prompts = check_options(prompts, backend, batch_size, max_length)
     base = getattr(model, "transformer", model)
     try:
         n_layer, n_head = len(bloom_attentions(base)), base.config.n_head
@@ -86,46 +130,25 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
     concrete = "eager" if backend == "eager" else resolve_backend(backend, param.device)
 
     with _left_padding(tokenizer):
-        encoded = [tokenizer(p, truncation=max_length is not None, max_length=max_length)["input_ids"]
-                   for p in prompts]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise UsageError(f"prompt {i} has no tokens")
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
-        options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            sink = None
-            if concrete != "eager":
-                stack.enter_context(patched(base, concrete))
-                sink = stack.enter_context(head_stats(base, **options))
-            for batch in tqdm(batches, desc="diagnose", unit="batch", disable=not progress):
-                padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
-                ids = padded["input_ids"].to(param.device)
-                mask = padded["attention_mask"].to(param.device)
-                if concrete == "eager":
-                    out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
-                    for layer, probs in enumerate(out.attentions):
-                        sums[layer] += stats_from_attention_probs(probs, mask, **options).sum(0).cpu().double()
-                    del out
-                else:
-                    base(input_ids=ids, attention_mask=mask, use_cache=False)
-        if sink is not None:
-            sums = sink.sums
-
-    rows = sums[..., 2].clamp_min(1.0)
-    n_tokens = sum(len(e) for e in encoded)
-    metadata = {
-        "model": getattr(base.config, "_name_or_path", None) or "bloom",
-        "metric": {"bos_mass": "mean attention on position 0 (the first real token)",
-                   "entropy": "mean row entropy in nats" + (", divided by ln(visible keys)" if normalize_entropy
-                                                            else ""),
-                   "averaging": "token-weighted over valid query rows of all prompts",
-                   "exclude_first_query": exclude_first_query, "normalize_entropy": normalize_entropy},
-        "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device), "backend": concrete,
-        "n_prompts": len(prompts), "prompt_tokens": [len(e) for e in encoded],
-        "rows_counted": int(sums[0, 0, 2]), "max_length": max_length,
-    }
-    return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata)
-
+        encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
+    sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
+    options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        sink = None
+        if concrete != "eager":
+            stack.enter_context(patched(base, concrete))
+            sink = stack.enter_context(head_stats(base, **options))
+        stream = padded_batches(tokenizer, encoded, batches, param.device)
+        for ids, mask in tqdm(stream, total=len(batches), desc="diagnose", unit="batch", disable=not progress):
+            if concrete == "eager":
+                out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+                for layer, probs in enumerate(out.attentions):
+                    sums[layer] += stats_from_attention_probs(probs, mask, **options).sum(0).cpu().double()
+                del out
+            else:
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+    if sink is not None:
+        sums = sink.sums
+    return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or "bloom",
+                        dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
+                        thresholds=thresholds, **options)

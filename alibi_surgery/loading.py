@@ -86,17 +86,25 @@ def _from_cache(model: str) -> Path:
     raise UsageError(f"model path does not exist: {model}")
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of a BLOOM model directory (one-line error when there is none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(model)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        raise UsageError(f"no usable tokenizer in {model} (tokenizer.json / tokenizer_config.json)") from None
+
+
 def load_bloom(model: str, *, dtype: str | None = None, device: str | None = None):
     """Load ``(model, tokenizer)`` from a BLOOM directory, in eval mode, on the requested device and dtype."""
-    from transformers import AutoTokenizer, BloomForCausalLM
+    from transformers import BloomForCausalLM
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     path = resolve_model_dir(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        raise UsageError(f"no usable tokenizer in {model} (tokenizer.json / tokenizer_config.json)") from None
+    tokenizer = load_tokenizer(model)
     try:
         net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True)
     except Exception as exc:
