@@ -5,6 +5,8 @@
     alibi-surgery repair MODEL --out DIR --corpus TEXT... [--heads auto|SPEC] [--band A-B --layers C-D] [...]
     alibi-surgery compare A B [--json OUT] [--heatmap PNG] [--table]
     alibi-surgery demo [--out DIR] [--overwrite]
+    alibi-surgery family DIR... [--json OUT] [--heatmap PNG] [--markdown OUT.md] [--stream]
+    alibi-surgery plan-memory MODEL|SHAPE [--heads N|auto] [--seq-len T] [--batch-size B] [--budget 24GiB]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written
 (``--debug`` shows the traceback instead).
@@ -33,6 +35,11 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_prompt_options(p)
     add_model_options(p)
+    _add_diagnosis_options(p)
+
+
+def _add_diagnosis_options(p) -> None:
+    """Thresholds, --stream and --quiet: shared by diagnose and family."""
     p.add_argument("--dead-threshold", type=float, default=0.95, help="bos_mass above this is dead (0.95)")
     p.add_argument("--sink-threshold", type=float, default=0.50, help="bos_mass above this is a bos-sink (0.50)")
     p.add_argument("--low-entropy-threshold", type=float, default=0.50,
@@ -41,6 +48,20 @@ def _add_diagnose(sub) -> None:
                    help="read and run one block at a time from the safetensors files (one block in memory); "
                         "chosen automatically when the whole model would not fit in free memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_family(sub) -> None:
+    p = sub.add_parser("family", help="diagnose several BLOOM models: cross-scale table, multi-panel heatmap, JSON",
+                       description="The paper's Table 1 and Figure 2: per model, parameters, layers x heads, "
+                                   "collapsed share, collapse band and per-index collapse rate.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model directories (or cached hub ids)")
+    p.add_argument("--json", metavar="OUT", help="write every model's figures and report as JSON")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write one heatmap panel per model")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the table as Markdown")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    add_prompt_options(p)
+    add_model_options(p)
+    _add_diagnosis_options(p)
 
 
 def _add_random_model(sub) -> None:
@@ -157,7 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_parser(sub)
     _add_demo(sub)
+    _add_family(sub)
+    _add_plan_memory(sub)
     return parser
+
+
+def _add_plan_memory(sub) -> None:
+    p = sub.add_parser("plan-memory", help="predict peak memory of diagnosis and surgery; does it fit a budget?",
+                       description="Predicted peak device memory, by part, for an in-memory and a streamed "
+                                   "diagnosis and for one surgery step (see docs/scale.md).")
+    p.add_argument("model", help="model directory, cached hub id, or a family shape (bloom-560m ... bloom)")
+    p.add_argument("--heads", default="auto", help="heads to train: a number, or auto (the paper's collapse share)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=8, help="prompts a diagnosis keeps hidden states for (8)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
+    p.add_argument("--stochastic-rounding", action="store_true", help="bf16 surgery without an fp32 master copy")
+    p.add_argument("--budget", help="memory to check against, e.g. 24GiB or 16GB")
+    p.add_argument("--json", metavar="OUT", help="write the prediction as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def _read_prompts(args) -> list[str]:
@@ -166,38 +205,72 @@ def _read_prompts(args) -> list[str]:
     return read_prompts(args.prompt, args.prompts_file) or list(DEFAULT_PROMPTS)
 
 
-def _cmd_diagnose(args) -> None:
+def _diagnose_each(args, models: list[str]) -> list:
+    """Check the shared diagnosis options, then diagnose each model (streamed when asked or when it won't fit)."""
     from .backends import check_backend
-    from .diagnose import diagnose
-    from .io_utils import check_output_path
-    from .loading import load_bloom, load_tokenizer, parse_device, parse_dtype
+    from .loading import parse_device, parse_dtype, resolve_model_dir
     from .report import Thresholds
-    from .stream import CheckpointIndex, diagnose_streamed, model_bytes, should_stream
+    from .stream import diagnose_path
 
-    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
-               for k, v in (("json", args.json), ("csv", args.csv), ("heatmap", args.heatmap)) if v}
     check_backend(args.backend)
     try:
         thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     prompts = _read_prompts(args)
+    for model in models:  # every path checked before the first (possibly long) diagnosis
+        resolve_model_dir(model)
     options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
                    thresholds=thresholds, progress=not args.quiet)
     device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
-    index = CheckpointIndex(args.model)
-    stream = args.stream or should_stream(index.config, dtype, device)
-    if stream:
-        if not args.stream:
-            print(f"streaming block by block: the model needs {model_bytes(index.config, dtype) / 2**30:.1f} GiB "
-                  f"in {str(dtype)[6:]}, more than the free memory on {device}", file=sys.stderr)
-        report = diagnose_streamed(args.model, load_tokenizer(args.model), prompts, device=device, dtype=dtype,
-                                   **options)
-    else:
-        model, tokenizer = load_bloom(args.model, dtype=args.dtype, device=args.device)
-        report = diagnose(model, tokenizer, prompts, **options)
+    return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
+                          announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]
+
+
+def _cmd_family(args) -> None:
+    from .family import family_entry, family_table, save_family_heatmap, save_family_json
+    from .io_utils import atomic_write_text, check_output_path
+
+    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
+               for k, v in (("json", args.json), ("heatmap", args.heatmap), ("markdown", args.markdown)) if v}
+    reports = _diagnose_each(args, args.models)
+    entries = [family_entry(m, r) for m, r in zip(args.models, reports)]
+    table = family_table(entries)
+    print(table)
+    if "json" in outputs:
+        save_family_json(entries, outputs["json"])
+    if "heatmap" in outputs:
+        save_family_heatmap(entries, outputs["heatmap"])
+    if "markdown" in outputs:
+        atomic_write_text(outputs["markdown"], table + "\n")
+    for path in outputs.values():
+        print(f"wrote {path}")
+
+
+def _cmd_plan_memory(args) -> None:
+    import json
+
+    from .io_utils import atomic_write_text, check_output_path
+    from .memory_plan import format_plan, parse_bytes, plan_memory
+
+    out = check_output_path(args.json, overwrite=args.overwrite, what="--json") if args.json else None
+    budget = parse_bytes(args.budget) if args.budget else None
+    prediction = plan_memory(args.model, heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
+                             dtype=args.dtype, budget=budget, n_prompts=args.prompts,
+                             stochastic_rounding=args.stochastic_rounding)
+    print(format_plan(prediction))
+    if out:
+        atomic_write_text(out, json.dumps(prediction, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _cmd_diagnose(args) -> None:
+    from .io_utils import check_output_path
+
+    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
+               for k, v in (("json", args.json), ("csv", args.csv), ("heatmap", args.heatmap)) if v}
+    report = _diagnose_each(args, [args.model])[0]
     print(report.format_summary())
     if "json" in outputs:
         report.to_json(outputs["json"])
@@ -239,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from .compare import run_compare
 
     commands = {"diagnose": _cmd_diagnose, "random-model": _cmd_random_model, "repair": _cmd_repair,
-                "compare": run_compare, "demo": _cmd_demo}
+                "compare": run_compare, "demo": _cmd_demo, "family": _cmd_family, "plan-memory": _cmd_plan_memory}
     try:
         commands[args.command](args)
     except UsageError as exc:

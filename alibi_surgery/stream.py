@@ -27,7 +27,7 @@ from .loading import resolve_model_dir
 from .patch import head_stats, patched
 from .report import HeadReport, Thresholds
 
-__all__ = ["CheckpointIndex", "diagnose_streamed", "block_bytes", "model_bytes", "free_bytes", "should_stream"]
+__all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes", "should_stream"]
 
 _PREFIX = "transformer."
 
@@ -167,3 +167,20 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             del block
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
                         max_length=max_length, thresholds=thresholds, streamed=True, **options)
+
+
+def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,
+                  announce=None, **options) -> HeadReport:
+    """Diagnose the checkpoint at ``model``: streamed when asked, or when the whole model would not fit the free
+    memory (then ``announce(message)`` is called first); else loaded whole. ``options`` go to diagnose()."""
+    from .diagnose import diagnose
+    from .loading import load_bloom, load_tokenizer
+
+    config = CheckpointIndex(model).config
+    if stream or should_stream(config, dtype, device):
+        if not stream and announce is not None:
+            announce(f"streaming block by block: {model} needs {model_bytes(config, dtype) / 2**30:.1f} GiB in "
+                     f"{str(dtype).replace('torch.', '')}, more than the free memory on {device}")
+        return diagnose_streamed(model, load_tokenizer(model), prompts, device=device, dtype=dtype, **options)
+    net, tokenizer = load_bloom(model, dtype=str(dtype).replace("torch.", ""), device=str(device))
+    return diagnose(net, tokenizer, prompts, **options)

@@ -1,0 +1,92 @@
+"""The memory planner against measurement (CPU): in-memory diagnosis, streamed diagnosis and one surgery step.
+
+    python bench/bench_plan_memory.py CKPT [CKPT ...] [--jobs diagnose stream surgery] [--seq 512] [--heads 32]
+
+Each (checkpoint, job) runs in a fresh process: the resident-memory baseline is taken after the imports, then the job
+runs once (fp32, batch 1, one prompt of T tokens, torch backend) and the peak resident memory (``ru_maxrss``) above
+that baseline is compared with ``alibi_surgery.memory_plan.plan_memory``'s total for the same settings. Rows go to
+bench/results/plan_memory.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import append_rows, emit, run_isolated  # noqa: E402
+
+GIB = 2**30
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        import os
+
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from alibi_surgery import HeadSlicedAdamW, HeadSlices, chunked_lm_loss, patch_bloom
+    from alibi_surgery.diagnose import diagnose
+    from alibi_surgery.loading import load_bloom, load_tokenizer
+    from alibi_surgery.memory_plan import plan_memory, spread_plan
+    from alibi_surgery.stream import diagnose_streamed
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    prompt = ("The quick brown fox jumps over the lazy dog. " * (seq // 40 + 2))
+    base = _rss()
+    if job == "stream":
+        diagnose_streamed(ckpt, load_tokenizer(ckpt), [prompt], max_length=seq, backend="torch")
+    else:
+        model, tok = load_bloom(ckpt, dtype="float32", device="cpu")
+        if job == "diagnose":
+            diagnose(model, tok, [prompt], max_length=seq, backend="torch")
+        else:
+            patch_bloom(model, "torch").train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            slices = HeadSlices(model, spread_plan(model.config, heads).selection)
+            opt = HeadSlicedAdamW(slices, lr=1e-4, max_grad_norm=1.0)
+            ids = tok([prompt], truncation=True, max_length=seq, return_tensors="pt")["input_ids"]
+            chunked_lm_loss(model.transformer(ids).last_hidden_state, model.lm_head.weight, ids).backward()
+            opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    pred = plan_memory(ckpt, heads=str(heads), seq_len=seq, batch=1, dtype="float32", n_prompts=1)
+    key = {"diagnose": "diagnosis", "stream": "diagnosis_streamed", "surgery": "surgery"}[job]
+    total = pred[key]["total"]
+    return dict(checkpoint=Path(ckpt).name, n_layer=pred["n_layer"], hidden=pred["hidden"], job=job, seq=seq,
+                heads=heads if job == "surgery" else "", dtype="float32", predicted_gib=round(total / GIB, 3),
+                measured_gib=round(peak / GIB, 3), error_pct=round(100 * (total - peak) / peak, 1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--jobs", nargs="+", default=["diagnose", "stream", "surgery"])
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        ckpt, job = args.child.rsplit(",", 1)
+        emit(_one(ckpt, job, args.seq, args.heads))
+        return
+    rows = []
+    for ckpt in args.checkpoints:
+        for job in args.jobs:
+            row = run_isolated(__file__, [ckpt, "--child", f"{ckpt},{job}", "--seq", args.seq, "--heads", args.heads])
+            rows.append(row)
+            print(f"{row['checkpoint']:<14} {job:<9} predicted {row['predicted_gib']:7.3f} GiB  measured "
+                  f"{row['measured_gib']:7.3f} GiB  ({row['error_pct']:+.1f}%)", flush=True)
+    print("appended to", append_rows("plan_memory", rows))
+
+
+if __name__ == "__main__":
+    main()
