@@ -195,6 +195,7 @@ def _add_plan_memory(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
     p.add_argument("--stochastic-rounding", action="store_true", help="bf16 surgery without an fp32 master copy")
     p.add_argument("--budget", help="memory to check against, e.g. 24GiB or 16GB")
+    p.add_argument("--device", default="cuda", help="cuda (a card; default) or cpu (adds the loading cost there)")
     p.add_argument("--json", metavar="OUT", help="write the prediction as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -258,7 +259,7 @@ def _cmd_plan_memory(args) -> None:
     budget = parse_bytes(args.budget) if args.budget else None
     prediction = plan_memory(args.model, heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
                              dtype=args.dtype, budget=budget, n_prompts=args.prompts,
-                             stochastic_rounding=args.stochastic_rounding)
+                             stochastic_rounding=args.stochastic_rounding, device=args.device)
     print(format_plan(prediction))
     if out:
         atomic_write_text(out, json.dumps(prediction, indent=2) + "\n")

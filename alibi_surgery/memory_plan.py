@@ -13,8 +13,9 @@ Predicts peak memory, by part, for three jobs on a BLOOM model given as a checkp
   under gradient checkpointing, loss chunk), with the heads spread over every layer (the most activations).
 
 ``--heads auto`` uses the share of collapsed heads the paper measured for that family size (31-44%; 40% for other
-models): an estimate before any diagnosis. Device memory is what is predicted: on CPU the process adds its runtime
-(about 0.4 GiB for torch and transformers), which ``runtime`` reports separately.
+models): an estimate before any diagnosis. ``device="cpu"`` adds what loading costs there (the checkpoint's file
+pages stay mapped while tensors are converted: the whole file for an in-memory load, one block's for a streamed
+one); the process's own runtime (about 0.4 GiB for torch and transformers) is reported separately, not added.
 """
 
 from __future__ import annotations
@@ -82,24 +83,33 @@ def spread_plan(config, n_heads: int) -> Plan:
 
 
 def diagnosis_memory(config, dtype: torch.dtype, seq_len: int, batch: int, n_prompts: int, streamed: bool,
-                     storage_dtype: torch.dtype = torch.bfloat16) -> dict:
+                     storage_dtype: torch.dtype = torch.bfloat16, cpu: bool = False) -> dict:
     """Predicted peak bytes of a diagnosis, by part (see the module docstring)."""
     w = torch.finfo(dtype).bits // 8
     h = config.hidden_size
     act = DIAG_WORKING_SET * batch * seq_len * h * w
     if not streamed:
-        out = {"weights": model_bytes(config, dtype), "activations": act}
-    else:
-        largest = 4 * h * h * torch.finfo(storage_dtype).bits // 8  # an MLP matrix, read before conversion
-        out = {"block": block_bytes(config, dtype) + largest, "hidden_states": n_prompts * seq_len * h * w,
-               "activations": act}
+        out = {"weights": model_bytes(config, dtype), "activations": act,
+               "loading": model_bytes(config, storage_dtype) if cpu else 0}
+        out["total"] = out["weights"] + max(out["activations"], out["loading"])
+        return out
+    # the block in the compute dtype, and the block as read (on CPU its file pages stay mapped while it converts;
+    # on a GPU only its largest tensor, an MLP matrix, is staged at a time)
+    staged = block_bytes(config, storage_dtype) if cpu else 4 * h * h * torch.finfo(storage_dtype).bits // 8
+    out = {"block": block_bytes(config, dtype) + staged, "hidden_states": n_prompts * seq_len * h * w,
+           "activations": act}
     out["total"] = sum(out.values())
     return out
 
 
 def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: int = 1, dtype: str = "bfloat16",
-                budget: int | None = None, n_prompts: int = 8, stochastic_rounding: bool = False) -> dict:
-    """Every prediction for ``model`` as a dict (bytes), with ``fits`` flags when a ``budget`` is given."""
+                budget: int | None = None, n_prompts: int = 8, stochastic_rounding: bool = False,
+                device: str = "cuda") -> dict:
+    """Every prediction for ``model`` as a dict (bytes), with ``fits`` flags when a ``budget`` is given.
+    ``device="cpu"`` adds what loading costs there: the checkpoint's file pages, mapped while they are converted."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    cpu = device == "cpu"
     for label, v in (("--seq-len", seq_len), ("--batch-size", batch), ("prompts", n_prompts)):
         if v < 1:
             raise UsageError(f"{label} must be >= 1, got {v}")
@@ -113,14 +123,25 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
     n_params = model_bytes(config, torch.float32) // 4
     surgery = predict_memory(plan, dtype=dtype, seq_len=seq_len, batch=batch, vocab=config.vocab_size,
                              n_params_total=n_params, stochastic_rounding=stochastic_rounding)
+    storage = _storage_dtype(config)
+    if cpu:  # loading (weights + mapped file) can peak above the step itself
+        surgery["loading"] = model_bytes(config, storage)
+        surgery["total"] = max(surgery["total"], surgery["weights"] + surgery["loading"])
     out = {"model": name, "n_layer": config.n_layer, "n_head": config.n_head, "hidden": config.hidden_size,
            "params": n_params, "dtype": dtype, "seq_len": seq_len, "batch": batch, "heads": n_heads,
-           "diagnosis": diagnosis_memory(config, dt, seq_len, batch, n_prompts, streamed=False),
-           "diagnosis_streamed": diagnosis_memory(config, dt, seq_len, batch, n_prompts, streamed=True),
-           "surgery": surgery, "budget": budget, "cpu_runtime": CPU_RUNTIME}
+           "device": device,
+           "diagnosis": diagnosis_memory(config, dt, seq_len, batch, n_prompts, False, storage, cpu),
+           "diagnosis_streamed": diagnosis_memory(config, dt, seq_len, batch, n_prompts, True, storage, cpu),
+           "surgery": surgery, "budget": budget, "cpu_runtime": CPU_RUNTIME if cpu else 0}
     if budget is not None:
         out["fits"] = {job: out[job]["total"] <= budget for job in ("diagnosis", "diagnosis_streamed", "surgery")}
     return out
+
+
+def _storage_dtype(config) -> torch.dtype:
+    """The checkpoint's dtype from its config (bf16 when unstated, as BLOOM ships)."""
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
+    return {"float32": torch.float32, "float16": torch.float16}.get(name.replace("torch.", ""), torch.bfloat16)
 
 
 def format_plan(p: dict) -> str:
@@ -139,11 +160,11 @@ def format_plan(p: dict) -> str:
         f"{p['model']}: {p['n_layer']} layers x {p['n_head']} heads, hidden {p['hidden']}, "
         f"{p['params'] / 1e9:.2f} B parameters; {p['dtype']}, batch {p['batch']} x {p['seq_len']} tokens",
         f"  diagnosis, in memory : {g(d['total'])} = weights {g(d['weights'])} + activations "
-        f"{g(d['activations'])}{verdict('diagnosis')}",
+        f"{g(d['activations'])}" + (f" (loading: + {g(d['loading'])} of mapped checkpoint)" if d["loading"] else "")
+        + verdict("diagnosis"),
         f"  diagnosis, streamed  : {g(s['total'])} = one block {g(s['block'])} + hidden states "
         f"{g(s['hidden_states'])} + activations {g(s['activations'])}{verdict('diagnosis_streamed')}",
         f"  surgery step, {p['heads']} heads: {g(m['total'])} = weights {g(m['weights'])} + slice grads "
         f"{g(m['grads'])} + optimizer {g(m['optimizer'])} + activations {g(m['activations'])} + loss chunk "
         f"{g(m['loss_chunk'])}{verdict('surgery')}",
-        f"  (device memory; a CPU process adds about {g(p['cpu_runtime'])} of runtime)",
-    ])
+    ] + ([f"  (a CPU process adds about {g(p['cpu_runtime'])} of runtime)"] if p["cpu_runtime"] else []))

@@ -58,7 +58,7 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
             chunked_lm_loss(model.transformer(ids).last_hidden_state, model.lm_head.weight, ids).backward()
             opt.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    pred = plan_memory(ckpt, heads=str(heads), seq_len=seq, batch=1, dtype="float32", n_prompts=1)
+    pred = plan_memory(ckpt, heads=str(heads), seq_len=seq, batch=1, dtype="float32", n_prompts=1, device="cpu")
     key = {"diagnose": "diagnosis", "stream": "diagnosis_streamed", "surgery": "surgery"}[job]
     total = pred[key]["total"]
     return dict(checkpoint=Path(ckpt).name, n_layer=pred["n_layer"], hidden=pred["hidden"], job=job, seq=seq,

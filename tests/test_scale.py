@@ -74,7 +74,13 @@ def test_diagnosis_parts_by_hand():
     assert mem["hidden_states"] == 8 * 512 * h * 4 and mem["activations"] == 12 * 2 * 512 * h * 4
     assert mem["block"] == (12 * h * h + 13 * h) * 4 + 4 * h * h * 2
     full = diagnosis_memory(cfg, torch.bfloat16, 512, 1, 8, streamed=False)
-    assert full["weights"] == (24 * (12 * h * h + 13 * h) + 250880 * h + 4 * h) * 2
+    weights = (24 * (12 * h * h + 13 * h) + 250880 * h + 4 * h) * 2
+    assert full["weights"] == weights and full["total"] == weights + full["activations"]
+    # on CPU the mapped checkpoint pages count while loading: the whole file, or one block when streaming
+    cpu = diagnosis_memory(cfg, torch.float32, 512, 1, 8, streamed=False, cpu=True)
+    assert cpu["loading"] == weights and cpu["total"] == 2 * weights + weights
+    cpu_stream = diagnosis_memory(cfg, torch.float32, 512, 1, 8, streamed=True, cpu=True)
+    assert cpu_stream["block"] == (12 * h * h + 13 * h) * (4 + 2)
 
 
 def test_heads_auto_and_spread():
