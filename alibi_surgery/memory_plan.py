@@ -15,7 +15,7 @@ Predicts peak memory, by part, for three jobs on a BLOOM model given as a checkp
 ``--heads auto`` uses the share of collapsed heads the paper measured for that family size (31-44%; 40% for other
 models): an estimate before any diagnosis. ``device="cpu"`` adds what loading costs there (the checkpoint's file
 pages stay mapped while tensors are converted: the whole file for an in-memory load, one block's for a streamed
-one); the process's own runtime (about 0.4 GiB for torch and transformers) is reported separately, not added.
+one that converts); the process's own runtime (about 0.4 GiB for torch and transformers) is reported separately, not added.
 """
 
 from __future__ import annotations
@@ -93,9 +93,13 @@ def diagnosis_memory(config, dtype: torch.dtype, seq_len: int, batch: int, n_pro
                "loading": model_bytes(config, storage_dtype) if cpu else 0}
         out["total"] = out["weights"] + max(out["activations"], out["loading"])
         return out
-    # the block in the compute dtype, and the block as read (on CPU its file pages stay mapped while it converts;
-    # on a GPU only its largest tensor, an MLP matrix, is staged at a time)
-    staged = block_bytes(config, storage_dtype) if cpu else 4 * h * h * torch.finfo(storage_dtype).bits // 8
+    # the block in the compute dtype, and the block as read when it must be converted (on CPU the source copies
+    # stay resident while the block loads: measured; with no conversion the read tensors are used as they are;
+    # on a GPU only the largest tensor, an MLP matrix, is staged at a time)
+    if cpu:
+        staged = block_bytes(config, storage_dtype) if storage_dtype != dtype else 0
+    else:
+        staged = 4 * h * h * torch.finfo(storage_dtype).bits // 8
     out = {"block": block_bytes(config, dtype) + staged, "hidden_states": n_prompts * seq_len * h * w,
            "activations": act}
     out["total"] = sum(out.values())

@@ -81,6 +81,8 @@ def test_diagnosis_parts_by_hand():
     assert cpu["loading"] == weights and cpu["total"] == 2 * weights + weights
     cpu_stream = diagnosis_memory(cfg, torch.float32, 512, 1, 8, streamed=True, cpu=True)
     assert cpu_stream["block"] == (12 * h * h + 13 * h) * (4 + 2)
+    no_conversion = diagnosis_memory(cfg, torch.bfloat16, 512, 1, 8, streamed=True, cpu=True)
+    assert no_conversion["block"] == (12 * h * h + 13 * h) * 2
 
 
 def test_heads_auto_and_spread():
