@@ -25,6 +25,7 @@ import re
 import torch
 
 from .errors import UsageError
+from .loading import parse_dtype
 from .plan import Plan, predict_memory
 from .random_model import SHAPES, bloom_config
 from .stream import block_bytes, model_bytes
@@ -118,10 +119,7 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
         if v < 1:
             raise UsageError(f"{label} must be >= 1, got {v}")
     name, config = load_config(model)
-    try:
-        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise UsageError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+    dt = parse_dtype(dtype, torch.device(device))
     n_heads = heads_for(name, config, heads)
     plan = spread_plan(config, n_heads)
     n_params = model_bytes(config, torch.float32) // 4

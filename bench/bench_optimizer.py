@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import append_rows  # noqa: E402
+from common import append_rows, meta_model  # noqa: E402
 
 
 def timer(fn, cuda: bool, repeats: int = 5) -> float:
@@ -61,16 +61,27 @@ def bytes_moved(opt) -> int:
     return n * (g_bytes + 2 * 8 + 2 * p_bytes + (8 if opt.master is not None else 0))
 
 
+def bandwidth_figures(ms: float, moved: int, copy_bps: float) -> dict:
+    """A step's time against the bytes it must move and the copy bandwidth, as CSV columns."""
+    return dict(opt_ms=round(ms, 3), opt_gb_moved=round(moved / 1e9, 3), opt_gbps=round(moved / (ms * 1e-3) / 1e9, 1),
+                copy_gbps=round(copy_bps / 1e9, 1), opt_floor_ms=round(moved / copy_bps * 1e3, 3),
+                pct_of_copy=round(100 * moved / (ms * 1e-3) / copy_bps, 1))
+
+
+def full_matrices(model, sel: dict) -> list:
+    """The paper's trained parameters: whole qkv weight, qkv bias and dense weight of every touched layer."""
+    return [t for layer in sel for t in (model.h[layer].self_attention.query_key_value.weight,
+                                         model.h[layer].self_attention.query_key_value.bias,
+                                         model.h[layer].self_attention.dense.weight)]
+
+
 def time_optimizer(opt, copy_bps: float | None = None) -> dict:
     """Median time of one HeadSlicedAdamW step (random gradients) against its bytes and the copy bandwidth."""
     cuda = opt.slices.grad.device.type == "cuda"
     copy_bps = copy_bps or copy_bandwidth(opt.slices.grad.device.type)
-    moved = bytes_moved(opt)
     opt.slices.grad.normal_()
     ms = timer(lambda: opt.step(), cuda)
-    return dict(opt_ms=round(ms, 3), opt_gb_moved=round(moved / 1e9, 3), opt_gbps=round(moved / (ms * 1e-3) / 1e9, 1),
-                copy_gbps=round(copy_bps / 1e9, 1), opt_floor_ms=round(moved / copy_bps * 1e3, 3),
-                pct_of_copy=round(100 * moved / (ms * 1e-3) / copy_bps, 1))
+    return bandwidth_figures(ms, bytes_moved(opt), copy_bps)
 
 
 def build(args):
@@ -79,14 +90,7 @@ def build(args):
     from alibi_surgery.random_model import bloom_config
 
     config = bloom_config(args.shape, vocab_size=1024, n_layer=args.layers)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, args.dtype))
-    try:
-        with torch.device("meta"):
-            model = BloomModel(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=args.device)
+    model = meta_model(BloomModel, config, getattr(torch, args.dtype), args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
     with torch.no_grad():
         for block in model.h:
@@ -135,9 +139,7 @@ def main(argv=None) -> int:
         del opt
         slices.remove()
         del slices
-    params = [t for layer in sel for t in (model.h[layer].self_attention.query_key_value.weight,
-                                             model.h[layer].self_attention.query_key_value.bias,
-                                             model.h[layer].self_attention.dense.weight)]
+    params = full_matrices(model, sel)
     for t in params:
         t.grad = torch.randn_like(t)
     full = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if on_gpu else {}))
@@ -146,10 +148,7 @@ def main(argv=None) -> int:
     ms = timer(full.step, on_gpu)
     state = sum(s.numel() * s.element_size() for st in full.state.values() for s in st.values() if s.dim())
     rows.append(dict(**common, provider="torch-adamw-full", mode="fused" if on_gpu else "foreach", elements=elements,
-                     state_gb=round(state / 1e9, 3), opt_ms=round(ms, 3), opt_gb_moved=round(moved / 1e9, 3),
-                     opt_gbps=round(moved / (ms * 1e-3) / 1e9, 1), copy_gbps=round(copy_bps / 1e9, 1),
-                     opt_floor_ms=round(moved / copy_bps * 1e3, 3),
-                     pct_of_copy=round(100 * moved / (ms * 1e-3) / copy_bps, 1)))
+                     state_gb=round(state / 1e9, 3), **bandwidth_figures(ms, moved, copy_bps)))
     for r in rows:
         print(json.dumps(r))
     append_rows("optimizer", rows)

@@ -17,16 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import append_rows, emit, run_isolated  # noqa: E402
+from common import append_rows, emit, rss_bytes, run_isolated  # noqa: E402
 
 GIB = 2**30
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        import os
-
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
@@ -42,7 +35,7 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     prompt = ("The quick brown fox jumps over the lazy dog. " * (seq // 40 + 2))
-    base = _rss()
+    base = rss_bytes()
     if job == "stream":
         diagnose_streamed(ckpt, load_tokenizer(ckpt), [prompt], max_length=seq, backend="torch")
     else:

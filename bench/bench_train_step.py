@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_optimizer import time_optimizer  # noqa: E402
-from common import IsolatedRunError, PeakRSS, append_rows, emit, run_isolated  # noqa: E402
+from common import IsolatedRunError, PeakRSS, append_rows, emit, meta_model, run_isolated  # noqa: E402
 
 GIB = 2**30
 
@@ -53,16 +53,8 @@ def build_model(args):
     from alibi_surgery import patch_bloom
     from alibi_surgery.random_model import bloom_config
 
-    dtype = getattr(torch, args.dtype)
     config = bloom_config(args.shape, vocab_size=args.vocab, n_layer=args.layers)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = BloomForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=args.device)
+    model = meta_model(BloomForCausalLM, config, getattr(torch, args.dtype), args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

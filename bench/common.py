@@ -86,7 +86,8 @@ def run_isolated(script, args) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident memory of this process now, in bytes."""
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -95,7 +96,7 @@ class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 0.5 ms and cross-checked with ru_maxrss."""
 
     def __enter__(self):
-        self.base = _rss_bytes()
+        self.base = rss_bytes()
         self.base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.peak = self.base
         self._stop = threading.Event()
@@ -106,16 +107,31 @@ class PeakRSS:
 
     def _sample(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(0.0005)
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, rss_bytes())
         ru_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         sampled = self.peak - self.base
         # ru_maxrss counts only growth past every earlier peak, so it is a lower bound when the entry level was lower.
         self.extra_bytes = max(sampled, ru_peak - max(self.base_max, self.base))
         return False
+
+
+def meta_model(model_cls, config, dtype, device):
+    """``model_cls(config)`` with parameters of ``dtype`` materialised uninitialised on ``device`` (built on the meta
+    device, so nothing is drawn twice); the caller fills what it reads."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to_empty(device=device)
