@@ -97,6 +97,8 @@ def _add_repair(sub) -> None:
     g.add_argument("--include", metavar="SPEC", help="healthy heads to re-initialise as well")
     g.add_argument("--passes", type=int, default=1, help="repeat on the heads still collapsed (default 1)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory, then stop")
+    g.add_argument("--budget", metavar="SIZE", help="refuse up front a plan whose predicted peak memory exceeds "
+                                                    "this, e.g. 24GiB (see plan-memory)")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, default=d.seq_len)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -131,6 +133,9 @@ def _cmd_repair(args) -> None:
         raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
     if args.from_report and not Path(args.from_report).is_file():
         raise UsageError(f"--from-report does not exist: {args.from_report}")
+    from .memory_plan import parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget else None
     prompts = None
     if args.prompts_file:
         args.prompt = []
@@ -139,7 +144,7 @@ def _cmd_repair(args) -> None:
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
                     backend=args.backend, prompts=prompts, resume=args.resume, overwrite=args.overwrite,
-                    dry_run=args.dry_run, progress=not args.quiet)
+                    dry_run=args.dry_run, progress=not args.quiet, budget=budget)
     if args.dry_run:
         from .plan import Plan
 

@@ -84,6 +84,8 @@ def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus"
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
+    if not stream:
+        raise UsageError(f"the {what} is empty: its files hold no text")
     n = len(stream) // seq_len
     if n == 0:
         raise UsageError(f"the {what} is too short: {len(stream)} tokens, fewer than one chunk of --seq-len {seq_len}")

@@ -1,7 +1,10 @@
 """Loading a BLOOM model directory for the CLI, with one-line errors for every bad input.
 
-Only safetensors weights are read (pickle ``.bin`` checkpoints are refused), and ``trust_remote_code`` is never set.
-A hub id works only when the local Hugging Face cache already holds it: nothing is downloaded.
+Only safetensors weights are read (pickle ``.bin`` checkpoints are refused, with how to convert them), and remote
+code is never run (``trust_remote_code=False`` is passed explicitly; the model class is always transformers' own
+``BloomForCausalLM``, whatever ``auto_map`` a config names). A hub id works only when the local Hugging Face cache
+already holds it: nothing is downloaded. Before any weight is used, :func:`load_bloom` checks the shard headers
+against ``config.json`` (truncation, missing tensors, wrong shapes) and the loaded weights for NaN/inf.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_bloom"]
+__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_bloom", "load_config", "load_tokenizer"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -60,10 +63,7 @@ def resolve_model_dir(model: str) -> Path:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise UsageError(f"config.json in {model} is not valid JSON: {exc}") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "bloom":
-        raise UsageError(f"{model} is a {model_type or 'unknown'} model, not BLOOM: alibi-surgery needs BLOOM's "
-                         f"ALiBi attention")
+    _check_alibi(config if isinstance(config, dict) else {}, model)
     has_safetensors = any(path.glob("*.safetensors"))
     if not has_safetensors:
         if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
@@ -72,6 +72,25 @@ def resolve_model_dir(model: str) -> Path:
                              f"safe_serialization=True))")
         raise UsageError(f"no safetensors weights in {model}")
     return path
+
+
+def _check_alibi(config: dict, model: str) -> None:
+    """Refuse, naming its position scheme, any config that is not BLOOM with ALiBi."""
+    model_type = config.get("model_type") or "unknown"
+    attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
+    alibi = config.get("alibi", attn.get("alibi"))
+    scheme = config.get("position_embedding_type")
+    if model_type == "bloom":
+        if alibi is False or scheme not in (None, "alibi"):
+            why = "alibi: false" if alibi is False else f"position_embedding_type: {scheme}"
+            raise UsageError(f"{model}: this BLOOM config turns ALiBi off ({why}); alibi-surgery needs ALiBi attention")
+        return
+    if alibi:
+        raise UsageError(f"{model} is a {model_type} model: it uses ALiBi, but only BLOOM's modules are supported")
+    described = "rotary" if "rope_theta" in config or "rotary_dim" in config or model_type in (
+        "falcon", "llama", "mistral", "gpt_neox", "qwen2") else "learned or other"
+    raise UsageError(f"{model} is a {model_type} model without ALiBi ({described} position embeddings): "
+                     f"alibi-surgery needs BLOOM's ALiBi attention")
 
 
 def _from_cache(model: str) -> Path:
@@ -91,8 +110,16 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(model)
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if "AutoTokenizer" in auto_map:
+            raise UsageError(f"the tokenizer in {model} needs custom code (auto_map in {name}), which alibi-surgery "
+                             f"never runs: give it a directory with a standard tokenizer.json")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception:
         raise UsageError(f"no usable tokenizer in {model} (tokenizer.json / tokenizer_config.json)") from None
 
@@ -101,14 +128,35 @@ def load_bloom(model: str, *, dtype: str | None = None, device: str | None = Non
     """Load ``(model, tokenizer)`` from a BLOOM directory, in eval mode, on the requested device and dtype."""
     from transformers import BloomForCausalLM
 
+    from .checkpoint import check_finite, verify_checkpoint
+
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     path = resolve_model_dir(model)
+    verify_checkpoint(path, load_config(model))
     tokenizer = load_tokenizer(model)
     try:
-        net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True)
+        net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
+                                               trust_remote_code=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"could not load the weights in {model}: {first}") from None
+        raise UsageError(f"could not load the weights in {model}: {_first_line(exc)}") from None
+    net = net.to(dev).eval()
+    check_finite(net.named_parameters(), str(model))  # on the device: fast on a GPU
     net.config._name_or_path = str(model)
-    return net.to(dev).eval(), tokenizer
+    return net, tokenizer
+
+
+def load_config(model: str):
+    """The ``BloomConfig`` of a BLOOM model directory (one-line error when transformers rejects it)."""
+    from transformers import BloomConfig
+
+    path = resolve_model_dir(model)
+    try:
+        return BloomConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise UsageError(f"config.json in {model} is not a usable BLOOM config: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

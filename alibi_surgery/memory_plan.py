@@ -49,13 +49,21 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) or not m.group(2) else 1000) ** power)
 
 
+def format_bytes(n: float) -> str:
+    """``19.40 GiB``, ``312.5 MiB`` or ``48.0 KiB``: binary units, the largest that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def load_config(model: str):
     """``(name, BloomConfig)`` of a family shape name or a checkpoint directory."""
     if model in SHAPES:
         return model, bloom_config(model)
-    from .stream import CheckpointIndex
+    from .loading import load_config as read_config
 
-    return model, CheckpointIndex(model).config
+    return model, read_config(model)
 
 
 def heads_for(name: str, config, heads: str) -> int:

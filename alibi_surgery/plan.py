@@ -24,7 +24,7 @@ file, set by the caller with ``source="report"``):
 * ``heads=None``: no heads from any mode; only ``include`` selects (source ``"list"``; zone as for a list).
 
 Then ``freeze`` (a head spec) removes heads from the selection; they stay in the zone, where they count as in-band
-frozen. ``include`` (a head spec) adds heads, healthy or not, and the zone grows to hold them (the paper's H5
+frozen. An explicit ``heads`` list that names a frozen head is an error (it asks for both). ``include`` (a head spec) adds heads, healthy or not, and the zone grows to hold them (the paper's H5
 experiment: ``include="5-22:5"``). A head both frozen and included is an error. A plan that selects nothing is an
 error ("nothing to repair: ...") unless ``allow_empty=True``.
 
@@ -438,6 +438,8 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         empty_why = "no heads were selected"
 
     frozen = _pairs(parse_heads(freeze, n_layer, n_head)) if freeze is not None else set()
+    if mode == "list" and targets & frozen:  # an explicit list that also freezes a head contradicts itself
+        raise UsageError(f"head {_head_name(min(targets & frozen))} is both listed in --heads and frozen by --freeze")
     wanted = _pairs(parse_heads(include, n_layer, n_head)) if include is not None else set()
     both = frozen & wanted
     if both:

@@ -47,7 +47,8 @@ from .report import HeadReport
 from .slices import HeadSlices
 from .surgery import reinit_heads
 
-__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "lr_at", "enable_checkpointing"]
+__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "check_budget", "lr_at",
+           "enable_checkpointing"]
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -110,8 +111,10 @@ def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Pat
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UsageError(f"--out {out} is not empty: pass --resume to continue or --overwrite to start again")
     parent = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out} is not writable")
+    if not parent.is_dir():
+        raise UsageError(f"--out {out} is not writable: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} is not writable: no write permission on {parent}")
     return out
 
 
@@ -307,6 +310,30 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def check_budget(memory: dict, budget: int | None, device: torch.device) -> None:
+    """Refuse a surgery whose predicted peak exceeds ``budget`` bytes, with the planner's figures. Without a budget
+    on CUDA, only warn when it exceeds what the card has free (the model already loaded counts as free)."""
+    import sys
+
+    from .memory_plan import format_bytes
+
+    total = memory["total"]
+    parts = ", ".join(f"{label} {format_bytes(memory[key])}" for key, label in (
+        ("weights", "weights"), ("grads", "slice gradients"), ("optimizer", "optimizer"),
+        ("activations", "activations"), ("loss_chunk", "loss chunk")))
+    advice = "train fewer heads, shorten --seq-len or --batch-size" + (
+        "" if memory["stochastic_rounding"] or memory["dtype"] != "bfloat16" else ", or add --stochastic-rounding")
+    if budget is not None:
+        if total > budget:
+            raise UsageError(f"the planned surgery needs {format_bytes(total)} ({parts}), more than --budget "
+                             f"{format_bytes(budget)}: {advice}")
+    elif device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+        if total > available:
+            print(f"warning: the planned surgery is predicted to need {format_bytes(total)} ({parts}), more than "
+                  f"the {format_bytes(available)} this GPU has free: {advice}", file=sys.stderr)
+
+
 def plan_surgery(model_dir, **options) -> Plan:
     """The plan :func:`repair` would follow (``--dry-run``), as a :class:`~alibi_surgery.plan.Plan`; the predicted
     memory is in ``plan.memory``. Takes repair's plan, diagnosis and settings options."""
@@ -357,8 +384,9 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                 freeze: str | None = None, include: str | None = None, settings: RepairSettings | None = None,
                 device: str | None = None, dtype: str | None = None, backend: str = "auto", prompts=None,
                 resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
-                allow_empty: bool = False, _stop_after_steps: int | None = None) -> dict:
-    """One pass of surgery (see the module docstring)."""
+                allow_empty: bool = False, budget: int | None = None, _stop_after_steps: int | None = None) -> dict:
+    """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
+    predicted peak (:func:`~alibi_surgery.plan.predict_memory`) exceeds it is refused before anything is written."""
     settings = settings or RepairSettings()
     settings.check()
     model_path = resolve_model_dir(str(model_dir))
@@ -402,11 +430,12 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
         plan = make_plan(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.hidden_size // cfg.n_head,
                          hidden=cfg.hidden_size, report=baseline, heads=heads, band=band, layers=layers,
                          freeze=freeze, include=include, allow_empty=allow_empty)
+        memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                                seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
+                                n_params_total=sum(p.numel() for p in model.parameters()),
+                                stochastic_rounding=settings.stochastic_rounding)
+        check_budget(memory, budget, model.device)
         if dry_run:
-            memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                                    seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
-                                    n_params_total=sum(p.numel() for p in model.parameters()),
-                                    stochastic_rounding=settings.stochastic_rounding)
             return dict(plan.to_dict(), memory=memory)
         if (overwrite or resume) and out.exists():
             shutil.rmtree(out)

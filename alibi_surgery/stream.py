@@ -14,7 +14,6 @@ backend). Limits: the fused backends only (``triton``/``torch``), no ``eager``; 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,13 +22,12 @@ from tqdm.auto import tqdm
 from .backends import resolve_backend
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from .errors import UsageError
-from .loading import resolve_model_dir
+from .checkpoint import check_finite, verify_checkpoint
+from .loading import load_config, resolve_model_dir
 from .patch import head_stats, patched
 from .report import HeadReport, Thresholds
 
 __all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes", "should_stream"]
-
-_PREFIX = "transformer."
 
 
 class CheckpointIndex:
@@ -37,25 +35,8 @@ class CheckpointIndex:
 
     def __init__(self, model_dir: str | Path):
         self.dir = resolve_model_dir(str(model_dir))
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"{index} is not a safetensors index: {exc}") from None
-        elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
-        else:
-            raise UsageError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-        self.files = {}  # stripped name -> (file, stored name)
-        for name, file in weight_map.items():
-            self.files[name[len(_PREFIX):] if name.startswith(_PREFIX) else name] = (self.dir / file, name)
-        from transformers import BloomConfig
-
-        self.config = BloomConfig.from_pretrained(self.dir, local_files_only=True)
+        self.config = load_config(str(model_dir))
+        self.files = {name: (e.file, e.stored) for name, e in verify_checkpoint(self.dir, self.config).items()}
 
     def load(self, names: list[str], device, dtype) -> dict[str, torch.Tensor]:
         """The named tensors (stripped names), opening each shard once, converted to ``dtype`` on ``device``."""
@@ -72,6 +53,7 @@ class CheckpointIndex:
             with safe_open(file, "pt") as f:
                 for n in group:
                     out[n] = f.get_tensor(self.files[n][1]).to(device=device, dtype=dtype)
+        check_finite(out.items(), str(self.dir))
         return out
 
     def embedding_rows(self, ids: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -86,6 +68,7 @@ class CheckpointIndex:
             if int(unique[-1]) >= n_rows:
                 raise UsageError(f"token id {int(unique[-1])} is outside the embedding table ({n_rows} rows)")
             rows = torch.cat([table[int(i):int(i) + 1] for i in unique])
+        check_finite([("word_embeddings.weight (used rows)", rows)], str(self.dir))
         return rows.to(device=device, dtype=dtype)[inverse.to(device)]
 
 

@@ -1,16 +1,14 @@
-"""The ``alibi-surgery`` CLI: a real run, and bad input (one-line error, non-zero exit, nothing written)."""
+"""The ``alibi-surgery`` CLI: real runs (bad input is the matrix in test_bad_input.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from alibi_surgery.cli import main
 from alibi_surgery.random_model import write_random_bloom
@@ -49,79 +47,6 @@ def test_default_prompts_and_prompts_file(model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "a.json").read_text())["metadata"]["n_prompts"] == 2
     assert main(["diagnose", str(model_dir), "--json", str(tmp_path / "b.json"), "--quiet", "--max-length", "32"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["metadata"]["n_prompts"] >= 12
-
-
-def _gpt2_dir(root: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    d = root / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(d)
-    return d
-
-
-def _no_tokenizer_dir(model_dir: Path, root: Path) -> Path:
-    d = root / "notok"
-    d.mkdir()
-    for f in model_dir.iterdir():
-        if "token" not in f.name and "special" not in f.name:
-            shutil.copy(f, d / f.name)
-    return d
-
-
-def _bad_config_dir(root: Path) -> Path:
-    d = root / "badcfg"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "bloom", ')
-    return d
-
-
-def _pickle_dir(model_dir: Path, root: Path) -> Path:
-    d = root / "pickle"
-    d.mkdir()
-    for f in model_dir.iterdir():
-        if not f.name.endswith(".safetensors"):
-            shutil.copy(f, d / f.name)
-    torch.save({}, d / "pytorch_model.bin")
-    return d
-
-
-BAD = {
-    "missing-path": (lambda m, r: ["diagnose", str(r / "nope")], "does not exist"),
-    "not-bloom": (lambda m, r: ["diagnose", str(_gpt2_dir(r))], "not BLOOM"),
-    "no-tokenizer": (lambda m, r: ["diagnose", str(_no_tokenizer_dir(m, r))], "tokenizer"),
-    "bad-config": (lambda m, r: ["diagnose", str(_bad_config_dir(r))], "not valid JSON"),
-    "pickle-only": (lambda m, r: ["diagnose", str(_pickle_dir(m, r))], "pickle"),
-    "empty-prompt": (lambda m, r: ["diagnose", str(m), "--prompt", "   "], "prompt 0 is empty"),
-    "empty-prompts-file": (lambda m, r: ["diagnose", str(m), "--prompts-file", str(_touch(r / "e.txt"))],
-                           "prompts file is empty"),
-    "bad-dtype": (lambda m, r: ["diagnose", str(m), "--dtype", "float8"], "unsupported dtype"),
-    "bad-device": (lambda m, r: ["diagnose", str(m), "--device", "tpu"], "unsupported device"),
-    "cuda-missing": (lambda m, r: ["diagnose", str(m), "--device", "cuda"], "CUDA is not available"),
-    "out-dir-missing": (lambda m, r: ["diagnose", str(m), "--json", str(r / "no" / "x.json")], "does not exist"),
-    "out-exists": (lambda m, r: ["diagnose", str(m), "--csv", str(_touch(r / "old.csv"))], "already exists"),
-    "bad-backend": (lambda m, r: ["diagnose", str(m), "--backend", "cudnn"], "unknown backend"),
-    "bad-thresholds": (lambda m, r: ["diagnose", str(m), "--sink-threshold", "0.99"], "thresholds"),
-}
-
-
-def _touch(p: Path) -> Path:
-    p.write_text("")
-    return p
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_one_line_error_nothing_written(case, model_dir, tmp_path, capsys):
-    if case == "cuda-missing" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    make_args, needle = BAD[case]
-    args = make_args(model_dir, tmp_path) + ["--heatmap", str(tmp_path / "never.png"), "--quiet"]
-    capsys.readouterr()  # drop what building the bad input printed
-    before, model_before = _tree(tmp_path), _tree(model_dir)
-    rc = main(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
-    assert _tree(tmp_path) == before and _tree(model_dir) == model_before
 
 
 def test_console_script_exit_code_and_no_top_level_kernels(tmp_path):

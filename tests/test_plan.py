@@ -304,7 +304,13 @@ def test_frozen_and_included_is_an_error(report):
 
 def test_freezing_everything_is_nothing_to_repair(report):
     with raises("nothing to repair: --freeze removes every selected head"):
-        plan_for(heads="2:4", freeze="2:4")
+        plan_for(report=report, band="4-6", layers="2-5", freeze="2-5:4-6")
+
+
+def test_an_explicit_list_overlapping_freeze_is_an_error(report):
+    with raises(r"head L2:H5 is both listed in --heads and frozen by --freeze"):
+        plan_for(heads="2:4-6", freeze="2:5;7:0")
+    assert plan_for(heads="2:4-6", freeze="7:0").selection == {2: [4, 5, 6]}  # disjoint: fine
 
 
 def test_freeze_and_include_specs_are_validated(report):
