@@ -8,14 +8,16 @@
 3. train on the packed corpus: AdamW (lr 5e-5, no weight decay, clip 1.0), linear warm-up then cosine decay,
    ``batch_size`` x ``grad_accum`` sequences per step, ``epochs`` epochs, early stop on held-out perplexity;
 4. checkpoint at the end of every epoch (and every ``save_every_steps``): model safetensors + tokenizer, the
-   optimizer's slice state and the loop position, written to a temporary directory and renamed, so a crash never
-   leaves a torn checkpoint; ``resume=True`` continues from the newest complete one, bit-identically;
+   optimizer's slice state and the loop position, written to a temporary directory, synced and renamed
+   (:func:`replace_dir`), so a kill at any instant never leaves a torn checkpoint; ``resume=True`` continues from
+   the newest complete one, bit-identically;
 5. re-diagnose at every checkpoint against the baseline: recovered / still sick targets, iatrogenic heads, drift
    per zone, training and held-out perplexity, written to ``report.json``, ``report.md`` and PNGs;
 6. write ``OUT/final/``, a complete model directory (the best checkpoint by held-out perplexity, else the last)
    that stock transformers loads.
 
-The input directory is only read. With ``passes > 1`` each later pass starts from the previous pass's final model
+The input directory is only read. Before anything is written: the checkpoint's headers and weights are checked
+(:mod:`~alibi_surgery.checkpoint`), and with ``budget`` the plan's predicted peak memory. With ``passes > 1`` each later pass starts from the previous pass's final model
 and targets the heads still collapsed. Limits: BLOOM only; the corpus is read into memory.
 """
 
@@ -179,6 +181,7 @@ class _Run:
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
+        _test_pause("save", position["step"])
         state = opt.state_dict()
         tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master") if state[k] is not None}
         save_file(tensors, str(tmp / OPT_FILE))
@@ -187,10 +190,8 @@ class _Run:
                 "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
                 "settings": dataclasses.asdict(self.s), "model": _config_key(self.model.config),
                 "history": self.history}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # written last: marks it complete
+        replace_dir(tmp, final)
         return final
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -215,6 +216,53 @@ def _flat(selection) -> list:
     if isinstance(selection, dict):
         return [(layer, h) for layer, heads in selection.items() for h in heads]
     return list(selection)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final`` so that a kill at any instant leaves either the old
+    ``final`` or the new one, never a mixture: files are synced to disk, then renamed; an existing ``final`` is first
+    renamed aside and deleted only after the new one is in place."""
+    _fsync_tree(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+PAUSE_ENV = "ALIBI_SURGERY_TEST_PAUSE"  # crash tests only: see _test_pause
+
+
+def _test_pause(point: str, step: int) -> None:
+    """Crash-test hook, inert unless ``ALIBI_SURGERY_TEST_PAUSE`` is ``train:STEP`` (inside step STEP, after its first
+    backward) or ``save:STEP`` (half-way through writing checkpoint STEP: weights written, optimizer state and the
+    completion marker not). There the process writes its pid to ``$ALIBI_SURGERY_TEST_PAUSE_FILE`` and sleeps
+    until the test kills it."""
+    if os.environ.get(PAUSE_ENV) != f"{point}:{step}":
+        return
+    Path(os.environ[f"{PAUSE_ENV}_FILE"]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(3600)
 
 
 def _newest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -264,6 +312,7 @@ def _train(run: _Run, resume_from: Path | None, stop_after_steps: int | None = N
                         raise UsageError(f"the loss is {float(loss)} at step {position['step'] + 1}: stopped; "
                                          f"the last good checkpoint is {last or 'none (nothing was saved yet)'}")
                     (loss / len(batches)).backward()
+                    _test_pause("train", position["step"] + 1)
                     window_loss += float(loss.detach())
                     window_n += 1
                 opt.step(lr=lr_at(position["step"] + 1, run.total_steps, s.lr, s.warmup))
@@ -370,10 +419,11 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
         else:
             reports.append(json.loads((pass_out / "report.json").read_text()))
         source = pass_out / "final"
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(source, final)
+    final, tmp = out / "final", out / ".tmp-final"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp)
+    replace_dir(tmp, final)
     summary = {"input": str(model_path), "final": str(final), "passes": reports}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
     return summary
@@ -471,9 +521,7 @@ def _finish(run: _Run) -> dict:
     else:
         run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     if not run.history:
         run.evaluate(0, 0.0, None, None)
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,

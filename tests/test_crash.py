@@ -1,0 +1,153 @@
+"""Crash safety: a real ``alibi-surgery repair`` process killed with SIGKILL, then resumed.
+
+Two kills, each at a known instant held by the test hook in repair.py (``ALIBI_SURGERY_TEST_PAUSE``):
+
+* ``train:5``: inside optimizer step 5, after its first backward pass;
+* ``save:4``: half-way through writing checkpoint 4 (weights written; optimizer state and completion marker not).
+
+After each kill: every complete checkpoint loads in stock transformers, with its optimizer state; the partial one is
+never picked up; and ``--resume`` ends with final weights (and last optimizer state) bit-identical to an
+uninterrupted run with the same seed. All three runs are subprocesses with the same environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alibi_surgery.random_model import write_random_bloom
+
+repair_module = importlib.import_module("alibi_surgery.repair")
+WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
+STEPS = 12  # 6 per epoch, 2 epochs; checkpoints at steps 2, 4, ..., 12
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    write_random_bloom(root / "model", "tiny", n_layer=2, seed=4)
+    (root / "corpus.txt").write_text(" ".join(WORDS[(5 * i) % len(WORDS)] for i in range(46)))  # 12 chunks of 16
+    return root
+
+
+def _command(root: Path, out: Path, *extra) -> list:
+    return [sys.executable, "-m", "alibi_surgery.cli", "repair", str(root / "model"), "--out", str(out),
+            "--corpus", str(root / "corpus.txt"), "--heads", "0:1;1:2", "--device", "cpu", "--backend", "torch",
+            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--save-every-steps", "2",
+            "--lr", "1e-3", "--seed", "7", "--quiet", *extra]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", repair_module.PAUSE_ENV)}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)  # the same threads in every run: same bits
+    return env
+
+
+def _finish(root: Path, out: Path, *extra) -> None:
+    result = subprocess.run(_command(root, out, *extra), env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
+def _kill_at(root: Path, out: Path, point: str) -> None:
+    """Start a repair, wait until it pauses at ``point``, SIGKILL it."""
+    flag = out.parent / f"paused-{point.replace(':', '-')}"
+    env = _env(**{repair_module.PAUSE_ENV: point, f"{repair_module.PAUSE_ENV}_FILE": str(flag)})
+    proc = subprocess.Popen(_command(root, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not flag.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"repair ended (exit {proc.returncode}) before pausing at {point}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"repair never reached {point}"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs):
+    out = inputs / "reference"
+    _finish(inputs, out)
+    return out
+
+
+def _complete(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").iterdir() if p.name.startswith(repair_module.CKPT_PREFIX))
+
+
+def _assert_checkpoints_load(out: Path) -> None:
+    from transformers import BloomForCausalLM
+
+    for ckpt in _complete(out):
+        state = json.loads((ckpt / repair_module.STATE_FILE).read_text())
+        assert state["position"]["step"] == int(ckpt.name.split("-")[1])
+        optimizer = load_file(ckpt / repair_module.OPT_FILE)
+        assert optimizer["exp_avg"].numel() > 0
+        model = BloomForCausalLM.from_pretrained(ckpt, local_files_only=True)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _assert_bit_identical(out: Path, reference: Path) -> None:
+    ours, ref = load_file(out / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    different = [k for k in ref if not torch.equal(ours[k], ref[k])]
+    assert not different, f"final weights differ from the uninterrupted run: {different[:3]}"
+    last = f"{repair_module.CKPT_PREFIX}{STEPS:08d}"
+    a, b = load_file(out / "checkpoints" / last / repair_module.OPT_FILE), \
+        load_file(reference / "checkpoints" / last / repair_module.OPT_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in b), "last optimizer state differs"
+
+
+def test_the_reference_run_is_what_the_test_assumes(uninterrupted):
+    names = [p.name for p in _complete(uninterrupted)]
+    assert names == [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
+
+
+def test_sigkill_during_training_then_resume_is_bit_identical(inputs, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    _kill_at(inputs, out, "train:5")
+    assert [p.name for p in _complete(out)] == ["step-00000002", "step-00000004"]
+    assert not (out / "final").exists() and not (out / "report.json").exists()
+    _assert_checkpoints_load(out)
+    _finish(inputs, out, "--resume")
+    _assert_checkpoints_load(out)
+    _assert_bit_identical(out, uninterrupted)
+
+
+def test_sigkill_while_writing_a_checkpoint_never_exposes_it(inputs, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    _kill_at(inputs, out, "save:4")
+    partial = out / "checkpoints" / ".tmp-step-00000004"
+    assert (partial / "model.safetensors").is_file() and not (partial / repair_module.STATE_FILE).exists()
+    assert [p.name for p in _complete(out)] == ["step-00000002"]
+    assert repair_module._newest_checkpoint(out / "checkpoints").name == "step-00000002"
+    _assert_checkpoints_load(out)
+    _finish(inputs, out, "--resume")
+    assert not partial.exists()
+    _assert_bit_identical(out, uninterrupted)
+
+
+def test_replacing_a_directory_keeps_the_old_or_the_new(tmp_path):
+    """replace_dir, the move every checkpoint and final model goes through: the old copy stays until the new one
+    is in place, and a leftover from an earlier kill is cleared."""
+    final, tmp = tmp_path / "final", tmp_path / ".tmp-final"
+    final.mkdir()
+    (final / "w").write_text("old")
+    (tmp_path / ".old-final").mkdir()  # left by a kill between the two renames
+    tmp.mkdir()
+    (tmp / "w").write_text("new")
+    repair_module.replace_dir(tmp, final)
+    assert (final / "w").read_text() == "new" and not tmp.exists()
+    assert not (tmp_path / ".old-final").exists()
