@@ -8,12 +8,23 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per worker: the workers al
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import BloomForCausalLM
 
 from helpers import bloom_config
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
+
+# Hypothesis profiles: "ci" (the default) is derandomised, so CI runs the same examples every time; "long" is the
+# local soak run (HYPOTHESIS_PROFILE=long), random and with a saved example database; to spread it over cores, run
+# several processes with different --hypothesis-seed and FUZZ_EXAMPLES splitting the 1,000.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 1000)), deadline=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
