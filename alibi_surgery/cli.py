@@ -32,14 +32,14 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--csv", metavar="OUT", help="write one row per head as CSV")
     p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of first-token mass")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    add_prompt_options(p)
-    add_model_options(p)
     _add_diagnosis_options(p)
 
 
 def _add_diagnosis_options(p) -> None:
-    """Thresholds, --stream and --quiet: shared by diagnose and family."""
+    """--overwrite, prompts, model, thresholds, --stream and --quiet: shared by diagnose and family."""
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    add_prompt_options(p)
+    add_model_options(p)
     p.add_argument("--dead-threshold", type=float, default=0.95, help="bos_mass above this is dead (0.95)")
     p.add_argument("--sink-threshold", type=float, default=0.50, help="bos_mass above this is a bos-sink (0.50)")
     p.add_argument("--low-entropy-threshold", type=float, default=0.50,
@@ -58,9 +58,6 @@ def _add_family(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write every model's figures and report as JSON")
     p.add_argument("--heatmap", metavar="OUT.png", help="write one heatmap panel per model")
     p.add_argument("--markdown", metavar="OUT.md", help="write the table as Markdown")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    add_prompt_options(p)
-    add_model_options(p)
     _add_diagnosis_options(p)
 
 

@@ -134,14 +134,20 @@ def _inputs(case: Case):
     return fused, k[:, :, :case.past], v[:, :, :case.past], upstream, mask2d, (q, k)
 
 
+def _cache(case: Case, k_past, v_past) -> DynamicCache | None:
+    """A KV cache holding the prefix (decode), or None when every key is a new token."""
+    if not case.past:
+        return None
+    cache = DynamicCache()
+    cache.update(k_past, v_past, 0)
+    return cache
+
+
 def _run(case: Case, attn: BloomAttention, fused, k_past, v_past, mask2d, upstream, dtype, *, probs: bool):
     """One forward and backward as BloomModel runs attention: ``(out, grads, attention probs or None)``."""
     leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (fused, k_past, v_past)]
     attn.query_key_value.fused = leaves[0]
-    cache = None
-    if case.past:
-        cache = DynamicCache()
-        cache.update(leaves[1], leaves[2], 0)
+    cache = _cache(case, leaves[1], leaves[2])
     hidden = torch.zeros(case.batch, case.q_len, 0, dtype=dtype)
     out, p = attn(hidden, torch.zeros((), dtype=dtype), build_alibi_tensor(mask2d, case.n_head, dtype),
                   causal_4d_mask(mask2d, case.q_len, dtype), layer_past=cache, use_cache=cache is not None,
@@ -232,10 +238,7 @@ def check_case(case: Case, backend: str) -> None:
 
     # Statistics, by the inference path diagnosis uses (no autograd).
     ours_mod.query_key_value.fused = fused.to(case.dtype)
-    cache = None
-    if case.past:
-        cache = DynamicCache()
-        cache.update(k_past.to(case.dtype), v_past.to(case.dtype), 0)
+    cache = _cache(case, k_past.to(case.dtype), v_past.to(case.dtype))
     with torch.no_grad(), head_stats(ours_mod, exclude_first_query=case.exclude_first_query,
                                      normalize_entropy=case.normalize_entropy) as sink:
         plain = ours_mod(torch.zeros(case.batch, case.q_len, 0, dtype=case.dtype), torch.zeros((), dtype=case.dtype),
