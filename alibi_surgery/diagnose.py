@@ -4,11 +4,20 @@ Prompts are tokenised with left padding and run through the base model only (no 
 ``triton`` or ``torch`` backend the statistics come out of the fused attention pass; with ``eager`` they are
 computed the paper's way, from ``output_attentions`` (T x T per head and layer: the reference, and the memory
 baseline). Statistics are token-weighted: sums over every valid query row of every prompt, divided by the row count.
+
+The report records what was measured, so that two reports can be checked to be comparable: a fingerprint of each
+prompt's token ids (after truncation to ``max_length``) and of the whole set, ``max_length`` and the metric variant.
+It also records the first-token mass a uniformly attending head would have on these prompts
+(:func:`uniform_bos_mass`), and warns when that is at least half the sink threshold: the prompts are then too short
+for the classes to mean anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import struct
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +28,7 @@ from .patch import bloom_attentions, head_stats, patched
 from .report import HeadReport, Thresholds
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
-           "padded_batches"]
+           "padded_batches", "prompt_fingerprints", "uniform_bos_mass"]
 
 
 def check_prompts(prompts) -> list[str]:
@@ -97,10 +106,45 @@ def padded_batches(tokenizer, encoded, batches, device):
             yield padded["input_ids"].to(device), padded["attention_mask"].to(device)
 
 
+def prompt_fingerprints(encoded) -> tuple[list[str], str]:
+    """Fingerprints of token-id lists: per prompt (in order), the first 16 hex digits of the SHA-256 of its ids as
+    little-endian int64; for the set, the same digest of the sorted per-prompt fingerprints joined by newlines, so it
+    ignores prompt order (but not repeats)."""
+    each = [hashlib.sha256(struct.pack(f"<{len(ids)}q", *ids)).hexdigest()[:16] for ids in encoded]
+    return each, hashlib.sha256("\n".join(sorted(each)).encode()).hexdigest()[:16]
+
+
+def uniform_bos_mass(lengths, exclude_first_query: bool = False) -> float | None:
+    """The bos_mass a head attending uniformly would get on prompts of these token counts, averaged as diagnose
+    averages: query row ``p`` sees ``p + 1`` keys (mass ``1 / (p + 1)`` on the first), token-weighted over the
+    counted rows of all prompts (row 0 left out with ``exclude_first_query``). None when no row is counted."""
+    first = 1 if exclude_first_query else 0
+    rows = sum(max(0, n - first) for n in lengths)
+    if rows == 0:
+        return None
+    return sum(1.0 / (p + 1) for n in lengths for p in range(first, n)) / rows
+
+
+def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds) -> None:
+    mean = sum(lengths) / len(lengths)
+    if mass is None:
+        warnings.warn(f"prompts are short (mean {mean:.1f} tokens): with exclude_first_query no query row is "
+                      f"counted, so every statistic is 0; raise --max-length or use longer prompts", stacklevel=3)
+    elif mass >= thresholds.sink / 2:
+        warnings.warn(f"prompts are short (mean {mean:.1f} tokens): a head attending uniformly would put {mass:.2f} "
+                      f"of its attention on the first token, at least half the sink threshold {thresholds.sink:g}; "
+                      f"raise --max-length or use longer prompts", stacklevel=3)
+
+
 def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
                  max_length, thresholds, **extra) -> HeadReport:
-    """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows)."""
+    """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows) and the
+    token ids ``encoded`` they were measured on; warns (one line) when the prompts are too short to classify."""
     rows = sums[..., 2].clamp_min(1.0)
+    lengths = [len(e) for e in encoded]
+    each, whole = prompt_fingerprints(encoded)
+    uniform = uniform_bos_mass(lengths, exclude_first_query)
+    _warn_if_short(uniform, lengths, thresholds)
     metadata = {
         "model": model_name,
         "metric": {"bos_mass": "mean attention on position 0 (the first real token)",
@@ -109,10 +153,11 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
                    "averaging": "token-weighted over valid query rows of all prompts",
                    "exclude_first_query": exclude_first_query, "normalize_entropy": normalize_entropy},
         "dtype": str(dtype).replace("torch.", ""), "device": str(device), "backend": backend,
-        "n_prompts": len(encoded), "prompt_tokens": [len(e) for e in encoded],
-        "rows_counted": int(sums[0, 0, 2]), "max_length": max_length, **extra,
+        "n_prompts": len(encoded), "prompt_tokens": lengths, "prompt_set_fingerprint": whole,
+        "prompt_fingerprints": each, "rows_counted": int(sums[0, 0, 2]), "max_length": max_length,
+        "uniform_bos_mass": uniform, **extra,
     }
-    n_tokens = sum(len(e) for e in encoded)
+    n_tokens = sum(lengths)
     return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,8 +70,56 @@ def test_batching_and_truncation(tiny_lm, tokenizer):
     one = diagnose(tiny_lm, tokenizer, PROMPTS, batch_size=1)
     many = diagnose(tiny_lm, tokenizer, PROMPTS, batch_size=16)
     assert (one.bos_mass - many.bos_mass).abs().max() < 1e-5
-    short = diagnose(tiny_lm, tokenizer, PROMPTS, max_length=5)
+    with pytest.warns(UserWarning, match="prompts are short"):
+        short = diagnose(tiny_lm, tokenizer, PROMPTS, max_length=5)
     assert short.metadata["prompt_tokens"] == [min(5, len(tokenizer(p)["input_ids"])) for p in PROMPTS]
+
+
+def _sha16(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_prompt_fingerprints_recorded_and_round_tripped(tiny_lm, tokenizer, tmp_path):
+    """The documented format, from the tokenizer's ids: sha256 of little-endian int64 ids per prompt (16 hex digits),
+    and of the sorted per-prompt ones joined by newlines for the set; prompt order changes only the list."""
+    report = diagnose(tiny_lm, tokenizer, PROMPTS[:3], max_length=20)
+    ids = [tokenizer(p)["input_ids"][:20] for p in PROMPTS[:3]]
+    each = [_sha16(np.asarray(i, dtype="<i8").tobytes()) for i in ids]
+    assert report.metadata["prompt_fingerprints"] == each
+    assert report.metadata["prompt_set_fingerprint"] == _sha16("\n".join(sorted(each)).encode())
+    assert report.metadata["max_length"] == 20 and report.metadata["metric"]["normalize_entropy"] is False
+    shuffled = diagnose(tiny_lm, tokenizer, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], max_length=20, backend="eager")
+    assert shuffled.metadata["prompt_fingerprints"] == [each[2], each[0], each[1]]
+    assert shuffled.metadata["prompt_set_fingerprint"] == report.metadata["prompt_set_fingerprint"]
+    report.to_json(tmp_path / "r.json")
+    back = HeadReport.from_json(tmp_path / "r.json").metadata
+    for key in ("prompt_fingerprints", "prompt_set_fingerprint", "max_length", "uniform_bos_mass", "metric"):
+        assert back[key] == report.metadata[key], key
+
+
+def test_short_prompts_warn(tiny_lm, tokenizer):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "prompts are short")  # none for the built-in prompts at full length
+        full = diagnose(tiny_lm, tokenizer, DEFAULT_PROMPTS)
+    assert full.metadata["uniform_bos_mass"] < 0.25
+    # 4 tokens each: rows see 1, 2, 3, 4 keys -> (1 + 1/2 + 1/3 + 1/4) / 4 = 25/48 = 0.5208
+    long_prompts = [p for p in PROMPTS if len(tokenizer(p)["input_ids"]) >= 4]
+    with pytest.warns(UserWarning) as caught:
+        short = diagnose(tiny_lm, tokenizer, long_prompts, max_length=4)
+    assert short.metadata["uniform_bos_mass"] == pytest.approx(25 / 48)
+    assert [str(w.message) for w in caught] == [
+        "prompts are short (mean 4.0 tokens): a head attending uniformly would put 0.52 of its attention on the "
+        "first token, at least half the sink threshold 0.5; raise --max-length or use longer prompts"]
+    # row 0 left out: (1/2 + 1/3 + 1/4) / 3 = 13/36; a sink threshold of 0.8 puts the bar at 0.4: no warning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "prompts are short")
+        efq = diagnose(tiny_lm, tokenizer, long_prompts, max_length=4, exclude_first_query=True,
+                       thresholds=Thresholds(sink=0.8))
+    assert efq.metadata["uniform_bos_mass"] == pytest.approx(13 / 36)
+    with pytest.warns(UserWarning, match=r"^prompts are short \(mean 1.0 tokens\): with exclude_first_query no "
+                                         r"query row is counted"):
+        none = diagnose(tiny_lm, tokenizer, long_prompts, max_length=1, exclude_first_query=True)
+    assert none.metadata["uniform_bos_mass"] is None
 
 
 def test_only_the_base_model_runs(tiny_lm, tokenizer):

@@ -56,6 +56,8 @@ def test_streamed_equals_in_memory_exactly(sharded, options):
     got = stream.diagnose_streamed(sharded, tok, PROMPTS, backend="torch", batch_size=3, **options)
     assert torch.equal(got.bos_mass, ref.bos_mass) and torch.equal(got.entropy, ref.entropy)
     assert got.n_tokens == ref.n_tokens and got.metadata["rows_counted"] == ref.metadata["rows_counted"]
+    for key in ("prompt_fingerprints", "prompt_set_fingerprint", "uniform_bos_mass"):  # what compare checks
+        assert got.metadata[key] == ref.metadata[key] is not None, key
 
 
 def test_streamed_triton_under_the_tolerance_rule(tmp_path):
