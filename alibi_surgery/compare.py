@@ -19,8 +19,11 @@ heads that were sick before, and iatrogenic over all heads that were not.
 Drift (the paper's rule): ``|bos_mass_after - bos_mass_before| > drift_threshold`` (0.05), counted per zone.
 Deltas are computed in float64 from the reports' float32 values.
 
+:func:`compare` refuses two diagnoses measured differently (prompt set, truncation:
+:func:`~alibi_surgery.report.measurement_differences`) unless ``force``; :class:`Comparison` itself only notes them.
+
     alibi-surgery compare A B [--targets SPEC] [--zone SPEC] [--plan PLAN.json] [--json OUT] [--heatmap OUT.png]
-                              [--table] [--drift-threshold T]
+                              [--table] [--drift-threshold T] [--force]
 
 ``A`` and ``B`` are each a diagnosis JSON (``diagnose --json``) or a BLOOM model directory, which is then diagnosed
 here with the same options as ``diagnose`` (default prompts unless ``--prompt``/``--prompts-file``).
@@ -41,7 +44,8 @@ from .heatmap import save_figure
 from .io_utils import atomic_write_text, check_output_path
 from .options import add_model_options, add_prompt_options
 from .prompts import read_prompts
-from .report import HeadReport, Thresholds
+from .report import METRIC_VARIANTS, HeadReport, Thresholds, check_same_measurement, measurement_differences, \
+    metric_differences
 
 __all__ = ["Comparison", "compare", "save_delta_heatmap", "plot_delta_heatmap", "parse_selection_spec",
            "add_compare_parser", "run_compare", "ZONES"]
@@ -49,7 +53,6 @@ __all__ = ["Comparison", "compare", "save_delta_heatmap", "plot_delta_heatmap", 
 ZONES = ("target", "in-band", "outside")
 _DIAGNOSE_OPTIONS = ("device", "dtype", "backend", "batch_size", "max_length", "prompts", "exclude_first_query",
                      "normalize_entropy", "thresholds", "progress")
-_METRIC_OPTIONS = ("exclude_first_query", "normalize_entropy")
 _KIND = "alibi-surgery comparison"
 _PLAN_FORMAT = "alibi-surgery-plan"
 
@@ -121,11 +124,9 @@ class Comparison:
         if b.thresholds != a.thresholds:
             raise UsageError(f"the reports use different class thresholds ({_thresholds_text(b.thresholds)} vs "
                              f"{_thresholds_text(a.thresholds)}): their classes are not comparable")
-        bm, am = b.metadata.get("metric") or {}, a.metadata.get("metric") or {}
-        for key in _METRIC_OPTIONS:
-            if key in bm and key in am and bool(bm[key]) != bool(am[key]):
-                raise UsageError(f"the reports were measured differently: {key} is {bool(bm[key])} before and "
-                                 f"{bool(am[key])} after")
+        metric = metric_differences(b, a)
+        if metric:
+            raise UsageError(f"the reports were measured differently: {metric[0]}")
         self.drift_threshold = _check_drift_threshold(self.drift_threshold)
         self.targets = _normalise_selection(self.targets, b.n_layer, b.n_head, "targets")
         self.zone = _normalise_selection(self.zone, b.n_layer, b.n_head, "zone")
@@ -226,15 +227,11 @@ class Comparison:
                 "mean_abs": sum(v for v, _, _ in values) / len(values) if values else None, "worst": worst}
 
     def notes(self) -> list[str]:
-        """Caveats about how comparable the two reports are (different prompts, dtype, backend)."""
+        """Caveats about how comparable the two reports are: measurement differences (prompts, truncation), dtype,
+        backend."""
         b, a = self.before.metadata, self.after.metadata
-        out = []
-        if self.before.n_tokens != self.after.n_tokens or \
-                (b.get("prompt_tokens") is not None and a.get("prompt_tokens") is not None
-                 and b["prompt_tokens"] != a["prompt_tokens"]):
-            out.append(f"the reports were measured on different prompts ({self.before.n_tokens} vs "
-                       f"{self.after.n_tokens} tokens)")
-        for key in ("dtype", "backend", "max_length"):
+        out = measurement_differences(self.before, self.after)
+        for key in ("dtype", "backend"):
             if b.get(key) is not None and a.get(key) is not None and b[key] != a[key]:
                 out.append(f"{key} differs: {b[key]} before, {a[key]} after")
         return out
@@ -444,16 +441,18 @@ def _diagnose_source(source: _Source, options: dict) -> HeadReport:
 
 
 def _check_measurement(report: HeadReport, label: str, options: dict) -> dict:
-    """Options for diagnosing a model that is compared with ``report``: class thresholds default to the report's,
-    and explicit thresholds or metric options that differ from it are refused before any diagnosis."""
+    """Options for diagnosing a model that is compared with ``report``: class thresholds and max_length default to
+    the report's, and explicit thresholds or metric options that differ from it are refused before any diagnosis."""
     options = dict(options)
     if options.get("thresholds") is None:
         options["thresholds"] = report.thresholds
     elif options["thresholds"] != report.thresholds:
         raise UsageError(f"{label} was classified with thresholds {_thresholds_text(report.thresholds)}, not "
                          f"{_thresholds_text(options['thresholds'])}")
+    if options.get("max_length") is None:
+        options["max_length"] = report.metadata.get("max_length")
     metric = report.metadata.get("metric") or {}
-    for key in _METRIC_OPTIONS:
+    for key in METRIC_VARIANTS:
         if key in metric and bool(metric[key]) != bool(options.get(key, False)):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{label} was measured with {key}={bool(metric[key])}: diagnose the model the same way "
@@ -461,14 +460,20 @@ def _check_measurement(report: HeadReport, label: str, options: dict) -> dict:
     return options
 
 
-def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, **diagnose_kwargs) -> Comparison:
+def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, force: bool = False,
+            **diagnose_kwargs) -> Comparison:
     """Compare diagnosis ``a`` (before) with ``b`` (after).
 
     ``a``/``b``: a :class:`HeadReport`, a path to a diagnosis JSON, or a BLOOM model directory, which is diagnosed
     with ``diagnose_kwargs`` (``device``, ``dtype``, ``backend``, ``batch_size``, ``max_length``, ``prompts``
     (default: the built-in set), ``exclude_first_query``, ``normalize_entropy``, ``thresholds`` (default: those of
-    the other input when it is a report), ``progress``; ignored for reports). Inputs, shapes, targets, zone and
-    options are all checked before anything is diagnosed; two model directories are loaded one after the other.
+    the other input when it is a report), ``progress``; ignored for reports; ``max_length`` also defaults to the
+    other report's). Inputs, shapes, targets, zone and options are all checked before anything is diagnosed; two
+    model directories are loaded one after the other.
+
+    Two diagnoses measured differently (:func:`~alibi_surgery.report.measurement_differences`: prompt set,
+    max_length) raise a UsageError naming the first difference, or with ``force`` a UserWarning; a report without a
+    prompt fingerprint (written by an older version) gives a warning that its prompt set cannot be checked.
     """
     unknown = sorted(set(diagnose_kwargs) - set(_DIAGNOSE_OPTIONS))
     if unknown:
@@ -498,7 +503,9 @@ def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, **d
     if reports[0].bos_mass.shape != reports[1].bos_mass.shape:
         raise UsageError(f"A and B have different shapes: A is {reports[0].n_layer} layers x {reports[0].n_head} "
                          f"heads, B is {reports[1].n_layer} layers x {reports[1].n_head} heads")
-    return Comparison(reports[0], reports[1], targets=targets, zone=zone, drift_threshold=drift_threshold)
+    comparison = Comparison(reports[0], reports[1], targets=targets, zone=zone, drift_threshold=drift_threshold)
+    check_same_measurement(*reports, force=force)
+    return comparison
 
 
 # ---- heatmap --------------------------------------------------------------------------------------------------------
@@ -713,6 +720,9 @@ def add_compare_parser(subparsers) -> None:
     p.add_argument("--table-rows", type=int, default=30, metavar="N",
                    help="rows of the --table output (default 30; 0 = every head)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--force", action="store_true",
+                   help="compare even when A and B were measured differently (another prompt set or --max-length); "
+                        "a warning names the difference")
     g = p.add_argument_group("diagnosing a model directory (ignored for .json inputs)")
     add_prompt_options(g, exclude_help="leave query row 0 out of the averages (must match the other input's setting)")
     add_model_options(g)
@@ -763,9 +773,10 @@ def run_compare(args) -> None:
     zone = zone_spec.resolve(*shape) if zone_spec else None
     inputs = [s.report if s.report is not None else s.model for s in sources]
     comparison = compare(*inputs, targets=targets, zone=zone, drift_threshold=args.drift_threshold,
-                         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
-                         max_length=args.max_length, prompts=prompts, exclude_first_query=args.exclude_first_query,
-                         normalize_entropy=args.normalize_entropy, progress=not args.quiet)
+                         force=args.force, device=args.device, dtype=args.dtype, backend=args.backend,
+                         batch_size=args.batch_size, max_length=args.max_length, prompts=prompts,
+                         exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
+                         progress=not args.quiet)
     print(comparison.format_summary())
     if args.table:
         print(comparison.format_table(max_rows=args.table_rows or None))

@@ -8,6 +8,9 @@ Classes (defaults from Schallon 2026; every threshold is configurable through :c
 * ``healthy``: everything else
 
 "Sick" (collapsed) means dead or bos-sink.
+
+:func:`measurement_differences` says, in one place, whether two reports measured the same thing (prompt set, its
+truncation, metric variant): before/after comparisons refuse or note what it lists.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import csv
 import dataclasses
 import io
 import json
+import warnings
 
 import torch
 
+from .errors import UsageError
 from .io_utils import atomic_write_text
 
-__all__ = ["Thresholds", "HeadReport", "CLASSES", "SICK", "classify", "collapse_band"]
+__all__ = ["Thresholds", "HeadReport", "CLASSES", "SICK", "classify", "collapse_band", "metric_differences",
+           "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SICK = ("dead", "bos-sink")
@@ -164,3 +170,63 @@ class HeadReport:
         band = self.band()
         lines.append("  collapse band: " + ("none" if band is None else f"H{band[0]}-H{band[1]}"))
         return "\n".join(lines)
+
+
+METRIC_VARIANTS = ("exclude_first_query", "normalize_entropy")
+
+
+def metric_differences(a: HeadReport, b: HeadReport, labels=("before", "after")) -> list[str]:
+    """The metric variants (``exclude_first_query``, ``normalize_entropy``) recorded in both reports that differ."""
+    ma, mb = a.metadata.get("metric") or {}, b.metadata.get("metric") or {}
+    return [f"{key} is {bool(ma[key])} {labels[0]} and {bool(mb[key])} {labels[1]}" for key in METRIC_VARIANTS
+            if key in ma and key in mb and bool(ma[key]) != bool(mb[key])]
+
+
+def measurement_differences(a: HeadReport, b: HeadReport, labels=("before", "after")) -> list[str]:
+    """How ``a`` and ``b`` were measured differently, one line each (empty: the same measurement as far as their
+    metadata tells), in this order:
+
+    * ``max_length``, unless both prompt-set fingerprints match (then truncation changed nothing: same token ids);
+    * the metric variants (:func:`metric_differences`);
+    * the prompt set: the ``prompt_set_fingerprint`` values when both reports have one; otherwise (reports written
+      before fingerprints) only the token counts can tell, so prompt sets with equal counts pass unnoticed.
+
+    Class thresholds are not compared here (:class:`~alibi_surgery.compare.Comparison` refuses different ones).
+    """
+    la, lb = labels
+    da, db = a.metadata, b.metadata
+    fa, fb = da.get("prompt_set_fingerprint"), db.get("prompt_set_fingerprint")
+    out = []
+    if not (fa and fa == fb) and "max_length" in da and "max_length" in db and da["max_length"] != db["max_length"]:
+        out.append(f"max_length differs: {da['max_length']} {la}, {db['max_length']} {lb}")
+    out += metric_differences(a, b, labels)
+    if fa and fb:
+        if fa != fb:
+            out.append(f"the prompt sets differ: {la} has {da.get('n_prompts', '?')} prompts, {a.n_tokens} tokens "
+                       f"(fingerprint {fa}), {lb} {db.get('n_prompts', '?')} prompts, {b.n_tokens} tokens "
+                       f"(fingerprint {fb})")
+        return out
+    ta, tb = da.get("prompt_tokens"), db.get("prompt_tokens")
+    if a.n_tokens != b.n_tokens:
+        out.append(f"the prompts differ: {a.n_tokens} tokens {la}, {b.n_tokens} tokens {lb}")
+    elif ta is not None and tb is not None and sorted(ta) != sorted(tb):
+        out.append(f"the prompts differ: the same {a.n_tokens} tokens in all, but not the same token count per "
+                   f"prompt")
+    return out
+
+
+def check_same_measurement(a: HeadReport, b: HeadReport, *, force: bool = False, labels=("A", "B")) -> None:
+    """Refuse (UsageError naming the first of :func:`measurement_differences`) to compare two reports measured
+    differently, or with ``force`` warn and go on. A report without a prompt fingerprint (written by an older
+    version) gives a warning that the prompt sets cannot be checked."""
+    unknown = [label for label, r in zip(labels, (a, b)) if not r.metadata.get("prompt_set_fingerprint")]
+    if unknown:
+        warnings.warn(f"{' and '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} no prompt fingerprint "
+                      f"(written by an older version): the prompt sets cannot be checked", stacklevel=3)
+    differences = measurement_differences(a, b, labels)
+    if differences and not force:
+        raise UsageError(f"{labels[0]} and {labels[1]} were measured differently: {differences[0]}; pass --force to "
+                         f"compare them anyway")
+    if differences:
+        warnings.warn(f"comparing anyway (--force), although {labels[0]} and {labels[1]} were measured differently: "
+                      f"{'; '.join(differences)}", stacklevel=3)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,10 @@ import torch
 from alibi_surgery.compare import Comparison, add_compare_parser, compare, parse_selection_spec, run_compare, \
     save_delta_heatmap
 from alibi_surgery.errors import UsageError
-from alibi_surgery.report import HeadReport, Thresholds
+from alibi_surgery.report import HeadReport, Thresholds, measurement_differences
+
+# hand-built reports have no prompt fingerprint: compare() warns about it (tested in test_different_measurements)
+pytestmark = pytest.mark.filterwarnings("ignore:.*no prompt fingerprint")
 
 compare_mod = importlib.import_module("alibi_surgery.compare")  # alibi_surgery.compare is the function
 
@@ -169,10 +175,56 @@ def test_threshold_and_metric_mismatch():
 def test_notes_on_different_prompts_and_dtype():
     c = Comparison(_report(BEFORE, n_tokens=100, dtype="float32"), _report(AFTER, n_tokens=90, dtype="bfloat16"))
     notes = c.notes()
-    assert any("different prompts (100 vs 90 tokens)" in n for n in notes)
+    assert "the prompts differ: 100 tokens before, 90 tokens after" in notes
     assert any("dtype differs: float32 before, bfloat16 after" in n for n in notes)
     assert "note: dtype differs" in c.format_summary()
     assert _scenario().notes() == []
+
+
+FP = {"prompt_set_fingerprint": "00aa", "n_prompts": 2, "max_length": None}
+
+
+def test_measurement_differences():
+    a = _report(BEFORE, **FP)
+    assert measurement_differences(a, _report(AFTER, **FP)) == []
+    # another max_length that truncated nothing (the same token ids, so the same fingerprint): the same measurement
+    assert measurement_differences(a, _report(AFTER, **dict(FP, max_length=512))) == []
+    other = _report(AFTER, n_tokens=90, **dict(FP, prompt_set_fingerprint="00bb", max_length=16))
+    expected = ["max_length differs: None before, 16 after",
+                "the prompt sets differ: before has 2 prompts, 100 tokens (fingerprint 00aa), after 2 prompts, "
+                "90 tokens (fingerprint 00bb)"]
+    assert measurement_differences(a, other) == expected
+    assert Comparison(a, other).notes() == expected
+    assert "note: the prompt sets differ: before has 2 prompts" in Comparison(a, other).format_summary()
+    efq = _report(AFTER, metric={"exclude_first_query": True}, **FP)
+    assert measurement_differences(_report(BEFORE, metric={"exclude_first_query": False}, **FP), efq) == \
+        ["exclude_first_query is False before and True after"]
+    # reports without fingerprints: only token counts and max_length can tell
+    old = _report(AFTER, prompt_tokens=[60, 40], max_length=None)
+    assert measurement_differences(_report(BEFORE, prompt_tokens=[40, 60], max_length=None), old) == []
+    assert measurement_differences(_report(BEFORE, prompt_tokens=[50, 50], max_length=None), old) == \
+        ["the prompts differ: the same 100 tokens in all, but not the same token count per prompt"]
+    assert measurement_differences(_report(BEFORE, max_length=8), old, ("A", "B")) == \
+        ["max_length differs: 8 A, None B"]
+
+
+def test_compare_refuses_different_measurements_unless_forced():
+    a, b = _report(BEFORE, **FP), _report(AFTER, **dict(FP, prompt_set_fingerprint="00bb"))
+    with pytest.raises(UsageError, match=r"^A and B were measured differently: the prompt sets differ: A has 2 "
+                                         r"prompts, 100 tokens \(fingerprint 00aa\), B 2 prompts, 100 tokens "
+                                         r"\(fingerprint 00bb\); pass --force to compare them anyway$"):
+        compare(a, b)
+    with pytest.warns(UserWarning) as caught:
+        c = compare(a, b, force=True)
+    assert [str(w.message) for w in caught] == [
+        "comparing anyway (--force), although A and B were measured differently: the prompt sets differ: A has 2 "
+        "prompts, 100 tokens (fingerprint 00aa), B 2 prompts, 100 tokens (fingerprint 00bb)"]
+    assert c.recovered() == {0: [2], 1: [2, 3]} and c.notes()[0].startswith("the prompt sets differ")
+    for force in (False, True):  # an older report: nothing to check the prompt set with
+        with pytest.warns(UserWarning) as caught:
+            compare(a, _report(AFTER), force=force)
+        assert [str(w.message) for w in caught] == [
+            "B has no prompt fingerprint (written by an older version): the prompt sets cannot be checked"]
 
 
 # ---- JSON, text, heatmap ---------------------------------------------------------------------------------------------
@@ -451,3 +503,59 @@ def test_model_input_checked_before_diagnosing(tiny_dir, tmp_path, monkeypatch):
         compare(tiny_dir, tiny_dir, prompts=["  "])
     with pytest.raises(UsageError, match="^B was classified with thresholds dead 0.95"):
         compare(tiny_dir, _report([[0.5] * 4, [0.5] * 4]), thresholds=Thresholds(dead=0.9))
+
+
+# ---- prompt sets: diagnoses of a real (tiny) model, the command in a subprocess ------------------------------------
+
+
+def _cli(*args, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli", "compare", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_dir, tmp_path_factory):
+    """Diagnoses of the tiny model: ``a`` on two prompts, ``b`` on the same words in reverse order (the byte
+    tokenizer gives them exactly the same token counts), ``a16`` on ``a``'s prompts cut to 16 tokens."""
+    from alibi_surgery.cli import main
+
+    root = tmp_path_factory.mktemp("measured")
+    same = ["alpha beta gamma delta epsilon", "one two three four five six seven"]
+    (root / "same.txt").write_text("\n".join(same) + "\n")
+    (root / "other.txt").write_text("\n".join(" ".join(reversed(p.split())) for p in same) + "\n")
+    for name, extra in (("a", ["same.txt"]), ("b", ["other.txt"]), ("a16", ["same.txt", "--max-length", "16"])):
+        assert main(["diagnose", str(tiny_dir), "--json", str(root / f"{name}.json"), "--backend", "torch", "--quiet",
+                     "--prompts-file", str(root / extra[0]), *extra[1:]]) == 0
+    return root
+
+
+def test_different_prompt_sets_with_equal_token_counts(measured, tmp_path):
+    a, b = (json.loads((measured / f"{n}.json").read_text())["metadata"] for n in "ab")
+    assert a["prompt_tokens"] == b["prompt_tokens"] == [30, 33]  # only the token ids tell the sets apart
+    refused = _cli(measured / "a.json", measured / "b.json", "--json", tmp_path / "c.json", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"error: A and B were measured differently: the prompt sets differ: A has 2 prompts, 63 tokens (fingerprint "
+        f"{a['prompt_set_fingerprint']}), B 2 prompts, 63 tokens (fingerprint {b['prompt_set_fingerprint']}); "
+        f"pass --force to compare them anyway"]
+    assert not (tmp_path / "c.json").exists()
+    forced = _cli(measured / "a.json", measured / "b.json", "--force", "--json", tmp_path / "c.json", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.splitlines() == [
+        f"warning: comparing anyway (--force), although A and B were measured differently: the prompt sets differ: "
+        f"A has 2 prompts, 63 tokens (fingerprint {a['prompt_set_fingerprint']}), B 2 prompts, 63 tokens "
+        f"(fingerprint {b['prompt_set_fingerprint']})"]
+    assert json.loads((tmp_path / "c.json").read_text())["notes"][0].startswith("the prompt sets differ")
+
+
+def test_max_length_and_same_prompts(measured, tiny_dir, capsys):
+    with pytest.raises(UsageError, match=r"^A and B were measured differently: max_length differs: None A, 16 B; "):
+        _run([str(measured / "a.json"), str(measured / "a16.json")])
+    # the model diagnosed here with the same prompts: the same fingerprint (max_length taken from the report)
+    for name in ("a", "a16"):
+        _run([str(measured / f"{name}.json"), str(tiny_dir), "--prompts-file", str(measured / "same.txt"),
+              "--backend", "torch", "--quiet"])
+        out, err = capsys.readouterr()
+        assert err == "" and "all         0/8    drifting  mean |delta| 0.0000" in out
