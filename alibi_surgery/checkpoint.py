@@ -11,6 +11,10 @@ the file and the tensor:
 :func:`check_finite` finds NaN or infinite weights, tensor by tensor, in bounded memory. Both are run by
 :func:`~alibi_surgery.loading.load_bloom` and by streamed diagnosis, so no command trains on, or diagnoses, a broken
 model. Pickle files are never opened here or anywhere else in the package.
+
+:func:`stored_dtype` tells the dtype a checkpoint's weights are stored in, and :func:`cast_checkpoint` rewrites a
+directory's safetensors files in another dtype (one shard in memory at a time): ``repair`` saves ``final/`` in the
+input's dtype, whatever it trained in.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["TensorEntry", "verify_checkpoint", "read_header", "check_finite", "PREFIX"]
+__all__ = ["TensorEntry", "verify_checkpoint", "read_header", "check_finite", "stored_dtype", "cast_checkpoint",
+           "PREFIX"]
 
 PREFIX = "transformer."  # BloomForCausalLM's names; a bare BloomModel save has none
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -138,3 +144,48 @@ def check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
             if not torch.isfinite(piece).all():
                 bad = int((~torch.isfinite(flat)).sum())
                 raise UsageError(f"{where}: weight {name} holds {bad} NaN/inf value(s); refusing to use this model")
+
+
+def stored_dtype(model_dir) -> torch.dtype | None:
+    """The floating dtype holding most of the weights of the checkpoint in ``model_dir`` (headers only), or None
+    when it has no floating tensors."""
+    model_dir = Path(model_dir)
+    counts: dict[str, int] = {}
+    for shard in sorted(set(_shards(model_dir).values())):
+        for entry in read_header(model_dir / shard).values():
+            if entry["dtype"] in _FLOAT_DTYPES:
+                n = 1
+                for d in entry["shape"]:
+                    n *= int(d)
+                counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + n
+    return _FLOAT_DTYPES[max(counts, key=counts.get)] if counts else None
+
+
+def cast_checkpoint(model_dir, dtype: torch.dtype) -> None:
+    """Rewrite every safetensors file in ``model_dir`` with its floating tensors in ``dtype`` (one file in memory at
+    a time; files already in ``dtype`` are left alone), and record the dtype in ``config.json`` and the index's
+    ``total_size``. For a directory being prepared (not yet moved into place): files are rewritten in place."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = Path(model_dir)
+    total = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        header = read_header(file)
+        names = {e["dtype"] for e in header.values() if e["dtype"] in _FLOAT_DTYPES}
+        if names and any(_FLOAT_DTYPES[n] != dtype for n in names):
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in load_file(file).items()}
+            save_file(tensors, file, metadata={"format": "pt"})
+            header = read_header(file)
+        total += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    name = str(dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

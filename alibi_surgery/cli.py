@@ -8,8 +8,11 @@
     alibi-surgery family DIR... [--json OUT] [--heatmap PNG] [--markdown OUT.md] [--stream]
     alibi-surgery plan-memory MODEL|SHAPE [--heads N|auto] [--seq-len T] [--batch-size B] [--budget 24GiB]
 
-Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written
-(``--debug`` shows the traceback instead).
+Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written; a
+write failure (a full disk, a file-size limit) with one line naming the path and exit status 1; Ctrl-C with status
+130. A stopped ``repair`` names its last complete checkpoint and the ``--resume`` command that continues it.
+``--debug`` (before or after the command) shows the traceback instead. Output files are written before anything is
+printed, and a closed standard output (``| head``) costs nothing but the text. Warnings are one ``warning:`` line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .console import resume_hint, setup_console
+from .errors import UsageError, WriteError
 from .options import add_model_options, add_prompt_options
 
 __all__ = ["main", "build_parser"]
@@ -97,22 +101,24 @@ def _add_repair(sub) -> None:
     g.add_argument("--budget", metavar="SIZE", help="refuse up front a plan whose predicted peak memory exceeds "
                                                     "this, e.g. 24GiB (see plan-memory)")
     t = p.add_argument_group("training")
-    t.add_argument("--seq-len", type=int, default=d.seq_len)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up (0.1)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the corpus")
     t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
-    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    t.add_argument("--init", choices=INITS, default=d.init)
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm")
+    t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of the re-initialisation and the data order")
     t.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
     t.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     t.add_argument("--stochastic-rounding", action="store_true", help="bf16 without an fp32 master copy")
     p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
     add_model_options(p, backends="auto, triton or torch")
+    p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of OUT/final (default: the input checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,15 +146,32 @@ def _cmd_repair(args) -> None:
     result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=args.from_report,
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
-                    backend=args.backend, prompts=prompts, resume=args.resume, overwrite=args.overwrite,
-                    dry_run=args.dry_run, progress=not args.quiet, budget=budget)
+                    backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,
+                    overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet, budget=budget)
     if args.dry_run:
         from .plan import Plan
 
         memory = result.pop("memory")
         print(Plan.from_dict(result).format(memory))
         return
-    print(f"wrote {result['final']} and {Path(args.out) / 'report.md'}")
+    _print_repair_result(result, Path(args.out))
+
+
+def _print_repair_result(result: dict, out: Path) -> None:
+    """What a finished repair says: its held-out perplexity before and after, and the files it wrote."""
+    from .repair_report import format_ppl
+
+    last = result["passes"][-1] if "passes" in result else result
+    best = next((c for c in last["checkpoints"] if c["checkpoint"] == last["final_checkpoint"]), None)
+    if result.get("stopped"):
+        print(f"stopped after pass {len(result['passes'])}: {result['stopped']}")
+    if result.get("eval_ppl_before") is not None:
+        print(f"held-out perplexity: {format_ppl(result['eval_ppl_before'])} before surgery -> "
+              f"{format_ppl(best and best['eval_ppl'])} after ({last['final_checkpoint'] or 'no training'})")
+    if result.get("already_complete"):
+        print(f"nothing to resume: {out} holds a finished run ({result['final']}, {out / 'report.md'})")
+    else:
+        print(f"wrote {result['final']} and {out / 'report.md'}")
 
 
 def _add_demo(sub) -> None:
@@ -169,8 +192,21 @@ def _cmd_demo(args) -> None:
     run_demo(args.out, overwrite=args.overwrite, epochs=args.epochs, progress=not args.quiet)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already gives it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="alibi-surgery", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"alibi-surgery {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_diagnose(sub)
@@ -182,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_family(sub)
     _add_plan_memory(sub)
+    for p in sub.choices.values():  # --debug after the command too; defaults in every --help
+        p.formatter_class = _HelpFormatter
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -233,20 +272,20 @@ def _diagnose_each(args, models: list[str]) -> list:
 
 def _cmd_family(args) -> None:
     from .family import family_entry, family_table, save_family_heatmap, save_family_json
-    from .io_utils import atomic_write_text, check_output_path
+    from .io_utils import atomic_write_text, check_output_paths
 
-    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
-               for k, v in (("json", args.json), ("heatmap", args.heatmap), ("markdown", args.markdown)) if v}
+    outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap, "markdown": args.markdown},
+                                 overwrite=args.overwrite)
     reports = _diagnose_each(args, args.models)
     entries = [family_entry(m, r) for m, r in zip(args.models, reports)]
     table = family_table(entries)
-    print(table)
-    if "json" in outputs:
+    if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         save_family_json(entries, outputs["json"])
     if "heatmap" in outputs:
         save_family_heatmap(entries, outputs["heatmap"])
     if "markdown" in outputs:
         atomic_write_text(outputs["markdown"], table + "\n")
+    print(table)
     for path in outputs.values():
         print(f"wrote {path}")
 
@@ -254,28 +293,28 @@ def _cmd_family(args) -> None:
 def _cmd_plan_memory(args) -> None:
     import json
 
-    from .io_utils import atomic_write_text, check_output_path
+    from .io_utils import atomic_write_text, check_output_paths
     from .memory_plan import format_plan, parse_bytes, plan_memory
 
-    out = check_output_path(args.json, overwrite=args.overwrite, what="--json") if args.json else None
+    out = check_output_paths({"json": args.json}, overwrite=args.overwrite).get("json")
     budget = parse_bytes(args.budget) if args.budget else None
     prediction = plan_memory(args.model, heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
                              dtype=args.dtype, budget=budget, n_prompts=args.prompts,
                              stochastic_rounding=args.stochastic_rounding, device=args.device)
-    print(format_plan(prediction))
     if out:
         atomic_write_text(out, json.dumps(prediction, indent=2) + "\n")
+    print(format_plan(prediction))
+    if out:
         print(f"wrote {out}")
 
 
 def _cmd_diagnose(args) -> None:
-    from .io_utils import check_output_path
+    from .io_utils import check_output_paths
 
-    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
-               for k, v in (("json", args.json), ("csv", args.csv), ("heatmap", args.heatmap)) if v}
+    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap},
+                                 overwrite=args.overwrite)
     report = _diagnose_each(args, [args.model])[0]
-    print(report.format_summary())
-    if "json" in outputs:
+    if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"])
     if "csv" in outputs:
         report.to_csv(outputs["csv"])
@@ -283,21 +322,39 @@ def _cmd_diagnose(args) -> None:
         from .heatmap import save_heatmap
 
         save_heatmap(report, outputs["heatmap"])
+    print(report.format_summary())
     for path in outputs.values():
         print(f"wrote {path}")
 
 
 def _cmd_random_model(args) -> None:
+    from .lock import DirLock
     from .random_model import write_random_bloom
 
-    if args.exist_ok and (Path(args.out) / "config.json").is_file():
+    out = Path(args.out)
+    if args.exist_ok and (out / "config.json").is_file():
         from .loading import resolve_model_dir
 
         resolve_model_dir(args.out)  # it must really be a BLOOM safetensors directory
         print(f"keeping the model already in {args.out}")
         return
-    out = write_random_bloom(args.out, args.shape, n_layer=args.layers, vocab_size=args.vocab, seed=args.seed)
+    _check_new_dir(out)
+    with DirLock(out, what="random-model"):
+        write_random_bloom(out, args.shape, n_layer=args.layers, vocab_size=args.vocab, seed=args.seed)
     print(f"wrote a random {args.shape} BLOOM to {out}")
+
+
+def _check_new_dir(out: Path) -> None:
+    """A directory about to be created or filled: not a file, not under a file, and writable."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise UsageError(f"{out} is not writable: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{out} is not writable: no write permission on {parent}")
 
 
 def _quiet_transformers() -> None:
@@ -309,6 +366,8 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_console()
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_transformers()
@@ -318,13 +377,15 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": run_compare, "demo": _cmd_demo, "family": _cmd_family, "plan-memory": _cmd_plan_memory}
     try:
         commands[args.command](args)
-    except UsageError as exc:
+    except (UsageError, WriteError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: {exc}{resume_hint(exc, argv)}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"error: interrupted{resume_hint(exc, argv)}", file=sys.stderr)
         return 130
     return 0
 

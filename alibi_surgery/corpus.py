@@ -3,8 +3,9 @@
 ``load_corpus(specs, tokenizer, seq_len)`` reads every ``.txt``/``.md``/... text file named (directories are walked,
 globs expanded, hidden files skipped), tokenises each file as the tokenizer frames a text (BLOOM's adds nothing; one
 that prefixes ``<s>`` gets it at the start of every file), joins them with the tokenizer's EOS token, and cuts the
-stream into ``[n_chunks, seq_len]`` int64 rows (the tail shorter than ``seq_len`` is dropped). Files are read as
-UTF-8; one that is not is a one-line error naming it. A ``.jsonl`` file is one document per line
+stream into ``[n_chunks, seq_len]`` int64 rows (the tail shorter than ``seq_len`` is dropped). Files are read by
+:func:`~alibi_surgery.io_utils.read_text` (UTF-8, a byte-order mark dropped; anything else a one-line error with
+the byte offset). A ``.jsonl`` file is one document per line
 (``{"text": ...}``). Order is sorted by path, so a corpus packs identically on
 every run.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .io_utils import read_lines, read_text
 
 __all__ = ["corpus_files", "load_corpus", "pack_text", "read_documents"]
 
@@ -49,14 +51,10 @@ def read_documents(path, *, what: str = "corpus file") -> list[str]:
     """The documents of one file: a ``.jsonl`` file holds one ``{"text": ...}`` object per line, any other file is
     one document."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{what} is not UTF-8 text: {path}") from None
     if path.suffix.lower() != ".jsonl":
-        return [text]
+        return [read_text(path, what=what)]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(read_lines(path, what=what), 1):
         if not line.strip():
             continue
         try:

@@ -132,21 +132,26 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
              progress: bool = True, log=print) -> dict:
     """Diagnose, plan, repair, re-diagnose and compare the demo model; everything goes to ``out``. Returns the
     summary dict (also ``OUT/summary.json``)."""
-    import shutil
-
-    from .compare import compare, save_delta_heatmap
-    from .corpus import pack_text, read_documents
-    from .diagnose import diagnose
-    from .heatmap import save_heatmap
-    from .prompts import DEFAULT_PROMPTS
-    from .repair import RepairSettings, check_out_dir, perplexity, repair_pass
+    from .lock import DirLock
+    from .repair import check_out_dir, clear_dir
 
     t0 = time.perf_counter()
     src = model_dir()
     out = check_out_dir(out, src, resume=False, overwrite=overwrite)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out):
+        if overwrite:
+            clear_dir(out)
+        return _run_demo(out, src, epochs, seed, progress, log, t0)
+
+
+def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
+    from .compare import compare, save_delta_heatmap
+    from .diagnose import diagnose
+    from .heatmap import save_heatmap
+    from .io_utils import atomic_write_text
+    from .prompts import DEFAULT_PROMPTS
+    from .repair import RepairSettings, repair_pass
+
     r = recipe()
     max_length = r["diag_max_length"]
     model, tokenizer = load_model()
@@ -160,14 +165,13 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
     log(before.format_summary())
 
     train, held_out = write_corpus(out / "corpus", seed=seed + 1)
-    eval_chunks = pack_text(read_documents(held_out), tokenizer, r["seq_len"], what="held-out text")
-    ppl_before = perplexity(model, eval_chunks, DEMO_SETTINGS["batch_size"])
     del model
     settings = RepairSettings(seq_len=r["seq_len"], diag_max_length=max_length, seed=seed,
                               **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
     report = repair_pass(src, out / "surgery", corpus=[train], eval_text=held_out, report=before,
                          settings=settings, progress=progress)
     final = out / "surgery" / "final"
+    ppl_before = report["eval_ppl_before"]
     cmp = compare(before, final, targets=report["plan"]["selection"], max_length=max_length)
     cmp.after.metadata["model"] = "demo model after surgery"
     cmp.to_json(out / "comparison.json")
@@ -186,7 +190,7 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
         "train_ppl_final": best["train_ppl"], "steps": last["step"], "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log(cmp.format_summary())
     log(f"targeted {n_targets} collapsed heads; recovered {recovered}/{n_targets} "
         f"({100 * recovered / max(1, n_targets):.0f}%), still sick {summary['still_sick']}, "

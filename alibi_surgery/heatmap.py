@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from .io_utils import atomic_write_bytes
+from .io_utils import atomic_write_bytes, figure_format
 from .report import HeadReport
 
 __all__ = ["plot_heatmap", "save_heatmap"]
@@ -48,15 +48,16 @@ def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:
-    """Write a matplotlib figure as a PNG at ``path`` (atomically) and close it."""
+    """Write a matplotlib figure at ``path`` (atomically) in the format its suffix names (PNG, PDF, SVG, JPEG...;
+    no suffix: PNG), and close it."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format=figure_format(path), dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def save_heatmap(report: HeadReport, path) -> None:
-    """Render the heatmap to a PNG at ``path`` (written atomically)."""
+    """Render the heatmap to ``path`` (written atomically; the format from the suffix, see :func:`save_figure`)."""
     save_figure(plot_heatmap(report).figure, path)

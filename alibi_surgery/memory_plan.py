@@ -26,11 +26,11 @@ import torch
 
 from .errors import UsageError
 from .loading import parse_dtype
-from .plan import Plan, predict_memory
+from .plan import Plan, format_bytes, predict_memory
 from .random_model import SHAPES, bloom_config
 from .stream import block_bytes, model_bytes
 
-__all__ = ["parse_bytes", "load_config", "heads_for", "spread_plan", "diagnosis_memory", "plan_memory",
+__all__ = ["parse_bytes", "format_bytes", "load_config", "heads_for", "spread_plan", "diagnosis_memory", "plan_memory",
            "format_plan"]
 
 GIB = 2**30
@@ -47,14 +47,6 @@ def parse_bytes(text: str) -> int:
         raise UsageError(f"cannot read {text!r} as a memory size: use e.g. 24GiB, 16GB or 512MiB")
     power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * (1024 if m.group(3) or not m.group(2) else 1000) ** power)
-
-
-def format_bytes(n: float) -> str:
-    """``19.40 GiB``, ``312.5 MiB`` or ``48.0 KiB``: binary units, the largest that keeps the number >= 1."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def load_config(model: str):

@@ -50,8 +50,8 @@ from .io_utils import atomic_write_text
 from .loss import default_chunk_tokens
 from .report import HeadReport
 
-__all__ = ["Plan", "make_plan", "parse_heads", "parse_range", "format_heads", "predict_memory", "format_memory",
-           "bloom_n_params", "SOURCES"]
+__all__ = ["Plan", "NothingToRepair", "make_plan", "parse_heads", "parse_range", "format_heads", "predict_memory",
+           "format_memory", "format_bytes", "bloom_n_params", "SOURCES"]
 
 SOURCES = ("auto", "report", "list", "band")
 GIB = 2**30
@@ -197,6 +197,10 @@ def _head_name(pair) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the plan
+
+class NothingToRepair(UsageError):
+    """The plan selects no head (no collapsed head, or every one frozen): :func:`make_plan` without ``allow_empty``."""
+
 
 @dataclasses.dataclass
 class Plan:
@@ -452,7 +456,7 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
     if not selection and not allow_empty:
         if targets and not (targets - frozen):
             empty_why = "--freeze removes every selected head"
-        raise UsageError(f"nothing to repair: {empty_why}")
+        raise NothingToRepair(f"nothing to repair: {empty_why}")
     plan = Plan(selection=_sel(selection), zone=_sel(zone), frozen=_sel(frozen), included=_sel(included),
                 source=source or mode, n_layer=n_layer, n_head=n_head, head_dim=head_dim, hidden=hidden)
     return plan.validate()
@@ -531,13 +535,21 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
 
 
 def format_memory(mem: dict) -> str:
-    """Text lines for a :func:`predict_memory` result (GiB)."""
+    """Text lines for a :func:`predict_memory` result (binary units, see :func:`format_bytes`)."""
     def g(key):
-        return f"{mem[key] / GIB:.2f}"
+        return format_bytes(mem[key])
 
     opt = f"AdamW m+v {g('moments')}" + (f" + fp32 master {g('master')}" if mem["master"] else
                                           " (stochastic rounding, no master)" if mem["stochastic_rounding"] else "")
-    return (f"  predicted peak memory: {g('total')} GiB ({mem['dtype']}, batch {mem['batch']} x {mem['seq_len']} "
+    return (f"  predicted peak memory: {g('total')} ({mem['dtype']}, batch {mem['batch']} x {mem['seq_len']} "
             f"tokens, gradient checkpointing)\n"
             f"    = weights {g('weights')} + slice grads {g('grads')} + {opt}\n"
             f"      + activations {g('activations')} + loss chunk {g('loss_chunk')} ({mem['chunk_tokens']} tokens)")
+
+
+def format_bytes(n: float) -> str:
+    """``19.40 GiB``, ``312.5 MiB`` or ``48.0 KiB``: binary units, the largest that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

@@ -70,20 +70,18 @@ DEFAULT_PROMPTS = (
 
 
 def read_prompts(prompts=None, prompts_file=None) -> list[str] | None:
-    """``prompts`` (strings) plus the non-empty lines of ``prompts_file``; None when both are empty. Empty prompts
-    and a missing or empty file are one-line errors."""
-    from pathlib import Path
-
+    """``prompts`` (strings) plus the non-blank lines of ``prompts_file``; None when both are empty. The file is
+    UTF-8 (a byte-order mark is dropped, so it never reaches the first prompt) and splits on ``\\n`` and ``\\r\\n``
+    only: a form feed or U+2028 inside a line stays in that prompt. Empty prompts, a missing, unreadable, non-UTF-8
+    or empty file, and a directory are one-line errors."""
     from .errors import UsageError
+    from .io_utils import read_lines
 
     out = list(prompts or [])
     if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise UsageError(f"prompts file does not exist: {path}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in read_lines(prompts_file, what="prompts file") if line.strip()]
         if not lines:
-            raise UsageError(f"prompts file is empty: {path}")
+            raise UsageError(f"prompts file is empty: {prompts_file}")
         out += lines
     for i, text in enumerate(out):
         if not text.strip():

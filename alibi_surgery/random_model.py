@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .io_utils import filling, writing
 
 __all__ = ["SHAPES", "bloom_config", "byte_tokenizer", "write_random_bloom", "write_sharded_random_bloom"]
 
@@ -68,15 +69,25 @@ def write_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | None = No
     """Write a random-weight BLOOM model directory and return its path. Refuses a non-empty directory."""
     from transformers import BloomForCausalLM
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"output directory is not empty: {out}")
+    out = _check_empty(out_dir)
     config = bloom_config(shape, n_layer=n_layer, vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = BloomForCausalLM(config).to(dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    byte_tokenizer().save_pretrained(out)
+    with writing(out, "directory"):
+        out.mkdir(parents=True, exist_ok=True)
+    with filling(out):
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def _check_empty(out_dir) -> Path:
+    """A directory to write a model into: new, or empty but for this run's lock."""
+    from .lock import LOCK_NAME
+
+    out = Path(out_dir)
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise UsageError(f"output directory is not empty: {out}")
     return out
 
 
@@ -121,12 +132,11 @@ def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | N
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"output directory is not empty: {out}")
+    out = _check_empty(out_dir)
     config = bloom_config(shape, n_layer=n_layer, vocab_size=vocab_size)
     config.dtype = str(dtype).replace("torch.", "")
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "directory"):
+        out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     elem = torch.finfo(dtype).bits // 8
     shards: list[list[str]] = [[]]

@@ -33,23 +33,25 @@ from pathlib import Path
 
 import torch
 
-from .compare import Comparison, save_delta_heatmap
+from .compare import Comparison
 from .corpus import load_corpus, pack_text, read_documents
 from .diagnose import diagnose
-from .errors import UsageError
-from .heatmap import save_heatmap
-from .io_utils import atomic_write_text
-from .loading import load_bloom, resolve_model_dir
+from .errors import UsageError, WriteError, mark_resumable
+from .io_utils import atomic_write_text, read_text, replace_dir, writing
+from .checkpoint import cast_checkpoint, stored_dtype
+from .loading import load_bloom, parse_dtype, resolve_model_dir
+from .lock import LOCK_NAME, DirLock, lock_holder
 from .loss import causal_lm_labels, chunked_lm_loss
 from .optim import HeadSlicedAdamW
 from .patch import patch_bloom
-from .plan import Plan, make_plan, predict_memory
+from .plan import NothingToRepair, Plan, make_plan, predict_memory
+from .repair_report import write_markdown, write_passes_markdown, write_plots
 from .prompts import DEFAULT_PROMPTS
 from .report import HeadReport
 from .slices import HeadSlices
 from .surgery import reinit_heads
 
-__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "check_budget", "lr_at",
+__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget", "lr_at",
            "enable_checkpointing"]
 
 CKPT_PREFIX = "step-"
@@ -110,7 +112,11 @@ def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Pat
         raise UsageError(f"--out {out} is the input model directory or inside it: the input is never written to")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+    holder = lock_holder(out)
+    if holder is not None:
+        raise UsageError(f"--out {out} is in use by another run ({holder}); wait for it to finish or choose another "
+                         f"directory")
+    if out.exists() and _contents(out) and not (resume or overwrite):
         raise UsageError(f"--out {out} is not empty: pass --resume to continue or --overwrite to start again")
     parent = out if out.exists() else next(p for p in out.parents if p.exists())
     if not parent.is_dir():
@@ -118,6 +124,18 @@ def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Pat
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out} is not writable: no write permission on {parent}")
     return out
+
+
+def _contents(directory: Path) -> list[Path]:
+    """What ``directory`` holds, less the lock file."""
+    return [p for p in directory.iterdir() if p.name != LOCK_NAME]
+
+
+def clear_dir(directory: Path) -> None:
+    """Empty ``directory`` for a fresh start (--overwrite), keeping the lock this run holds on it."""
+    with writing(directory, "directory"):
+        for p in _contents(directory):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
@@ -155,6 +173,7 @@ class _Run:
         self.steps_per_epoch = math.ceil(n_micro / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.history: list[dict] = []
+        self.latest: tuple[HeadReport, Comparison] | None = None
 
     # -- data ---------------------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -176,39 +195,52 @@ class _Run:
         name = f"{CKPT_PREFIX}{position['step']:08d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        _test_pause("save", position["step"])
-        state = opt.state_dict()
-        tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master") if state[k] is not None}
-        save_file(tensors, str(tmp / OPT_FILE))
-        meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
-                                                    k not in ("exp_avg", "exp_avg_sq", "master")},
-                "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
-                "settings": dataclasses.asdict(self.s), "model": _config_key(self.model.config),
-                "history": self.history}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # written last: marks it complete
-        replace_dir(tmp, final)
+        try:
+            with writing(final, "checkpoint"):
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                _test_pause("save", position["step"])
+                state = opt.state_dict()
+                tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")
+                           if state[k] is not None}
+                save_file(tensors, str(tmp / OPT_FILE))
+                meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
+                                                            k not in ("exp_avg", "exp_avg_sq", "master")},
+                        "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
+                        "settings": dataclasses.asdict(self.s), "model": _config_key(self.model.config),
+                        "history": self.history}
+                atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
+                replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing partial is left (a kill -9 can leave it: never read)
+            raise
         return final
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, step: int, epoch: float, train_ppl: float | None, ckpt: Path | None) -> dict:
+    def rediagnose(self) -> tuple[HeadReport, Comparison]:
+        """Diagnose the model as it is now and compare it with the baseline (kept as ``latest`` for the plots)."""
+        was_training = self.model.training
         self.model.eval()
         report = diagnose(self.model, self.tokenizer, self.prompts, backend=self.backend,
                           max_length=self.s.diag_max_length, thresholds=self.baseline.thresholds)
+        self.model.train(was_training)
+        self.latest = (report, Comparison(self.baseline, report, targets=self.plan.selection, zone=self.plan.zone))
+        return self.latest
+
+    def evaluate(self, step: int, epoch: float, train_ppl: float | None, ckpt: Path | None) -> dict:
+        report, cmp = self.rediagnose()
+        self.model.eval()
         eval_ppl = perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
             else None
         self.model.train()
-        cmp = Comparison(self.baseline, report, targets=self.plan.selection, zone=self.plan.zone)
         entry = {"step": step, "epoch": round(epoch, 4), "checkpoint": None if ckpt is None else ckpt.name,
                  "train_ppl": train_ppl, "eval_ppl": eval_ppl, "comparison": cmp.to_dict(),
                  "recovered": len(_flat(cmp.recovered())), "still_sick": len(_flat(cmp.still_sick())),
                  "iatrogenic": len(_flat(cmp.iatrogenic()))}
         self.history.append(entry)
-        self.latest = (report, cmp)
         return entry
 
 
@@ -218,38 +250,6 @@ def _flat(selection) -> list:
     return list(selection)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory ``tmp`` to ``final`` so that a kill at any instant leaves either the old
-    ``final`` or the new one, never a mixture: files are synced to disk, then renamed; an existing ``final`` is first
-    renamed aside and deleted only after the new one is in place."""
-    _fsync_tree(tmp)
-    old = final.with_name(f".old-{final.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 PAUSE_ENV = "ALIBI_SURGERY_TEST_PAUSE"  # crash tests only: see _test_pause
 
 
@@ -257,12 +257,13 @@ def _test_pause(point: str, step: int) -> None:
     """Crash-test hook, inert unless ``ALIBI_SURGERY_TEST_PAUSE`` is ``train:STEP`` (inside step STEP, after its first
     backward) or ``save:STEP`` (half-way through writing checkpoint STEP: weights written, optimizer state and the
     completion marker not). There the process writes its pid to ``$ALIBI_SURGERY_TEST_PAUSE_FILE`` and sleeps
-    until the test kills it."""
+    until the test kills it, or deletes that file (then the run goes on)."""
     if os.environ.get(PAUSE_ENV) != f"{point}:{step}":
         return
-    Path(os.environ[f"{PAUSE_ENV}_FILE"]).write_text(str(os.getpid()))
-    while True:
-        time.sleep(3600)
+    flag = Path(os.environ[f"{PAUSE_ENV}_FILE"])
+    flag.write_text(str(os.getpid()))
+    while flag.exists():
+        time.sleep(0.05)
 
 
 def _newest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -309,7 +310,7 @@ def _train(run: _Run, resume_from: Path | None, stop_after_steps: int | None = N
                     loss = chunked_lm_loss(hidden, model.lm_head.weight, causal_lm_labels(ids))
                     if not torch.isfinite(loss):
                         last = _newest_checkpoint(run.ckpt_dir)
-                        raise UsageError(f"the loss is {float(loss)} at step {position['step'] + 1}: stopped; "
+                        raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: stopped; "
                                          f"the last good checkpoint is {last or 'none (nothing was saved yet)'}")
                     (loss / len(batches)).backward()
                     _test_pause("train", position["step"] + 1)
@@ -399,33 +400,65 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
 
     With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
-    targets the heads still collapsed; ``OUT/final`` is the last pass's final model."""
+    targets the heads still collapsed (``include`` applies to pass 1 only); when a later pass finds nothing left to
+    repair the run stops there. ``OUT/final`` is the last pass's final model; ``OUT/report.json`` and
+    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run (:class:`~alibi_surgery.lock.DirLock`).
+    Resuming a finished run does nothing and returns its report, with ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"--passes must be >= 1, got {passes}")
     model_path = resolve_model_dir(str(model_dir))
     if dry_run or passes == 1:
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
-    if overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    source, reports = model_path, []
+    with DirLock(out):
+        done = _completed(out) if resume else None
+        if done is not None:
+            return done
+        try:
+            return _run_passes(model_path, out, passes, resume, overwrite, options)
+        except (KeyboardInterrupt, WriteError) as exc:
+            if not hasattr(exc, "last_checkpoint"):
+                mark_resumable(exc, None)
+            raise
+
+
+def _completed(out: Path) -> dict | None:
+    """The report of a finished run in ``out`` (report.json and final/ both there), marked ``already_complete``."""
+    if (out / "report.json").is_file() and (out / "final").is_dir():
+        return dict(json.loads(read_text(out / "report.json", what="report")), already_complete=True)
+    return None
+
+
+def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite: bool, options: dict) -> dict:
+    if overwrite and not resume:
+        clear_dir(out)
+    source, reports, stopped = model_path, [], None
     for k in range(1, passes + 1):
         pass_out = out / f"pass-{k}"
-        done = (pass_out / "report.json").is_file()
-        if not done:
-            opts = dict(options, report=options.get("report") if k == 1 else None)
-            reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(), **opts))
+        if (pass_out / "report.json").is_file():
+            reports.append(json.loads(read_text(pass_out / "report.json", what="report")))
         else:
-            reports.append(json.loads((pass_out / "report.json").read_text()))
+            first = {"report": options.get("report"), "include": options.get("include")} if k == 1 else \
+                {"report": None, "include": None}
+            try:
+                reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(),
+                                           **dict(options, **first)))
+            except NothingToRepair as exc:
+                if k == 1:
+                    raise
+                stopped = f"pass {k} found nothing left to repair: {exc}"
+                break
         source = pass_out / "final"
     final, tmp = out / "final", out / ".tmp-final"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(source, tmp)
+    with writing(final, "final model"):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp)
     replace_dir(tmp, final)
-    summary = {"input": str(model_path), "final": str(final), "passes": reports}
+    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
+               "eval_ppl_before": reports[0].get("eval_ppl_before"), "passes": reports}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
+    write_passes_markdown(out, summary)
     return summary
 
 
@@ -433,152 +466,151 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                 heads: str | None = "auto", band: str | None = None, layers: str | None = None,
                 freeze: str | None = None, include: str | None = None, settings: RepairSettings | None = None,
                 device: str | None = None, dtype: str | None = None, backend: str = "auto", prompts=None,
-                resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
-                allow_empty: bool = False, budget: int | None = None, _stop_after_steps: int | None = None) -> dict:
+                save_dtype: str | None = None, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+                progress: bool = False, allow_empty: bool = False, budget: int | None = None,
+                _stop_after_steps: int | None = None) -> dict:
     """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
-    predicted peak (:func:`~alibi_surgery.plan.predict_memory`) exceeds it is refused before anything is written."""
+    predicted peak (:func:`~alibi_surgery.plan.predict_memory`) exceeds it is refused before anything is written.
+    ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the pass
+    runs; a write failure or an interrupt carries ``last_checkpoint`` (see :func:`~alibi_surgery.errors.mark_resumable`).
+    """
     settings = settings or RepairSettings()
     settings.check()
     model_path = resolve_model_dir(str(model_dir))
-    out = Path(out) if dry_run else check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    # Resuming before the first checkpoint was written simply starts again: the input is unchanged.
-    resume_from = _newest_checkpoint(out / "checkpoints") if resume else None
-    if resume_from is not None:  # the checkpoint holds the model: read only the input's config to check it
-        from transformers import BloomConfig
+    final_dtype = parse_dtype(save_dtype, torch.device("cpu")) if save_dtype else stored_dtype(model_path)
+    if dry_run:
+        return _plan_pass(model_path, Path(out), report, heads, band, layers, freeze, include, settings, device,
+                          dtype, backend, prompts, progress, allow_empty, budget)
+    out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
+    with DirLock(out):
+        done = _completed(out) if resume else None
+        if done is not None:
+            return done
+        run, resume_from = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include,
+                                    settings, device, dtype, backend, prompts, resume, overwrite, progress,
+                                    allow_empty, budget)
+        try:
+            if run.total_steps == 0 or not run.plan.selection:
+                run.best = {"checkpoint": None}
+            else:
+                _train(run, resume_from, _stop_after_steps)
+            return _finish(run, final_dtype)
+        except (KeyboardInterrupt, WriteError) as exc:
+            mark_resumable(exc, _newest_checkpoint(run.ckpt_dir))
+            raise
 
-        meta = json.loads((resume_from / STATE_FILE).read_text())
-        expected = _config_key(BloomConfig.from_pretrained(model_path, local_files_only=True))
-        if meta["model"] != expected:
-            raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
-                             f"({meta['model']} vs {expected})")
-        if meta["settings"] != dataclasses.asdict(settings):
-            raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
+
+def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata."""
+    resume_from = _newest_checkpoint(out / "checkpoints")
+    if resume_from is None:
+        return None, None
+    from transformers import BloomConfig  # the checkpoint holds the model: read only the input's config
+
+    meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
+    expected = _config_key(BloomConfig.from_pretrained(model_path, local_files_only=True))
+    if meta["model"] != expected:
+        raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
+                         f"({meta['model']} vs {expected})")
+    if meta["settings"] != dataclasses.asdict(settings):
+        raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
+    return resume_from, meta
+
+
+def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend, prompts, progress,
+               allow_empty, budget):
+    """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
+    cfg = model.config
+    if isinstance(report, (str, Path)):
+        report = HeadReport.from_json(report)
+    baseline = report if report is not None else diagnose(
+        model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
+    plan = make_plan(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.hidden_size // cfg.n_head,
+                     hidden=cfg.hidden_size, report=baseline, heads=heads, band=band, layers=layers,
+                     freeze=freeze, include=include, allow_empty=allow_empty)
+    memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                            seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
+                            n_params_total=sum(p.numel() for p in model.parameters()),
+                            stochastic_rounding=settings.stochastic_rounding)
+    check_budget(memory, budget, model.device)
+    return baseline, plan, memory
+
+
+def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, settings, device, dtype, backend,
+               prompts, progress, allow_empty, budget) -> dict:
+    """``--dry-run``: the plan and its predicted memory; nothing is written."""
+    model, tokenizer = load_bloom(str(model_path), dtype=dtype, device=device)
+    patch_bloom(model, backend)
+    _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
+                                 list(prompts or DEFAULT_PROMPTS), progress, allow_empty, budget)
+    return dict(plan.to_dict(), memory=memory)
+
+
+def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings, device,
+             dtype, backend, prompts, resume, overwrite, progress, allow_empty, budget):
+    """Everything before training: inputs checked, model loaded, plan made (or read back on resume), OUT's first
+    files written, the selected heads re-initialised. Returns the :class:`_Run` and the checkpoint to resume from."""
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    resume_from, meta = _check_resume(model_path, out, settings) if resume else (None, None)
     model, tokenizer = load_bloom(str(resume_from or model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
-    cfg = model.config
-    if not dry_run:  # the cheap input checks come before the diagnosis
-        if corpus is None:
-            raise UsageError("--corpus is required (files, directories or globs of training text)")
-        chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
-        eval_chunks = None
-        if eval_text is not None:
-            path = Path(eval_text)
-            if not path.is_file():
-                raise UsageError(f"--eval-text does not exist: {path}")
-            eval_chunks = pack_text(read_documents(path, what="--eval-text"), tokenizer, settings.seq_len,
-                                    what="--eval-text")
-
+    if corpus is None:  # the cheap input checks come before the diagnosis
+        raise UsageError("--corpus is required (files, directories or globs of training text)")
+    chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
+    eval_chunks = None
+    if eval_text is not None:
+        eval_chunks = pack_text(read_documents(eval_text, what="--eval-text"), tokenizer, settings.seq_len,
+                                what="--eval-text")
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
         baseline = HeadReport.from_json(out / "baseline.json")
     else:
-        if isinstance(report, (str, Path)):
-            report = HeadReport.from_json(report)
-        baseline = report if report is not None else diagnose(
-            model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
-        plan = make_plan(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.hidden_size // cfg.n_head,
-                         hidden=cfg.hidden_size, report=baseline, heads=heads, band=band, layers=layers,
-                         freeze=freeze, include=include, allow_empty=allow_empty)
-        memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                                seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
-                                n_params_total=sum(p.numel() for p in model.parameters()),
-                                stochastic_rounding=settings.stochastic_rounding)
-        check_budget(memory, budget, model.device)
-        if dry_run:
-            return dict(plan.to_dict(), memory=memory)
-        if (overwrite or resume) and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
+                                       backend, prompts, progress, allow_empty, budget)
+        ppl_before = perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
+        if overwrite or resume:
+            clear_dir(out)
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+             "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
         if plan.selection:
             reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
-
     run = _Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
                model_path)
-    if run.total_steps == 0 or not plan.selection:
-        run.best = {"checkpoint": None}
-    else:
-        _train(run, resume_from, _stop_after_steps)
-    return _finish(run)
+    return run, resume_from
 
 
-def _finish(run: _Run) -> dict:
-    """Write OUT/final (best checkpoint, else the last, else the re-initialised model), the report and plots."""
+def _finish(run: _Run, final_dtype: torch.dtype | None) -> dict:
+    """Write OUT/final (best checkpoint, else the last, else the re-initialised model; in ``final_dtype``), the
+    report and plots."""
     out = run.out
     final = out / "final"
     tmp = out / ".tmp-final"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    best = run.best.get("checkpoint") or (_newest_checkpoint(run.ckpt_dir).name
-                                          if _newest_checkpoint(run.ckpt_dir) else None)
-    if best is not None:
-        shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
-    else:
-        run.model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
+    newest = _newest_checkpoint(run.ckpt_dir)
+    best = run.best.get("checkpoint") or (newest.name if newest else None)
+    with writing(final, "final model"):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if best is not None:
+            shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
+        else:
+            run.model.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+        if final_dtype is not None:
+            cast_checkpoint(tmp, final_dtype)
     replace_dir(tmp, final)
     if not run.history:
         run.evaluate(0, 0.0, None, None)
+    if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
+        run.rediagnose()
+    started = json.loads(read_text(out / "run.json", what="run record"))
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
-              "plan": run.plan.to_dict(), "checkpoints": run.history}
+              "final_dtype": str(final_dtype or next(run.model.parameters()).dtype).replace("torch.", ""),
+              "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
+              "checkpoints": run.history}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    _write_markdown(run, report)
-    _write_plots(run)
+    write_markdown(run, report)
+    write_plots(run)
     return report
-
-
-def _write_markdown(run: _Run, report: dict) -> None:
-    lines = ["# Surgery report", "", f"- input: `{report['input']}`", f"- final model: `{report['final']}` "
-             f"(from {report['final_checkpoint'] or 'the re-initialised model, no training'})",
-             f"- targeted heads: {run.plan.n_heads}", "",
-             "| step | epoch | train ppl | held-out ppl | recovered | still sick | iatrogenic | "
-             "in-band drift (count/n, mean abs Δ) | outside drift |", "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-    for e in report["checkpoints"]:
-        drift = e["comparison"]["summary"]["drift"]
-        zone = lambda z: "-" if not drift[z]["n"] else f"{drift[z]['count']}/{drift[z]['n']}, {drift[z]['mean_abs']:.3f}"  # noqa: E731
-        lines.append(f"| {e['step']} | {e['epoch']} | {fmt(e['train_ppl'])} | {fmt(e['eval_ppl'])} | "
-                     f"{e['recovered']} | {e['still_sick']} | {e['iatrogenic']} | {zone('in-band')} | "
-                     f"{zone('outside')} |")
-    if report["checkpoints"]:
-        last = report["checkpoints"][-1]["comparison"]["summary"]["drift"]
-        worst = [f"{z}: L{w['layer']}H{w['head']} {w['delta']:+.3f}" for z in ("target", "in-band", "outside")
-                 if (w := last[z]["worst"]) is not None]
-        lines += ["", "Largest change of first-token mass at the last checkpoint, per zone: " + "; ".join(worst) + "."]
-    lines += ["", "Drift counts heads whose first-token mass moved by more than 0.05 from the baseline diagnosis.",
-              "Plots: `before.png`, `after.png`, `delta.png`, `trajectory.png`.", ""]
-    atomic_write_text(run.out / "report.md", "\n".join(lines))
-
-
-def _write_plots(run: _Run) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report, cmp = run.latest
-    save_heatmap(run.baseline, run.out / "before.png")
-    save_heatmap(report, run.out / "after.png")
-    save_delta_heatmap(cmp, run.out / "delta.png")
-    steps = [e["step"] for e in run.history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("train_ppl", "train ppl"), ("eval_ppl", "held-out ppl")):
-        ys = [e[key] for e in run.history]
-        if any(y is not None for y in ys):
-            ax.plot(steps, [float("nan") if y is None else y for y in ys], marker="o", label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("perplexity")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [e["recovered"] for e in run.history], color="tab:green", marker="s", label="recovered")
-    ax2.set_ylabel("recovered heads")
-    ax2.set_ylim(0, max(1, run.plan.n_heads) + 0.5)  # out of all targets, whole heads
-    ax2.yaxis.get_major_locator().set_params(integer=True)
-    fig.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run.out / "trajectory.png", dpi=110)
-    plt.close(fig)

@@ -1,0 +1,85 @@
+"""The terminal side of the command line: streams that survive a closed pipe, one-line warnings, resume hints.
+
+:func:`setup_console` (called first by the CLI's ``main``):
+
+* wraps stdout and stderr so that a reader that goes away (``alibi-surgery diagnose ... | head -c 1``, with or
+  without ``PYTHONUNBUFFERED``) costs only the text: after a broken pipe further output goes to /dev/null and the
+  work, and every file it writes, goes on;
+* ignores ``SIGXFSZ``, so a file-size limit (``ulimit -f``) makes a write fail with ``EFBIG`` (reported as a
+  one-line :class:`~alibi_surgery.errors.WriteError`) instead of killing the process mid-file;
+* prints each warning as one ``warning: ...`` line, without the source line Python adds.
+
+:func:`resume_hint` turns the ``last_checkpoint`` a stopped ``repair`` carries into the text that names it and the
+exact ``--resume`` command.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import warnings
+
+__all__ = ["setup_console", "resume_hint"]
+
+
+class _PipeSafe:
+    """A text stream whose reader may go away (``alibi-surgery diagnose ... | head``): after a broken pipe, further
+    output is dropped (the file descriptor is pointed at /dev/null) and the work goes on; files are never lost."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resume_hint(exc: BaseException, argv: list[str]) -> str:
+    """For a run that stopped part-way: where it stands and the command that continues it."""
+    if not hasattr(exc, "last_checkpoint"):
+        return ""
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["alibi-surgery", *args, "--resume"])
+    where = f"the last complete checkpoint is {exc.last_checkpoint}" if exc.last_checkpoint else \
+        "no checkpoint was complete yet"
+    return f"; {where}; continue with: {command}"
+
+
+def setup_console() -> None:
+    """Pipe-safe stdout/stderr, SIGXFSZ ignored, one-line warnings (see the module docstring). Idempotent."""
+    if not isinstance(sys.stdout, _PipeSafe):
+        sys.stdout = _PipeSafe(sys.stdout)
+    if not isinstance(sys.stderr, _PipeSafe):
+        sys.stderr = _PipeSafe(sys.stderr)
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread (main() called from a worker thread): keep the default
+            pass
+    warnings.showwarning = _show_warning
