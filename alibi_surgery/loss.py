@@ -47,8 +47,9 @@ def causal_lm_labels(input_ids: Tensor, attention_mask: Tensor | None = None, ig
     predicts it are real tokens.
 
     ``input_ids.masked_fill(mask == 0, -100)`` alone still scores the first real token after left padding, predicted
-    from a padding position whose hidden state is undefined (BLOOM's eager attention averages every value there,
-    future tokens included; the fused kernels return something else). This masks that target too.
+    from the last padding position, whose attention output differs by design: the fused kernels return 0 there
+    (FlashAttention-2's convention), BLOOM's eager attention an average of every value, future tokens included. With
+    those labels the patched model's loss differs from eager's; with these it equals eager's (to rounding).
     """
     labels = input_ids.clone()
     if attention_mask is None:

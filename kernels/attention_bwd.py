@@ -13,8 +13,8 @@ Two kernels, no atomics, so results are deterministic:
 (BLOOM's fused QKV), q_len <= k_len, left padding and holes, head_dim any multiple of 16 up to 128, fp32 (IEEE dots),
 fp16 and bf16 with fp32 accumulation. Gradients come back in q's dtype as ``[B, H, T, d]`` views of ``[B, T, H, d]``
 buffers (the layout BLOOM's ``_reshape`` produces).
-Limits: a padded query row (position -1) gets no gradient and passes none on (its output is undefined; in BLOOM it
-only feeds other padded rows); no dropout.
+A padded query row (position -1) outputs exactly 0 in the forward, a constant, so it gets no gradient and passes none
+on: this is the exact derivative of the forward. Limits: no dropout.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ Supported:
     * fp32 inputs use IEEE fp32 dot products (not tf32).
 Limits:
     * the backward pass is ``attention_bwd.py``; no dropout (BLOOM's attention dropout is 0);
-    * masking is additive with -1e30. A padded query row (every key at or before it is padding) returns o = 0 when
-      its whole key range is padding-skipped, else a finite average of values, as eager BLOOM does; either way it
-      is never counted in the statistics and its output is meaningless.
+    * masking is additive with -1e30. A padded query row (its own position is -1: left padding or a hole in the
+      mask) outputs exactly 0, FlashAttention-2's convention in transformers (eager BLOOM returns an average of
+      values there instead); it is never counted in the statistics, and its lse is finite and meaningless. The
+      backward gives such rows no gradient, the exact derivative of that constant.
 
 Statistics (``WITH_STATS``, a constexpr: attention without statistics compiles without them) are, per query row,
     p0 = P[i, j0] with j0 the first real key (position 0), and the entropy H_i = -sum_j P[i, j] ln P[i, j],
@@ -194,8 +195,8 @@ def _alibi_fwd_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE)
 
     qpos = tl.load(pos_row + row_k, mask=m_ok, other=-1)
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing: o = 0
-    out = acc / l_i[:, None]
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing
+    out = tl.where((qpos >= 0)[:, None], acc / l_i[:, None], 0.0)  # a padded query row outputs exactly 0
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh * q_len + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_ok)

@@ -4,6 +4,7 @@ It runs the kernel's algorithm (online softmax over key blocks, padding as a per
 diagonal tiles, centred entropy accumulator, first-token score recomputed from q and the position-0 key) with
 torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over (batch, head). Memory is O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per
 tile; accumulation is fp32. Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
+A padded query row (position -1) outputs exactly 0, as in the kernel, and its backward gives it no gradient.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def alibi_attention_blocked(
             acc = acc * alpha[..., None] + torch.matmul(p, v[:, :, k0:k1].to(f32))
             m = m_new
 
-        l = torch.where(l > 0, l, 1.0)  # query blocks left of every real key iterate nothing: o = 0
-        out[:, q0:q1] = (acc / l[..., None]).transpose(1, 2).to(q.dtype)
+        l = torch.where(l > 0, l, 1.0)  # query blocks left of every real key iterate nothing
+        row_ok = key_ok[:, rows][:, None, :, None]  # [B, 1, bq, 1]: a padded query row outputs exactly 0
+        out[:, q0:q1] = torch.where(row_ok, acc / l[..., None], 0.0).transpose(1, 2).to(q.dtype)
         lse[:, :, q0:q1] = m + torch.log(l)
 
         if with_stats:
@@ -114,7 +116,7 @@ def alibi_attention_blocked_bwd(
     """Gradients (dq, dk, dv) of :func:`alibi_attention_blocked`, recomputing each probability tile from ``lse``.
 
     ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v as in the forward. Padded query rows (position -1) get no
-    gradient and pass none on: their outputs are undefined, and in BLOOM they feed only other padded rows.
+    gradient and pass none on: the forward outputs the constant 0 there, so this is its exact derivative.
     Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
     """
     batch, n_head, q_len, head_dim = q.shape
