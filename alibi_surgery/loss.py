@@ -17,8 +17,9 @@ backward. The default chunk, ``max(16, 2**25 // vocab)`` tokens, makes one chunk
 (133 tokens for BLOOM's 250,880-word vocabulary). Nothing of size ``tokens * vocab`` is ever allocated.
 
 Limits:
-* The LM head gets no gradient: ``weight.requires_grad`` must be False (BLOOM ties it to the input embedding, so
-  pass ``weight.detach()`` when the embedding must keep training through its input side only).
+* The LM head gets no gradient: with grad mode on, ``weight.requires_grad`` must be False (BLOOM ties it to the input
+  embedding, so pass ``weight.detach()`` when the embedding must keep training through its input side only). Under
+  ``torch.no_grad()`` or ``torch.inference_mode()`` no gradient can be asked for, and any weight is accepted.
 * One host synchronisation per call (counting the scored targets and checking their range), so the function cannot
   be captured in a CUDA graph; the gradient is computed even if backward is never called, whenever ``hidden``
   requires grad and grad mode is on. Differentiable once (no double backward).
@@ -118,7 +119,7 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tok
     """Mean causal-LM cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted left by one.
 
     ``hidden`` [batch, seq, hidden_size] (after ``ln_f``), any float dtype; ``weight`` [vocab, hidden_size], same
-    dtype and device, frozen; ``labels`` [batch, seq] integers in ``[0, vocab)`` or ``ignore_index``, as passed to
+    dtype and device, frozen (or grad mode off); ``labels`` [batch, seq] integers in ``[0, vocab)`` or ``ignore_index``, as passed to
     ``BloomForCausalLM(labels=...)``. Returns a float32 scalar equal to transformers' loss (NaN when no target is
     scored). ``chunk_tokens`` scored positions are processed at a time (default: ``default_chunk_tokens(vocab)``,
     about 128 MiB of float32 logits per chunk).
@@ -128,9 +129,9 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tok
                          f"{_describe(hidden)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise UsageError(f"weight must be a tensor [vocab, hidden_size], got {_describe(weight)}")
-    if weight.requires_grad:
+    if weight.requires_grad and torch.is_grad_enabled():  # autograd would record a weight gradient we never give
         raise UsageError("weight requires grad, but chunked_lm_loss gives the LM head no gradient: freeze it "
-                         "(weight.requires_grad_(False)) or pass weight.detach()")
+                         "(weight.requires_grad_(False)), pass weight.detach(), or run under torch.no_grad()")
     if weight.shape[1] != hidden.shape[2]:
         raise UsageError(f"hidden_size mismatch: hidden has {hidden.shape[2]}, weight [vocab, hidden_size] has "
                          f"{weight.shape[1]}")

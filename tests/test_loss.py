@@ -149,6 +149,20 @@ def test_no_gradient_work_without_grad(monkeypatch):
     assert len(calls) == 3  # 12 scored positions in chunks of 4
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_live_lm_head_weight_is_accepted_without_grad_mode(lm, mode):
+    """Straight after from_pretrained the tied LM head requires grad; evaluating the loss with it under no_grad or
+    inference_mode needs no gradient, so it must just compute transformers' loss."""
+    ids, mask, labels = batch_case()
+    assert lm.lm_head.weight.requires_grad
+    with mode():
+        expected = lm(ids, attention_mask=mask, labels=labels).loss
+        hidden = lm.transformer(ids, attention_mask=mask).last_hidden_state
+        got = chunked_lm_loss(hidden, lm.lm_head.weight, labels, chunk_tokens=7)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
 class _LargestOutput(TorchDispatchMode):
     """Records the element count of the largest tensor any aten op allocates (every temporary included; views of
     and in-place writes to an op's inputs are not allocations and are skipped)."""
