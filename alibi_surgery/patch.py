@@ -9,6 +9,11 @@ The patched forward keeps BLOOM's contract: fused QKV projection, KV cache updat
 dropout-add. It reads key validity from the 4D additive mask that BloomModel passes (its last query row sees every
 real key) and recomputes ALiBi positions from it, so left padding and ``generate`` work. It falls back to the eager
 forward, for that call only, when ``output_attentions=True`` (with a warning) or when attention dropout is active.
+Padded query rows get an attention output of 0 (the fused kernels' convention; see docs/training.md for the loss).
+
+The backend is resolved once per device for the whole model (``resolve_backend`` with the model's head_dim):
+``patch_bloom(model, "triton")`` refuses a head_dim the kernels do not support up front, and ``auto`` on CUDA falls
+back to ``torch`` for one, warning once.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .backends import alibi_attention, check_backend, resolve_backend
+from .backends import alibi_attention, check_backend, check_triton_head_dim, resolve_backend
 from .kernels import alibi_slopes, key_positions
+from .kernels.attention_fwd import interpreting
 
 __all__ = ["patch_bloom", "unpatch_bloom", "patched", "bloom_attentions", "current_backend", "head_stats"]
 
@@ -38,6 +44,7 @@ class _PatchState:
     old_forward: object
     slopes: dict = dataclasses.field(default_factory=dict)
     sink: "HeadStatsSink | None" = None
+    resolved: dict = dataclasses.field(default_factory=dict)  # resolve_backend's answers, shared by all layers
 
 
 @dataclasses.dataclass
@@ -67,15 +74,20 @@ def bloom_attentions(model: nn.Module) -> list[nn.Module]:
 
 
 def patch_bloom(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Route every BloomAttention of ``model`` through ``backend``. Idempotent: patching again switches backend."""
+    """Route every BloomAttention of ``model`` through ``backend``. Idempotent: patching again switches backend.
+    ``triton`` with a head_dim the kernels do not support is refused (UsageError) before anything changes."""
     check_backend(backend)
-    for layer, attn in enumerate(bloom_attentions(model)):
+    attns = bloom_attentions(model)
+    if backend == "triton":
+        check_triton_head_dim(attns[0].head_dim)
+    resolved = {}
+    for layer, attn in enumerate(attns):
         state = attn.__dict__.get(_STATE)
         if state is not None:
             state.backend = backend
             continue
         had = "forward" in attn.__dict__
-        attn.__dict__[_STATE] = _PatchState(backend, layer, had, attn.__dict__.get("forward"))
+        attn.__dict__[_STATE] = _PatchState(backend, layer, had, attn.__dict__.get("forward"), resolved=resolved)
         attn.forward = types.MethodType(_patched_forward, attn)
     return model
 
@@ -158,7 +170,10 @@ def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
     device = hidden_states.device
-    backend = resolve_backend(state.backend, device)
+    resolve_key = (state.backend, device, interpreting())  # every input of resolve_backend but the fixed head_dim
+    backend = state.resolved.get(resolve_key)
+    if backend is None:
+        backend = state.resolved[resolve_key] = resolve_backend(state.backend, device, self.head_dim)
     cache_key = (device, torch.is_inference_mode_enabled())  # an inference tensor must never reach autograd
     slopes = state.slopes.get(cache_key)
     if slopes is None:

@@ -10,7 +10,8 @@ q_len-long block sits at key index ``k_len - q_len + i``, so the KV-cache decode
 
 Supported:
     * q, k, v as strided ``[batch, head, time, head_dim]`` views (no copies of BLOOM's fused QKV output);
-    * head_dim any multiple of 16 up to 128 (non powers of two are padded with masked lanes: 80 -> 128);
+    * head_dim any multiple of 16 up to 128 (non powers of two are padded with masked lanes: 80 -> 128), the limit
+      :func:`kernel_supports` states for every caller;
     * any head count, any left padding or padding pattern; fp32, fp16, bf16 inputs, fp32 accumulation;
     * fp32 inputs use IEEE fp32 dot products (not tf32).
 Limits:
@@ -39,7 +40,7 @@ import triton.language as tl
 
 from .alibi import first_real_key
 
-__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig"]
+__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS"]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -255,9 +256,22 @@ def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with
     return FwdConfig(64, 64, 8, 3) if wide else FwdConfig(128, 64, 8, 3)  # sm_80, untimed
 
 
+SUPPORTED_HEAD_DIMS = "a multiple of 16 from 16 to 128"
+
+
+def kernel_supports(head_dim: int) -> str | None:
+    """None when the Triton attention kernels (forward and backward) run ``head_dim``, else why not, in one line.
+    The one statement of the kernels' head-dim limit: backend choice and the launchers all ask it."""
+    if head_dim % 16 == 0 and 16 <= head_dim <= 128:
+        return None
+    return f"the triton kernels need head_dim to be {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+
+
 def check_head_dim(head_dim: int) -> None:
-    if head_dim % 16 or not 16 <= head_dim <= 128:
-        raise ValueError(f"head_dim must be a multiple of 16 in [16, 128], got {head_dim}")
+    """Raise ValueError unless :func:`kernel_supports` ``head_dim``."""
+    reason = kernel_supports(head_dim)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def alibi_attention_fwd(
