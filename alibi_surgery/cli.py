@@ -134,8 +134,9 @@ def _cmd_repair(args) -> None:
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding)
     if args.backend not in ("auto", "triton", "torch"):
         raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
-    if args.from_report and not Path(args.from_report).is_file():
-        raise UsageError(f"--from-report does not exist: {args.from_report}")
+    from .report import read_report
+
+    from_report = read_report(args.from_report, "--from-report") if args.from_report else None
     from .memory_plan import parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget else None
@@ -143,7 +144,7 @@ def _cmd_repair(args) -> None:
     if args.prompts_file:
         args.prompt = []
         prompts = _read_prompts(args)
-    result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=args.from_report,
+    result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=from_report,
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
                     backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,

@@ -41,11 +41,11 @@ import torch
 
 from .errors import UsageError
 from .heatmap import save_figure
-from .io_utils import atomic_write_text, check_output_path
+from .io_utils import atomic_write_text, check_output_paths
 from .options import add_model_options, add_prompt_options
 from .prompts import read_prompts
-from .report import METRIC_VARIANTS, HeadReport, Thresholds, check_same_measurement, measurement_differences, \
-    metric_differences
+from .report import (METRIC_VARIANTS, HeadReport, Thresholds, check_same_measurement, measurement_differences,
+                     metric_differences, read_report)
 
 __all__ = ["Comparison", "compare", "save_delta_heatmap", "plot_delta_heatmap", "parse_selection_spec",
            "add_compare_parser", "run_compare", "ZONES"]
@@ -358,32 +358,6 @@ def _thresholds_text(t: Thresholds) -> str:
 # ---- inputs ---------------------------------------------------------------------------------------------------------
 
 
-def _read_report_json(path: Path, label: str) -> HeadReport:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"{label}: {path} is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and data.get("kind") == _KIND:
-        raise UsageError(f"{label}: {path} is a comparison, not a diagnosis report (write one with diagnose --json)")
-    try:
-        n_layer, n_head, heads = data["n_layer"], data["n_head"], data["heads"]
-        if not (isinstance(n_layer, int) and isinstance(n_head, int) and n_layer > 0 and n_head > 0):
-            raise ValueError("bad shape")
-        seen = {(h["layer"], h["head"]) for h in heads}
-        if len(heads) != n_layer * n_head or len(seen) != len(heads) or \
-                any(not (0 <= layer < n_layer and 0 <= h < n_head) for layer, h in seen):
-            raise ValueError("heads do not cover the grid")
-        report = HeadReport.from_dict(data)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise UsageError(f"{label}: {path} is not a diagnosis report (expected the JSON that diagnose --json "
-                         f"writes)") from None
-    if not report.metadata.get("model"):
-        report.metadata["model"] = str(path)
-    return report
-
-
 @dataclasses.dataclass
 class _Source:
     label: str
@@ -402,7 +376,7 @@ def _resolve_source(x, label: str) -> _Source:
     if path.is_file():
         if path.suffix.lower() != ".json":
             raise UsageError(f"{label} is neither a diagnosis .json file nor a model directory: {path}")
-        report = _read_report_json(path, label)
+        report = read_report(path, label, not_a=(_KIND, "a comparison"))
         return _Source(label, report=report, shape=(report.n_layer, report.n_head))
     if path.is_dir() or (not path.exists() and path.suffix.lower() != ".json" and str(x).count("/") == 1
                          and not str(x).startswith((".", "/"))):
@@ -731,15 +705,9 @@ def add_compare_parser(subparsers) -> None:
 
 
 def run_compare(args) -> None:
-    """The ``compare`` command: check outputs and options, compare, print the summary (and table), write files."""
-    outputs = {k: check_output_path(v, overwrite=args.overwrite, what=f"--{k}")
-               for k, v in (("json", args.json), ("heatmap", args.heatmap)) if v}
-    if len(outputs) == 2 and outputs["json"].resolve() == outputs["heatmap"].resolve():
-        raise UsageError("--json and --heatmap name the same file")
-    for key, out in outputs.items():
-        for label, given in (("A", args.a), ("B", args.b)):
-            if Path(given).is_file() and Path(given).resolve() == out.resolve():
-                raise UsageError(f"--{key} would overwrite input {label}: {out}")
+    """The ``compare`` command: check outputs and options, compare, write the files, then print the summary."""
+    outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap}, overwrite=args.overwrite,
+                                 inputs={"A": args.a, "B": args.b})
     if args.table_rows < 0:
         raise UsageError(f"--table-rows must be >= 0, got {args.table_rows}")
     if not math.isfinite(args.drift_threshold) or args.drift_threshold < 0:
@@ -777,12 +745,12 @@ def run_compare(args) -> None:
                          batch_size=args.batch_size, max_length=args.max_length, prompts=prompts,
                          exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
                          progress=not args.quiet)
-    print(comparison.format_summary())
-    if args.table:
-        print(comparison.format_table(max_rows=args.table_rows or None))
-    if "json" in outputs:
+    if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         comparison.to_json(outputs["json"])
     if "heatmap" in outputs:
         save_delta_heatmap(comparison, outputs["heatmap"])
+    print(comparison.format_summary())
+    if args.table:
+        print(comparison.format_table(max_rows=args.table_rows or None))
     for path in outputs.values():
         print(f"wrote {path}")

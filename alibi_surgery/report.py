@@ -20,13 +20,14 @@ import dataclasses
 import io
 import json
 import warnings
+from pathlib import Path
 
 import torch
 
 from .errors import UsageError
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, read_text
 
-__all__ = ["Thresholds", "HeadReport", "CLASSES", "SICK", "classify", "collapse_band", "metric_differences",
+__all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classify", "collapse_band", "metric_differences",
            "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
@@ -153,8 +154,8 @@ class HeadReport:
 
     @classmethod
     def from_json(cls, path) -> "HeadReport":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """The report in a diagnosis JSON file, checked (see :func:`read_report`)."""
+        return read_report(path)
 
     def format_summary(self) -> str:
         """Compact terminal summary: counts per class, sick heads per layer, and the sick head-index band."""
@@ -230,3 +231,33 @@ def check_same_measurement(a: HeadReport, b: HeadReport, *, force: bool = False,
     if differences:
         warnings.warn(f"comparing anyway (--force), although {labels[0]} and {labels[1]} were measured differently: "
                       f"{'; '.join(differences)}", stacklevel=3)
+
+
+def read_report(path, label: str = "report", *, not_a: tuple[str, str] | None = None) -> HeadReport:
+    """A diagnosis JSON file (what ``diagnose --json`` writes), checked: one-line errors for a missing, unreadable
+    or non-UTF-8 file, invalid JSON, a grid of heads that is not complete, and (``not_a``: a ``kind`` value and its
+    name) another of our JSON kinds."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path, what=label))
+    except ValueError as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{label}: {path} is not valid JSON: {exc}") from None
+    if not_a is not None and isinstance(data, dict) and data.get("kind") == not_a[0]:
+        raise UsageError(f"{label}: {path} is {not_a[1]}, not a diagnosis report (write one with diagnose --json)")
+    try:
+        n_layer, n_head, heads = data["n_layer"], data["n_head"], data["heads"]
+        if not (isinstance(n_layer, int) and isinstance(n_head, int) and n_layer > 0 and n_head > 0):
+            raise ValueError("bad shape")
+        seen = {(h["layer"], h["head"]) for h in heads}
+        if len(heads) != n_layer * n_head or len(seen) != len(heads) or \
+                any(not (0 <= layer < n_layer and 0 <= h < n_head) for layer, h in seen):
+            raise ValueError("heads do not cover the grid")
+        report = HeadReport.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UsageError(f"{label}: {path} is not a diagnosis report (expected the JSON that diagnose --json "
+                         f"writes)") from None
+    if not report.metadata.get("model"):
+        report.metadata["model"] = str(path)
+    return report

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from alibi_surgery.random_model import write_random_bloom
 
+from alibi_surgery import trainer
 repair_module = importlib.import_module("alibi_surgery.repair")
 WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
 STEPS = 12  # 6 per epoch, 2 epochs; checkpoints at steps 2, 4, ..., 12
@@ -49,7 +50,7 @@ def _command(root: Path, out: Path, *extra) -> list:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", repair_module.PAUSE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", trainer.PAUSE_ENV)}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)  # the same threads in every run: same bits
     return env
 
@@ -62,7 +63,7 @@ def _finish(root: Path, out: Path, *extra) -> None:
 def _kill_at(root: Path, out: Path, point: str) -> None:
     """Start a repair, wait until it pauses at ``point``, SIGKILL it."""
     flag = out.parent / f"paused-{point.replace(':', '-')}"
-    env = _env(**{repair_module.PAUSE_ENV: point, f"{repair_module.PAUSE_ENV}_FILE": str(flag)})
+    env = _env(**{trainer.PAUSE_ENV: point, f"{trainer.PAUSE_ENV}_FILE": str(flag)})
     proc = subprocess.Popen(_command(root, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     while not flag.exists():
@@ -84,16 +85,16 @@ def uninterrupted(inputs):
 
 
 def _complete(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").iterdir() if p.name.startswith(repair_module.CKPT_PREFIX))
+    return sorted(p for p in (out / "checkpoints").iterdir() if p.name.startswith(trainer.CKPT_PREFIX))
 
 
 def _assert_checkpoints_load(out: Path) -> None:
     from transformers import BloomForCausalLM
 
     for ckpt in _complete(out):
-        state = json.loads((ckpt / repair_module.STATE_FILE).read_text())
+        state = json.loads((ckpt / trainer.STATE_FILE).read_text())
         assert state["position"]["step"] == int(ckpt.name.split("-")[1])
-        optimizer = load_file(ckpt / repair_module.OPT_FILE)
+        optimizer = load_file(ckpt / trainer.OPT_FILE)
         assert optimizer["exp_avg"].numel() > 0
         model = BloomForCausalLM.from_pretrained(ckpt, local_files_only=True)
         assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -104,9 +105,9 @@ def _assert_bit_identical(out: Path, reference: Path) -> None:
     assert ours.keys() == ref.keys()
     different = [k for k in ref if not torch.equal(ours[k], ref[k])]
     assert not different, f"final weights differ from the uninterrupted run: {different[:3]}"
-    last = f"{repair_module.CKPT_PREFIX}{STEPS:08d}"
-    a, b = load_file(out / "checkpoints" / last / repair_module.OPT_FILE), \
-        load_file(reference / "checkpoints" / last / repair_module.OPT_FILE)
+    last = f"{trainer.CKPT_PREFIX}{STEPS:08d}"
+    a, b = load_file(out / "checkpoints" / last / trainer.OPT_FILE), \
+        load_file(reference / "checkpoints" / last / trainer.OPT_FILE)
     assert all(torch.equal(a[k], b[k]) for k in b), "last optimizer state differs"
 
 
@@ -130,9 +131,9 @@ def test_sigkill_while_writing_a_checkpoint_never_exposes_it(inputs, uninterrupt
     out = tmp_path / "out"
     _kill_at(inputs, out, "save:4")
     partial = out / "checkpoints" / ".tmp-step-00000004"
-    assert (partial / "model.safetensors").is_file() and not (partial / repair_module.STATE_FILE).exists()
+    assert (partial / "model.safetensors").is_file() and not (partial / trainer.STATE_FILE).exists()
     assert [p.name for p in _complete(out)] == ["step-00000002"]
-    assert repair_module._newest_checkpoint(out / "checkpoints").name == "step-00000002"
+    assert trainer.newest_checkpoint(out / "checkpoints").name == "step-00000002"
     _assert_checkpoints_load(out)
     _finish(inputs, out, "--resume")
     assert not partial.exists()

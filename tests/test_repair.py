@@ -18,6 +18,7 @@ from alibi_surgery.random_model import write_random_bloom
 from alibi_surgery.repair import RepairSettings, repair
 from alibi_surgery.surgery import reinit_heads
 
+from alibi_surgery import trainer
 repair_module = importlib.import_module("alibi_surgery.repair")  # the module: alibi_surgery.repair is the function
 HEADS = "0:1;1:2,3"
 SELECTED = {0: [1], 1: [2, 3]}
@@ -100,13 +101,13 @@ def test_reinit_zeroes_output_columns_and_bias_and_redraws_rows(tiny_dir):
 
 @pytest.mark.parametrize("kill", ["after-epoch-1", "mid-epoch"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, corpus, tmp_path, kill, monkeypatch):
-    real, trained = repair_module.chunked_lm_loss, []
+    real, trained = trainer.chunked_lm_loss, []
 
     def counting(hidden, *args, **kwargs):  # counts training micro-batches (held-out perplexity has no grad)
         trained.append(hidden.requires_grad)
         return real(hidden, *args, **kwargs)
 
-    monkeypatch.setattr(repair_module, "chunked_lm_loss", counting)
+    monkeypatch.setattr(trainer, "chunked_lm_loss", counting)
     s = settings(save_every_steps=1) if kill == "mid-epoch" else settings()
     run(tiny_dir, tmp_path / "a", corpus, settings=s)
     full = sum(trained)
@@ -159,7 +160,7 @@ def test_budget_is_checked_against_the_planner(tiny_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, corpus, tmp_path, monkeypatch):
-    real = repair_module.chunked_lm_loss
+    real = trainer.chunked_lm_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -169,7 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, corpus, tmp
         calls["n"] += 1
         return loss * float("nan") if calls["n"] > 8 else loss  # micro-batches 9+ (step 5+) go NaN
 
-    monkeypatch.setattr(repair_module, "chunked_lm_loss", flaky)
+    monkeypatch.setattr(trainer, "chunked_lm_loss", flaky)
     with pytest.raises(repair_module.UsageError, match="last good checkpoint is .*step-00000004"):
         run(tiny_dir, tmp_path / "out", corpus, settings=settings(save_every_steps=2, epochs=3))
     assert (tmp_path / "out" / "checkpoints" / "step-00000004" / "model.safetensors").is_file()

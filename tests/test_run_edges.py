@@ -8,7 +8,6 @@ pid to a file and waits until the file is deleted), so every race here is determ
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import resource
@@ -23,7 +22,7 @@ import pytest
 from alibi_surgery.lock import LOCK_NAME
 from alibi_surgery.random_model import write_random_bloom
 
-repair_module = importlib.import_module("alibi_surgery.repair")
+from alibi_surgery import trainer
 WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
 
 
@@ -43,7 +42,7 @@ def _command(root: Path, out: Path, *extra) -> list:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", repair_module.PAUSE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", trainer.PAUSE_ENV)}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
     return env
 
@@ -55,7 +54,7 @@ def _run(args: list, **kw) -> subprocess.CompletedProcess:
 def _paused(root: Path, out: Path, point: str, *extra) -> tuple[subprocess.Popen, Path]:
     """Start a repair and return once it waits at ``point`` (delete the returned flag file to let it go on)."""
     flag = out.parent / f"paused-{out.name}"
-    env = _env(**{repair_module.PAUSE_ENV: point, f"{repair_module.PAUSE_ENV}_FILE": str(flag)})
+    env = _env(**{trainer.PAUSE_ENV: point, f"{trainer.PAUSE_ENV}_FILE": str(flag)})
     proc = subprocess.Popen(_command(root, out, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 600
