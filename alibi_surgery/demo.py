@@ -129,7 +129,7 @@ def _fmt(x: float | None) -> str:
 
 
 def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int | None = None, seed: int = 0,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = False, log=print) -> dict:
     """Diagnose, plan, repair, re-diagnose and compare the demo model; everything goes to ``out``. Returns the
     summary dict (also ``OUT/summary.json``)."""
     from .lock import DirLock

@@ -172,7 +172,8 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
     except TypeError as exc:
         raise UsageError(str(exc)) from None
     param = next(base.parameters())
-    concrete = "eager" if backend == "eager" else resolve_backend(backend, param.device)
+    head_dim = base.config.hidden_size // n_head
+    concrete = "eager" if backend == "eager" else resolve_backend(backend, param.device, head_dim=head_dim)
 
     with _left_padding(tokenizer):
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)

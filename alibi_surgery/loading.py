@@ -9,17 +9,40 @@ against ``config.json`` (truncation, missing tensors, wrong shapes) and the load
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_bloom", "load_config", "load_tokenizer"]
+__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_bloom", "load_config", "load_tokenizer",
+           "quiet_transformers"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers log lines, progress bars ("Loading weights", "Writing model shards") or Python warnings
+    inside the block; the previous settings come back after it. Every transformers load and save the package makes
+    runs inside one, so the Python API prints nothing unless asked (``progress=True``)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -119,7 +142,8 @@ def load_tokenizer(model: str):
             raise UsageError(f"the tokenizer in {model} needs custom code (auto_map in {name}), which alibi-surgery "
                              f"never runs: give it a directory with a standard tokenizer.json")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception:
         raise UsageError(f"no usable tokenizer in {model} (tokenizer.json / tokenizer_config.json)") from None
 
@@ -136,8 +160,9 @@ def load_bloom(model: str, *, dtype: str | None = None, device: str | None = Non
     verify_checkpoint(path, load_config(model))
     tokenizer = load_tokenizer(model)
     try:
-        net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
-                                               trust_remote_code=False)
+        with quiet_transformers():
+            net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
+                                                   trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"could not load the weights in {model}: {_first_line(exc)}") from None
     net = net.to(dev).eval()
@@ -152,7 +177,8 @@ def load_config(model: str):
 
     path = resolve_model_dir(model)
     try:
-        return BloomConfig.from_pretrained(path, local_files_only=True)
+        with quiet_transformers():
+            return BloomConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise UsageError(f"config.json in {model} is not a usable BLOOM config: {_first_line(exc)}") from None
 

@@ -13,6 +13,7 @@ import torch
 
 from .errors import UsageError
 from .io_utils import filling, writing
+from .loading import quiet_transformers
 
 __all__ = ["SHAPES", "bloom_config", "byte_tokenizer", "write_random_bloom", "write_sharded_random_bloom"]
 
@@ -75,7 +76,7 @@ def write_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | None = No
     model = BloomForCausalLM(config).to(dtype)
     with writing(out, "directory"):
         out.mkdir(parents=True, exist_ok=True)
-    with filling(out):
+    with filling(out), quiet_transformers():
         model.save_pretrained(out, max_shard_size=max_shard_size)
         byte_tokenizer().save_pretrained(out)
     return out
@@ -175,6 +176,7 @@ def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | N
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config.save_pretrained(out)
-    byte_tokenizer().save_pretrained(out)
+    with quiet_transformers():
+        config.save_pretrained(out)
+        byte_tokenizer().save_pretrained(out)
     return out

@@ -41,7 +41,7 @@ from .diagnose import diagnose
 from .errors import UsageError, WriteError, mark_resumable
 from .io_utils import atomic_write_text, read_text, replace_dir, writing
 from .checkpoint import cast_checkpoint, stored_dtype
-from .loading import load_bloom, parse_dtype, resolve_model_dir
+from .loading import load_bloom, load_config, parse_dtype, quiet_transformers, resolve_model_dir
 from .lock import LOCK_NAME, DirLock, lock_holder
 from .patch import patch_bloom
 from .plan import NothingToRepair, Plan, make_plan, predict_memory
@@ -176,9 +176,11 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
     with DirLock(out):
-        done = _completed(out) if resume else None
-        if done is not None:
-            return done
+        if resume:  # a finished run of this model and these settings: nothing to do
+            _check_resume(model_path, out / "pass-1", options.get("settings") or RepairSettings())
+            done = _completed(out)
+            if done is not None:
+                return done
         try:
             return _run_passes(model_path, out, passes, resume, overwrite, options)
         except (KeyboardInterrupt, WriteError) as exc:
@@ -248,12 +250,13 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                           dtype, backend, prompts, progress, allow_empty, budget)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
     with DirLock(out):
-        done = _completed(out) if resume else None
+        resume_from, meta = _check_resume(model_path, out, settings) if resume else (None, None)
+        done = _completed(out) if resume else None  # a finished run of this model and these settings
         if done is not None:
             return done
-        run, resume_from = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include,
-                                    settings, device, dtype, backend, prompts, resume, overwrite, progress,
-                                    allow_empty, budget)
+        run = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings,
+                       device, dtype, backend, prompts, resume_from, meta, overwrite or resume, progress,
+                       allow_empty, budget)
         try:
             if run.total_steps == 0 or not run.plan.selection:
                 run.best = {"checkpoint": None}
@@ -266,14 +269,13 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
 
 
 def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata."""
+    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses one made
+    from another model or with other settings."""
     resume_from = newest_checkpoint(out / "checkpoints")
     if resume_from is None:
         return None, None
-    from transformers import BloomConfig  # the checkpoint holds the model: read only the input's config
-
     meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
-    expected = config_key(BloomConfig.from_pretrained(model_path, local_files_only=True))
+    expected = config_key(load_config(str(model_path)))  # the checkpoint holds the model: read the input's config
     if meta["model"] != expected:
         raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
@@ -312,11 +314,11 @@ def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, se
 
 
 def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings, device,
-             dtype, backend, prompts, resume, overwrite, progress, allow_empty, budget):
-    """Everything before training: inputs checked, model loaded, plan made (or read back on resume), OUT's first
-    files written, the selected heads re-initialised. Returns the :class:`Run` and the checkpoint to resume from."""
+             dtype, backend, prompts, resume_from, meta, clear, progress, allow_empty, budget) -> Run:
+    """Everything before training: inputs checked, model loaded (from ``resume_from`` when given), plan made (or
+    read back from ``meta``), OUT emptied (``clear``) and its first files written, the selected heads
+    re-initialised."""
     prompts = list(prompts or DEFAULT_PROMPTS)
-    resume_from, meta = _check_resume(model_path, out, settings) if resume else (None, None)
     model, tokenizer = load_bloom(str(resume_from or model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
     if corpus is None:  # the cheap input checks come before the diagnosis
@@ -333,7 +335,7 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
         baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
                                        backend, prompts, progress, allow_empty, budget)
         ppl_before = perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
-        if overwrite or resume:
+        if clear:
             clear_dir(out)
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
@@ -342,9 +344,8 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
              "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
         if plan.selection:
             reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
-    run = Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
+    return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
                model_path)
-    return run, resume_from
 
 
 def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
@@ -361,8 +362,9 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
         if best is not None:
             shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
         else:
-            run.model.save_pretrained(tmp, safe_serialization=True)
-            run.tokenizer.save_pretrained(tmp)
+            with quiet_transformers():
+                run.model.save_pretrained(tmp, safe_serialization=True)
+                run.tokenizer.save_pretrained(tmp)
         if final_dtype is not None:
             cast_checkpoint(tmp, final_dtype)
     replace_dir(tmp, final)

@@ -118,9 +118,9 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
         raise UsageError("streamed diagnosis needs a fused backend (triton or torch), not eager")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    concrete = resolve_backend(backend, device)
     ckpt = CheckpointIndex(model_dir)
     config = ckpt.config
+    concrete = resolve_backend(backend, device, head_dim=config.hidden_size // config.n_head)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     with torch.inference_mode():
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)

@@ -25,6 +25,7 @@ from .compare import Comparison
 from .diagnose import diagnose
 from .errors import UsageError
 from .io_utils import atomic_write_text, replace_dir, writing
+from .loading import quiet_transformers
 from .loss import causal_lm_labels, chunked_lm_loss
 from .optim import HeadSlicedAdamW
 from .plan import Plan
@@ -110,8 +111,9 @@ class Run:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                with quiet_transformers():
+                    self.model.save_pretrained(tmp, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
                 _test_pause("save", position["step"])
                 state = opt.state_dict()
                 tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")

@@ -84,8 +84,22 @@ def world(tmp_path_factory):
     FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=300,
                  alibi=False).save_pretrained(root / "falcon")
 
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from alibi_surgery.random_model import byte_tokenizer
+
+    torch.manual_seed(0)  # head_dim 40: the triton kernel's limit is a multiple of 16 up to 128
+    BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=120, n_layer=1, n_head=3, bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=3)).save_pretrained(root / "head-dim-40")
+    byte_tokenizer().save_pretrained(root / "head-dim-40")
+    (root / "prompts-utf16.txt").write_bytes("café au lait\n".encode("utf-16"))
+    (root / "prompts-latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (root / "prompts-dir").mkdir()
+    _two_prompt_sets(model, root)
+
     corpus = root / "corpus"
     corpus.mkdir()
+    (corpus / "latin1.txt").write_bytes(("na\xefve caf\xe9 " * 50).encode("latin-1"))
     (corpus / "doc.txt").write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400)))
     (corpus / "short.txt").write_text("alpha beta")
     (corpus / "blank.txt").write_text("  \n\n \n")
@@ -102,6 +116,29 @@ def world(tmp_path_factory):
                                                                         epochs=1, diag_max_length=16))
     assert any((root / "other-run" / "checkpoints").glob("step-*"))
     return root
+
+
+def _two_prompt_sets(model: Path, root: Path) -> None:
+    """Diagnoses of one model with two different prompt sets of equal token counts (the same words reversed)."""
+    from alibi_surgery import diagnose
+    from alibi_surgery.loading import load_bloom
+
+    net, tokenizer = load_bloom(str(model))
+    words = "the lighthouse keeper climbed the spiral stairs every evening at dusk".split()
+    for name, prompts in (("a", [" ".join(words), "x = 1 + 2"]), ("b", [" ".join(words[::-1]), "y = 2 + 1"])):
+        diagnose(net, tokenizer, prompts, backend="torch").to_json(root / f"diagnosis-{name}.json")
+
+
+def _held(tmp: Path) -> Path:
+    """An --out whose lock this test process holds, as a run in progress would."""
+    from alibi_surgery.lock import DirLock
+
+    out = tmp / "in-use"
+    _HELD_LOCKS.append(DirLock(out).acquire())
+    return out
+
+
+_HELD_LOCKS: list = []
 
 
 def _repair(w: Path, tmp: Path, *extra, model: str = "model", out=None, corpus="doc.txt") -> list:
@@ -173,6 +210,27 @@ CASES = {
     "thresholds out of order": (lambda w, t: _diagnose(w, t, "--sink-threshold", "0.99"), "thresholds"),
     "missing corpus path": (lambda w, t: _repair(w, t, corpus="nope.txt"), "corpus path does not exist"),
     "--budget too small": (lambda w, t: _repair(w, t, "--budget", "1MiB"), "), more than --budget 1.0 MiB"),
+    "UTF-16 prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-utf16.txt")),
+                            "not UTF-8 text"),
+    "Latin-1 prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-latin1.txt")),
+                             "byte 0xe9 at offset 3 is invalid"),
+    "prompts file is a directory": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-dir")),
+                                    "prompts file is a directory"),
+    "Latin-1 corpus file": (lambda w, t: _repair(w, t, corpus="latin1.txt"), "not UTF-8 text"),
+    "--eval-text is a directory": (lambda w, t: _repair(w, t, "--eval-text", str(w / "prompts-dir")),
+                                   "--eval-text is a directory"),
+    "--json and --csv name one file": (lambda w, t: _diagnose(w, t, "--csv", str(t / "report.json")),
+                                       "--json and --csv name the same file"),
+    "--heatmap in an unknown format": (lambda w, t: _diagnose(w, t, "--heatmap", str(t / "heads.xyz")),
+                                       "cannot write a figure as .xyz"),
+    "--backend triton, head_dim 40": (lambda w, t: _diagnose(w, t, "--backend", "triton", model="head-dim-40"),
+                                      "this model has head_dim 40"),
+    "--out in use by another run": (lambda w, t: _repair(w, t, out=_held(t)),
+                                    f"is in use by another run (pid {os.getpid()}"),
+    "--from-report not a diagnosis": (lambda w, t: _repair(w, t, "--from-report", str(w / "model" / "config.json")),
+                                      "is not a diagnosis report"),
+    "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
+                                                           str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
 
 
