@@ -198,7 +198,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or hidden or "default" in text:
             return text
         return f"{text} (default: {action.default})"
 

@@ -254,17 +254,17 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
         done = _completed(out) if resume else None  # a finished run of this model and these settings
         if done is not None:
             return done
-        run = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings,
-                       device, dtype, backend, prompts, resume_from, meta, overwrite or resume, progress,
-                       allow_empty, budget)
         try:
+            run = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include,
+                           settings, device, dtype, backend, prompts, resume_from, meta, overwrite or resume,
+                           progress, allow_empty, budget)
             if run.total_steps == 0 or not run.plan.selection:
                 run.best = {"checkpoint": None}
             else:
                 train(run, resume_from, _stop_after_steps)
             return _finish(run, final_dtype)
         except (KeyboardInterrupt, WriteError) as exc:
-            mark_resumable(exc, newest_checkpoint(run.ckpt_dir))
+            mark_resumable(exc, newest_checkpoint(out / "checkpoints"))
             raise
 
 

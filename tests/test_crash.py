@@ -1,6 +1,6 @@
 """Crash safety: a real ``alibi-surgery repair`` process killed with SIGKILL, then resumed.
 
-Two kills, each at a known instant held by the test hook in repair.py (``ALIBI_SURGERY_TEST_PAUSE``):
+Two kills, each at a known instant held by the test hook in trainer.py (``ALIBI_SURGERY_TEST_PAUSE``):
 
 * ``train:5``: inside optimizer step 5, after its first backward pass;
 * ``save:4``: half-way through writing checkpoint 4 (weights written; optimizer state and completion marker not).
@@ -12,69 +12,45 @@ uninterrupted run with the same seed. All three runs are subprocesses with the s
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
-
-import importlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alibi_surgery.random_model import write_random_bloom
-
 from alibi_surgery import trainer
+from alibi_surgery.lock import LOCK_NAME
+from surgery_runs import cli_env, make_inputs, repair_command, start_paused
+
 repair_module = importlib.import_module("alibi_surgery.repair")
-WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
 STEPS = 12  # 6 per epoch, 2 epochs; checkpoints at steps 2, 4, ..., 12
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    write_random_bloom(root / "model", "tiny", n_layer=2, seed=4)
-    (root / "corpus.txt").write_text(" ".join(WORDS[(5 * i) % len(WORDS)] for i in range(46)))  # 12 chunks of 16
-    return root
+    return make_inputs(tmp_path_factory.mktemp("crash"))
 
 
 def _command(root: Path, out: Path, *extra) -> list:
-    return [sys.executable, "-m", "alibi_surgery.cli", "repair", str(root / "model"), "--out", str(out),
-            "--corpus", str(root / "corpus.txt"), "--heads", "0:1;1:2", "--device", "cpu", "--backend", "torch",
-            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--save-every-steps", "2",
-            "--lr", "1e-3", "--seed", "7", "--quiet", *extra]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", trainer.PAUSE_ENV)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)  # the same threads in every run: same bits
-    return env
+    return repair_command(root, out, "--lr", "1e-3", "--seed", "7", *extra, epochs=2)
 
 
 def _finish(root: Path, out: Path, *extra) -> None:
-    result = subprocess.run(_command(root, out, *extra), env=_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(_command(root, out, *extra), env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
 
 
 def _kill_at(root: Path, out: Path, point: str) -> None:
     """Start a repair, wait until it pauses at ``point``, SIGKILL it."""
-    flag = out.parent / f"paused-{point.replace(':', '-')}"
-    env = _env(**{trainer.PAUSE_ENV: point, f"{trainer.PAUSE_ENV}_FILE": str(flag)})
-    proc = subprocess.Popen(_command(root, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while not flag.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"repair ended (exit {proc.returncode}) before pausing at {point}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"repair never reached {point}"
-        time.sleep(0.1)
+    proc = start_paused(_command(root, out), point, out.parent / f"paused-{point.replace(':', '-')}")
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stderr.close()
+    proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    assert (out / LOCK_NAME).is_file()  # a stale lock: the resumed run takes it over
 
 
 @pytest.fixture(scope="module")

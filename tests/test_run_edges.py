@@ -1,7 +1,7 @@
 """Runs at the edges, each a real ``alibi-surgery repair`` subprocess: two runs into one ``--out``, passes that find
 nothing left, ``--resume`` of finished runs, a write failure and Ctrl-C part-way through training.
 
-Runs are held at a known instant by the test hook in repair.py (``ALIBI_SURGERY_TEST_PAUSE``: the run writes its
+Runs are held at a known instant by the test hook in trainer.py (``ALIBI_SURGERY_TEST_PAUSE``: the run writes its
 pid to a file and waits until the file is deleted), so every race here is deterministic.
 """
 
@@ -9,63 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from alibi_surgery.lock import LOCK_NAME
-from alibi_surgery.random_model import write_random_bloom
-
-from alibi_surgery import trainer
-WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
+from surgery_runs import cli_env, make_inputs, repair_command, start_paused
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edges")
-    write_random_bloom(root / "model", "tiny", n_layer=2, seed=4)
-    (root / "corpus.txt").write_text(" ".join(WORDS[(5 * i) % len(WORDS)] for i in range(46)))  # 12 chunks of 16
-    return root
-
-
-def _command(root: Path, out: Path, *extra) -> list:
-    return [sys.executable, "-m", "alibi_surgery.cli", "repair", str(root / "model"), "--out", str(out),
-            "--corpus", str(root / "corpus.txt"), "--heads", "0:1;1:2", "--device", "cpu", "--backend", "torch",
-            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--epochs", "1", "--save-every-steps", "2",
-            "--quiet", *extra]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", trainer.PAUSE_ENV)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
+    return make_inputs(tmp_path_factory.mktemp("edges"))
 
 
 def _run(args: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600, **kw)
 
 
 def _paused(root: Path, out: Path, point: str, *extra) -> tuple[subprocess.Popen, Path]:
     """Start a repair and return once it waits at ``point`` (delete the returned flag file to let it go on)."""
     flag = out.parent / f"paused-{out.name}"
-    env = _env(**{trainer.PAUSE_ENV: point, f"{trainer.PAUSE_ENV}_FILE": str(flag)})
-    proc = subprocess.Popen(_command(root, out, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 600
-    while not flag.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"repair ended (exit {proc.returncode}) before pausing at {point}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"repair never reached {point}"
-        time.sleep(0.1)
-    while not flag.read_text():  # the pid is written right after the file appears
-        time.sleep(0.05)
-    return proc, flag
+    return start_paused(repair_command(root, out, *extra), point, flag), flag
 
 
 def _one_error_line(stderr: str) -> str:
@@ -85,7 +53,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_finishes(inpu
     pid = flag.read_text()
     before = _snapshot(out)
     for extra in ((), ("--overwrite",), ("--resume",)):
-        second = _run(_command(inputs, out, "--seed", "9", *extra))
+        second = _run(repair_command(inputs, out, "--seed", "9", *extra))
         assert second.returncode == 2, second.stderr
         err = _one_error_line(second.stderr)
         assert "is in use by another run" in err and f"pid {pid}" in err, err
@@ -103,7 +71,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(inputs, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert (out / LOCK_NAME).is_file()  # stale: its holder is dead
-    resumed = _run(_command(inputs, out, "--resume"))
+    resumed = _run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "final").is_dir() and not (out / LOCK_NAME).exists()
 
@@ -127,7 +95,7 @@ def _fake_report(root: Path) -> Path:
 
 def test_passes_stop_when_a_later_pass_finds_nothing_and_resume_after_it(inputs, tmp_path):
     out = tmp_path / "out"
-    args = [a for a in _command(inputs, out, "--passes", "3", "--from-report", str(_fake_report(inputs)))]
+    args = [a for a in repair_command(inputs, out, "--passes", "3", "--from-report", str(_fake_report(inputs)))]
     args[args.index("--heads") + 1] = "auto"
     result = _run(args)
     assert result.returncode == 0, result.stderr
@@ -146,9 +114,9 @@ def test_passes_stop_when_a_later_pass_finds_nothing_and_resume_after_it(inputs,
 
 def test_resume_of_a_finished_single_pass_run_changes_nothing(inputs, tmp_path):
     out = tmp_path / "out"
-    assert _run(_command(inputs, out)).returncode == 0
+    assert _run(repair_command(inputs, out)).returncode == 0
     before = _snapshot(out)
-    resumed = _run(_command(inputs, out, "--resume"))
+    resumed = _run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "nothing to resume" in resumed.stdout and _snapshot(out) == before
 
@@ -156,10 +124,10 @@ def test_resume_of_a_finished_single_pass_run_changes_nothing(inputs, tmp_path):
 def test_resume_after_the_last_checkpoint_but_before_the_report_finishes_the_run(inputs, tmp_path):
     """Killed after the last checkpoint, before final/ and the report: --resume has no step left to train."""
     out = tmp_path / "out"
-    assert _run(_command(inputs, out)).returncode == 0
+    assert _run(repair_command(inputs, out)).returncode == 0
     for name in ("report.json", "report.md", "after.png"):
         (out / name).unlink()
-    resumed = _run(_command(inputs, out, "--resume"))
+    resumed = _run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "report.json").is_file() and (out / "after.png").is_file()
 
@@ -202,7 +170,7 @@ def test_random_model_under_a_file_size_limit_fails_in_one_line_and_leaves_nothi
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 
     result = subprocess.run([sys.executable, "-m", "alibi_surgery.cli", "random-model", str(out), "--layers", "1"],
-                            env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
+                            env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert result.returncode == 1, result.stderr
     err = _one_error_line(result.stderr)
     assert "cannot write" in err and str(out) in err and "File too large" in err, err
