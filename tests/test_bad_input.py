@@ -229,6 +229,8 @@ CASES = {
                                     f"is in use by another run (pid {os.getpid()}"),
     "--from-report not a diagnosis": (lambda w, t: _repair(w, t, "--from-report", str(w / "model" / "config.json")),
                                       "is not a diagnosis report"),
+    "random-model under a file": (lambda w, t: ["random-model", str(_under_a_file(t))],
+                                  "a-file is a file, not a directory"),
     "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
                                                            str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
