@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import UsageError, WriteError
 
 __all__ = ["check_output_path", "check_output_paths", "figure_format", "atomic_write_text", "atomic_write_bytes",
-           "writing", "filling", "replace_dir", "fsync_tree", "read_text", "read_lines", "file_mode"]
+           "writing", "filling", "staged_dir", "replace_dir", "fsync_tree", "read_text", "read_lines", "file_mode"]
 
 FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
 
@@ -177,6 +177,25 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_dir(final, what: str = "directory"):
+    """Build a directory at ``.tmp-NAME`` beside ``final`` inside the block (the block creates it; a leftover of an
+    earlier kill is cleared first), then move it into place with :func:`replace_dir`. If the block or the move
+    fails (any exception, Ctrl-C included) the partial directory is removed, and an ``OSError`` is reported as a
+    :class:`WriteError` naming ``final``. Only a kill -9 can leave a ``.tmp-`` directory, which nothing reads."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    try:
+        with writing(final, what):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -39,7 +39,7 @@ import torch
 from .corpus import load_corpus, pack_text, read_documents
 from .diagnose import diagnose
 from .errors import UsageError, WriteError, mark_resumable
-from .io_utils import atomic_write_text, read_text, replace_dir, writing
+from .io_utils import atomic_write_text, read_text, staged_dir, writing
 from .checkpoint import cast_checkpoint, stored_dtype
 from .loading import load_bloom, load_config, parse_dtype, quiet_transformers, resolve_model_dir
 from .lock import LOCK_NAME, DirLock, lock_holder
@@ -184,8 +184,10 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
         try:
             return _run_passes(model_path, out, passes, resume, overwrite, options)
         except (KeyboardInterrupt, WriteError) as exc:
-            if not hasattr(exc, "last_checkpoint"):
-                mark_resumable(exc, None)
+            if not hasattr(exc, "last_checkpoint"):  # after the passes: the newest checkpoint of the last pass
+                passes_done = sorted(out.glob("pass-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+                mark_resumable(exc, next(filter(None, (newest_checkpoint(p / "checkpoints") for p in passes_done)),
+                                         None))
             raise
 
 
@@ -216,12 +218,9 @@ def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrit
                 stopped = f"pass {k} found nothing left to repair: {exc}"
                 break
         source = pass_out / "final"
-    final, tmp = out / "final", out / ".tmp-final"
-    with writing(final, "final model"):
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    final = out / "final"
+    with staged_dir(final, "final model") as tmp:
         shutil.copytree(source, tmp)
-    replace_dir(tmp, final)
     summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
                "eval_ppl_before": reports[0].get("eval_ppl_before"), "passes": reports}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
@@ -288,6 +287,7 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
                allow_empty, budget):
     """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
     cfg = model.config
+    prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)
     baseline = report if report is not None else diagnose(
@@ -309,7 +309,7 @@ def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, se
     model, tokenizer = load_bloom(str(model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
     _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
-                                 list(prompts or DEFAULT_PROMPTS), progress, allow_empty, budget)
+                                 prompts, progress, allow_empty, budget)
     return dict(plan.to_dict(), memory=memory)
 
 
@@ -353,12 +353,9 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     report and plots."""
     out = run.out
     final = out / "final"
-    tmp = out / ".tmp-final"
     newest = newest_checkpoint(run.ckpt_dir)
     best = run.best.get("checkpoint") or (newest.name if newest else None)
-    with writing(final, "final model"):
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with staged_dir(final, "final model") as tmp:
         if best is not None:
             shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
         else:
@@ -367,7 +364,6 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
                 run.tokenizer.save_pretrained(tmp)
         if final_dtype is not None:
             cast_checkpoint(tmp, final_dtype)
-    replace_dir(tmp, final)
     if not run.history:
         run.evaluate(0, 0.0, None, None)
     if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from .compare import Comparison
 from .diagnose import diagnose
 from .errors import UsageError
-from .io_utils import atomic_write_text, replace_dir, writing
+from .io_utils import atomic_write_text, staged_dir
 from .loading import quiet_transformers
 from .loss import causal_lm_labels, chunked_lm_loss
 from .optim import HeadSlicedAdamW
@@ -105,30 +104,22 @@ class Run:
         slices.write_back()
         name = f"{CKPT_PREFIX}{position['step']:08d}"
         final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".tmp-{name}"
-        try:
-            with writing(final, "checkpoint"):
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-                with quiet_transformers():
-                    self.model.save_pretrained(tmp, safe_serialization=True)
-                    self.tokenizer.save_pretrained(tmp)
-                _test_pause("save", position["step"])
-                state = opt.state_dict()
-                tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")
-                           if state[k] is not None}
-                save_file(tensors, str(tmp / OPT_FILE))
-                meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
-                                                            k not in ("exp_avg", "exp_avg_sq", "master")},
-                        "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
-                        "settings": dataclasses.asdict(self.s), "model": config_key(self.model.config),
-                        "history": self.history}
-                atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
-                replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing partial is left (a kill -9 can leave it: never read)
-            raise
+        with staged_dir(final, "checkpoint") as tmp:
+            tmp.mkdir(parents=True)
+            with quiet_transformers():
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            _test_pause("save", position["step"])
+            state = opt.state_dict()
+            tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")
+                       if state[k] is not None}
+            save_file(tensors, str(tmp / OPT_FILE))
+            meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
+                                                        k not in ("exp_avg", "exp_avg_sq", "master")},
+                    "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
+                    "settings": dataclasses.asdict(self.s), "model": config_key(self.model.config),
+                    "history": self.history}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
         return final
 
     # -- evaluation ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ uninterrupted run with the same seed. All three runs are subprocesses with the s
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import subprocess
@@ -23,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from alibi_surgery import trainer
+from alibi_surgery.io_utils import replace_dir
 from alibi_surgery.lock import LOCK_NAME
 from surgery_runs import cli_env, make_inputs, repair_command, start_paused
 
-repair_module = importlib.import_module("alibi_surgery.repair")
 STEPS = 12  # 6 per epoch, 2 epochs; checkpoints at steps 2, 4, ..., 12
 
 
@@ -125,6 +124,6 @@ def test_replacing_a_directory_keeps_the_old_or_the_new(tmp_path):
     (tmp_path / ".old-final").mkdir()  # left by a kill between the two renames
     tmp.mkdir()
     (tmp / "w").write_text("new")
-    repair_module.replace_dir(tmp, final)
+    replace_dir(tmp, final)
     assert (final / "w").read_text() == "new" and not tmp.exists()
     assert not (tmp_path / ".old-final").exists()
