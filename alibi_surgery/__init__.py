@@ -9,21 +9,21 @@ Public API:
     plan / repair / compare                 surgery as the CLI runs it: the plan (dry run), the full procedure, and
                                             a before/after comparison of two diagnoses or models
 
-``alibi_surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are importable as
-``alibi_surgery.plan`` etc. through ``importlib`` or ``from alibi_surgery.plan import Plan``.
+``alibi_surgery.surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are importable as
+``alibi_surgery.surgery.plan`` etc. through ``importlib`` or ``from alibi_surgery.surgery.plan import Plan``.
 """
 
-from .compare import Comparison, compare
-from .diagnose import diagnose
+from .analysis.compare import Comparison, compare
+from .diagnosis.diagnose import diagnose
 from .errors import UsageError
-from .loss import chunked_lm_loss
-from .optim import HeadSlicedAdamW
-from .patch import head_stats, patch_bloom, patched, unpatch_bloom
-from .report import HeadReport, Thresholds
-from .plan import Plan
-from .repair import RepairSettings, repair
-from .repair import plan_surgery as plan
-from .slices import HeadSlices
+from .surgery.loss import chunked_lm_loss
+from .surgery.optim import HeadSlicedAdamW
+from .attention.patch import head_stats, patch_bloom, patched, unpatch_bloom
+from .diagnosis.report import HeadReport, Thresholds
+from .surgery.plan import Plan
+from .surgery.repair import RepairSettings, repair
+from .surgery.repair import plan_surgery as plan
+from .surgery.slices import HeadSlices
 
 __version__ = "0.1.0"
 __all__ = ["patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",

@@ -27,8 +27,8 @@ def _one(shape: str, seq: int, provider: str, vocab: int | None, device: str = "
     from transformers import BloomForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from alibi_surgery.diagnose import diagnose
-    from alibi_surgery.random_model import bloom_config
+    from alibi_surgery.diagnosis.diagnose import diagnose
+    from alibi_surgery.io.random_model import bloom_config
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

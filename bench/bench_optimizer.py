@@ -87,7 +87,7 @@ def time_optimizer(opt, copy_bps: float | None = None) -> dict:
 def build(args):
     from transformers import BloomModel
 
-    from alibi_surgery.random_model import bloom_config
+    from alibi_surgery.io.random_model import bloom_config
 
     config = bloom_config(args.shape, vocab_size=1024, n_layer=args.layers)
     model = meta_model(BloomModel, config, getattr(torch, args.dtype), args.device)

@@ -4,7 +4,7 @@
 
 Each (checkpoint, job) runs in a fresh process: the resident-memory baseline is taken after the imports, then the job
 runs once (fp32, batch 1, one prompt of T tokens, torch backend) and the peak resident memory (``ru_maxrss``) above
-that baseline is compared with ``alibi_surgery.memory_plan.plan_memory``'s total for the same settings. Rows go to
+that baseline is compared with ``alibi_surgery.surgery.memory_plan.plan_memory``'s total for the same settings. Rows go to
 bench/results/plan_memory.csv.
 """
 
@@ -27,10 +27,10 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
     from transformers.utils import logging as hf_logging
 
     from alibi_surgery import HeadSlicedAdamW, HeadSlices, chunked_lm_loss, patch_bloom
-    from alibi_surgery.diagnose import diagnose
-    from alibi_surgery.loading import load_bloom, load_tokenizer
-    from alibi_surgery.memory_plan import plan_memory, spread_plan
-    from alibi_surgery.stream import diagnose_streamed
+    from alibi_surgery.diagnosis.diagnose import diagnose
+    from alibi_surgery.io.loading import load_bloom, load_tokenizer
+    from alibi_surgery.surgery.memory_plan import plan_memory, spread_plan
+    from alibi_surgery.diagnosis.stream import diagnose_streamed
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

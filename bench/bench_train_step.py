@@ -51,7 +51,7 @@ def build_model(args):
     from transformers import BloomForCausalLM
 
     from alibi_surgery import patch_bloom
-    from alibi_surgery.random_model import bloom_config
+    from alibi_surgery.io.random_model import bloom_config
 
     config = bloom_config(args.shape, vocab_size=args.vocab, n_layer=args.layers)
     model = meta_model(BloomForCausalLM, config, getattr(torch, args.dtype), args.device)

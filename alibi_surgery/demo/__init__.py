@@ -1,0 +1,203 @@
+"""The embedded demonstration model and ``alibi-surgery demo``: the whole job, offline, in a few CPU minutes.
+
+The package ships a tiny BLOOM (``alibi_surgery/demo_model``: safetensors, config, byte-level tokenizer that prefixes
+``<s>``, ``SHA256SUMS``, ``recipe.json``) pre-trained from scratch by :mod:`alibi_surgery.demo.pretrain` on bigram-recall
+text (:mod:`alibi_surgery.demo.recall_data`). Its first-token collapse was learned, not planted; docs/demo-model.md has the
+recipe and the curves. :func:`model_dir` verifies the checksums before handing out the path.
+
+:func:`run_demo` (the ``demo`` command): diagnose → plan (``--heads auto``) → repair on a freshly generated
+bigram-recall corpus → re-diagnose (``compare``) → a before/after summary, with the report and heatmaps in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+__all__ = ["model_dir", "load_model", "recipe", "write_corpus", "run_demo", "install_model", "DEMO_SETTINGS"]
+
+_DIR = Path(__file__).with_name("model")
+CHECKSUMS = "SHA256SUMS"
+
+# Surgery settings of the demo: the paper's optimiser and schedule, scaled to a 0.8M-parameter model and a
+# five-minute CPU budget (a larger learning rate and batch than the paper's 5e-5 and 1 x 8).
+DEMO_SETTINGS = dict(batch_size=16, grad_accum=1, lr=1e-3, epochs=8, warmup=0.1, checkpointing=False,
+                     save_every_steps=32)
+DEMO_DOCS = (1024, 128)  # training and held-out documents, one sequence each
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory) -> Path:
+    """Write ``SHA256SUMS`` for every file of ``directory`` (used when the demo model is installed)."""
+    directory = Path(directory)
+    lines = [f"{_sha256(p)}  {p.name}" for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS]
+    (directory / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    return directory / CHECKSUMS
+
+
+def install_model(run_dir, *, target=None) -> Path:
+    """Install a :mod:`alibi_surgery.demo.pretrain` run (``RUN/last`` + ``RUN/recipe.json``) as the demo model: the
+    model files, the recipe and fresh ``SHA256SUMS`` replace ``target`` (default: the package's ``demo_model``)."""
+    import shutil
+
+    run_dir, target = Path(run_dir), Path(target or _DIR)
+    files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    missing = [f for f in files if not (run_dir / "last" / f).is_file()]
+    if missing or not (run_dir / "recipe.json").is_file():
+        raise UsageError(f"{run_dir} is not a finished pre-training run "
+                         f"(missing {', '.join(missing) or 'recipe.json'})")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(run_dir / "last" / f, target / f)
+    shutil.copy2(run_dir / "recipe.json", target / "recipe.json")
+    write_checksums(target)
+    return target
+
+
+def verify_checksums(directory) -> None:
+    """Raise a one-line :class:`UsageError` when a file listed in ``SHA256SUMS`` is missing or differs."""
+    directory = Path(directory)
+    sums = directory / CHECKSUMS
+    if not sums.is_file():
+        raise UsageError(f"the demo model has no {CHECKSUMS} in {directory}: reinstall alibi-surgery")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = directory / name
+        if not path.is_file():
+            raise UsageError(f"the demo model file {name} is missing from {directory}: reinstall alibi-surgery")
+        if _sha256(path) != digest:
+            raise UsageError(f"the demo model file {name} fails its sha256 check: reinstall alibi-surgery")
+
+
+def model_dir(*, verify: bool = True) -> Path:
+    """The demo model's directory (package data), checksums verified."""
+    if verify:
+        verify_checksums(_DIR)
+    return _DIR
+
+
+def recipe() -> dict:
+    """How the demo model was trained (``recipe.json``: the pre-training arguments, versions and wall time)."""
+    return json.loads((model_dir(verify=False) / "recipe.json").read_text())
+
+
+def load_model(*, dtype: str | None = None, device: str | None = None):
+    """``(model, tokenizer)`` of the demo model, checksums verified; fp32 on CPU by default."""
+    from ..io.loading import load_bloom
+
+    return load_bloom(str(model_dir()), dtype=dtype, device=device)
+
+
+def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tuple[Path, Path]:
+    """Generate the demo's surgery corpus (``train.jsonl``) and held-out text (``eval.jsonl``) in ``directory``:
+    fresh bigram-recall documents, each exactly one ``seq_len`` chunk with its ``<s>`` and ``</s>``. The seed differs
+    from pre-training's, so these sequences are new to the model."""
+    from .recall_data import RecallData, python_docs_text
+
+    r = recipe()
+    seq_len = seq_len or r["seq_len"]
+    data = RecallData(python_docs_text(), trigger_p=r["trigger_p"])
+    gen = torch.Generator().manual_seed(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n in zip(("train.jsonl", "eval.jsonl"), DEMO_DOCS):
+        docs = data.texts(n, seq_len - 2, gen)
+        path = directory / name
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int | None = None, seed: int = 0,
+             progress: bool = False, log=print) -> dict:
+    """Diagnose, plan, repair, re-diagnose and compare the demo model; everything goes to ``out``. Returns the
+    summary dict (also ``OUT/summary.json``)."""
+    from ..io.lock import DirLock
+    from ..surgery.repair import check_out_dir, clear_dir
+
+    t0 = time.perf_counter()
+    src = model_dir()
+    out = check_out_dir(out, src, resume=False, overwrite=overwrite)
+    with DirLock(out):
+        if overwrite:
+            clear_dir(out)
+        return _run_demo(out, src, epochs, seed, progress, log, t0)
+
+
+def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
+    from ..analysis.compare import compare, save_delta_heatmap
+    from ..diagnosis.diagnose import diagnose
+    from ..viz.heatmap import save_heatmap
+    from ..io.files import atomic_write_text
+    from ..diagnosis.prompts import DEFAULT_PROMPTS
+    from ..surgery.repair import RepairSettings, repair_pass
+
+    r = recipe()
+    max_length = r["diag_max_length"]
+    model, tokenizer = load_model()
+
+    log(f"demo model: {r['layers']} layers x {r['heads']} heads, trained {r['steps_run']} steps from scratch "
+        f"(docs/demo-model.md); diagnosing with the built-in prompts, first {max_length} tokens each")
+    before = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, progress=progress)
+    before.metadata["model"] = "demo model"  # not the install path, in titles and summaries
+    before.to_json(out / "before.json")
+    save_heatmap(before, out / "before.png")
+    log(before.format_summary())
+
+    train, held_out = write_corpus(out / "corpus", seed=seed + 1)
+    del model
+    settings = RepairSettings(seq_len=r["seq_len"], diag_max_length=max_length, seed=seed,
+                              **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
+    report = repair_pass(src, out / "surgery", corpus=[train], eval_text=held_out, report=before,
+                         settings=settings, progress=progress)
+    final = out / "surgery" / "final"
+    ppl_before = report["eval_ppl_before"]
+    cmp = compare(before, final, targets=report["plan"]["selection"], max_length=max_length)
+    cmp.after.metadata["model"] = "demo model after surgery"
+    cmp.to_json(out / "comparison.json")
+    save_heatmap(cmp.after, out / "after.png")
+    save_delta_heatmap(cmp, out / "delta.png")
+    last = report["checkpoints"][-1]
+    best = next(c for c in report["checkpoints"] if c["checkpoint"] == report["final_checkpoint"])
+    n_targets = sum(len(h) for h in report["plan"]["selection"].values())
+    recovered = sum(len(h) for h in cmp.recovered().values())
+    summary = {
+        "collapsed_before": before.summary()["bos_sink"] + before.summary()["dead"],
+        "n_heads": before.n_layer * before.n_head, "targeted": n_targets, "recovered": recovered,
+        "still_sick": sum(len(h) for h in cmp.still_sick().values()),
+        "iatrogenic": sum(len(h) for h in cmp.iatrogenic().values()),
+        "drift_outside": cmp.drift("outside"), "eval_ppl_before": ppl_before, "eval_ppl_final": best["eval_ppl"],
+        "train_ppl_final": best["train_ppl"], "steps": last["step"], "seconds": round(time.perf_counter() - t0, 1),
+        "out": str(out),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    log(cmp.format_summary())
+    log(f"targeted {n_targets} collapsed heads; recovered {recovered}/{n_targets} "
+        f"({100 * recovered / max(1, n_targets):.0f}%), still sick {summary['still_sick']}, "
+        f"newly sick elsewhere {summary['iatrogenic']}")
+    log(f"held-out perplexity: {_fmt(ppl_before)} before surgery -> {_fmt(best['eval_ppl'])} after "
+        f"({report['final_checkpoint']}, the best of {len(report['checkpoints'])} checkpoints); "
+        f"{summary['steps']} steps, {summary['seconds']:.0f} s in all")
+    log(f"wrote {out}/: before.png after.png delta.png, comparison.json, summary.json, surgery/report.md, "
+        f"surgery/final/ (a stock-transformers model)")
+    return summary

@@ -1,0 +1,233 @@
+"""Pre-train a small BLOOM from scratch, so that collapsed heads form by training (never by editing weights).
+
+    python -m alibi_surgery.demo.pretrain OUT --threads 1 --install   # the demonstration model's recipe (CPU, ~40 min)
+    python -m alibi_surgery.demo.pretrain OUT --data text --corpus '/usr/lib/python3*/*.py' --device cuda --minutes 4
+
+Two data sources:
+
+- ``recall`` (default): bigram-recall sequences (:mod:`alibi_surgery.demo.recall_data`), each opening with ``<s>``. The
+  tokenizer is the byte-level one with ``<s>`` prefixed to every text, so a diagnosis sees the same first token.
+- ``text``: random ``seq_len`` windows of a packed text corpus (optionally opening with ``<s>``: ``--bos``).
+
+The model is ``BloomForCausalLM`` from ``BloomConfig`` (ALiBi, fused QKV, tied embeddings). Training: the full LM
+loss, AdamW (betas 0.9/0.95), linear warm-up then cosine decay to 10% over ``--steps`` (or over the steps the
+``--minutes`` budget allows), clip 1.0, a fixed seed; bf16 autocast on CUDA. Every ``--diagnose-every`` steps the
+model is diagnosed with the default prompts (truncated to ``--diag-max-length``, default ``--seq-len``) and the
+per-head first-token mass is logged; with ``--save-every N`` the model is saved to ``OUT/checkpoints/step-N``.
+Outputs in ``OUT``: ``log.jsonl``, ``recipe.json`` (arguments, versions, wall time), ``curves.png`` (loss and
+collapsed heads by step), ``last/`` (the final model: safetensors, config, tokenizer, ``diagnosis.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["pretrain", "plot_curves"]
+
+
+def _save(model, tokenizer, path, dtype) -> None:
+    import copy
+
+    copy.deepcopy(model).to(dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def plot_curves(log_path, png_path) -> None:
+    """Three panels from a pre-training ``log.jsonl``: the loss, the collapsed-head count, and every head's
+    first-token mass by step (heads collapsed at the end drawn in colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..viz.heatmap import save_figure
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    diag = [r for r in rows if "bos_mass" in r]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 3.8))
+    a.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6)
+    a.set(xlabel="step", ylabel="training loss (nats/token)", title="loss")
+    if diag:
+        steps = [r["step"] for r in diag]
+        grid = diag[-1]["bos_mass"]
+        n = len(grid) * len(grid[0])
+        b.plot(steps, [r["bos_sink"] + r["dead"] for r in diag], marker=".", label="bos-sink + dead")
+        b.plot(steps, [r["dead"] for r in diag], marker=".", label="dead")
+        b.axhline(0.2 * n, color="grey", ls="--", lw=0.8, label="20% of heads")
+        b.set(xlabel="step", ylabel=f"heads (of {n})", title="collapsed heads")
+        b.legend()
+        for layer, row in enumerate(grid):
+            for head, last in enumerate(row):
+                series = [r["bos_mass"][layer][head] for r in diag]
+                if last > 0.5:
+                    c.plot(steps, series, lw=1.2, label=f"L{layer}H{head}")
+                else:
+                    c.plot(steps, series, lw=0.5, color="0.7")
+        c.axhline(0.5, color="grey", ls="--", lw=0.8)
+        c.set(xlabel="step", ylabel="first-token mass", title="every head (colour: collapsed at the end)", ylim=(0, 1))
+        if any(v > 0.5 for row in grid for v in row):
+            c.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, png_path)
+
+
+def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05, bos: bool = False,
+             layers: int = 4, hidden: int = 128, heads: int = 8, seq_len: int = 32, batch_size: int = 64,
+             lr: float = 5e-3, weight_decay: float = 0.0, warmup: int = 200, steps: int | None = 6000,
+             minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None,
+             diag_max_length: int | None = None, device: str | None = None, threads: int | None = None,
+             seed: int = 0, backend: str = "eager", save_dtype=torch.float32, log=print) -> dict:
+    """Train and save a BLOOM in ``out`` (module docstring). ``steps`` or ``minutes`` bounds the run (the first
+    reached wins). Returns ``{"steps", "seconds", "final": <last diagnosis summary>}``."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from ..io.corpus import load_corpus
+    from ..diagnosis.diagnose import diagnose
+    from ..errors import UsageError
+    from ..attention.patch import patch_bloom
+    from ..diagnosis.prompts import DEFAULT_PROMPTS
+    from ..io.random_model import byte_tokenizer
+    from .recall_data import RecallData, python_docs_text
+
+    if steps is None and minutes is None:
+        raise UsageError("give --steps or --minutes")
+    diag_len = diag_max_length or seq_len
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if data == "recall":
+        tokenizer = byte_tokenizer(add_bos=True)
+        source = RecallData(python_docs_text(), trigger_p=trigger_p)
+        byte_ids = torch.tensor([tokenizer(chr(b), add_special_tokens=False)["input_ids"][0] for b in range(128)])
+
+        def batch():
+            rows = byte_ids[source.sample_bytes(batch_size, seq_len - 1, gen)]
+            return torch.cat([torch.full((batch_size, 1), tokenizer.bos_token_id), rows], 1)
+    elif data == "text":
+        tokenizer = byte_tokenizer(add_bos=bos)
+        if corpus is None:
+            raise UsageError("--data text needs --corpus")
+        stream = load_corpus(corpus, tokenizer, seq_len + 1)[0].view(-1)
+
+        def batch():
+            starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=gen)
+            ids = stream[starts[:, None] + torch.arange(seq_len)]
+            if bos:  # every window opens with the same token, as documents opening with <s> do
+                ids[:, 0] = tokenizer.bos_token_id
+            return ids
+    else:
+        raise UsageError(f"--data must be recall or text, got {data!r}")
+
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=hidden, n_layer=layers, n_head=heads,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = BloomForCausalLM(config).to(dev)
+    if backend != "eager":
+        patch_bloom(model, backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    recipe = {"data": data, "trigger_p": trigger_p, "bos": bos, "layers": layers, "hidden": hidden, "heads": heads,
+              "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "warmup": warmup, "steps": steps, "minutes": minutes, "diag_max_length": diag_len,
+              "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "backend": backend,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": __import__("transformers").__version__},
+              "machine": platform.processor() or platform.machine()}
+    (out / "log.jsonl").write_text("")
+    t0, step, total = time.perf_counter(), 0, steps or 10**9
+    budget = minutes * 60 if minutes else math.inf
+    report = None
+
+    def diagnose_now():
+        model.eval()
+        rep = diagnose(model, tokenizer, DEFAULT_PROMPTS, backend="torch" if dev.type == "cpu" else "auto",
+                       max_length=diag_len)
+        model.train()
+        return rep
+
+    while step < total and time.perf_counter() - t0 < budget:
+        if step == 20 and steps is None:  # from the measured speed, the steps the time budget allows
+            total = int(budget / ((time.perf_counter() - t0) / 20))
+        ids = batch().to(dev)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, total, lr, warmup)
+        with amp:
+            loss = model(ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        entry = {"step": step, "loss": round(float(loss.detach()), 4)}
+        if step % diagnose_every == 0 or step == total:
+            report = diagnose_now()
+            entry.update(seconds=round(time.perf_counter() - t0, 1), **report.summary(),
+                         bos_mass=[[round(v, 3) for v in row] for row in report.bos_mass.tolist()])
+            log(json.dumps({k: v for k, v in entry.items() if k != "bos_mass"}))
+        if save_every and step % save_every == 0:
+            _save(model, tokenizer, out / "checkpoints" / f"step-{step:06d}", save_dtype)
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+    seconds = time.perf_counter() - t0
+    report = report if report is not None and step % diagnose_every == 0 else diagnose_now()
+    _save(model, tokenizer, out / "last", save_dtype)
+    report.to_json(out / "last" / "diagnosis.json")
+    recipe.update(steps_run=step, seconds=round(seconds, 1))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    plot_curves(out / "log.jsonl", out / "curves.png")
+    return {"steps": step, "seconds": seconds, "final": report.summary()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--data", default="recall", choices=["recall", "text"])
+    p.add_argument("--corpus", nargs="+")
+    p.add_argument("--bos", action="store_true", help="text data: open every window with <s>")
+    for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 32), ("batch-size", 64),
+                          ("warmup", 200), ("steps", 6000), ("diagnose-every", 250), ("seed", 0), ("threads", 0),
+                          ("diag-max-length", 0), ("save-every", 0)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--device")
+    p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--install", action="store_true",
+                   help="then install OUT/last as the package's demo model (alibi_surgery/demo_model)")
+    a = p.parse_args(argv)
+    result = pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
+                      hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
+                      weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
+                      minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
+                      diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
+                      seed=a.seed, backend=a.backend, save_dtype=getattr(torch, a.save_dtype))
+    print(json.dumps(result))
+    if a.install:
+        from ..demo import install_model
+
+        print(f"installed the demo model in {install_model(a.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Surgery: plan, re-initialise, train the selected heads, checkpoint, re-diagnose, report.
+
+``repair(model_dir, out, corpus=..., ...)`` runs the paper's procedure with the head-sliced machinery
+(:class:`HeadSlices`, :class:`HeadSlicedAdamW`, :func:`chunked_lm_loss`, fused attention, gradient checkpointing):
+
+1. diagnose the input model (or take ``report``) and make a :class:`~alibi_surgery.surgery.plan.Plan`; with an
+   ``eval_text``, measure the input's held-out perplexity;
+2. re-initialise the selected heads (:func:`~alibi_surgery.surgery.reinit.reinit_heads`, seeded);
+3. train on the packed corpus (:mod:`~alibi_surgery.surgery.trainer`): AdamW (lr 5e-5, no weight decay, clip 1.0), linear
+   warm-up then cosine decay, ``batch_size`` x ``grad_accum`` sequences per step, ``epochs`` epochs, early stop on
+   held-out perplexity;
+4. checkpoint at the end of every epoch (and every ``save_every_steps``), atomically; ``resume=True`` continues
+   from the newest complete one, bit-identically, and does nothing for a finished run;
+5. re-diagnose at every checkpoint against the baseline: recovered / still sick targets, iatrogenic heads, drift
+   per zone, training and held-out perplexity, written to ``report.json``, ``report.md`` and PNGs;
+6. write ``OUT/final/``, a complete model directory (the best checkpoint by held-out perplexity, else the last)
+   that stock transformers loads, in the input checkpoint's dtype unless ``save_dtype`` says otherwise.
+
+The input directory is only read. Before anything is written: the checkpoint's headers and weights are checked
+(:mod:`~alibi_surgery.io.checkpoint`), and with ``budget`` the plan's predicted peak memory. ``OUT`` is locked for the
+run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the first. A write failure is a one-line
+:class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
+With ``passes > 1`` each later pass starts from the previous pass's final model and targets the heads still
+collapsed, and the run stops early when a pass finds nothing left. Limits: BLOOM only; the corpus is read into
+memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..io.corpus import load_corpus, pack_text, read_documents
+from ..diagnosis.diagnose import diagnose
+from ..errors import UsageError, WriteError, mark_resumable
+from ..io.files import atomic_write_text, read_text, staged_dir, writing
+from ..io.checkpoint import cast_checkpoint, stored_dtype
+from ..io.loading import load_bloom, load_config, parse_dtype, quiet_transformers, resolve_model_dir
+from ..io.lock import LOCK_NAME, DirLock, lock_holder
+from ..attention.patch import patch_bloom
+from .plan import NothingToRepair, Plan, make_plan, predict_memory
+from .repair_report import write_markdown, write_passes_markdown, write_plots
+from ..diagnosis.prompts import DEFAULT_PROMPTS
+from ..diagnosis.report import HeadReport
+from .reinit import reinit_heads
+from .trainer import (OPT_FILE, STATE_FILE, Run, config_key, enable_checkpointing, lr_at, newest_checkpoint,
+                      perplexity, train)
+
+__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget", "lr_at",
+           "enable_checkpointing"]
+
+@dataclasses.dataclass
+class RepairSettings:
+    """Everything a run depends on (saved in every checkpoint; a resumed run must use the same)."""
+
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of all steps spent in linear warm-up
+    epochs: int = 1
+    patience: int | None = None  # checkpoints without held-out improvement before stopping
+    max_grad_norm: float = 1.0
+    init: str = "xavier_uniform"
+    seed: int = 0
+    save_every_steps: int | None = None
+    checkpointing: bool = True
+    stochastic_rounding: bool = False
+    diag_max_length: int | None = 128
+
+    def check(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise UsageError(f"--epochs must be >= 0, got {self.epochs}")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.lr < 0 or self.max_grad_norm <= 0:
+            raise UsageError("--lr must be >= 0 and --max-grad-norm > 0")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"--patience must be >= 1, got {self.patience}")
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            raise UsageError(f"--save-every-steps must be >= 1, got {self.save_every_steps}")
+
+
+def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse an OUT that is the input or inside it, exists non-empty (unless resume/overwrite), or is unwritable."""
+    out = Path(out).resolve()
+    model_dir = Path(model_dir).resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise UsageError(f"--out {out} is the input model directory or inside it: the input is never written to")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    holder = lock_holder(out)
+    if holder is not None:
+        raise UsageError(f"--out {out} is in use by another run ({holder}); wait for it to finish or choose another "
+                         f"directory")
+    if out.exists() and _contents(out) and not (resume or overwrite):
+        raise UsageError(f"--out {out} is not empty: pass --resume to continue or --overwrite to start again")
+    parent = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {out} is not writable: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} is not writable: no write permission on {parent}")
+    return out
+
+
+def _contents(directory: Path) -> list[Path]:
+    """What ``directory`` holds, less the lock file."""
+    return [p for p in directory.iterdir() if p.name != LOCK_NAME]
+
+
+def clear_dir(directory: Path) -> None:
+    """Empty ``directory`` for a fresh start (--overwrite), keeping the lock this run holds on it."""
+    with writing(directory, "directory"):
+        for p in _contents(directory):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def check_budget(memory: dict, budget: int | None, device: torch.device) -> None:
+    """Refuse a surgery whose predicted peak exceeds ``budget`` bytes, with the planner's figures. Without a budget
+    on CUDA, only warn when it exceeds what the card has free (the model already loaded counts as free)."""
+    import sys
+
+    from .memory_plan import format_bytes
+
+    total = memory["total"]
+    parts = ", ".join(f"{label} {format_bytes(memory[key])}" for key, label in (
+        ("weights", "weights"), ("grads", "slice gradients"), ("optimizer", "optimizer"),
+        ("activations", "activations"), ("loss_chunk", "loss chunk")))
+    advice = "train fewer heads, shorten --seq-len or --batch-size" + (
+        "" if memory["stochastic_rounding"] or memory["dtype"] != "bfloat16" else ", or add --stochastic-rounding")
+    if budget is not None:
+        if total > budget:
+            raise UsageError(f"the planned surgery needs {format_bytes(total)} ({parts}), more than --budget "
+                             f"{format_bytes(budget)}: {advice}")
+    elif device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+        if total > available:
+            print(f"warning: the planned surgery is predicted to need {format_bytes(total)} ({parts}), more than "
+                  f"the {format_bytes(available)} this GPU has free: {advice}", file=sys.stderr)
+
+
+def plan_surgery(model_dir, **options) -> Plan:
+    """The plan :func:`repair` would follow (``--dry-run``), as a :class:`~alibi_surgery.surgery.plan.Plan`; the predicted
+    memory is in ``plan.memory``. Takes repair's plan, diagnosis and settings options."""
+    data = repair_pass(model_dir, ".", dry_run=True, **options)
+    memory = data.pop("memory")
+    result = Plan.from_dict(data)
+    result.memory = memory
+    return result
+
+
+def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+           **options) -> dict:
+    """Run surgery on the BLOOM model in ``model_dir``; results go to ``out``. Returns the report dict (also in
+    ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
+
+    With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
+    targets the heads still collapsed (``include`` applies to pass 1 only); when a later pass finds nothing left to
+    repair the run stops there. ``OUT/final`` is the last pass's final model; ``OUT/report.json`` and
+    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run (:class:`~alibi_surgery.io.lock.DirLock`).
+    Resuming a finished run does nothing and returns its report, with ``already_complete`` set."""
+    if passes < 1:
+        raise UsageError(f"--passes must be >= 1, got {passes}")
+    model_path = resolve_model_dir(str(model_dir))
+    if dry_run or passes == 1:
+        return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
+    out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
+    with DirLock(out):
+        if resume:  # a finished run of this model and these settings: nothing to do
+            _check_resume(model_path, out / "pass-1", options.get("settings") or RepairSettings())
+            done = _completed(out)
+            if done is not None:
+                return done
+        try:
+            return _run_passes(model_path, out, passes, resume, overwrite, options)
+        except (KeyboardInterrupt, WriteError) as exc:
+            if not hasattr(exc, "last_checkpoint"):  # after the passes: the newest checkpoint of the last pass
+                passes_done = sorted(out.glob("pass-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+                mark_resumable(exc, next(filter(None, (newest_checkpoint(p / "checkpoints") for p in passes_done)),
+                                         None))
+            raise
+
+
+def _completed(out: Path) -> dict | None:
+    """The report of a finished run in ``out`` (report.json and final/ both there), marked ``already_complete``."""
+    if (out / "report.json").is_file() and (out / "final").is_dir():
+        return dict(json.loads(read_text(out / "report.json", what="report")), already_complete=True)
+    return None
+
+
+def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite: bool, options: dict) -> dict:
+    if overwrite and not resume:
+        clear_dir(out)
+    source, reports, stopped = model_path, [], None
+    for k in range(1, passes + 1):
+        pass_out = out / f"pass-{k}"
+        if (pass_out / "report.json").is_file():
+            reports.append(json.loads(read_text(pass_out / "report.json", what="report")))
+        else:
+            first = {"report": options.get("report"), "include": options.get("include")} if k == 1 else \
+                {"report": None, "include": None}
+            try:
+                reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(),
+                                           **dict(options, **first)))
+            except NothingToRepair as exc:
+                if k == 1:
+                    raise
+                stopped = f"pass {k} found nothing left to repair: {exc}"
+                break
+        source = pass_out / "final"
+    final = out / "final"
+    with staged_dir(final, "final model") as tmp:
+        shutil.copytree(source, tmp)
+    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
+               "eval_ppl_before": reports[0].get("eval_ppl_before"), "passes": reports}
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
+    write_passes_markdown(out, summary)
+    return summary
+
+
+def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadReport | str | None = None,
+                heads: str | None = "auto", band: str | None = None, layers: str | None = None,
+                freeze: str | None = None, include: str | None = None, settings: RepairSettings | None = None,
+                device: str | None = None, dtype: str | None = None, backend: str = "auto", prompts=None,
+                save_dtype: str | None = None, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+                progress: bool = False, allow_empty: bool = False, budget: int | None = None,
+                _stop_after_steps: int | None = None) -> dict:
+    """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
+    predicted peak (:func:`~alibi_surgery.surgery.plan.predict_memory`) exceeds it is refused before anything is written.
+    ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the pass
+    runs; a write failure or an interrupt carries ``last_checkpoint`` (see :func:`~alibi_surgery.errors.mark_resumable`).
+    """
+    settings = settings or RepairSettings()
+    settings.check()
+    model_path = resolve_model_dir(str(model_dir))
+    final_dtype = parse_dtype(save_dtype, torch.device("cpu")) if save_dtype else stored_dtype(model_path)
+    if dry_run:
+        return _plan_pass(model_path, Path(out), report, heads, band, layers, freeze, include, settings, device,
+                          dtype, backend, prompts, progress, allow_empty, budget)
+    out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
+    with DirLock(out):
+        resume_from, meta = _check_resume(model_path, out, settings) if resume else (None, None)
+        done = _completed(out) if resume else None  # a finished run of this model and these settings
+        if done is not None:
+            return done
+        try:
+            run = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include,
+                           settings, device, dtype, backend, prompts, resume_from, meta, overwrite or resume,
+                           progress, allow_empty, budget)
+            if run.total_steps == 0 or not run.plan.selection:
+                run.best = {"checkpoint": None}
+            else:
+                train(run, resume_from, _stop_after_steps)
+            return _finish(run, final_dtype)
+        except (KeyboardInterrupt, WriteError) as exc:
+            mark_resumable(exc, newest_checkpoint(out / "checkpoints"))
+            raise
+
+
+def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses one made
+    from another model or with other settings."""
+    resume_from = newest_checkpoint(out / "checkpoints")
+    if resume_from is None:
+        return None, None
+    meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
+    expected = config_key(load_config(str(model_path)))  # the checkpoint holds the model: read the input's config
+    if meta["model"] != expected:
+        raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
+                         f"({meta['model']} vs {expected})")
+    if meta["settings"] != dataclasses.asdict(settings):
+        raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
+    return resume_from, meta
+
+
+def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend, prompts, progress,
+               allow_empty, budget):
+    """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
+    cfg = model.config
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    if isinstance(report, (str, Path)):
+        report = HeadReport.from_json(report)
+    baseline = report if report is not None else diagnose(
+        model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
+    plan = make_plan(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.hidden_size // cfg.n_head,
+                     hidden=cfg.hidden_size, report=baseline, heads=heads, band=band, layers=layers,
+                     freeze=freeze, include=include, allow_empty=allow_empty)
+    memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                            seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
+                            n_params_total=sum(p.numel() for p in model.parameters()),
+                            stochastic_rounding=settings.stochastic_rounding)
+    check_budget(memory, budget, model.device)
+    return baseline, plan, memory
+
+
+def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, settings, device, dtype, backend,
+               prompts, progress, allow_empty, budget) -> dict:
+    """``--dry-run``: the plan and its predicted memory; nothing is written."""
+    model, tokenizer = load_bloom(str(model_path), dtype=dtype, device=device)
+    patch_bloom(model, backend)
+    _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
+                                 prompts, progress, allow_empty, budget)
+    return dict(plan.to_dict(), memory=memory)
+
+
+def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings, device,
+             dtype, backend, prompts, resume_from, meta, clear, progress, allow_empty, budget) -> Run:
+    """Everything before training: inputs checked, model loaded (from ``resume_from`` when given), plan made (or
+    read back from ``meta``), OUT emptied (``clear``) and its first files written, the selected heads
+    re-initialised."""
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    model, tokenizer = load_bloom(str(resume_from or model_path), dtype=dtype, device=device)
+    patch_bloom(model, backend)
+    if corpus is None:  # the cheap input checks come before the diagnosis
+        raise UsageError("--corpus is required (files, directories or globs of training text)")
+    chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
+    eval_chunks = None
+    if eval_text is not None:
+        eval_chunks = pack_text(read_documents(eval_text, what="--eval-text"), tokenizer, settings.seq_len,
+                                what="--eval-text")
+    if resume_from is not None:
+        plan = Plan.from_dict(meta["plan"])
+        baseline = HeadReport.from_json(out / "baseline.json")
+    else:
+        baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
+                                       backend, prompts, progress, allow_empty, budget)
+        ppl_before = perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
+        if clear:
+            clear_dir(out)
+        baseline.to_json(out / "baseline.json")
+        plan.to_json(out / "plan.json")
+        atomic_write_text(out / "run.json", json.dumps(
+            {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
+             "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+        if plan.selection:
+            reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
+    return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
+               model_path)
+
+
+def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
+    """Write OUT/final (best checkpoint, else the last, else the re-initialised model; in ``final_dtype``), the
+    report and plots."""
+    out = run.out
+    final = out / "final"
+    newest = newest_checkpoint(run.ckpt_dir)
+    best = run.best.get("checkpoint") or (newest.name if newest else None)
+    with staged_dir(final, "final model") as tmp:
+        if best is not None:
+            shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
+        else:
+            with quiet_transformers():
+                run.model.save_pretrained(tmp, safe_serialization=True)
+                run.tokenizer.save_pretrained(tmp)
+        if final_dtype is not None:
+            cast_checkpoint(tmp, final_dtype)
+    if not run.history:
+        run.evaluate(0, 0.0, None, None)
+    if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
+        run.rediagnose()
+    started = json.loads(read_text(out / "run.json", what="run record"))
+    report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
+              "final_dtype": str(final_dtype or next(run.model.parameters()).dtype).replace("torch.", ""),
+              "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
+              "checkpoints": run.history}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_markdown(run, report)
+    write_plots(run)
+    return report

@@ -1,0 +1,91 @@
+"""The human-readable side of a surgery run: ``report.md`` and the PNGs of one pass, and the summary of several.
+
+Everything here reads what :mod:`~alibi_surgery.surgery.repair` measured (the run's history, its baseline and latest
+diagnosis); nothing is measured here. Every file goes through the atomic writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis.compare import save_delta_heatmap
+from ..viz.heatmap import save_figure, save_heatmap
+from ..io.files import atomic_write_text
+
+__all__ = ["write_markdown", "write_plots", "write_passes_markdown", "format_ppl"]
+
+
+def format_ppl(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def write_markdown(run, report: dict) -> None:
+    """OUT/report.md of one pass: the plan's size and a row per checkpoint."""
+    lines = ["# Surgery report", "", f"- input: `{report['input']}`", f"- final model: `{report['final']}` "
+             f"(from {report['final_checkpoint'] or 'the re-initialised model, no training'})",
+             f"- targeted heads: {run.plan.n_heads}",
+             f"- held-out perplexity before surgery: {format_ppl(report.get('eval_ppl_before'))}", "",
+             "| step | epoch | train ppl | held-out ppl | recovered | still sick | iatrogenic | "
+             "in-band drift (count/n, mean abs Δ) | outside drift |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in report["checkpoints"]:
+        drift = e["comparison"]["summary"]["drift"]
+        zone = lambda z: "-" if not drift[z]["n"] else f"{drift[z]['count']}/{drift[z]['n']}, {drift[z]['mean_abs']:.3f}"  # noqa: E731
+        lines.append(f"| {e['step']} | {e['epoch']} | {format_ppl(e['train_ppl'])} | {format_ppl(e['eval_ppl'])} | "
+                     f"{e['recovered']} | {e['still_sick']} | {e['iatrogenic']} | {zone('in-band')} | "
+                     f"{zone('outside')} |")
+    if report["checkpoints"]:
+        last = report["checkpoints"][-1]["comparison"]["summary"]["drift"]
+        worst = [f"{z}: L{w['layer']}H{w['head']} {w['delta']:+.3f}" for z in ("target", "in-band", "outside")
+                 if (w := last[z]["worst"]) is not None]
+        lines += ["", "Largest change of first-token mass at the last checkpoint, per zone: " + "; ".join(worst) + "."]
+    lines += ["", "Drift counts heads whose first-token mass moved by more than 0.05 from the baseline diagnosis.",
+              "Plots: `before.png`, `after.png`, `delta.png`, `trajectory.png`.", ""]
+    atomic_write_text(run.out / "report.md", "\n".join(lines))
+
+
+def write_plots(run) -> None:
+    """OUT/before.png, after.png, delta.png (the latest re-diagnosis) and trajectory.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report, cmp = run.latest
+    save_heatmap(run.baseline, run.out / "before.png")
+    save_heatmap(report, run.out / "after.png")
+    save_delta_heatmap(cmp, run.out / "delta.png")
+    steps = [e["step"] for e in run.history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("train_ppl", "train ppl"), ("eval_ppl", "held-out ppl")):
+        ys = [e[key] for e in run.history]
+        if any(y is not None for y in ys):
+            ax.plot(steps, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("perplexity")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [e["recovered"] for e in run.history], color="tab:green", marker="s", label="recovered")
+    ax2.set_ylabel("recovered heads")
+    ax2.set_ylim(0, max(1, run.plan.n_heads) + 0.5)  # out of all targets, whole heads
+    ax2.yaxis.get_major_locator().set_params(integer=True)
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, run.out / "trajectory.png", dpi=110)
+
+
+def write_passes_markdown(out: Path, summary: dict) -> None:
+    """OUT/report.md of a multi-pass run: one row per pass, with links to each pass's own report."""
+    lines = ["# Surgery report", "", f"- input: `{summary['input']}`", f"- final model: `{summary['final']}`",
+             f"- passes run: {len(summary['passes'])} of {summary['passes_asked']}"
+             + (f" ({summary['stopped']})" if summary.get("stopped") else ""), "",
+             "| pass | targeted | recovered | still sick | iatrogenic | held-out ppl before | held-out ppl after | "
+             "report |", "|---|---|---|---|---|---|---|---|"]
+    for k, rep in enumerate(summary["passes"], 1):
+        targeted = sum(len(h) for h in rep["plan"]["selection"].values())
+        best = next((c for c in rep["checkpoints"] if c["checkpoint"] == rep["final_checkpoint"]),
+                    rep["checkpoints"][-1] if rep["checkpoints"] else {})
+        last = rep["checkpoints"][-1] if rep["checkpoints"] else {}
+        lines.append(f"| {k} | {targeted} | {last.get('recovered', '-')} | {last.get('still_sick', '-')} | "
+                     f"{last.get('iatrogenic', '-')} | {format_ppl(rep.get('eval_ppl_before'))} | "
+                     f"{format_ppl(best.get('eval_ppl'))} | [pass-{k}/report.md](pass-{k}/report.md) |")
+    lines += ["", "Each pass re-diagnoses the previous pass's final model and targets the heads still collapsed.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))

@@ -1,0 +1,233 @@
+"""Head-sliced trainable parameters: gradients for the selected heads' weight slices, and nothing else.
+
+A selection is ``{layer: [head, ...]}``. For head ``h`` of a layer with head size ``d`` the trainable slices are
+
+* ``query_key_value.weight`` rows ``[h*3d, (h+1)*3d)`` (``[3d, hidden]``, contiguous: BLOOM fuses q, k, v per head);
+* the same rows of ``query_key_value.bias`` (``[3d]``);
+* ``dense.weight`` columns ``[h*d, (h+1)*d)`` (``[hidden, d]``, a strided view).
+
+:class:`HeadSlices` freezes every model parameter (``requires_grad=False``), then routes each affected
+``query_key_value`` / ``dense`` linear through an autograd Function whose forward is the ordinary full linear and
+whose backward returns the input gradient in full but weight gradients only for the selected rows or columns. No
+full-matrix gradient is ever allocated; the slice gradients live in one flat buffer (``HeadSlices.grad``), in
+slice order, which is what the fused optimizer reads. Since nothing below the lowest selected layer requires grad,
+autograd records nothing there.
+
+Two storage modes:
+
+* ``dtype`` equal to the weights' dtype (the default): the trainable tensors are views into the model's own
+  weights, so an optimizer step changes the model in place and no copy of the weights exists.
+* another ``dtype`` (e.g. fp32 slices over a bf16 model): the trainable tensors are separate copies; the forward
+  pass still runs on the model's weights, so call :meth:`HeadSlices.write_back` after each update
+  (:class:`~alibi_surgery.HeadSlicedAdamW` does).
+
+Limits: BLOOM's ``pretraining_tp > 1`` slow-but-exact path is not routed; the dense bias stays frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UsageError
+from ..attention.patch import bloom_attentions
+
+__all__ = ["HeadSlices", "SliceSpec", "check_selection"]
+
+KINDS = ("qkv_weight", "qkv_bias", "dense_weight")
+_ROUTED = "_alibi_surgery_sliced"
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+    """Where one trainable tensor lives: layer, head and which of the three slices."""
+
+    layer: int
+    head: int
+    kind: str
+
+
+def check_selection(selection, n_layer: int, n_head: int) -> dict[int, tuple[int, ...]]:
+    """Validate ``{layer: heads}`` against the model's shape; returns it sorted, with heads deduplicated."""
+    if not isinstance(selection, dict) or not selection:
+        raise UsageError("a head selection must be a non-empty dict {layer: [heads]}")
+    out = {}
+    for layer, heads in sorted(selection.items()):
+        if not isinstance(layer, int) or not 0 <= layer < n_layer:
+            raise UsageError(f"selection layer {layer!r} is out of range: the model has layers 0..{n_layer - 1}")
+        heads = sorted(set(heads))
+        if not heads:
+            raise UsageError(f"selection layer {layer} lists no heads")
+        bad = [h for h in heads if not isinstance(h, int) or not 0 <= h < n_head]
+        if bad:
+            raise UsageError(f"selection layer {layer}: head {bad[0]!r} is out of range 0..{n_head - 1}")
+        out[layer] = tuple(heads)
+    return out
+
+
+class _RowSlicedLinear(torch.autograd.Function):
+    """y = x W^T + b; backward: full dx, weight/bias gradients for the row blocks in ``rows`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, n_blocks, *trainable):
+        ctx.save_for_backward(x, weight, rows)
+        ctx.n_blocks = n_blocks
+        ctx.dtypes = [t.dtype for t in trainable]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rows = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        dtype = ctx.dtypes[0]
+        g = grad_out.reshape(-1, grad_out.shape[-1]).index_select(1, rows).to(dtype)  # [tokens, n * rows_per_block]
+        grad_w = g.t().matmul(x.reshape(-1, x.shape[-1]).to(dtype)).chunk(ctx.n_blocks, 0)
+        grads = list(grad_w)
+        if len(ctx.dtypes) > ctx.n_blocks:  # bias slices follow the weight slices
+            grads += list(g.sum(0).chunk(ctx.n_blocks, 0))
+        return (grad_x, None, None, None, None, *grads)
+
+
+class _ColumnSlicedLinear(torch.autograd.Function):
+    """y = x W^T + b; backward: full dx, weight gradients for the column blocks in ``cols`` only (bias frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cols, n_blocks, *trainable):
+        ctx.save_for_backward(x, weight, cols)
+        ctx.n_blocks = n_blocks
+        ctx.dtype = trainable[0].dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, cols = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        x_sel = x.reshape(-1, x.shape[-1]).index_select(1, cols).to(ctx.dtype)  # [tokens, n * d]
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype).t().matmul(x_sel)  # [hidden, n * d]
+        return (grad_x, None, None, None, None, *grad_w.chunk(ctx.n_blocks, 1))
+
+
+class HeadSlices:
+    """Trainable per-head slices of a BLOOM model (see the module docstring).
+
+    Args:
+        model: a ``BloomForCausalLM`` / ``BloomModel`` (patched or not).
+        selection: ``{layer: [heads]}``.
+        dtype: dtype of the trainable tensors and their gradients; default the weights' dtype (in place).
+    Attributes:
+        specs, tensors: the trainable tensors in flat order (per layer, per head: qkv rows, qkv bias, dense columns).
+        grad: one flat buffer holding every tensor's gradient (``tensor.grad`` are views of it).
+        offsets: where each tensor starts in ``grad``.
+    Use as a context manager, or call :meth:`remove` to restore the model's forwards and ``requires_grad`` flags.
+    """
+
+    def __init__(self, model: nn.Module, selection: dict, *, dtype: torch.dtype | None = None):
+        attns = bloom_attentions(model)
+        if _ROUTED in model.__dict__:
+            raise UsageError("this model already has HeadSlices attached: remove() them first")
+        self.model = model
+        self.selection = check_selection(selection, len(attns), attns[0].num_heads)
+        weight = attns[0].query_key_value.weight
+        self.dtype = dtype or weight.dtype
+        if not self.dtype.is_floating_point:
+            raise UsageError(f"slice dtype must be a floating-point dtype, got {self.dtype}")
+        self.in_place = self.dtype == weight.dtype
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        self.specs: list[SliceSpec] = []
+        self.tensors: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []  # the model-weight views each tensor trains
+        self._routes = []
+        for layer, heads in self.selection.items():
+            attn = attns[layer]
+            d = attn.head_dim
+            start = len(self.tensors)
+            for h in heads:
+                views = (attn.query_key_value.weight.detach()[h * 3 * d:(h + 1) * 3 * d],
+                         attn.query_key_value.bias.detach()[h * 3 * d:(h + 1) * 3 * d],
+                         attn.dense.weight.detach()[:, h * d:(h + 1) * d])
+                for kind, view in zip(KINDS, views):
+                    self.specs.append(SliceSpec(layer, h, kind))
+                    self._targets.append(view)
+                    self.tensors.append(view if self.in_place else view.to(self.dtype, copy=True))
+            self._route(attn, heads, self.tensors[start:])
+        model.__dict__[_ROUTED] = True
+
+        sizes = [t.numel() for t in self.tensors]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.numel = sum(sizes)
+        self.grad = torch.zeros(self.numel, dtype=self.dtype, device=weight.device)
+        for i, t in enumerate(self.tensors):
+            t.requires_grad_(True)
+            t.grad = self.grad[self.offsets[i]:self.offsets[i] + sizes[i]].view(t.shape)
+
+    def _route(self, attn, heads, trainable):
+        d = attn.head_dim
+        device = attn.query_key_value.weight.device
+        rows = torch.cat([torch.arange(h * 3 * d, (h + 1) * 3 * d) for h in heads]).to(device)
+        cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(device)
+        qkv_w, qkv_b, dense_w = trainable[0::3], trainable[1::3], trainable[2::3]
+        n = len(heads)
+
+        def qkv_forward(module, x):
+            return _RowSlicedLinear.apply(x, module.weight, module.bias, rows, n, *qkv_w, *qkv_b)
+
+        def dense_forward(module, x):
+            return _ColumnSlicedLinear.apply(x, module.weight, module.bias, cols, n, *dense_w)
+
+        for module, fn in ((attn.query_key_value, qkv_forward), (attn.dense, dense_forward)):
+            module.__dict__[_ROUTED] = module.__dict__.get("forward")
+            module.forward = types.MethodType(fn, module)
+            self._routes.append(module)
+
+    @property
+    def n_heads(self) -> int:
+        return sum(len(h) for h in self.selection.values())
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    @torch.no_grad()
+    def write_back(self) -> int:
+        """Copy the trainable values into the model's own weights (rounded to their dtype); returns elements written.
+
+        In place (slices share the weights' storage) there is nothing to copy and 0 is returned.
+        """
+        if self.in_place:
+            return 0
+        for t, target in zip(self.tensors, self._targets):
+            target.copy_(t)
+        return self.numel
+
+    def remove(self) -> None:
+        """Detach from the model: restore its linears' forwards and every parameter's ``requires_grad`` flag."""
+        self.write_back()
+        for module in self._routes:
+            old = module.__dict__.pop(_ROUTED)
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+        self._routes = []
+        self.model.__dict__.pop(_ROUTED, None)
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        for t in self.tensors:
+            t.grad = None
+            t.requires_grad_(False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"HeadSlices({self.n_heads} heads in {len(self.selection)} layers, {self.numel:,} elements, "
+                f"{self.dtype}, {'in place' if self.in_place else 'copies'})")

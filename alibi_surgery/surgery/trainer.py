@@ -1,0 +1,263 @@
+"""The training loop of one surgery pass: data order, optimizer steps, checkpoints, re-diagnosis.
+
+:class:`Run` holds what a pass trains (model, plan, baseline diagnosis, packed corpus, settings); :func:`train` runs
+its optimizer steps (resumable from a checkpoint, bit-identically), checkpointing at the end of every epoch and
+every ``save_every_steps`` and re-diagnosing the model against the baseline at each checkpoint. A checkpoint is the
+model safetensors + tokenizer, the optimizer's slice state and the loop position, written to a temporary directory
+and moved into place by :func:`~alibi_surgery.io.files.replace_dir`, so a kill at any instant never leaves a torn
+one; a failed write removes the partial one and raises :class:`~alibi_surgery.errors.WriteError`.
+:mod:`~alibi_surgery.surgery.repair` drives it. Limits: the corpus is held in memory as packed token rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..analysis.compare import Comparison
+from ..diagnosis.diagnose import diagnose
+from ..errors import UsageError
+from ..io.files import atomic_write_text, staged_dir
+from ..io.loading import quiet_transformers
+from .loss import causal_lm_labels, chunked_lm_loss
+from .optim import HeadSlicedAdamW
+from .plan import Plan
+from ..diagnosis.report import HeadReport
+from .slices import HeadSlices
+
+__all__ = ["Run", "train", "lr_at", "perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
+           "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
+
+CKPT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+OPT_FILE = "optimizer.safetensors"
+
+
+def lr_at(step: int, total: int, base: float, warmup: float) -> float:
+    """Learning rate for 1-based optimizer ``step`` of ``total``: linear warm-up, then cosine decay to 0."""
+    n_warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    if step <= n_warm:
+        return base * step / n_warm
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+    """exp(mean next-token loss) of ``model`` over packed ``[n, seq_len]`` chunks (no gradients)."""
+    base = model.transformer
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(chunks), batch_size):
+            ids = chunks[i:i + batch_size].to(model.device)
+            hidden = base(ids).last_hidden_state
+            n = ids.numel() - ids.shape[0]
+            total += float(chunked_lm_loss(hidden, model.lm_head.weight.detach(), ids)) * n
+            count += n
+    return math.exp(total / count)
+
+
+def config_key(config) -> dict:
+    return {k: getattr(config, k) for k in ("n_layer", "n_head", "hidden_size", "vocab_size")}
+
+
+class Run:
+    """One pass: state shared by training, checkpointing and re-diagnosis."""
+
+    def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, settings, out: Path,
+                 chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path):
+        self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
+        self.s, self.out, self.chunks, self.eval_chunks = settings, out, chunks, eval_chunks
+        self.backend, self.prompts, self.progress, self.model_dir = backend, prompts, progress, model_dir
+        self.ckpt_dir = out / "checkpoints"
+        n_micro = len(chunks) // settings.batch_size
+        if n_micro == 0:
+            raise UsageError(f"the corpus has {len(chunks)} chunks of --seq-len {settings.seq_len}, fewer than "
+                             f"one --batch-size {settings.batch_size}")
+        self.n_micro = n_micro
+        self.steps_per_epoch = math.ceil(n_micro / settings.grad_accum)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.history: list[dict] = []
+        self.latest: tuple[HeadReport, Comparison] | None = None
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.s.seed * 7919 + epoch)
+        return torch.randperm(len(self.chunks), generator=gen)
+
+    def micro_batches(self, epoch: int, step_in_epoch: int):
+        order = self.epoch_order(epoch)
+        first = step_in_epoch * self.s.grad_accum
+        for m in range(first, min(first + self.s.grad_accum, self.n_micro)):
+            rows = order[m * self.s.batch_size:(m + 1) * self.s.batch_size]
+            yield self.chunks[rows]
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save(self, slices: HeadSlices, opt: HeadSlicedAdamW, position: dict) -> Path:
+        from safetensors.torch import save_file
+
+        slices.write_back()
+        name = f"{CKPT_PREFIX}{position['step']:08d}"
+        final = self.ckpt_dir / name
+        with staged_dir(final, "checkpoint") as tmp:
+            tmp.mkdir(parents=True)
+            with quiet_transformers():
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            _test_pause("save", position["step"])
+            state = opt.state_dict()
+            tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")
+                       if state[k] is not None}
+            save_file(tensors, str(tmp / OPT_FILE))
+            meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
+                                                        k not in ("exp_avg", "exp_avg_sq", "master")},
+                    "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
+                    "settings": dataclasses.asdict(self.s), "model": config_key(self.model.config),
+                    "history": self.history}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
+        return final
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def rediagnose(self) -> tuple[HeadReport, Comparison]:
+        """Diagnose the model as it is now and compare it with the baseline (kept as ``latest`` for the plots)."""
+        was_training = self.model.training
+        self.model.eval()
+        report = diagnose(self.model, self.tokenizer, self.prompts, backend=self.backend,
+                          max_length=self.s.diag_max_length, thresholds=self.baseline.thresholds)
+        self.model.train(was_training)
+        self.latest = (report, Comparison(self.baseline, report, targets=self.plan.selection, zone=self.plan.zone))
+        return self.latest
+
+    def evaluate(self, step: int, epoch: float, train_ppl: float | None, ckpt: Path | None) -> dict:
+        report, cmp = self.rediagnose()
+        self.model.eval()
+        eval_ppl = perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
+            else None
+        self.model.train()
+        entry = {"step": step, "epoch": round(epoch, 4), "checkpoint": None if ckpt is None else ckpt.name,
+                 "train_ppl": train_ppl, "eval_ppl": eval_ppl, "comparison": cmp.to_dict(),
+                 "recovered": len(_flat(cmp.recovered())), "still_sick": len(_flat(cmp.still_sick())),
+                 "iatrogenic": len(_flat(cmp.iatrogenic()))}
+        self.history.append(entry)
+        return entry
+
+
+def _flat(selection) -> list:
+    if isinstance(selection, dict):
+        return [(layer, h) for layer, heads in selection.items() for h in heads]
+    return list(selection)
+
+
+PAUSE_ENV = "ALIBI_SURGERY_TEST_PAUSE"  # crash tests only: see _test_pause
+
+
+def _test_pause(point: str, step: int) -> None:
+    """Crash-test hook, inert unless ``ALIBI_SURGERY_TEST_PAUSE`` is ``train:STEP`` (inside step STEP, after its first
+    backward) or ``save:STEP`` (half-way through writing checkpoint STEP: weights written, optimizer state and the
+    completion marker not). There the process writes its pid to ``$ALIBI_SURGERY_TEST_PAUSE_FILE`` and sleeps
+    until the test kills it, or deletes that file (then the run goes on)."""
+    if os.environ.get(PAUSE_ENV) != f"{point}:{step}":
+        return
+    flag = Path(os.environ[f"{PAUSE_ENV}_FILE"])
+    flag.write_text(str(os.getpid()))
+    while flag.exists():
+        time.sleep(0.05)
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob(f"{CKPT_PREFIX}*") if (p / STATE_FILE).is_file()) \
+        if ckpt_dir.is_dir() else []
+    return done[-1] if done else None
+
+
+def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = None) -> None:
+    """The training loop of one pass (resumable)."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    s, model = run.s, run.model
+    slices = HeadSlices(model, run.plan.selection)
+    opt = HeadSlicedAdamW(slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+                          stochastic_rounding=s.stochastic_rounding, seed=s.seed)
+    position = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    best = {"eval_ppl": None, "checkpoint": None, "stale": 0}
+    if resume_from is not None:
+        meta = json.loads((resume_from / STATE_FILE).read_text())
+        tensors = load_file(str(resume_from / OPT_FILE))
+        state = dict(meta["optimizer"], exp_avg=tensors["exp_avg"].to(slices.grad.device),
+                     exp_avg_sq=tensors["exp_avg_sq"].to(slices.grad.device),
+                     master=tensors["master"].to(slices.grad.device) if meta["has_master"] else None)
+        state["betas"] = tuple(state["betas"])
+        opt.load_state_dict(state)
+        position = meta["position"]
+        run.history = meta["history"]
+        best = position.get("best", best)
+    model.train()
+    if s.checkpointing:
+        enable_checkpointing(model)
+    bar = tqdm(total=run.total_steps, initial=position["step"], desc="surgery", unit="step",
+               disable=not run.progress)
+    window_loss, window_n = 0.0, 0
+    try:
+        for epoch in range(position["epoch"], s.epochs):
+            for step_in_epoch in range(position["step_in_epoch"], run.steps_per_epoch):
+                batches = list(run.micro_batches(epoch, step_in_epoch))
+                for ids in batches:
+                    ids = ids.to(model.device)
+                    hidden = model.transformer(ids).last_hidden_state
+                    loss = chunked_lm_loss(hidden, model.lm_head.weight, causal_lm_labels(ids))
+                    if not torch.isfinite(loss):
+                        last = newest_checkpoint(run.ckpt_dir)
+                        raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: stopped; "
+                                         f"the last good checkpoint is {last or 'none (nothing was saved yet)'}")
+                    (loss / len(batches)).backward()
+                    _test_pause("train", position["step"] + 1)
+                    window_loss += float(loss.detach())
+                    window_n += 1
+                opt.step(lr=lr_at(position["step"] + 1, run.total_steps, s.lr, s.warmup))
+                opt.zero_grad()
+                position = {"step": position["step"] + 1, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
+                bar.update(1)
+                epoch_end = step_in_epoch + 1 == run.steps_per_epoch
+                if epoch_end:
+                    position = {"step": position["step"], "epoch": epoch + 1, "step_in_epoch": 0}
+                periodic = s.save_every_steps and position["step"] % s.save_every_steps == 0
+                if epoch_end or periodic:
+                    train_ppl = math.exp(window_loss / window_n) if window_n else None
+                    window_loss, window_n = 0.0, 0
+                    entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
+                    improved = entry["eval_ppl"] is not None and (best["eval_ppl"] is None
+                                                                  or entry["eval_ppl"] < best["eval_ppl"])
+                    name = f"{CKPT_PREFIX}{position['step']:08d}"
+                    entry["checkpoint"] = name
+                    if improved:
+                        best = {"eval_ppl": entry["eval_ppl"], "checkpoint": name, "stale": 0}
+                    elif epoch_end and entry["eval_ppl"] is not None:
+                        best = dict(best, stale=best["stale"] + 1)
+                    position["best"] = best
+                    run.save(slices, opt, position)
+                    bar.set_postfix(recovered=entry["recovered"], eval_ppl=entry["eval_ppl"])
+                    if s.patience and best["stale"] >= s.patience:
+                        return
+                if stop_after_steps is not None and position["step"] >= stop_after_steps:
+                    raise KeyboardInterrupt  # tests: a kill at a step boundary
+            position = dict(position, step_in_epoch=0)
+    finally:
+        bar.close()
+        slices.remove()
+        run.best = best
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (reentrant would drop the lowest selected layer's gradients)."""
+    import warnings
+
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5.2x; the old name works in 5.17
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

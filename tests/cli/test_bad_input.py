@@ -1,0 +1,289 @@
+"""The bad-input matrix: the CLI driven as a user drives it, in a subprocess, with one broken input per case.
+
+Every case must end with a non-zero exit, exactly one stderr line ``error: ...`` naming the problem (no traceback;
+``--debug`` shows one), and no file created or modified anywhere: not in the inputs, not in the output location,
+not in the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from alibi_surgery.io.random_model import write_random_bloom
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def _copy_with(model: Path, dest: Path, edit=None) -> Path:
+    """A copy of ``model`` whose single safetensors file went through ``edit(tensors) -> tensors``."""
+    shutil.copytree(model, dest)
+    if edit is not None:
+        file = dest / "model.safetensors"
+        save_file(edit(load_file(file)), file, metadata={"format": "pt"})
+    return dest
+
+
+def _poke(name: str, value: float):
+    def edit(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[7] = value
+        return tensors
+    return edit
+
+
+def _drop_rows(name: str):
+    def edit(tensors):
+        tensors[name] = tensors[name][:-3].clone()
+        return tensors
+    return edit
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Every input the cases need, built once: a good model, broken variants of it, corpora, prompt files, and a
+    complete surgery checkpoint of another model."""
+    root = tmp_path_factory.mktemp("world")
+    model = write_random_bloom(root / "model", "tiny", n_layer=2, seed=1)
+    qkv = "transformer.h.0.self_attention.query_key_value.weight"
+    if qkv not in load_file(model / "model.safetensors"):
+        qkv = qkv.removeprefix("transformer.")
+    prefix = qkv[: -len("h.0.self_attention.query_key_value.weight")]
+    _copy_with(model, root / "truncated")
+    data = (root / "truncated" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(data[: len(data) * 3 // 5])
+    _copy_with(model, root / "wrong-shape", _drop_rows(qkv))
+    _copy_with(model, root / "nan", _poke(prefix + "h.1.mlp.dense_4h_to_h.weight", float("nan")))
+    _copy_with(model, root / "inf", _poke(prefix + "word_embeddings_layernorm.weight", float("inf")))
+    notok = _copy_with(model, root / "no-tokenizer")
+    for f in notok.iterdir():
+        if "token" in f.name or "special" in f.name:
+            f.unlink()
+    pickle = _copy_with(model, root / "pickle-only")
+    torch.save(load_file(pickle / "model.safetensors"), pickle / "pytorch_model.bin")
+    (pickle / "model.safetensors").unlink()
+    badjson = _copy_with(model, root / "bad-json")
+    (badjson / "config.json").write_text('{"model_type": "bloom", ')
+    sharded = write_random_bloom(root / "sharded", "tiny", n_layer=2, seed=1, max_shard_size="200KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+
+    from transformers import FalconConfig, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(root / "gpt2")
+    FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=300,
+                 alibi=False).save_pretrained(root / "falcon")
+
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from alibi_surgery.io.random_model import byte_tokenizer
+
+    torch.manual_seed(0)  # head_dim 40: the triton kernel's limit is a multiple of 16 up to 128
+    BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=120, n_layer=1, n_head=3, bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=3)).save_pretrained(root / "head-dim-40")
+    byte_tokenizer().save_pretrained(root / "head-dim-40")
+    (root / "prompts-utf16.txt").write_bytes("café au lait\n".encode("utf-16"))
+    (root / "prompts-latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (root / "prompts-dir").mkdir()
+    _two_prompt_sets(model, root)
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "latin1.txt").write_bytes(("na\xefve caf\xe9 " * 50).encode("latin-1"))
+    (corpus / "doc.txt").write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400)))
+    (corpus / "short.txt").write_text("alpha beta")
+    (corpus / "blank.txt").write_text("  \n\n \n")
+    (root / "prompts-empty.txt").write_text("\n   \n")
+
+    # A complete surgery checkpoint of another (3-layer) model, for --resume.
+    other = write_random_bloom(root / "other-model", "tiny", n_layer=3, seed=2)
+    from alibi_surgery.surgery.repair import RepairSettings, repair
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)  # as a user runs it: the optimizer's torch path on CPU
+        repair(other, root / "other-run", corpus=[str(corpus / "doc.txt")], heads="0:1", device="cpu",
+               backend="torch", progress=False, settings=RepairSettings(seq_len=16, batch_size=2, grad_accum=1,
+                                                                        epochs=1, diag_max_length=16))
+    assert any((root / "other-run" / "checkpoints").glob("step-*"))
+    return root
+
+
+def _two_prompt_sets(model: Path, root: Path) -> None:
+    """Diagnoses of one model with two different prompt sets of equal token counts (the same words reversed)."""
+    from alibi_surgery import diagnose
+    from alibi_surgery.io.loading import load_bloom
+
+    net, tokenizer = load_bloom(str(model))
+    words = "the lighthouse keeper climbed the spiral stairs every evening at dusk".split()
+    for name, prompts in (("a", [" ".join(words), "x = 1 + 2"]), ("b", [" ".join(words[::-1]), "y = 2 + 1"])):
+        diagnose(net, tokenizer, prompts, backend="torch").to_json(root / f"diagnosis-{name}.json")
+
+
+def _held(tmp: Path) -> Path:
+    """An --out whose lock this test process holds, as a run in progress would."""
+    from alibi_surgery.io.lock import DirLock
+
+    out = tmp / "in-use"
+    _HELD_LOCKS.append(DirLock(out).acquire())
+    return out
+
+
+_HELD_LOCKS: list = []
+
+
+def _repair(w: Path, tmp: Path, *extra, model: str = "model", out=None, corpus="doc.txt") -> list:
+    return ["repair", str(w / model), "--out", str(out or tmp / "out"), "--corpus", str(w / "corpus" / corpus),
+            "--heads", "0:1", "--device", "cpu", "--backend", "torch", "--seq-len", "16", "--quiet", *extra]
+
+
+def _diagnose(w: Path, tmp: Path, *extra, model: str = "model") -> list:
+    return ["diagnose", str(w / model), "--json", str(tmp / "report.json"), "--quiet", *extra]
+
+
+def _not_empty(tmp: Path) -> Path:
+    out = tmp / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+def _existing(tmp: Path) -> Path:
+    (tmp / "old.csv").write_text("layer,head\n")
+    return tmp / "old.csv"
+
+
+def _under_a_file(tmp: Path) -> Path:
+    (tmp / "a-file").write_text("x")
+    return tmp / "a-file" / "out"
+
+
+# name: (argv(world, tmp), text the message must contain)
+CASES = {
+    "missing model path": (lambda w, t: _diagnose(w, t, model="nope"), "does not exist"),
+    "GPT-2 config": (lambda w, t: _diagnose(w, t, model="gpt2"), "gpt2 model without ALiBi"),
+    "config without ALiBi (Falcon)": (lambda w, t: _diagnose(w, t, model="falcon"),
+                                      "falcon model without ALiBi (rotary"),
+    "config not JSON": (lambda w, t: _diagnose(w, t, model="bad-json"), "not valid JSON"),
+    "truncated safetensors": (lambda w, t: _diagnose(w, t, model="truncated"), "is truncated"),
+    "tensor of the wrong shape": (lambda w, t: _diagnose(w, t, model="wrong-shape"), "config.json implies"),
+    "shard missing from a sharded checkpoint": (lambda w, t: _diagnose(w, t, model="sharded"), "is missing"),
+    "NaN weight (repair, before training)": (lambda w, t: _repair(w, t, model="nan"), "NaN/inf"),
+    "inf weight (diagnose)": (lambda w, t: _diagnose(w, t, model="inf"), "NaN/inf"),
+    "inf weight (streamed diagnose)": (lambda w, t: _diagnose(w, t, "--stream", model="inf"), "NaN/inf"),
+    "no tokenizer": (lambda w, t: _diagnose(w, t, model="no-tokenizer"), "no usable tokenizer"),
+    "pickle-only checkpoint": (lambda w, t: _diagnose(w, t, model="pickle-only"), "convert them to safetensors"),
+    "empty prompt file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-empty.txt")),
+                          "prompts file is empty"),
+    "head out of range": (lambda w, t: _repair(w, t, "--heads", "0:4"), "head 4 is out of range 0..3"),
+    "layer out of range": (lambda w, t: _repair(w, t, "--heads", "2:0"), "layer 2 is out of range 0..1"),
+    "--heads overlapping --freeze": (lambda w, t: _repair(w, t, "--heads", "0:1-2", "--freeze", "0:2"),
+                                     "both listed in --heads and frozen"),
+    "empty corpus": (lambda w, t: _repair(w, t, corpus="blank.txt"), "corpus is empty"),
+    "corpus shorter than one chunk": (lambda w, t: _repair(w, t, corpus="short.txt"), "too short"),
+    "--out equal to the input": (lambda w, t: _repair(w, t, out=w / "model"), "is the input model directory"),
+    "--out inside the input": (lambda w, t: _repair(w, t, out=w / "model" / "surgery"),
+                               "is the input model directory or inside it"),
+    "--out under a file (unwritable)": (lambda w, t: _repair(w, t, out=_under_a_file(t)),
+                                        "a-file is a file, not a directory"),
+    "--out not empty, no --overwrite": (lambda w, t: _repair(w, t, out=_not_empty(t)), "is not empty"),
+    "--resume with another model's checkpoint": (lambda w, t: _repair(w, t, "--resume", out=w / "other-run"),
+                                                 "checkpoint of a different model"),
+    "unknown --dtype": (lambda w, t: _repair(w, t, "--dtype", "float8"), "unsupported dtype 'float8'"),
+    "unknown --device": (lambda w, t: _diagnose(w, t, "--device", "tpu"), "unsupported device 'tpu'"),
+    "--device cuda without CUDA": (lambda w, t: _repair(w, t, "--device", "cuda"), "CUDA is not available"),
+    "blank --prompt": (lambda w, t: _diagnose(w, t, "--prompt", "   "), "prompt 0 is empty"),
+    "--json into a missing directory": (lambda w, t: ["diagnose", str(w / "model"), "--json",
+                                                      str(t / "no" / "x.json"), "--quiet"], "does not exist"),
+    "--csv file exists, no --overwrite": (lambda w, t: _diagnose(w, t, "--csv", str(_existing(t))),
+                                          "already exists"),
+    "unknown --backend": (lambda w, t: _diagnose(w, t, "--backend", "cudnn"), "unknown backend 'cudnn'"),
+    "thresholds out of order": (lambda w, t: _diagnose(w, t, "--sink-threshold", "0.99"), "thresholds"),
+    "missing corpus path": (lambda w, t: _repair(w, t, corpus="nope.txt"), "corpus path does not exist"),
+    "--budget too small": (lambda w, t: _repair(w, t, "--budget", "1MiB"), "), more than --budget 1.0 MiB"),
+    "UTF-16 prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-utf16.txt")),
+                            "not UTF-8 text"),
+    "Latin-1 prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-latin1.txt")),
+                             "byte 0xe9 at offset 3 is invalid"),
+    "prompts file is a directory": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-dir")),
+                                    "prompts file is a directory"),
+    "Latin-1 corpus file": (lambda w, t: _repair(w, t, corpus="latin1.txt"), "not UTF-8 text"),
+    "--eval-text is a directory": (lambda w, t: _repair(w, t, "--eval-text", str(w / "prompts-dir")),
+                                   "--eval-text is a directory"),
+    "--json and --csv name one file": (lambda w, t: _diagnose(w, t, "--csv", str(t / "report.json")),
+                                       "--json and --csv name the same file"),
+    "--heatmap in an unknown format": (lambda w, t: _diagnose(w, t, "--heatmap", str(t / "heads.xyz")),
+                                       "cannot write a figure as .xyz"),
+    "--backend triton, head_dim 40": (lambda w, t: _diagnose(w, t, "--backend", "triton", model="head-dim-40"),
+                                      "this model has head_dim 40"),
+    "--out in use by another run": (lambda w, t: _repair(w, t, out=_held(t)),
+                                    f"is in use by another run (pid {os.getpid()}"),
+    "--from-report not a diagnosis": (lambda w, t: _repair(w, t, "--from-report", str(w / "model" / "config.json")),
+                                      "is not a diagnosis report"),
+    "random-model under a file": (lambda w, t: ["random-model", str(_under_a_file(t))],
+                                  "a-file is a file, not a directory"),
+    "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
+                                                           str(w / "diagnosis-b.json")], "the prompt sets differ"),
+}
+
+
+def _snapshot(*roots: Path) -> dict:
+    """Every file and directory under ``roots``: size, mtime and content hash."""
+    seen = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                seen[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                seen[str(p)] = "dir"
+    return seen
+
+
+def run_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli.main", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_in_one_line_and_nothing_is_written(case, world, tmp_path):
+    if case == "--device cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_args, needle = CASES[case]
+    args = make_args(world, tmp_path)
+    before = _snapshot(world, tmp_path)
+    result = run_cli(args, cwd=tmp_path)
+    err = result.stderr.strip()
+    assert result.returncode != 0, f"exit 0 for a bad input\n{result.stdout}\n{err}"
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err, err
+    assert _snapshot(world, tmp_path) == before, "a file was created or modified"
+
+
+def test_matrix_has_the_cases_the_issue_lists():
+    assert len(CASES) >= 20
+
+
+def test_debug_shows_the_traceback(world, tmp_path):
+    result = run_cli(["--debug", *_diagnose(world, tmp_path, model="truncated")], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "is truncated" in result.stderr
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_the_good_model_passes_the_same_checks(world, tmp_path):
+    """The matrix's inputs are broken only where each case says: the untouched model diagnoses fine."""
+    result = run_cli(_diagnose(world, tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["n_layer"] == 2

@@ -1,0 +1,118 @@
+"""The embedded demo model (learned collapse, checksums) and ``alibi-surgery demo`` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from helpers import selected_mask
+from transformers import AutoModelForCausalLM, BloomForCausalLM
+
+from alibi_surgery import demo
+from alibi_surgery.cli.main import main
+from alibi_surgery.diagnosis.diagnose import diagnose
+from alibi_surgery.errors import UsageError
+from alibi_surgery.diagnosis.prompts import DEFAULT_PROMPTS
+from alibi_surgery.diagnosis.report import HeadReport, classify
+
+
+def _collapsed_share(bos_mass: torch.Tensor) -> float:
+    classes = [classify(float(b), 1.0) for b in bos_mass.flatten()]
+    return sum(c in ("bos-sink", "dead") for c in classes) / len(classes)
+
+
+def test_demo_model_is_small_verified_and_loads_in_stock_transformers():
+    path = demo.model_dir()
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 2**20
+    stock = AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(stock, BloomForCausalLM) and stock.config.hidden_size // stock.config.n_head >= 16
+    model, tokenizer = demo.load_model()
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer frames texts with <s>
+    for (name, a), b in zip(stock.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_demo_model_has_learned_collapse_recomputed_with_eager_attention():
+    """Recompute the diagnosis from transformers' own attention probabilities (the paper's way) and with our fused
+    statistics: at least 20% of heads are bos-sink or dead, and both measurements agree."""
+    model, tokenizer = demo.load_model()
+    max_length = demo.recipe()["diag_max_length"]
+    eager = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, backend="eager")
+    fused = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, backend="torch")
+    torch.testing.assert_close(fused.bos_mass, eager.bos_mass, rtol=0, atol=1e-4)
+    assert _collapsed_share(eager.bos_mass) >= 0.20, eager.format_summary()
+
+
+def test_a_corrupt_demo_file_is_a_one_line_error(tmp_path, monkeypatch):
+    copy = tmp_path / "demo_model"
+    shutil.copytree(demo.model_dir(), copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(demo, "_DIR", copy)
+    with pytest.raises(UsageError, match="model.safetensors fails its sha256 check"):
+        demo.model_dir()
+    (copy / "config.json").unlink()
+    with pytest.raises(UsageError, match="config.json is missing"):
+        demo.verify_checksums(copy)
+
+
+def test_demo_corpus_documents_are_one_chunk_each(tmp_path):
+    from alibi_surgery.io.corpus import load_corpus
+
+    _, tokenizer = demo.load_model()
+    train, held_out = demo.write_corpus(tmp_path, seed=3)
+    seq_len = demo.recipe()["seq_len"]
+    chunks, _ = load_corpus([train], tokenizer, seq_len)
+    assert len(chunks) == demo.DEMO_DOCS[0]
+    assert (chunks[:, 0] == tokenizer.bos_token_id).all() and (chunks[:, -1] == tokenizer.eos_token_id).all()
+    assert json.loads(held_out.read_text().splitlines()[0])["text"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    """The README's main command: >= 90% of targeted heads recovered, every weight outside the selected slices
+    bit-identical, held-out perplexity reported, all outputs written."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user runs it: the optimizer's torch path on CPU
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "recovered" in printed and "held-out perplexity" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    plan = json.loads((out / "surgery" / "plan.json").read_text())
+    selection = {int(k): v for k, v in plan["selection"].items()}
+    assert summary["targeted"] == sum(map(len, selection.values())) >= 1
+    # recovery recomputed from the two diagnoses, not read from the summary
+    before = HeadReport.from_json(out / "before.json")
+    after = HeadReport.from_dict(json.loads((out / "comparison.json").read_text())["after"])
+    sick = ("bos-sink", "dead")
+    assert all(before.classes[layer][h] in sick for layer, heads in selection.items() for h in heads)
+    still = [(layer, h) for layer, heads in selection.items() for h in heads if after.classes[layer][h] in sick]
+    assert len(still) <= 0.1 * summary["targeted"], still
+    for key in ("eval_ppl_before", "eval_ppl_final"):
+        assert math.isfinite(summary[key]) and summary[key] > 1
+    original = AutoModelForCausalLM.from_pretrained(demo.model_dir()).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out / "surgery" / "final").state_dict()
+    cfg = json.loads((demo.model_dir() / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["n_head"]
+    for name, a in original.items():
+        mask = selected_mask(name, a.shape, selection, head_dim)
+        assert torch.equal(final[name][~mask], a[~mask]), f"{name} changed outside the selected slices"
+    for name in ("before.png", "after.png", "delta.png", "surgery/report.md", "surgery/trajectory.png"):
+        assert (out / name).is_file(), name
+
+
+def test_demo_refuses_a_non_empty_out_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "not empty" in err and len(err.splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert main(["demo", "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
+    assert not (tmp_path / "x").exists()
