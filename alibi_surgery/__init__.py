@@ -18,7 +18,7 @@ from .diagnosis.diagnose import diagnose
 from .errors import UsageError
 from .surgery.loss import chunked_lm_loss
 from .surgery.optim import HeadSlicedAdamW
-from .attention.patch import head_stats, patch_bloom, patched, unpatch_bloom
+from .attention.patch import head_stats, patch, patch_bloom, patched, unpatch, unpatch_bloom
 from .diagnosis.report import HeadReport, Thresholds
 from .surgery.plan import Plan
 from .surgery.repair import RepairSettings, repair
@@ -26,6 +26,6 @@ from .surgery.repair import plan_surgery as plan
 from .surgery.slices import HeadSlices
 
 __version__ = "0.1.0"
-__all__ = ["patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
+__all__ = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
            "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
            "RepairSettings", "compare", "Comparison"]

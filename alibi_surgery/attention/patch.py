@@ -1,18 +1,20 @@
-"""Reversible swap of transformers' ``BloomAttention.forward`` for the fused ALiBi kernels.
+"""Reversible swap of a model's attention forwards for the fused ALiBi kernels, for every registered family.
 
-``patch_bloom(model, backend)`` sets an instance-level ``forward`` on every ``BloomAttention`` (the class is never
-touched, so other models in the process are unaffected) plus one private attribute holding the patch state.
-``unpatch_bloom`` removes both, leaving each module's ``__dict__`` as it was. Parameters and buffers are never
-added, so ``state_dict`` and ``save_pretrained`` are unchanged.
+``patch(model, backend)`` sets an instance-level ``forward`` on every attention module of ``model`` (the family's
+:meth:`~alibi_surgery.families.base.Family.patched_forward`; the class is never touched, so other models in the
+process are unaffected) plus one private attribute holding the patch state. ``unpatch`` removes both, leaving each
+module's ``__dict__`` as it was. Parameters and buffers are never added, so ``state_dict`` and ``save_pretrained``
+are unchanged. ``patch_bloom`` / ``unpatch_bloom`` are the same functions under their first names.
 
-The patched forward keeps BLOOM's contract: fused QKV projection, KV cache update, attention, ``dense``, residual
-dropout-add. It reads key validity from the 4D additive mask that BloomModel passes (its last query row sees every
-real key) and recomputes ALiBi positions from it, so left padding and ``generate`` work. It falls back to the eager
-forward, for that call only, when ``output_attentions=True`` (with a warning) or when attention dropout is active.
-Padded query rows get an attention output of 0 (the fused kernels' convention; see docs/training.md for the loss).
+A patched forward keeps its family's contract (projections, cache update, output projection) and calls
+:func:`fused_attention` for the attention itself: key validity comes from the mask the model passes, ALiBi positions
+from the family's rule, slopes and scales from the adapter. It falls back to the family's own forward, for that call
+only, when ``output_attentions=True`` (with a warning) or when attention dropout is active (:func:`eager_fallback`);
+a family whose own eager attention is wrong (Falcon) refuses instead. Padded query rows get an attention output of 0
+(the fused kernels' convention; see docs/training.md for the loss).
 
 The backend is resolved once per device for the whole model (``resolve_backend`` with the model's head_dim):
-``patch_bloom(model, "triton")`` refuses a head_dim the kernels do not support up front, and ``auto`` on CUDA falls
+``patch(model, "triton")`` refuses a head_dim the kernels do not support up front, and ``auto`` on CUDA falls
 back to ``torch`` for one, warning once.
 """
 
@@ -25,13 +27,13 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .backends import alibi_attention, check_backend, check_triton_head_dim, resolve_backend
-from ..kernels import alibi_slopes, key_positions
+from ..errors import UsageError
 from ..kernels.attention_fwd import interpreting
+from .backends import alibi_attention, check_backend, check_triton_head_dim, resolve_backend
 
-__all__ = ["patch_bloom", "unpatch_bloom", "patched", "bloom_attentions", "current_backend", "head_stats"]
+__all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
+           "head_stats", "fused_attention", "eager_fallback", "key_validity", "patch_state"]
 
 _STATE = "_alibi_surgery_patch"
 
@@ -39,6 +41,7 @@ _STATE = "_alibi_surgery_patch"
 @dataclasses.dataclass
 class _PatchState:
     backend: str
+    family: object  # the model's Family adapter
     layer: int
     had_forward: bool  # an instance-level forward existed before patching (restored on unpatch)
     old_forward: object
@@ -63,38 +66,41 @@ class HeadStatsSink:
         self.sums[layer] += stats.sum(0).to(device="cpu", dtype=torch.float64)
 
 
-def bloom_attentions(model: nn.Module) -> list[nn.Module]:
-    """Every ``BloomAttention`` in ``model``, in layer order."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention
+def attention_modules(model: nn.Module, family=None) -> tuple[object, list[nn.Module]]:
+    """``(family, attention modules in layer order)`` of ``model`` (a causal LM, a base model or one block)."""
+    from ..families import family_of_module
 
-    found = [m for m in model.modules() if isinstance(m, BloomAttention)]
+    family = family or family_of_module(model)
+    found = family.attention_modules(model)
     if not found:
-        raise TypeError(f"{type(model).__name__} holds no BloomAttention module: not a BLOOM model")
-    return found
+        raise UsageError(f"{type(model).__name__} holds no {family.name} attention module")
+    return family, found
 
 
-def patch_bloom(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Route every BloomAttention of ``model`` through ``backend``. Idempotent: patching again switches backend.
+def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
+    """Route every attention module of ``model`` through ``backend``. Idempotent: patching again switches backend.
     ``triton`` with a head_dim the kernels do not support is refused (UsageError) before anything changes."""
     check_backend(backend)
-    attns = bloom_attentions(model)
+    family, attns = attention_modules(model, family)
     if backend == "triton":
-        check_triton_head_dim(attns[0].head_dim)
+        check_triton_head_dim(family.attention_shape(attns[0])[1])
     resolved = {}
+    forward = family.patched_forward()
     for layer, attn in enumerate(attns):
         state = attn.__dict__.get(_STATE)
         if state is not None:
             state.backend = backend
             continue
         had = "forward" in attn.__dict__
-        attn.__dict__[_STATE] = _PatchState(backend, layer, had, attn.__dict__.get("forward"), resolved=resolved)
-        attn.forward = types.MethodType(_patched_forward, attn)
+        attn.__dict__[_STATE] = _PatchState(backend, family, layer, had, attn.__dict__.get("forward"),
+                                            resolved=resolved)
+        attn.forward = types.MethodType(forward, attn)
     return model
 
 
-def unpatch_bloom(model: nn.Module) -> nn.Module:
-    """Restore every BloomAttention of ``model`` exactly as it was before :func:`patch_bloom`."""
-    for attn in bloom_attentions(model):
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore every attention module of ``model`` exactly as it was before :func:`patch`."""
+    for attn in attention_modules(model)[1]:
         state = attn.__dict__.pop(_STATE, None)
         if state is None:
             continue
@@ -105,33 +111,41 @@ def unpatch_bloom(model: nn.Module) -> nn.Module:
     return model
 
 
+patch_bloom, unpatch_bloom = patch, unpatch
+
+
 def current_backend(model: nn.Module) -> str | None:
     """The backend ``model`` is patched with, or None when it is not patched."""
-    state = bloom_attentions(model)[0].__dict__.get(_STATE)
+    state = attention_modules(model)[1][0].__dict__.get(_STATE)
     return None if state is None else state.backend
+
+
+def patch_state(module: nn.Module) -> _PatchState:
+    """The patch state of one patched attention module."""
+    return module.__dict__[_STATE]
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, backend: str = "auto"):
     """Patch ``model`` for the duration of the block, then put back whatever patch state it had before."""
     before = current_backend(model)
-    patch_bloom(model, backend)
+    patch(model, backend)
     try:
         yield model
     finally:
         if before is None:
-            unpatch_bloom(model)
+            unpatch(model)
         else:
-            patch_bloom(model, before)
+            patch(model, before)
 
 
 @contextlib.contextmanager
 def head_stats(model: nn.Module, *, exclude_first_query: bool = False, normalize_entropy: bool = False):
     """Collect fused per-head statistics from every forward pass run inside the block (model must be patched)."""
-    attns = bloom_attentions(model)
+    family, attns = attention_modules(model)
     if any(_STATE not in a.__dict__ for a in attns):
-        raise RuntimeError("head_stats needs a patched model: call patch_bloom(model) first")
-    sink = HeadStatsSink(len(attns), attns[0].num_heads, exclude_first_query, normalize_entropy)
+        raise RuntimeError("head_stats needs a patched model: call patch(model) first")
+    sink = HeadStatsSink(len(attns), family.attention_shape(attns[0])[0], exclude_first_query, normalize_entropy)
     for a in attns:
         a.__dict__[_STATE].sink = sink
     try:
@@ -142,8 +156,9 @@ def head_stats(model: nn.Module, *, exclude_first_query: bool = False, normalize
                 a.__dict__[_STATE].sink = None
 
 
-def _key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """[batch, k_len] bool: which keys are real tokens, read off the last query row of BLOOM's 4D mask."""
+def key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """[batch, k_len] bool: which keys are real tokens, read off the last query row of a 4D mask (additive float,
+    or bool with True = attend), whose last query row sees every real key; None means every key is real."""
     if mask is None:
         return torch.ones(batch, k_len, dtype=torch.bool, device=device)
     last = mask[:, 0, -1, :k_len]
@@ -152,49 +167,46 @@ def _key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: tor
     return last > torch.finfo(last.dtype).min / 2
 
 
-def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
-                     output_attentions=False, **kwargs):
-    state: _PatchState = self.__dict__[_STATE]
-    dropout_on = self.training and self.attention_dropout.p > 0
-    if state.backend == "eager" or output_attentions or dropout_on:
-        if output_attentions and state.backend != "eager":
-            warnings.warn("output_attentions=True: this call runs BLOOM's eager attention", stacklevel=3)
-        if state.sink is not None:
-            raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
-        eager = state.old_forward if state.had_forward else type(self).forward.__get__(self)
-        return eager(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
-                     output_attentions=output_attentions, **kwargs)
+def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool):
+    """The module's own forward when this call must not run fused (eager backend, ``output_attentions``, active
+    attention dropout), else None. A family whose own eager attention is wrong refuses ``output_attentions``."""
+    state: _PatchState = module.__dict__[_STATE]
+    if not (state.backend == "eager" or output_attentions or dropout_on):
+        return None
+    if output_attentions:
+        refusal = state.family.eager_refusal()
+        if refusal:
+            raise UsageError(refusal)
+        if state.backend != "eager":
+            warnings.warn(f"output_attentions=True: this call runs {state.family.name}'s eager attention",
+                          stacklevel=4)
+    if state.sink is not None:
+        raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
+    return state.old_forward if state.had_forward else type(module).forward.__get__(module)
 
-    batch, q_len, _ = hidden_states.shape
-    query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, d] views, no copies
-    if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-    device = hidden_states.device
+
+def fused_attention(module: nn.Module, query, key, value, valid: torch.Tensor) -> torch.Tensor:
+    """Fused ALiBi attention of one patched module: q ``[B, H, Tq, d]``, k/v ``[B, H, Tk, d]`` (any strides with a
+    unit stride on d), ``valid`` bool ``[B, Tk]`` key validity. Returns the context ``[B, Tq, H, d]`` and adds the
+    head statistics to the active :func:`head_stats` sink."""
+    state: _PatchState = module.__dict__[_STATE]
+    family = state.family
+    device = query.device
+    head_dim = query.shape[-1]
     resolve_key = (state.backend, device, interpreting())  # every input of resolve_backend but the fixed head_dim
     backend = state.resolved.get(resolve_key)
     if backend is None:
-        backend = state.resolved[resolve_key] = resolve_backend(state.backend, device, self.head_dim)
+        backend = state.resolved[resolve_key] = resolve_backend(state.backend, device, head_dim)
     cache_key = (device, torch.is_inference_mode_enabled())  # an inference tensor must never reach autograd
     slopes = state.slopes.get(cache_key)
     if slopes is None:
-        slopes = state.slopes[cache_key] = alibi_slopes(self.num_heads, device)
-    key_pos = key_positions(_key_validity(attention_mask, batch, key.shape[2], device))
+        slopes = state.slopes[cache_key] = family.module_slopes(module).to(device)
+    key_pos = family.key_positions(valid)
     sink = state.sink
     context, _, stats = alibi_attention(
         query, key, value, key_pos, slopes, backend, with_stats=sink is not None,
         exclude_first_query=bool(sink and sink.exclude_first_query),
-        normalize_entropy=bool(sink and sink.normalize_entropy))
+        normalize_entropy=bool(sink and sink.normalize_entropy), **family.kernel_options(module))
     if sink is not None:
         sink.add(state.layer, stats)
-    context = context.reshape(batch, q_len, self.hidden_size)
-
-    if self.pretraining_tp > 1 and self.slow_but_exact:
-        width = self.hidden_size / self.pretraining_tp
-        output = torch.zeros_like(context)
-        for i in range(self.pretraining_tp):
-            cols = slice(int(i * width), int((i + 1) * width))
-            output = output + F.linear(context[:, :, cols], self.dense.weight[:, cols])
-    else:
-        output = self.dense(context)
-    output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
-    return output, None
+    return context

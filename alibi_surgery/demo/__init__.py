@@ -98,9 +98,9 @@ def recipe() -> dict:
 
 def load_model(*, dtype: str | None = None, device: str | None = None):
     """``(model, tokenizer)`` of the demo model, checksums verified; fp32 on CPU by default."""
-    from ..io.loading import load_bloom
+    from ..io.loading import load_model
 
-    return load_bloom(str(model_dir()), dtype=dtype, device=device)
+    return load_model(str(model_dir()), dtype=dtype, device=device)
 
 
 def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tuple[Path, Path]:

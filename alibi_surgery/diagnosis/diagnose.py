@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..attention.backends import check_backend, resolve_backend
 from ..errors import UsageError
-from ..attention.patch import bloom_attentions, head_stats, patched
+from ..attention.patch import attention_modules, head_stats, patched
 from .report import HeadReport, Thresholds
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
@@ -164,15 +164,15 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
 def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
              backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
              thresholds: Thresholds = Thresholds(), progress: bool = False) -> HeadReport:
-    """Diagnose every head of a BLOOM model (``BloomForCausalLM`` or ``BloomModel``) over ``prompts``."""
+    """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``."""
     prompts = check_options(prompts, backend, batch_size, max_length)
-    base = getattr(model, "transformer", model)
-    try:
-        n_layer, n_head = len(bloom_attentions(base)), base.config.n_head
-    except TypeError as exc:
-        raise UsageError(str(exc)) from None
+    family, attns = attention_modules(model)
+    base = family.base_model(model)
+    n_layer = len(attns)
+    n_head, head_dim = family.attention_shape(attns[0])
     param = next(base.parameters())
-    head_dim = base.config.hidden_size // n_head
+    if backend == "eager" and family.eager_refusal():
+        raise UsageError(f"--backend eager: {family.eager_refusal()}")
     concrete = "eager" if backend == "eager" else resolve_backend(backend, param.device, head_dim=head_dim)
 
     with _left_padding(tokenizer):
@@ -195,6 +195,6 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
     if sink is not None:
         sums = sink.sums
-    return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or "bloom",
+    return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
                         thresholds=thresholds, **options)

@@ -1,4 +1,4 @@
-"""Checking a safetensors BLOOM checkpoint before any of it is used.
+"""Checking a safetensors checkpoint (of any registered family) before any of it is used.
 
 :func:`verify_checkpoint` reads only the safetensors headers (a few KiB per shard) and refuses, with one line naming
 the file and the tensor:
@@ -6,10 +6,10 @@ the file and the tensor:
 * a shard the index names but the directory lacks;
 * a header that is not safetensors (bad length, not JSON, offsets outside the file);
 * a truncated shard: fewer bytes than its header promises;
-* a BLOOM tensor that is missing, or whose shape differs from what ``config.json`` implies.
+* a model tensor that is missing, or whose shape differs from what ``config.json`` implies.
 
 :func:`check_finite` finds NaN or infinite weights, tensor by tensor, in bounded memory. Both are run by
-:func:`~alibi_surgery.io.loading.load_bloom` and by streamed diagnosis, so no command trains on, or diagnoses, a broken
+:func:`~alibi_surgery.io.loading.load_model` and by streamed diagnosis, so no command trains on, or diagnoses, a broken
 model. Pickle files are never opened here or anywhere else in the package.
 
 :func:`stored_dtype` tells the dtype a checkpoint's weights are stored in, and :func:`cast_checkpoint` rewrites a
@@ -31,7 +31,7 @@ from ..errors import UsageError
 __all__ = ["TensorEntry", "verify_checkpoint", "read_header", "check_finite", "stored_dtype", "cast_checkpoint",
            "PREFIX"]
 
-PREFIX = "transformer."  # BloomForCausalLM's names; a bare BloomModel save has none
+PREFIX = "transformer."  # the causal LM's names for BLOOM, MPT and Falcon; a bare base-model save has none
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -102,16 +102,17 @@ def _shards(model_dir: Path) -> dict[str, str]:
 
 
 def expected_shapes(config) -> dict[str, tuple]:
-    """Every base-model tensor BLOOM's ``config`` implies (names without the ``transformer.`` prefix) -> shape."""
-    from transformers import BloomModel
+    """Every base-model tensor ``config`` implies (names without the ``transformer.`` prefix) -> shape."""
+    from ..families import family_for
 
+    family = family_for(config)
     with torch.device("meta"):
-        model = BloomModel(config)
+        model = family.base_model(family.model_class()(config))
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def verify_checkpoint(model_dir, config) -> dict[str, TensorEntry]:
-    """Check every shard header of a BLOOM checkpoint against ``config``; returns base-model tensor name (no prefix)
+    """Check every shard header of a checkpoint against ``config``; returns base-model tensor name (no prefix)
     -> :class:`TensorEntry`. Reads headers only."""
     model_dir = Path(model_dir)
     weight_map = _shards(model_dir)

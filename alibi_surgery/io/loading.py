@@ -1,10 +1,11 @@
-"""Loading a BLOOM model directory for the CLI, with one-line errors for every bad input.
+"""Loading a model directory of a registered family for the CLI, with one-line errors for every bad input.
 
 Only safetensors weights are read (pickle ``.bin`` checkpoints are refused, with how to convert them), and remote
-code is never run (``trust_remote_code=False`` is passed explicitly; the model class is always transformers' own
-``BloomForCausalLM``, whatever ``auto_map`` a config names). A hub id works only when the local Hugging Face cache
-already holds it: nothing is downloaded. Before any weight is used, :func:`load_bloom` checks the shard headers
-against ``config.json`` (truncation, missing tensors, wrong shapes) and the loaded weights for NaN/inf.
+code is never run (``trust_remote_code=False`` is passed explicitly; the model class is always the family's own
+transformers class, e.g. ``BloomForCausalLM``, whatever ``auto_map`` a config names). A hub id works only when the
+local Hugging Face cache already holds it: nothing is downloaded. Before any weight is used, :func:`load_model`
+checks the shard headers against ``config.json`` (truncation, missing tensors, wrong shapes) and the loaded weights
+for NaN/inf. ``load_bloom`` is the same function under its first name.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_bloom", "load_config", "load_tokenizer",
-           "quiet_transformers"]
+__all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_model", "load_bloom", "load_config",
+           "load_tokenizer", "quiet_transformers", "DTYPES", "dtype_name"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -43,6 +44,11 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name config.json and the reports use)."""
+    return str(dtype).replace("torch.", "")
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -73,7 +79,8 @@ def parse_device(name: str | None) -> torch.device:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local directory, or a hub id already in the local cache; checks that it is a safetensors BLOOM."""
+    """A local directory, or a hub id already in the local cache; checks that it is a safetensors model of a
+    registered family."""
     path = Path(model)
     if not path.exists():
         path = _from_cache(model)
@@ -86,7 +93,9 @@ def resolve_model_dir(model: str) -> Path:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise UsageError(f"config.json in {model} is not valid JSON: {exc}") from None
-    _check_alibi(config if isinstance(config, dict) else {}, model)
+    from ..families import family_for
+
+    family_for(config if isinstance(config, dict) else {}, model)
     has_safetensors = any(path.glob("*.safetensors"))
     if not has_safetensors:
         if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
@@ -95,25 +104,6 @@ def resolve_model_dir(model: str) -> Path:
                              f"safe_serialization=True))")
         raise UsageError(f"no safetensors weights in {model}")
     return path
-
-
-def _check_alibi(config: dict, model: str) -> None:
-    """Refuse, naming its position scheme, any config that is not BLOOM with ALiBi."""
-    model_type = config.get("model_type") or "unknown"
-    attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
-    alibi = config.get("alibi", attn.get("alibi"))
-    scheme = config.get("position_embedding_type")
-    if model_type == "bloom":
-        if alibi is False or scheme not in (None, "alibi"):
-            why = "alibi: false" if alibi is False else f"position_embedding_type: {scheme}"
-            raise UsageError(f"{model}: this BLOOM config turns ALiBi off ({why}); alibi-surgery needs ALiBi attention")
-        return
-    if alibi:
-        raise UsageError(f"{model} is a {model_type} model: it uses ALiBi, but only BLOOM's modules are supported")
-    described = "rotary" if "rope_theta" in config or "rotary_dim" in config or model_type in (
-        "falcon", "llama", "mistral", "gpt_neox", "qwen2") else "learned or other"
-    raise UsageError(f"{model} is a {model_type} model without ALiBi ({described} position embeddings): "
-                     f"alibi-surgery needs BLOOM's ALiBi attention")
 
 
 def _from_cache(model: str) -> Path:
@@ -129,7 +119,7 @@ def _from_cache(model: str) -> Path:
 
 
 def load_tokenizer(model: str):
-    """The tokenizer of a BLOOM model directory (one-line error when there is none)."""
+    """The tokenizer of a model directory (one-line error when there is none)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(model)
@@ -148,20 +138,20 @@ def load_tokenizer(model: str):
         raise UsageError(f"no usable tokenizer in {model} (tokenizer.json / tokenizer_config.json)") from None
 
 
-def load_bloom(model: str, *, dtype: str | None = None, device: str | None = None):
-    """Load ``(model, tokenizer)`` from a BLOOM directory, in eval mode, on the requested device and dtype."""
-    from transformers import BloomForCausalLM
-
+def load_model(model: str, *, dtype: str | None = None, device: str | None = None):
+    """Load ``(model, tokenizer)`` from a model directory, in eval mode, on the requested device and dtype."""
+    from ..families import family_for
     from .checkpoint import check_finite, verify_checkpoint
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     path = resolve_model_dir(model)
-    verify_checkpoint(path, load_config(model))
+    config = load_config(model)
+    verify_checkpoint(path, config)
     tokenizer = load_tokenizer(model)
     try:
         with quiet_transformers():
-            net = BloomForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
+            net = family_for(config, model).model_class().from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
                                                    trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"could not load the weights in {model}: {_first_line(exc)}") from None
@@ -171,16 +161,22 @@ def load_bloom(model: str, *, dtype: str | None = None, device: str | None = Non
     return net, tokenizer
 
 
+load_bloom = load_model
+
+
 def load_config(model: str):
-    """The ``BloomConfig`` of a BLOOM model directory (one-line error when transformers rejects it)."""
-    from transformers import BloomConfig
+    """The transformers config of a model directory, of its family's config class (one-line error when
+    transformers rejects it)."""
+    from ..families import family_for
 
     path = resolve_model_dir(model)
+    family = family_for(json.loads((path / "config.json").read_text(encoding="utf-8")), model)
     try:
         with quiet_transformers():
-            return BloomConfig.from_pretrained(path, local_files_only=True)
+            return family.config_class().from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise UsageError(f"config.json in {model} is not a usable BLOOM config: {_first_line(exc)}") from None
+        raise UsageError(f"config.json in {model} is not a usable {family.name} config: {_first_line(exc)}") \
+            from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from ..attention.patch import bloom_attentions
+from ..families import HeadLayout
+from ..attention.patch import attention_modules
 from .slices import check_selection
 
 __all__ = ["INITS", "reinit_heads"]
@@ -26,17 +27,24 @@ def reinit_heads(model, selection: dict, *, seed: int = 0, init: str = "xavier_u
     """Apply the re-initialisation to every selected head of ``model`` in place (see the module docstring)."""
     if init not in INITS:
         raise UsageError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
-    attns = bloom_attentions(model)
-    selection = check_selection(selection, len(attns), attns[0].num_heads)
+    family, attns = attention_modules(model)
+    n_head, d = family.attention_shape(attns[0])
+    selection = check_selection(selection, len(attns), n_head)
+    layout = HeadLayout(len(attns), n_head, d, n_head * d, 0)
     fill = torch.nn.init.xavier_uniform_ if init == "xavier_uniform" else torch.nn.init.xavier_normal_
     for layer, heads in selection.items():
-        attn = attns[layer]
-        d = attn.head_dim
-        qkv_w, qkv_b, dense_w = attn.query_key_value.weight, attn.query_key_value.bias, attn.dense.weight
+        qkv, out = family.qkv(attns[layer]), family.out(attns[layer])
         for h in heads:
             gen = torch.Generator().manual_seed(((int(seed) * 1_000_003 + layer) * 1_009 + h) % 2**63)
-            block = torch.empty(3 * d, qkv_w.shape[1], dtype=torch.float32)
-            fill(block, generator=gen)
-            qkv_w[h * 3 * d:(h + 1) * 3 * d] = block.to(device=qkv_w.device, dtype=qkv_w.dtype)
-            qkv_b[h * 3 * d:(h + 1) * 3 * d] = 0
-            dense_w[:, h * d:(h + 1) * d] = 0
+            rows = family.qkv_rows(h, layout)
+            block = torch.empty(sum(b - a for a, b in rows), qkv.weight.shape[1], dtype=torch.float32)
+            fill(block, generator=gen)  # one [3d, hidden] block, as the paper initialises it, whatever the layout
+            block = block.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+            at = 0
+            for a, b in rows:
+                qkv.weight[a:b] = block[at:at + b - a]
+                at += b - a
+                if qkv.bias is not None:
+                    qkv.bias[a:b] = 0
+            a, b = family.out_cols(h, layout)
+            out.weight[:, a:b] = 0

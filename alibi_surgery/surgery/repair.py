@@ -41,7 +41,7 @@ from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..io.files import atomic_write_text, read_text, staged_dir, writing
 from ..io.checkpoint import cast_checkpoint, stored_dtype
-from ..io.loading import load_bloom, load_config, parse_dtype, quiet_transformers, resolve_model_dir
+from ..io.loading import load_model, load_config, parse_dtype, quiet_transformers, resolve_model_dir
 from ..io.lock import LOCK_NAME, DirLock, lock_holder
 from ..attention.patch import patch_bloom
 from .plan import NothingToRepair, Plan, make_plan, predict_memory
@@ -306,7 +306,7 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
 def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, settings, device, dtype, backend,
                prompts, progress, allow_empty, budget) -> dict:
     """``--dry-run``: the plan and its predicted memory; nothing is written."""
-    model, tokenizer = load_bloom(str(model_path), dtype=dtype, device=device)
+    model, tokenizer = load_model(str(model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
     _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
                                  prompts, progress, allow_empty, budget)
@@ -319,7 +319,7 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
     read back from ``meta``), OUT emptied (``clear``) and its first files written, the selected heads
     re-initialised."""
     prompts = list(prompts or DEFAULT_PROMPTS)
-    model, tokenizer = load_bloom(str(resume_from or model_path), dtype=dtype, device=device)
+    model, tokenizer = load_model(str(resume_from or model_path), dtype=dtype, device=device)
     patch_bloom(model, backend)
     if corpus is None:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")

@@ -1,17 +1,16 @@
 """Head-sliced trainable parameters: gradients for the selected heads' weight slices, and nothing else.
 
-A selection is ``{layer: [head, ...]}``. For head ``h`` of a layer with head size ``d`` the trainable slices are
+A selection is ``{layer: [head, ...]}``. For head ``h`` the trainable slices are the rows of the fused QKV weight
+that the model's family assigns to it (:meth:`~alibi_surgery.families.base.Family.qkv_rows`: one ``[3d, hidden]``
+block for BLOOM and Falcon, which interleave q, k, v per head; three ``[d, hidden]`` blocks for MPT), the same rows
+of the QKV bias when there is one, and the output projection's columns ``[h*d, (h+1)*d)`` (``[hidden, d]``, a
+strided view).
 
-* ``query_key_value.weight`` rows ``[h*3d, (h+1)*3d)`` (``[3d, hidden]``, contiguous: BLOOM fuses q, k, v per head);
-* the same rows of ``query_key_value.bias`` (``[3d]``);
-* ``dense.weight`` columns ``[h*d, (h+1)*d)`` (``[hidden, d]``, a strided view).
-
-:class:`HeadSlices` freezes every model parameter (``requires_grad=False``), then routes each affected
-``query_key_value`` / ``dense`` linear through an autograd Function whose forward is the ordinary full linear and
-whose backward returns the input gradient in full but weight gradients only for the selected rows or columns. No
-full-matrix gradient is ever allocated; the slice gradients live in one flat buffer (``HeadSlices.grad``), in
-slice order, which is what the fused optimizer reads. Since nothing below the lowest selected layer requires grad,
-autograd records nothing there.
+:class:`HeadSlices` freezes every model parameter (``requires_grad=False``), then routes each affected QKV / output
+linear through an autograd Function whose forward is the ordinary full linear and whose backward returns the input
+gradient in full but weight gradients only for the selected rows or columns. No full-matrix gradient is ever
+allocated; the slice gradients live in one flat buffer (``HeadSlices.grad``), in slice order, which is what the fused
+optimizer reads. Since nothing below the lowest selected layer requires grad, autograd records nothing there.
 
 Two storage modes:
 
@@ -21,7 +20,7 @@ Two storage modes:
   pass still runs on the model's weights, so call :meth:`HeadSlices.write_back` after each update
   (:class:`~alibi_surgery.HeadSlicedAdamW` does).
 
-Limits: BLOOM's ``pretraining_tp > 1`` slow-but-exact path is not routed; the dense bias stays frozen.
+Limits: BLOOM's ``pretraining_tp > 1`` slow-but-exact path is not routed; output-projection biases stay frozen.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UsageError
-from ..attention.patch import bloom_attentions
+from ..attention.patch import attention_modules
+from ..families import HeadLayout
 
 __all__ = ["HeadSlices", "SliceSpec", "check_selection"]
 
@@ -44,11 +44,13 @@ _ROUTED = "_alibi_surgery_sliced"
 
 @dataclasses.dataclass(frozen=True)
 class SliceSpec:
-    """Where one trainable tensor lives: layer, head and which of the three slices."""
+    """Where one trainable tensor lives: layer, head, which kind of slice, and which row block of the head's QKV
+    rows (0 for families that interleave q, k, v per head; 0, 1, 2 for q, k, v in MPT's blocked layout)."""
 
     layer: int
     head: int
     kind: str
+    part: int = 0
 
 
 def check_selection(selection, n_layer: int, n_head: int) -> dict[int, tuple[int, ...]]:
@@ -112,26 +114,29 @@ class _ColumnSlicedLinear(torch.autograd.Function):
 
 
 class HeadSlices:
-    """Trainable per-head slices of a BLOOM model (see the module docstring).
+    """Trainable per-head slices of a model of any registered family (see the module docstring).
 
     Args:
-        model: a ``BloomForCausalLM`` / ``BloomModel`` (patched or not).
+        model: a causal LM or base model (patched or not).
         selection: ``{layer: [heads]}``.
         dtype: dtype of the trainable tensors and their gradients; default the weights' dtype (in place).
     Attributes:
-        specs, tensors: the trainable tensors in flat order (per layer, per head: qkv rows, qkv bias, dense columns).
+        specs, tensors: the trainable tensors in flat order (per layer, per head: qkv row blocks, qkv bias blocks,
+            output columns).
         grad: one flat buffer holding every tensor's gradient (``tensor.grad`` are views of it).
         offsets: where each tensor starts in ``grad``.
     Use as a context manager, or call :meth:`remove` to restore the model's forwards and ``requires_grad`` flags.
     """
 
     def __init__(self, model: nn.Module, selection: dict, *, dtype: torch.dtype | None = None):
-        attns = bloom_attentions(model)
+        family, attns = attention_modules(model)
         if _ROUTED in model.__dict__:
             raise UsageError("this model already has HeadSlices attached: remove() them first")
-        self.model = model
-        self.selection = check_selection(selection, len(attns), attns[0].num_heads)
-        weight = attns[0].query_key_value.weight
+        self.model, self.family = model, family
+        n_head, d = family.attention_shape(attns[0])
+        self.layout = HeadLayout(len(attns), n_head, d, n_head * d, 0)
+        self.selection = check_selection(selection, len(attns), n_head)
+        weight = family.qkv(attns[0]).weight
         self.dtype = dtype or weight.dtype
         if not self.dtype.is_floating_point:
             raise UsageError(f"slice dtype must be a floating-point dtype, got {self.dtype}")
@@ -145,18 +150,20 @@ class HeadSlices:
         self._targets: list[torch.Tensor] = []  # the model-weight views each tensor trains
         self._routes = []
         for layer, heads in self.selection.items():
-            attn = attns[layer]
-            d = attn.head_dim
+            qkv, out = family.qkv(attns[layer]), family.out(attns[layer])
             start = len(self.tensors)
             for h in heads:
-                views = (attn.query_key_value.weight.detach()[h * 3 * d:(h + 1) * 3 * d],
-                         attn.query_key_value.bias.detach()[h * 3 * d:(h + 1) * 3 * d],
-                         attn.dense.weight.detach()[:, h * d:(h + 1) * d])
-                for kind, view in zip(KINDS, views):
-                    self.specs.append(SliceSpec(layer, h, kind))
+                rows = family.qkv_rows(h, self.layout)
+                views = [("qkv_weight", i, qkv.weight.detach()[a:b]) for i, (a, b) in enumerate(rows)]
+                if qkv.bias is not None:
+                    views += [("qkv_bias", i, qkv.bias.detach()[a:b]) for i, (a, b) in enumerate(rows)]
+                a, b = family.out_cols(h, self.layout)
+                views.append(("dense_weight", 0, out.weight.detach()[:, a:b]))
+                for kind, part, view in views:
+                    self.specs.append(SliceSpec(layer, h, kind, part))
                     self._targets.append(view)
                     self.tensors.append(view if self.in_place else view.to(self.dtype, copy=True))
-            self._route(attn, heads, self.tensors[start:])
+            self._route(qkv, out, heads, self.specs[start:], self.tensors[start:])
         model.__dict__[_ROUTED] = True
 
         sizes = [t.numel() for t in self.tensors]
@@ -167,21 +174,22 @@ class HeadSlices:
             t.requires_grad_(True)
             t.grad = self.grad[self.offsets[i]:self.offsets[i] + sizes[i]].view(t.shape)
 
-    def _route(self, attn, heads, trainable):
-        d = attn.head_dim
-        device = attn.query_key_value.weight.device
-        rows = torch.cat([torch.arange(h * 3 * d, (h + 1) * 3 * d) for h in heads]).to(device)
-        cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(device)
-        qkv_w, qkv_b, dense_w = trainable[0::3], trainable[1::3], trainable[2::3]
-        n = len(heads)
+    def _route(self, qkv, out, heads, specs, trainable):
+        device = qkv.weight.device
+        blocks = [r for h in heads for r in self.family.qkv_rows(h, self.layout)]
+        rows = torch.cat([torch.arange(a, b) for a, b in blocks]).to(device)
+        cols = torch.cat([torch.arange(*self.family.out_cols(h, self.layout)) for h in heads]).to(device)
+        by_kind = {kind: [t for s, t in zip(specs, trainable) if s.kind == kind] for kind in KINDS}
+        qkv_w, qkv_b, dense_w = by_kind["qkv_weight"], by_kind["qkv_bias"], by_kind["dense_weight"]
+        n_rows, n_cols = len(blocks), len(heads)
 
         def qkv_forward(module, x):
-            return _RowSlicedLinear.apply(x, module.weight, module.bias, rows, n, *qkv_w, *qkv_b)
+            return _RowSlicedLinear.apply(x, module.weight, module.bias, rows, n_rows, *qkv_w, *qkv_b)
 
         def dense_forward(module, x):
-            return _ColumnSlicedLinear.apply(x, module.weight, module.bias, cols, n, *dense_w)
+            return _ColumnSlicedLinear.apply(x, module.weight, module.bias, cols, n_cols, *dense_w)
 
-        for module, fn in ((attn.query_key_value, qkv_forward), (attn.dense, dense_forward)):
+        for module, fn in ((qkv, qkv_forward), (out, dense_forward)):
             module.__dict__[_ROUTED] = module.__dict__.get("forward")
             module.forward = types.MethodType(fn, module)
             self._routes.append(module)

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+
+from alibi_surgery.errors import UsageError
 from transformers import BloomForCausalLM
 
 from alibi_surgery import patch_bloom, patched, unpatch_bloom
@@ -104,7 +106,7 @@ def test_torch_backend_trains_like_eager(tiny_lm):
 
 
 def test_non_bloom_model_is_refused():
-    with pytest.raises(TypeError, match="not a BLOOM model"):
+    with pytest.raises(UsageError, match="Linear is not a model of a supported family"):
         patch_bloom(torch.nn.Linear(2, 2))
 
 

@@ -91,7 +91,7 @@ def test_one_block_at_a_time_and_only_the_used_embedding_rows(sharded, monkeypat
     monkeypatch.setattr(stream.CheckpointIndex, "load",
                         lambda self, names, *a: calls.append(sorted(names)) or load(self, names, *a))
     monkeypatch.setattr(stream.CheckpointIndex, "embedding_rows",
-                        lambda self, ids, *a: rows.append(ids.clone()) or emb(self, ids, *a))
+                        lambda self, name, ids, *a: rows.append(ids.clone()) or emb(self, name, ids, *a))
     stream.diagnose_streamed(sharded, byte_tokenizer(), PROMPTS, backend="torch")
     blocks = [{n.split(".")[1] for n in c} for c in calls if c[0].startswith("h.")]
     assert blocks == [{"0"}, {"1"}, {"2"}]  # each load call reads exactly one block
@@ -100,7 +100,7 @@ def test_one_block_at_a_time_and_only_the_used_embedding_rows(sharded, monkeypat
     ids = rows[0]
     with safe_open(ckpt.files["word_embeddings.weight"][0], "pt") as f:
         table = f.get_tensor("transformer.word_embeddings.weight")
-    assert torch.equal(ckpt.embedding_rows(ids, "cpu", torch.bfloat16), table[ids])
+    assert torch.equal(ckpt.embedding_rows("word_embeddings.weight", ids, "cpu", torch.bfloat16), table[ids])
 
 
 def test_memory_model(sharded):

@@ -1,0 +1,176 @@
+"""The model-family adapter: everything the rest of the package may know about a model's layout.
+
+Diagnosis, surgery, streaming, planning, comparison and the CLI never name a transformers class, a parameter name or
+a config field; they ask the :class:`Family` of the model (see :mod:`alibi_surgery.families` for the registry).
+An adapter says, for its family:
+
+* which configs it accepts (:meth:`Family.refusal`: a one-line reason naming the position scheme of any other);
+* the shape (:meth:`Family.layout` -> :class:`HeadLayout`), the parameter count and the block's parameter count;
+* where the base model, the attention modules, the fused QKV and output projections are, and which rows and columns
+  of those belong to one head (:meth:`Family.qkv_rows`, :meth:`Family.out_cols`);
+* the ALiBi semantics the fused kernels must reproduce: slopes, softmax scale, how the bias is scaled and rounded, and
+  how key positions follow from the attention mask (:meth:`Family.kernel_options`, :meth:`Family.key_positions`);
+* how to install the fused attention (:meth:`Family.patched_forward`, a function set as an instance-level
+  ``forward`` by :mod:`alibi_surgery.attention.patch`) and how to run one block alone for streamed diagnosis
+  (:meth:`Family.embed`, :meth:`Family.block_inputs`).
+
+Adding a family is one subclass in its own module plus one line in the registry; docs/architecture.md walks
+through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Family", "HeadLayout"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """The attention shape of a model: ``n_layer`` layers of ``n_head`` heads of ``head_dim``; ``hidden`` is the
+    residual width (``n_head * head_dim`` for every family here)."""
+
+    n_layer: int
+    n_head: int
+    head_dim: int
+    hidden: int
+    vocab: int
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_layer * self.n_head
+
+
+class Family:
+    """One model family (subclass per family; instances are stateless singletons in the registry)."""
+
+    name: str = ""  # e.g. "bloom": shown in tables and errors
+    model_types: tuple[str, ...] = ()  # config.model_type values this adapter accepts
+    prefix: str = "transformer."  # the base model's attribute name in the causal LM's state dict
+    embedding: str = ""  # the token embedding's tensor name, without ``prefix``
+    qkv_name: str = ""  # attribute names of the fused QKV and output linears on the attention module
+    out_name: str = ""
+
+    # --- configs -------------------------------------------------------------------------------------------
+    def refusal(self, config: dict) -> str | None:
+        """Why this adapter cannot handle the raw ``config.json`` dict (one line naming the position scheme or the
+        unsupported option), or None when it can."""
+        return None
+
+    def config_class(self):
+        raise NotImplementedError
+
+    def model_class(self):
+        """The transformers causal-LM class (``from_pretrained`` is only ever called on this class)."""
+        raise NotImplementedError
+
+    def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
+        """A config of this family with the given shape (random checkpoints, tests)."""
+        raise NotImplementedError
+
+    def layout(self, config) -> HeadLayout:
+        raise NotImplementedError
+
+    # --- modules -------------------------------------------------------------------------------------------
+    def attention_class(self) -> type:
+        raise NotImplementedError
+
+    def block_class(self) -> type:
+        raise NotImplementedError
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The base model (embeddings + blocks) of a causal LM, or ``model`` itself when it is the base model."""
+        return getattr(model, self.prefix.rstrip("."), model)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every attention module of ``model`` (a causal LM, a base model or one block), in layer order."""
+        cls = self.attention_class()
+        return [m for m in model.modules() if isinstance(m, cls)]
+
+    def qkv(self, attn: nn.Module) -> nn.Linear:
+        return getattr(attn, self.qkv_name)
+
+    def out(self, attn: nn.Module) -> nn.Linear:
+        return getattr(attn, self.out_name)
+
+    def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` of the fused QKV weight (and bias) that belong to ``head``, in q, k, v order
+        (one range when the family interleaves q, k, v per head)."""
+        raise NotImplementedError
+
+    def out_cols(self, head: int, layout: HeadLayout) -> tuple[int, int]:
+        """Column range of the output projection's weight that reads ``head``'s context."""
+        d = layout.head_dim
+        return head * d, (head + 1) * d
+
+    def block_names(self, layer: int, block: nn.Module) -> list[str]:
+        """Checkpoint tensor names (without ``prefix``) of block ``layer``'s parameters, each of the form
+        ``<blocks>.<layer>.<name inside the block>``."""
+        raise NotImplementedError
+
+    # --- attention semantics ------------------------------------------------------------------------------------
+    def attention_shape(self, attn: nn.Module) -> tuple[int, int]:
+        """``(n_head, head_dim)`` of one attention module."""
+        raise NotImplementedError
+
+    def slopes(self, n_head: int, device=None) -> torch.Tensor:
+        """float32 ``[n_head]``: the slopes the kernels multiply key positions by (before ``bias_scale``)."""
+        raise NotImplementedError
+
+    def module_slopes(self, attn: nn.Module) -> torch.Tensor:
+        """The slopes of one attention module (default: :meth:`slopes` of its head count)."""
+        return self.slopes(self.attention_shape(attn)[0])
+
+    def kernel_options(self, attn: nn.Module) -> dict:
+        """Extra keyword options of the fused kernels (``softmax_scale``, ``bias_scale``, ``alibi_bf16``) that give
+        this family's scores for one attention module; {} means BLOOM's ``q.k / sqrt(d) + slope * pos``."""
+        return {}
+
+    def eager_refusal(self) -> str | None:
+        """Why this family's own eager attention (``output_attentions=True``) must not be used, or None."""
+        return None
+
+    def key_positions(self, valid: torch.Tensor) -> torch.Tensor:
+        """int32 ``[batch, k_len]`` ALiBi positions from key validity (bool ``[batch, k_len]``); -1 = padded key.
+        Default: the mask's cumsum (the first real key is 0, padding does not count), as BLOOM and Falcon do."""
+        from ..kernels import key_positions
+
+        return key_positions(valid)
+
+    def patched_forward(self) -> Callable:
+        """The function installed as the attention modules' instance-level ``forward`` (``self`` is the module); it
+        calls :func:`alibi_surgery.attention.patch.fused_attention` for the attention itself."""
+        raise NotImplementedError
+
+    # --- streamed diagnosis --------------------------------------------------------------------------------------
+    def embed(self, tensors: Callable, ids: torch.Tensor, config, device, dtype) -> torch.Tensor:
+        """The hidden states entering block 0 for token ``ids``; ``tensors(names)`` loads checkpoint tensors and
+        ``tensors.rows(name, ids)`` gathers embedding rows without loading the whole table."""
+        raise NotImplementedError
+
+    def block_inputs(self, mask: torch.Tensor, config, dtype) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` after the hidden states with which the family's model calls one block, for a batch
+        with 0/1 ``mask [batch, T]`` (no cache)."""
+        raise NotImplementedError
+
+    # --- sizes ---------------------------------------------------------------------------------------------------
+    def block_params(self, config) -> int:
+        """Parameters of one block (counted on a meta-device instance: no memory)."""
+        with torch.device("meta"):
+            block = self.block_class()(config, layer_idx=0)
+        return sum(p.numel() for p in block.parameters())
+
+    def params(self, config) -> int:
+        """Parameters of the causal LM, a tied LM head counted once (counted on a meta-device instance)."""
+        with torch.device("meta"):
+            model = self.model_class()(self.with_layers(config, 1))
+        one = sum(p.numel() for p in model.parameters())
+        return one + (self.layout(config).n_layer - 1) * self.block_params(config)
+
+    def with_layers(self, config, n_layer: int):
+        """A copy of ``config`` with ``n_layer`` layers."""
+        raise NotImplementedError
