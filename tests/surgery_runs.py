@@ -25,7 +25,7 @@ def make_inputs(root: Path) -> Path:
 
 def repair_command(root: Path, out: Path, *extra, epochs: int = 1) -> list:
     """6 optimizer steps per epoch on two heads, a checkpoint every 2 steps."""
-    return [sys.executable, "-m", "alibi_surgery.cli.main", "repair", str(root / "model"), "--out", str(out),
+    return [sys.executable, "-m", "alibi_surgery.cli", "repair", str(root / "model"), "--out", str(out),
             "--corpus", str(root / "corpus.txt"), "--heads", "0:1;1:2", "--device", "cpu", "--backend", "torch",
             "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--epochs", str(epochs),
             "--save-every-steps", "2", "--quiet", *extra]

@@ -131,10 +131,10 @@ def test_bad_inputs(sharded, tmp_path):
 
 
 def test_cli_stream_flag_and_automatic_streaming(sharded, tmp_path):
-    base = [sys.executable, "-m", "alibi_surgery.cli.main", "diagnose", str(sharded), "--backend", "torch", "--quiet",
+    base = [sys.executable, "-m", "alibi_surgery.cli", "diagnose", str(sharded), "--backend", "torch", "--quiet",
             "--prompt", PROMPTS[0], "--prompt", PROMPTS[2]]
     env_code = ("import sys, alibi_surgery.diagnosis.stream as s; s.free_bytes = lambda d: 1; "
-                "from alibi_surgery.cli.main import main; sys.exit(main(sys.argv[1:]))")
+                "from alibi_surgery.cli import main; sys.exit(main(sys.argv[1:]))")
     outs = {}
     for name, cmd in (("memory", base), ("flag", base + ["--stream"]),
                       ("auto", [sys.executable, "-c", env_code] + base[3:])):

@@ -13,7 +13,7 @@ import torch
 from helpers import selected_mask
 from transformers import AutoModelForCausalLM
 
-from alibi_surgery.cli.main import main
+from alibi_surgery.cli import main
 from alibi_surgery.io.random_model import write_random_bloom
 from alibi_surgery.surgery.repair import RepairSettings, repair
 from alibi_surgery.surgery.reinit import reinit_heads

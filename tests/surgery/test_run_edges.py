@@ -81,7 +81,7 @@ def _fake_report(root: Path) -> Path:
     of the random model then finds nothing collapsed."""
     path = root / "fake-report.json"
     if not path.exists():
-        result = _run([sys.executable, "-m", "alibi_surgery.cli.main", "diagnose", str(root / "model"), "--json",
+        result = _run([sys.executable, "-m", "alibi_surgery.cli", "diagnose", str(root / "model"), "--json",
                        str(path), "--max-length", "128", "--quiet", "--device", "cpu", "--backend", "torch"])
         assert result.returncode == 0, result.stderr
         data = json.loads(path.read_text())
@@ -147,7 +147,7 @@ def test_a_write_failure_mid_training_names_the_last_checkpoint_and_the_resume_c
     assert command.startswith("alibi-surgery repair ") and command.endswith(" --resume"), err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert not (out / LOCK_NAME).exists()
-    resumed = _run([sys.executable, "-m", "alibi_surgery.cli.main", *command.split()[1:]])
+    resumed = _run([sys.executable, "-m", "alibi_surgery.cli", *command.split()[1:]])
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "final" / "model.safetensors").is_file()
 
@@ -169,7 +169,7 @@ def test_random_model_under_a_file_size_limit_fails_in_one_line_and_leaves_nothi
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 
-    result = subprocess.run([sys.executable, "-m", "alibi_surgery.cli.main", "random-model", str(out), "--layers", "1"],
+    result = subprocess.run([sys.executable, "-m", "alibi_surgery.cli", "random-model", str(out), "--layers", "1"],
                             env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert result.returncode == 1, result.stderr
     err = _one_error_line(result.stderr)
