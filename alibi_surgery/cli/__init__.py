@@ -1,4 +1,5 @@
-"""The ``alibi-surgery`` command line: the parser and one handler per command (``python -m alibi_surgery.cli``)."""
+"""The ``alibi-surgery`` command line (``python -m alibi_surgery.cli``): :mod:`.main` holds the top-level parser,
+dispatch and error mapping; each command is one module with ``add_parser(sub)`` and ``run(args)``."""
 
 from .main import main
 

@@ -1,8 +1,9 @@
-"""Command-line options shared by several subcommands (diagnose, repair, compare)."""
+"""Command-line options shared by several subcommands (diagnose, family, repair, compare), and the prompt list they
+resolve to."""
 
 from __future__ import annotations
 
-__all__ = ["add_model_options", "add_prompt_options"]
+__all__ = ["add_model_options", "add_prompt_options", "add_diagnosis_options", "prompts_from_args"]
 
 
 def add_model_options(p, *, backends: str = "auto, triton, torch or eager") -> None:
@@ -21,3 +22,25 @@ def add_prompt_options(p, *, exclude_help: str = "leave query row 0 (whose first
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
     p.add_argument("--exclude-first-query", action="store_true", help=exclude_help)
     p.add_argument("--normalize-entropy", action="store_true", help="divide each row's entropy by ln(visible keys)")
+
+
+def add_diagnosis_options(p) -> None:
+    """--overwrite, prompts, model, thresholds, --stream and --quiet: shared by diagnose and family."""
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    add_prompt_options(p)
+    add_model_options(p)
+    p.add_argument("--dead-threshold", type=float, default=0.95, help="bos_mass above this is dead (0.95)")
+    p.add_argument("--sink-threshold", type=float, default=0.50, help="bos_mass above this is a bos-sink (0.50)")
+    p.add_argument("--low-entropy-threshold", type=float, default=0.50,
+                   help="entropy below this is low-entropy (0.50)")
+    p.add_argument("--stream", action="store_true",
+                   help="read and run one block at a time from the safetensors files (one block in memory); "
+                        "chosen automatically when the whole model would not fit in free memory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def prompts_from_args(args) -> list[str]:
+    """The prompts ``--prompt`` and ``--prompts-file`` give, or the built-in set when they give none."""
+    from ..diagnosis.prompts import DEFAULT_PROMPTS, read_prompts
+
+    return read_prompts(args.prompt, args.prompts_file) or list(DEFAULT_PROMPTS)

@@ -20,7 +20,6 @@ collapsed heads by step), ``last/`` (the final model: safetensors, config, token
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -197,37 +196,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     return {"steps": step, "seconds": seconds, "final": report.summary()}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--data", default="recall", choices=["recall", "text"])
-    p.add_argument("--corpus", nargs="+")
-    p.add_argument("--bos", action="store_true", help="text data: open every window with <s>")
-    for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 32), ("batch-size", 64),
-                          ("warmup", 200), ("steps", 6000), ("diagnose-every", 250), ("seed", 0), ("threads", 0),
-                          ("diag-max-length", 0), ("save-every", 0)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
-        p.add_argument(f"--{name}", type=float, default=default)
-    p.add_argument("--device")
-    p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
-    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--install", action="store_true",
-                   help="then install OUT/last as the package's demo model (alibi_surgery/demo_model)")
-    a = p.parse_args(argv)
-    result = pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
-                      hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
-                      weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
-                      minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
-                      diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
-                      seed=a.seed, backend=a.backend, save_dtype=getattr(torch, a.save_dtype))
-    print(json.dumps(result))
-    if a.install:
-        from ..demo import install_model
+if __name__ == "__main__":  # the command line lives in alibi_surgery.cli.pretrain
+    from alibi_surgery.cli.pretrain import main
 
-        print(f"installed the demo model in {install_model(a.out)}")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,48 @@
+"""``alibi-surgery compare A B``: per-head change between two diagnoses (before/after surgery): recovered,
+iatrogenic, drift. The work is :func:`alibi_surgery.analysis.compare.run_compare`'s."""
+
+from __future__ import annotations
+
+from .options import add_model_options, add_prompt_options
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="compare two diagnoses (before/after surgery): recovered, iatrogenic, drift",
+        description="Per-head change in first-token mass between two diagnoses, with the heads surgery recovered, "
+                    "the ones still sick, the non-targets it made sick, and drift (|delta| > threshold) per zone: "
+                    "targets, in-band (the zone minus the targets) and outside. A and B are diagnosis JSON files "
+                    "(diagnose --json) or BLOOM model directories, diagnosed here like diagnose does.")
+    p.add_argument("a", metavar="A", help="before: a diagnosis .json or a model directory")
+    p.add_argument("b", metavar="B", help="after: a diagnosis .json or a model directory")
+    p.add_argument("--targets", action="append", metavar="SPEC",
+                   help="heads re-initialised by surgery: LAYERS:HEADS such as 5-22:9-15 (';'-separated groups, "
+                        "'*' for all, repeatable) or a JSON file {layer: [heads]}")
+    p.add_argument("--zone", action="append", metavar="SPEC",
+                   help="the collapse band, same syntax; its non-target heads count as in-band")
+    p.add_argument("--plan", metavar="PLAN.json",
+                   help="take --targets (its selection) and --zone from a surgery plan file; explicit --targets / "
+                        "--zone win")
+    p.add_argument("--drift-threshold", type=float, default=0.05, metavar="T",
+                   help="|delta bos_mass| above this counts as drift (0.05)")
+    p.add_argument("--json", metavar="OUT", help="write the comparison as JSON")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of delta first-token mass")
+    p.add_argument("--table", action="store_true", help="print the per-head table, largest |delta| first")
+    p.add_argument("--table-rows", type=int, default=30, metavar="N",
+                   help="rows of the --table output (default 30; 0 = every head)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--force", action="store_true",
+                   help="compare even when A and B were measured differently (another prompt set or --max-length); "
+                        "a warning names the difference")
+    g = p.add_argument_group("diagnosing a model directory (ignored for .json inputs)")
+    add_prompt_options(g, exclude_help="leave query row 0 out of the averages (must match the other input's setting)")
+    add_model_options(g)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> None:
+    from ..analysis.compare import run_compare
+
+    run_compare(args)

@@ -1,0 +1,64 @@
+"""``alibi-surgery diagnose MODEL``: classify every attention head of one model; :func:`diagnose_each` is shared with
+``family``."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import UsageError
+from .options import add_diagnosis_options, prompts_from_args
+
+__all__ = ["add_parser", "run", "diagnose_each"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="classify every attention head of a BLOOM model",
+                       description="Per-head first-token mass and entropy over a prompt set, with the paper's "
+                                   "classes (dead, bos-sink, low-entropy, healthy).")
+    p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--csv", metavar="OUT", help="write one row per head as CSV")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of first-token mass")
+    add_diagnosis_options(p)
+
+
+def diagnose_each(args, models: list[str]) -> list:
+    """Check the shared diagnosis options, then diagnose each model (streamed when asked or when it won't fit)."""
+    from ..attention.backends import check_backend
+    from ..io.loading import parse_device, parse_dtype, resolve_model_dir
+    from ..diagnosis.report import Thresholds
+    from ..diagnosis.stream import diagnose_path
+
+    check_backend(args.backend)
+    try:
+        thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    prompts = prompts_from_args(args)
+    for model in models:  # every path checked before the first (possibly long) diagnosis
+        resolve_model_dir(model)
+    options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
+                   exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
+                   thresholds=thresholds, progress=not args.quiet)
+    device = parse_device(args.device)
+    return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
+                          announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]
+
+
+def run(args) -> None:
+    from ..io.files import check_output_paths
+
+    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap},
+                                 overwrite=args.overwrite)
+    report = diagnose_each(args, [args.model])[0]
+    if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
+        report.to_json(outputs["json"])
+    if "csv" in outputs:
+        report.to_csv(outputs["csv"])
+    if "heatmap" in outputs:
+        from ..viz.heatmap import save_heatmap
+
+        save_heatmap(report, outputs["heatmap"])
+    print(report.format_summary())
+    for path in outputs.values():
+        print(f"wrote {path}")

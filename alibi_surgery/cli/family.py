@@ -1,0 +1,40 @@
+"""``alibi-surgery family DIR...``: diagnose several models of one family; the cross-scale table, a multi-panel
+heatmap and JSON."""
+
+from __future__ import annotations
+
+from .diagnose import diagnose_each
+from .options import add_diagnosis_options
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("family", help="diagnose several BLOOM models: cross-scale table, multi-panel heatmap, JSON",
+                       description="The paper's Table 1 and Figure 2: per model, parameters, layers x heads, "
+                                   "collapsed share, collapse band and per-index collapse rate.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model directories (or cached hub ids)")
+    p.add_argument("--json", metavar="OUT", help="write every model's figures and report as JSON")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write one heatmap panel per model")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the table as Markdown")
+    add_diagnosis_options(p)
+
+
+def run(args) -> None:
+    from ..analysis.scale_table import family_entry, family_table, save_family_heatmap, save_family_json
+    from ..io.files import atomic_write_text, check_output_paths
+
+    outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap, "markdown": args.markdown},
+                                 overwrite=args.overwrite)
+    reports = diagnose_each(args, args.models)
+    entries = [family_entry(m, r) for m, r in zip(args.models, reports)]
+    table = family_table(entries)
+    if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
+        save_family_json(entries, outputs["json"])
+    if "heatmap" in outputs:
+        save_family_heatmap(entries, outputs["heatmap"])
+    if "markdown" in outputs:
+        atomic_write_text(outputs["markdown"], table + "\n")
+    print(table)
+    for path in outputs.values():
+        print(f"wrote {path}")

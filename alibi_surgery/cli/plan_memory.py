@@ -1,0 +1,40 @@
+"""``alibi-surgery plan-memory MODEL|SHAPE``: predicted peak memory of diagnosis and surgery, against a budget."""
+
+from __future__ import annotations
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan-memory", help="predict peak memory of diagnosis and surgery; does it fit a budget?",
+                       description="Predicted peak device memory, by part, for an in-memory and a streamed "
+                                   "diagnosis and for one surgery step (see docs/scale.md).")
+    p.add_argument("model", help="model directory, cached hub id, or a family shape (bloom-560m ... bloom)")
+    p.add_argument("--heads", default="auto", help="heads to train: a number, or auto (the paper's collapse share)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=8, help="prompts a diagnosis keeps hidden states for (8)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
+    p.add_argument("--stochastic-rounding", action="store_true", help="bf16 surgery without an fp32 master copy")
+    p.add_argument("--budget", help="memory to check against, e.g. 24GiB or 16GB")
+    p.add_argument("--device", default="cuda", help="cuda (a card; default) or cpu (adds the loading cost there)")
+    p.add_argument("--json", metavar="OUT", help="write the prediction as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def run(args) -> None:
+    import json
+
+    from ..io.files import atomic_write_text, check_output_paths
+    from ..surgery.memory_plan import format_plan, parse_bytes, plan_memory
+
+    out = check_output_paths({"json": args.json}, overwrite=args.overwrite).get("json")
+    budget = parse_bytes(args.budget) if args.budget else None
+    prediction = plan_memory(args.model, heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
+                             dtype=args.dtype, budget=budget, n_prompts=args.prompts,
+                             stochastic_rounding=args.stochastic_rounding, device=args.device)
+    if out:
+        atomic_write_text(out, json.dumps(prediction, indent=2) + "\n")
+    print(format_plan(prediction))
+    if out:
+        print(f"wrote {out}")

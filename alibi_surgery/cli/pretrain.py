@@ -1,0 +1,50 @@
+"""The pre-training tool's command line: ``python -m alibi_surgery.demo.pretrain OUT [...]`` (the demo model's recipe,
+docs/demo-model.md). It is a developer's tool, not an ``alibi-surgery`` command; the training is
+:func:`alibi_surgery.demo.pretrain.pretrain`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..demo import pretrain
+
+    p = argparse.ArgumentParser(description=pretrain.__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--data", default="recall", choices=["recall", "text"])
+    p.add_argument("--corpus", nargs="+")
+    p.add_argument("--bos", action="store_true", help="text data: open every window with <s>")
+    for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 32), ("batch-size", 64),
+                          ("warmup", 200), ("steps", 6000), ("diagnose-every", 250), ("seed", 0), ("threads", 0),
+                          ("diag-max-length", 0), ("save-every", 0)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--device")
+    p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--install", action="store_true",
+                   help="then install OUT/last as the package's demo model (alibi_surgery/demo_model)")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..demo import install_model
+    from ..demo.pretrain import pretrain
+    from ..io.loading import DTYPES
+
+    a = build_parser().parse_args(argv)
+    result = pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
+                      hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
+                      weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
+                      minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
+                      diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
+                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype])
+    print(json.dumps(result))
+    if a.install:
+        print(f"installed the demo model in {install_model(a.out)}")
+    return 0

@@ -1,0 +1,109 @@
+"""``alibi-surgery repair MODEL --out DIR``: plan, re-initialise and retrain the collapsed heads (the paper's
+surgery), then say what it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from .options import add_model_options, prompts_from_args
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    from ..surgery.repair import RepairSettings
+    from ..surgery.reinit import INITS
+
+    d = RepairSettings()
+    p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
+                       description="Plan, re-initialise, train only the selected heads' slices, checkpoint, "
+                                   "re-diagnose and report. The input directory is never written to.")
+    p.add_argument("model", help="local BLOOM model directory (config, safetensors, tokenizer) or cached hub id")
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
+    p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
+    p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
+    g = p.add_argument_group("plan")
+    g.add_argument("--heads", default="auto", help="'auto' (dead and bos-sink heads) or a list like '5:14,15;6:9-15'")
+    g.add_argument("--from-report", metavar="JSON", help="plan from this diagnosis instead of a fresh one")
+    g.add_argument("--band", metavar="A-B", help="the sick heads with index in A..B (with --layers)")
+    g.add_argument("--layers", metavar="C-D", help="restrict --band to these layers")
+    g.add_argument("--freeze", metavar="SPEC", help="heads that must stay untouched")
+    g.add_argument("--include", metavar="SPEC", help="healthy heads to re-initialise as well")
+    g.add_argument("--passes", type=int, default=1, help="repeat on the heads still collapsed (default 1)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory, then stop")
+    g.add_argument("--budget", metavar="SIZE", help="refuse up front a plan whose predicted peak memory exceeds "
+                                                    "this, e.g. 24GiB (see plan-memory)")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the corpus")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm")
+    t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of the re-initialisation and the data order")
+    t.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    t.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    t.add_argument("--stochastic-rounding", action="store_true", help="bf16 without an fp32 master copy")
+    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
+    add_model_options(p, backends="auto, triton or torch")
+    p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of OUT/final (default: the input checkpoint's)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> None:
+    from ..surgery.repair import RepairSettings, repair
+
+    settings = RepairSettings(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                              lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, epochs=args.epochs,
+                              patience=args.patience, max_grad_norm=args.max_grad_norm, init=args.init,
+                              seed=args.seed, save_every_steps=args.save_every_steps,
+                              checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding)
+    if args.backend not in ("auto", "triton", "torch"):
+        raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
+    from ..diagnosis.report import read_report
+
+    from_report = read_report(args.from_report, "--from-report") if args.from_report else None
+    from ..surgery.memory_plan import parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget else None
+    prompts = None
+    if args.prompts_file:
+        args.prompt = []
+        prompts = prompts_from_args(args)
+    result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=from_report,
+                    heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
+                    passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
+                    backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,
+                    overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet, budget=budget)
+    if args.dry_run:
+        from ..surgery.plan import Plan
+
+        memory = result.pop("memory")
+        print(Plan.from_dict(result).format(memory))
+        return
+    _print_result(result, Path(args.out))
+
+
+def _print_result(result: dict, out: Path) -> None:
+    """What a finished repair says: its held-out perplexity before and after, and the files it wrote."""
+    from ..surgery.repair_report import format_ppl
+
+    last = result["passes"][-1] if "passes" in result else result
+    best = next((c for c in last["checkpoints"] if c["checkpoint"] == last["final_checkpoint"]), None)
+    if result.get("stopped"):
+        print(f"stopped after pass {len(result['passes'])}: {result['stopped']}")
+    if result.get("eval_ppl_before") is not None:
+        print(f"held-out perplexity: {format_ppl(result['eval_ppl_before'])} before surgery -> "
+              f"{format_ppl(best and best['eval_ppl'])} after ({last['final_checkpoint'] or 'no training'})")
+    if result.get("already_complete"):
+        print(f"nothing to resume: {out} holds a finished run ({result['final']}, {out / 'report.md'})")
+    else:
+        print(f"wrote {result['final']} and {out / 'report.md'}")
