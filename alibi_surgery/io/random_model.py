@@ -1,8 +1,12 @@
-"""Random-weight BLOOM checkpoints for tests, benchmarks and the quick start (nothing is downloaded).
+"""Random-weight checkpoints of every registered family, for tests, benchmarks and the quick start (nothing is
+downloaded).
 
-``write_random_bloom(dir, shape)`` writes a complete Hugging Face model directory: ``config.json``, safetensors
-weights (sharded when larger than ``max_shard_size``) and a byte-level tokenizer. Shapes follow the BLOOM family
-(``SHAPES``); ``n_layer`` and ``vocab_size`` may be reduced. Random weights show no learned collapse.
+``write_random_model(dir, shape)`` writes a complete Hugging Face model directory: ``config.json``, safetensors
+weights (sharded when larger than ``max_shard_size``) and a byte-level tokenizer. ``write_sharded_random_model``
+writes any size tensor by tensor in bounded memory. Shapes (``SHAPES``) name a family and its public sizes;
+``n_layer`` and ``vocab_size`` may be reduced. Random weights show no learned collapse. The MPT and Falcon-RW sizes
+are from public config tables (mpt-30b's head_dim 112 from a third-party table), not checked against config.json
+files here. ``write_random_bloom`` / ``write_sharded_random_bloom`` / ``bloom_config`` are the first names.
 """
 
 from __future__ import annotations
@@ -13,36 +17,53 @@ import torch
 
 from ..errors import UsageError
 from .files import filling, writing
-from .loading import quiet_transformers
+from .loading import dtype_name, quiet_transformers
 
-__all__ = ["SHAPES", "bloom_config", "byte_tokenizer", "write_random_bloom", "write_sharded_random_bloom"]
+__all__ = ["SHAPES", "shape_config", "bloom_config", "byte_tokenizer", "write_random_model", "write_random_bloom",
+           "write_sharded_random_model", "write_sharded_random_bloom"]
 
-# name: (n_layer, hidden_size, n_head); vocabulary 250,880 for all of them.
+# name: (family, n_layer, hidden_size, n_head, vocabulary)
 SHAPES = {
-    "tiny": (2, 128, 4),
-    "bloom-560m": (24, 1024, 16),
-    "bloom-1b1": (24, 1536, 16),
-    "bloom-1b7": (24, 2048, 16),
-    "bloom-3b": (30, 2560, 32),
-    "bloom-7b1": (30, 4096, 32),
-    "bloom": (70, 14336, 112),
+    "tiny": ("bloom", 2, 128, 4, 512),
+    "bloom-560m": ("bloom", 24, 1024, 16, 250880),
+    "bloom-1b1": ("bloom", 24, 1536, 16, 250880),
+    "bloom-1b7": ("bloom", 24, 2048, 16, 250880),
+    "bloom-3b": ("bloom", 30, 2560, 32, 250880),
+    "bloom-7b1": ("bloom", 30, 4096, 32, 250880),
+    "bloom": ("bloom", 70, 14336, 112, 250880),
+    "tiny-mpt": ("mpt", 2, 128, 4, 512),
+    "mpt-7b": ("mpt", 32, 4096, 32, 50432),
+    "mpt-30b": ("mpt", 48, 7168, 64, 50432),
+    "tiny-falcon": ("falcon", 2, 128, 4, 512),
+    "falcon-rw-1b": ("falcon", 24, 2048, 32, 50304),
+    "falcon-rw-7b": ("falcon", 36, 4096, 64, 65024),
 }
-BLOOM_VOCAB = 250880
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
-def bloom_config(shape: str = "tiny", *, n_layer: int | None = None, vocab_size: int | None = None):
-    """A ``BloomConfig`` of a family shape, optionally with fewer layers or a smaller vocabulary."""
-    from transformers import BloomConfig
+def _family(name: str):
+    from ..families import FAMILIES
 
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    raise UsageError(f"the {name} family is not registered")
+
+
+def shape_config(shape: str = "tiny", *, n_layer: int | None = None, vocab_size: int | None = None):
+    """A config of a named shape (its family's config class), optionally with fewer layers or a smaller vocabulary.
+    Token ids: ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3 (the byte tokenizer's)."""
     if shape not in SHAPES:
         raise UsageError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    layers, hidden, heads = SHAPES[shape]
-    vocab = vocab_size or (512 if shape == "tiny" else BLOOM_VOCAB)
+    family, layers, hidden, heads, vocab = SHAPES[shape]
+    vocab = vocab_size or vocab
     if vocab < 256 + len(SPECIALS):
         raise UsageError(f"vocab_size must be >= {256 + len(SPECIALS)} to hold the byte tokenizer")
-    return BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer or layers, n_head=heads,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return _family(family).make_config(n_layer=n_layer or layers, hidden=hidden, n_head=heads, vocab=vocab,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+bloom_config = shape_config
 
 
 def byte_tokenizer(*, add_bos: bool = False):
@@ -65,15 +86,16 @@ def byte_tokenizer(*, add_bos: bool = False):
                                    pad_token="<pad>", padding_side="left")
 
 
-def write_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | None = None, vocab_size: int | None = None,
+def write_random_model(out_dir, shape: str = "tiny", *, n_layer: int | None = None, vocab_size: int | None = None,
                        seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB") -> Path:
-    """Write a random-weight BLOOM model directory and return its path. Refuses a non-empty directory."""
-    from transformers import BloomForCausalLM
+    """Write a random-weight model directory of a named shape (the family's own initialisation) and return its
+    path. Refuses a non-empty directory."""
+    from ..families import family_for
 
     out = _check_empty(out_dir)
-    config = bloom_config(shape, n_layer=n_layer, vocab_size=vocab_size)
+    config = shape_config(shape, n_layer=n_layer, vocab_size=vocab_size)
     torch.manual_seed(seed)
-    model = BloomForCausalLM(config).to(dtype)
+    model = family_for(config).model_class()(config).to(dtype)
     with writing(out, "directory"):
         out.mkdir(parents=True, exist_ok=True)
     with filling(out), quiet_transformers():
@@ -92,35 +114,25 @@ def _check_empty(out_dir) -> Path:
     return out
 
 
-def _bloom_tensor_shapes(config):
-    """(name as BloomForCausalLM saves it, shape, init) of every tensor, in file order; init is "normal", "one" or
-    "zero" (BLOOM's own initialisation: normal(0, initializer_range) weights, zero biases, unit layernorm gains)."""
-    h = config.hidden_size
-    yield "transformer.word_embeddings.weight", (config.vocab_size, h), "normal"
-    yield "transformer.word_embeddings_layernorm.weight", (h,), "one"
-    yield "transformer.word_embeddings_layernorm.bias", (h,), "zero"
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        yield p + "input_layernorm.weight", (h,), "one"
-        yield p + "input_layernorm.bias", (h,), "zero"
-        yield p + "self_attention.query_key_value.weight", (3 * h, h), "normal"
-        yield p + "self_attention.query_key_value.bias", (3 * h,), "zero"
-        yield p + "self_attention.dense.weight", (h, h), "normal"
-        yield p + "self_attention.dense.bias", (h,), "zero"
-        yield p + "post_attention_layernorm.weight", (h,), "one"
-        yield p + "post_attention_layernorm.bias", (h,), "zero"
-        yield p + "mlp.dense_h_to_4h.weight", (4 * h, h), "normal"
-        yield p + "mlp.dense_h_to_4h.bias", (4 * h,), "zero"
-        yield p + "mlp.dense_4h_to_h.weight", (h, 4 * h), "normal"
-        yield p + "mlp.dense_4h_to_h.bias", (h,), "zero"
-    yield "transformer.ln_f.weight", (h,), "one"
-    yield "transformer.ln_f.bias", (h,), "zero"
+write_random_bloom = write_random_model
 
 
-def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | None = None,
+def _tensor_specs(config):
+    """(name as the causal LM saves it, shape, init) of every parameter, in model order, a tied LM head once; init
+    is "normal" for matrices (normal(0, initializer_range)), "one" for 1-D weights (norm gains), "zero" for biases."""
+    from ..families import family_for
+
+    with torch.device("meta"):
+        model = family_for(config).model_class()(config)
+    for name, p in model.named_parameters():
+        init = "zero" if name.endswith("bias") else "one" if p.dim() == 1 else "normal"
+        yield name, tuple(p.shape), init
+
+
+def write_sharded_random_model(out_dir, shape: str = "tiny", *, n_layer: int | None = None,
                                vocab_size: int | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                                shard_bytes: int = 2 * 2**30, progress: bool = False) -> Path:
-    """Write a random BLOOM checkpoint of any family shape as sharded safetensors, tensor by tensor.
+    """Write a random checkpoint of any named shape as sharded safetensors, tensor by tensor.
 
     Never holds more than one shard (``shard_bytes``) plus the tensor being drawn, so a bloom-7b1-shaped (or, with
     few layers, a 176B-shaped) checkpoint can be made on a small machine. Weights are drawn in row chunks from
@@ -134,11 +146,12 @@ def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | N
     from tqdm.auto import tqdm
 
     out = _check_empty(out_dir)
-    config = bloom_config(shape, n_layer=n_layer, vocab_size=vocab_size)
-    config.dtype = str(dtype).replace("torch.", "")
+    config = shape_config(shape, n_layer=n_layer, vocab_size=vocab_size)
+    config.dtype = dtype_name(dtype)
     with writing(out, "directory"):
         out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
     elem = torch.finfo(dtype).bits // 8
     shards: list[list[str]] = [[]]
     pending: dict[str, torch.Tensor] = {}
@@ -151,13 +164,13 @@ def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | N
             shards.append([])
         pending, pending_bytes = {}, 0
 
-    specs = list(_bloom_tensor_shapes(config))
+    specs = list(_tensor_specs(config))
     for name, shp, init in tqdm(specs, desc="write", unit="tensor", disable=not progress):
         t = torch.empty(shp, dtype=dtype)
         if init == "normal":
             rows = max(1, (64 * 2**20) // (4 * shp[1]))  # draw 64 MiB of fp32 at a time
             for r in range(0, shp[0], rows):
-                t[r:r + rows] = torch.randn(min(rows, shp[0] - r), shp[1], generator=gen) * config.initializer_range
+                t[r:r + rows] = torch.randn(min(rows, shp[0] - r), shp[1], generator=gen) * std
         else:
             t.fill_(1.0 if init == "one" else 0.0)
         size = t.numel() * elem
@@ -180,3 +193,6 @@ def write_sharded_random_bloom(out_dir, shape: str = "tiny", *, n_layer: int | N
         config.save_pretrained(out)
         byte_tokenizer().save_pretrained(out)
     return out
+
+
+write_sharded_random_bloom = write_sharded_random_model

@@ -28,6 +28,7 @@ from ..io.loading import quiet_transformers
 from .loss import causal_lm_labels, chunked_lm_loss
 from .optim import HeadSlicedAdamW
 from .plan import Plan
+from .schedule import lr_at
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
@@ -37,15 +38,6 @@ __all__ = ["Run", "train", "lr_at", "perplexity", "enable_checkpointing", "newes
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 OPT_FILE = "optimizer.safetensors"
-
-
-def lr_at(step: int, total: int, base: float, warmup: float) -> float:
-    """Learning rate for 1-based optimizer ``step`` of ``total``: linear warm-up, then cosine decay to 0."""
-    n_warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
-    if step <= n_warm:
-        return base * step / n_warm
-    progress = (step - n_warm) / max(1, total - n_warm)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
