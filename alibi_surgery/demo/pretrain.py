@@ -39,13 +39,6 @@ def _save(model, tokenizer, path, dtype) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def plot_curves(log_path, png_path) -> None:
     """Three panels from a pre-training ``log.jsonl``: the loss, the collapsed-head count, and every head's
     first-token mass by step (heads collapsed at the end drawn in colour)."""
@@ -101,6 +94,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     from ..attention.patch import patch_bloom
     from ..diagnosis.prompts import DEFAULT_PROMPTS
     from ..io.random_model import byte_tokenizer
+    from ..surgery.schedule import pretrain_lr
     from .recall_data import RecallData, python_docs_text
 
     if steps is None and minutes is None:
@@ -168,7 +162,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
             total = int(budget / ((time.perf_counter() - t0) / 20))
         ids = batch().to(dev)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, total, lr, warmup)
+            group["lr"] = pretrain_lr(step, total, lr, warmup)
         with amp:
             loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
