@@ -21,7 +21,7 @@ The input directory is only read. Before anything is written: the checkpoint's h
 run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the first. A write failure is a one-line
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
 With ``passes > 1`` each later pass starts from the previous pass's final model and targets the heads still
-collapsed, and the run stops early when a pass finds nothing left. Limits: BLOOM only; the corpus is read into
+collapsed, and the run stops early when a pass finds nothing left. Limits: the registered ALiBi families only; the corpus is read into
 memory.
 """
 
@@ -39,12 +39,14 @@ import torch
 from ..io.corpus import load_corpus, pack_text, read_documents
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
+from ..families import family_for
 from ..io.files import atomic_write_text, read_text, staged_dir, writing
 from ..io.checkpoint import cast_checkpoint, stored_dtype
-from ..io.loading import load_model, load_config, parse_dtype, quiet_transformers, resolve_model_dir
+from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet_transformers, resolve_model_dir
 from ..io.lock import LOCK_NAME, DirLock, lock_holder
-from ..attention.patch import patch_bloom
-from .plan import NothingToRepair, Plan, make_plan, predict_memory
+from ..attention.patch import patch
+from .memory_plan import predict_memory
+from .plan import NothingToRepair, Plan, make_plan
 from .repair_report import write_markdown, write_passes_markdown, write_plots
 from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
@@ -161,7 +163,7 @@ def plan_surgery(model_dir, **options) -> Plan:
 
 def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
            **options) -> dict:
-    """Run surgery on the BLOOM model in ``model_dir``; results go to ``out``. Returns the report dict (also in
+    """Run surgery on the model in ``model_dir`` (any registered family); results go to ``out``. Returns the report dict (also in
     ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
 
     With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
@@ -286,17 +288,17 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
 def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend, prompts, progress,
                allow_empty, budget):
     """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
-    cfg = model.config
+    layout = family_for(model.config).layout(model.config)
     prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)
     baseline = report if report is not None else diagnose(
         model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
-    plan = make_plan(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.hidden_size // cfg.n_head,
-                     hidden=cfg.hidden_size, report=baseline, heads=heads, band=band, layers=layers,
+    plan = make_plan(n_layer=layout.n_layer, n_head=layout.n_head, head_dim=layout.head_dim,
+                     hidden=layout.hidden, report=baseline, heads=heads, band=band, layers=layers,
                      freeze=freeze, include=include, allow_empty=allow_empty)
-    memory = predict_memory(plan, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                            seq_len=settings.seq_len, batch=settings.batch_size, vocab=cfg.vocab_size,
+    memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
+                            seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
                             stochastic_rounding=settings.stochastic_rounding)
     check_budget(memory, budget, model.device)
@@ -307,7 +309,7 @@ def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, se
                prompts, progress, allow_empty, budget) -> dict:
     """``--dry-run``: the plan and its predicted memory; nothing is written."""
     model, tokenizer = load_model(str(model_path), dtype=dtype, device=device)
-    patch_bloom(model, backend)
+    patch(model, backend)
     _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
                                  prompts, progress, allow_empty, budget)
     return dict(plan.to_dict(), memory=memory)
@@ -320,7 +322,7 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
     re-initialised."""
     prompts = list(prompts or DEFAULT_PROMPTS)
     model, tokenizer = load_model(str(resume_from or model_path), dtype=dtype, device=device)
-    patch_bloom(model, backend)
+    patch(model, backend)
     if corpus is None:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")
     chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
@@ -370,7 +372,7 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
         run.rediagnose()
     started = json.loads(read_text(out / "run.json", what="run record"))
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
-              "final_dtype": str(final_dtype or next(run.model.parameters()).dtype).replace("torch.", ""),
+              "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
               "checkpoints": run.history}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")

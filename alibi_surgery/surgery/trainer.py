@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.compare import Comparison
+from ..analysis.comparison import Comparison
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError
+from ..families import family_for
 from ..io.files import atomic_write_text, staged_dir
 from ..io.loading import quiet_transformers
 from .loss import causal_lm_labels, chunked_lm_loss
@@ -42,20 +43,23 @@ OPT_FILE = "optimizer.safetensors"
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
     """exp(mean next-token loss) of ``model`` over packed ``[n, seq_len]`` chunks (no gradients)."""
-    base = model.transformer
+    base = family_for(model.config).base_model(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i:i + batch_size].to(model.device)
             hidden = base(ids).last_hidden_state
             n = ids.numel() - ids.shape[0]
-            total += float(chunked_lm_loss(hidden, model.lm_head.weight.detach(), ids)) * n
+            total += float(chunked_lm_loss(hidden, model.get_output_embeddings().weight.detach(), ids)) * n
             count += n
     return math.exp(total / count)
 
 
 def config_key(config) -> dict:
-    return {k: getattr(config, k) for k in ("n_layer", "n_head", "hidden_size", "vocab_size")}
+    """What must match for a checkpoint to resume a run: the model's shape (BLOOM's field names, for every family)."""
+    layout = family_for(config).layout(config)
+    return {"n_layer": layout.n_layer, "n_head": layout.n_head, "hidden_size": layout.hidden,
+            "vocab_size": layout.vocab}
 
 
 class Run:
@@ -201,8 +205,8 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 batches = list(run.micro_batches(epoch, step_in_epoch))
                 for ids in batches:
                     ids = ids.to(model.device)
-                    hidden = model.transformer(ids).last_hidden_state
-                    loss = chunked_lm_loss(hidden, model.lm_head.weight, causal_lm_labels(ids))
+                    hidden = family_for(model.config).base_model(model)(ids).last_hidden_state
+                    loss = chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
                     if not torch.isfinite(loss):
                         last = newest_checkpoint(run.ckpt_dir)
                         raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: stopped; "
