@@ -13,7 +13,8 @@ Public API:
 ``alibi_surgery.surgery.plan`` etc. through ``importlib`` or ``from alibi_surgery.surgery.plan import Plan``.
 """
 
-from .analysis.compare import Comparison, compare
+from .analysis.compare import compare
+from .analysis.comparison import Comparison
 from .diagnosis.diagnose import diagnose
 from .errors import UsageError
 from .surgery.loss import chunked_lm_loss

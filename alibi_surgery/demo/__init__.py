@@ -145,7 +145,8 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
 
 
 def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
-    from ..analysis.compare import compare, save_delta_heatmap
+    from ..analysis.compare import compare
+    from ..viz.comparison_figures import save_delta_heatmap
     from ..diagnosis.diagnose import diagnose
     from ..viz.heatmap import save_heatmap
     from ..io.files import atomic_write_text

@@ -28,11 +28,9 @@ frozen. An explicit ``heads`` list that names a frozen head is an error (it asks
 experiment: ``include="5-22:5"``). A head both frozen and included is an error. A plan that selects nothing is an
 error ("nothing to repair: ...") unless ``allow_empty=True``.
 
-Head specs (:func:`parse_heads`): ``LAYERS:HEADS`` entries separated by ``;``. ``LAYERS`` is a layer or an inclusive
-range (``5`` or ``5-22``, optionally ``L5``/``L5-L22``), ``HEADS`` a comma-separated list of heads and inclusive
-ranges (``9-12,15``, optionally ``H9-H12,H15``). Spaces around tokens are ignored, a trailing ``;`` too, duplicates
-merge. Indices are 0-based. :func:`format_heads` writes the canonical spec, merging consecutive layers with the same
-heads (``5-22:9-15``).
+Head specs (``heads``, ``freeze``, ``include``) follow the one grammar of :mod:`alibi_surgery.surgery.selection`
+(``5:14,15;6:9-15``, ``5-22:9-15``, ``*:9-15``, ``L5:H9,H12``); the zone rule is :func:`~alibi_surgery.surgery.selection.head_zone`.
+The predicted memory of a step is :func:`alibi_surgery.surgery.memory_plan.predict_memory`.
 
 Every error is a one-line :class:`~alibi_surgery.errors.UsageError`.
 """
@@ -41,150 +39,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-
-import torch
 
 from ..errors import UsageError
 from ..io.files import atomic_write_text
-from .loss import default_chunk_tokens
 from ..diagnosis.report import HeadReport
+from .selection import (check_head, check_selection, check_shape, compact, format_heads, from_pairs, head_zone,
+                        n_selected, pairs, parse_heads, parse_range)
 
-__all__ = ["Plan", "NothingToRepair", "make_plan", "parse_heads", "parse_range", "format_heads", "predict_memory",
-           "format_memory", "format_bytes", "bloom_n_params", "SOURCES"]
+__all__ = ["Plan", "NothingToRepair", "make_plan", "plan_shape", "meta_block", "SOURCES"]
 
 SOURCES = ("auto", "report", "list", "band")
-GIB = 2**30
 PLAN_FORMAT = "alibi-surgery-plan"
 PLAN_VERSION = 1
-
-# Activation working set of one recomputed BLOOM block, in units of hidden values per token: input and
-# post-attention LayerNorm outputs (2), fused qkv (3), attention context (1), dense output (1), residual (1),
-# MLP up-projection and GELU output (4 + 4). See predict_memory.
-BLOCK_WORKING_SET = 16
-
-_PREFIX = {"layer": "L", "head": "H"}
-_DTYPES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
-
-
-# --------------------------------------------------------------------------------------------- specs
-
-def match_range(spec: str, what: str) -> tuple[int, int]:
-    """``"9-15"`` or ``"9"`` -> ``(first, last)``, inclusive, syntax only (no bounds). ``what`` names the thing in
-    error messages; for ``"layer"`` / ``"head"`` an ``L`` / ``H`` prefix is accepted (``"H9-H15"``), and an en dash
-    works as the dash."""
-    if not isinstance(spec, str):
-        raise UsageError(f"{what} range must be text like 9-15, got {spec!r}")
-    prefix = _PREFIX.get(what)
-    p = f"(?:{prefix})?" if prefix else ""
-    m = re.fullmatch(rf"\s*{p}(\d+)\s*(?:[-\u2013]\s*{p}(\d+)\s*)?", spec, re.IGNORECASE)
-    if m is None:
-        shown = f"{prefix}9-{prefix}15" if prefix else "9-15"
-        raise UsageError(f"bad {what} range {spec!r}: expected N or N-M (e.g. 9-15 or {shown})")
-    first = int(m.group(1))
-    last = first if m.group(2) is None else int(m.group(2))
-    if last < first:
-        raise UsageError(f"{what} range {spec.strip()!r} is reversed: write {last}-{first}")
-    return first, last
-
-
-def parse_range(spec: str, lo: int, hi: int, what: str) -> tuple[int, int]:
-    """:func:`match_range`, then checked to lie in ``lo..hi``."""
-    first, last = match_range(spec, what)
-    for n in (first, last):
-        if not lo <= n <= hi:
-            raise UsageError(f"{what} {n} is out of range {lo}..{hi}")
-    return first, last
-
-
-def _check_shape(n_layer, n_head) -> None:
-    for name, v in (("n_layer", n_layer), ("n_head", n_head)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-
-
-def parse_heads(spec: str, n_layer: int, n_head: int) -> dict[int, list[int]]:
-    """Parse a head spec (``"5:14,15;6:9-15"``, see the module docstring) into ``{layer: sorted heads}``,
-    validated against a model of ``n_layer`` layers x ``n_head`` heads."""
-    _check_shape(n_layer, n_head)
-    if not isinstance(spec, str):
-        raise UsageError(f"a head spec must be text like 5:9-15;6:12, got {spec!r}")
-    entries = spec.strip().removesuffix(";").split(";")
-    if not spec.strip() or spec.strip() == ";":
-        raise UsageError("empty head spec: expected LAYER:HEADS entries like 5:9-15;6:12")
-    out: dict[int, set[int]] = {}
-    for entry in entries:
-        if not entry.strip():
-            raise UsageError(f"bad head spec {spec.strip()!r}: empty entry between ';'")
-        if entry.count(":") != 1:
-            raise UsageError(f"bad head spec entry {entry.strip()!r}: expected LAYER:HEADS, e.g. 5:9-15 or 5-22:9,12")
-        layer_part, head_part = entry.split(":")
-        try:
-            l0, l1 = parse_range(layer_part, 0, n_layer - 1, "layer")
-            heads: set[int] = set()
-            for item in head_part.split(","):
-                h0, h1 = parse_range(item, 0, n_head - 1, "head")
-                heads.update(range(h0, h1 + 1))
-        except UsageError as exc:
-            raise UsageError(f"bad head spec entry {entry.strip()!r}: {exc}") from None
-        for layer in range(l0, l1 + 1):
-            out.setdefault(layer, set()).update(heads)
-    return {layer: sorted(out[layer]) for layer in sorted(out)}
-
-
-def _runs(heads) -> list[tuple[int, int]]:
-    """Sorted distinct ints -> inclusive runs of consecutive values."""
-    runs: list[tuple[int, int]] = []
-    for h in sorted(set(heads)):
-        if runs and h == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], h)
-        else:
-            runs.append((h, h))
-    return runs
-
-
-def _compact(heads, prefix: str = "") -> str:
-    """``[9, 10, 11, 12, 15]`` -> ``"9-12,15"`` (with ``prefix="H"``: ``"H9-12,15"``)."""
-    return prefix + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in _runs(heads))
-
-
-def format_heads(selection: dict) -> str:
-    """The canonical head spec of a selection (what :func:`parse_heads` reads back): ``"5-22:9-15;23:4"``.
-    Consecutive layers with the same heads share one entry. An empty selection gives ``""``."""
-    groups: list[list] = []  # [first layer, last layer, heads]
-    for layer in sorted(selection):
-        heads = sorted(set(selection[layer]))
-        if not heads:
-            continue
-        if groups and groups[-1][1] == layer - 1 and groups[-1][2] == heads:
-            groups[-1][1] = layer
-        else:
-            groups.append([layer, layer, heads])
-    return ";".join(f"{a if a == b else f'{a}-{b}'}:{_compact(heads)}" for a, b, heads in groups)
-
-
-# --------------------------------------------------------------------------------------------- selections
-
-def _pairs(sel: dict) -> set[tuple[int, int]]:
-    return {(layer, h) for layer, heads in sel.items() for h in heads}
-
-
-def _sel(pairs) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for layer, h in sorted(pairs):
-        out.setdefault(layer, []).append(h)
-    return out
 
 
 def _rect(layers: tuple[int, int], heads: tuple[int, int]) -> set[tuple[int, int]]:
     return {(layer, h) for layer in range(layers[0], layers[1] + 1) for h in range(heads[0], heads[1] + 1)}
 
 
-def _bounding_rect(pairs) -> set[tuple[int, int]]:
-    if not pairs:
+def _bounding_rect(cells) -> set[tuple[int, int]]:
+    if not cells:
         return set()
-    layers = [p[0] for p in pairs]
-    heads = [p[1] for p in pairs]
+    layers = [p[0] for p in cells]
+    heads = [p[1] for p in cells]
     return _rect((min(layers), max(layers)), (min(heads), max(heads)))
 
 
@@ -194,6 +71,12 @@ def _count(n: int, noun: str) -> str:
 
 def _head_name(pair) -> str:
     return f"L{pair[0]}:H{pair[1]}"
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -215,65 +98,56 @@ class Plan:
     n_head: int
     head_dim: int
     hidden: int
+    qkv_bias: bool = True  # whether the fused QKV projection has a bias (BLOOM, Falcon per config; not MPT)
 
     @property
     def n_heads(self) -> int:
         """Number of heads to re-initialise and train."""
-        return sum(len(h) for h in self.selection.values())
+        return n_selected(self.selection)
 
     @property
     def params_per_head(self) -> int:
-        """Trainable elements of one head: qkv rows ``3d x hidden``, qkv bias ``3d``, dense columns ``hidden x d``."""
+        """Trainable elements of one head's slices (:class:`~alibi_surgery.surgery.slices.HeadSlices`): its q, k and
+        v rows of the fused QKV weight ``3d x hidden``, the same rows of the QKV bias ``3d`` when there is one, and
+        its output-projection columns ``hidden x d``."""
         d = self.head_dim
-        return 3 * d * self.hidden + 3 * d + self.hidden * d
+        return 3 * d * self.hidden + (3 * d if self.qkv_bias else 0) + self.hidden * d
 
     @property
     def trainable_params(self) -> int:
         return self.n_heads * self.params_per_head
 
     def zone_of(self, layer: int, head: int) -> str:
-        """``"target"`` (selected), ``"in-band"`` (frozen, inside the zone) or ``"outside"``."""
-        if not (isinstance(layer, int) and 0 <= layer < self.n_layer and isinstance(head, int)
-                and 0 <= head < self.n_head):
-            raise UsageError(f"head L{layer}:H{head} is outside the model's {self.n_layer} x {self.n_head} heads")
-        if head in self.selection.get(layer, ()):
-            return "target"
-        if head in self.zone.get(layer, ()):
-            return "in-band"
-        return "outside"
+        """``"target"`` (selected), ``"in-band"`` (frozen, inside the zone) or ``"outside"`` (the zone rule of
+        :func:`~alibi_surgery.surgery.selection.head_zone`)."""
+        check_head(layer, head, self.n_layer, self.n_head)
+        return head_zone(layer, head, self.selection, self.zone)
 
     def in_band(self) -> dict[int, list[int]]:
         """The frozen heads inside the zone (zone minus selection)."""
-        return _sel(_pairs(self.zone) - _pairs(self.selection))
+        return from_pairs(pairs(self.zone) - pairs(self.selection))
 
     def validate(self) -> "Plan":
         """Check shape, ranges and the relations between the head sets; normalises each to sorted lists and
         returns ``self``. Raises UsageError."""
-        _check_shape(self.n_layer, self.n_head)
-        for name in ("head_dim", "hidden"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UsageError(f"plan {name} must be a positive integer, got {v!r}")
+        check_shape(self.n_layer, self.n_head)
+        try:
+            _check_positive(head_dim=self.head_dim, hidden=self.hidden)
+        except UsageError as exc:
+            raise UsageError(f"plan {exc}") from None
         if self.hidden != self.n_head * self.head_dim:
             raise UsageError(f"plan shape is inconsistent: hidden {self.hidden} != {self.n_head} heads x "
                              f"head_dim {self.head_dim}")
         if self.source not in SOURCES:
             raise UsageError(f"plan source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise UsageError(f"plan qkv_bias must be true or false, got {self.qkv_bias!r}")
         sets = {}
         for name in ("selection", "zone", "frozen", "included"):
-            sel = getattr(self, name)
-            if not isinstance(sel, dict):
-                raise UsageError(f"plan {name} must be a dict {{layer: [heads]}}, got {type(sel).__name__}")
-            for layer, heads in sel.items():
-                if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layer:
-                    raise UsageError(f"plan {name}: layer {layer!r} is out of range 0..{self.n_layer - 1}")
-                if not isinstance(heads, (list, tuple)) or not heads:
-                    raise UsageError(f"plan {name}: layer {layer} must list at least one head")
-                bad = [h for h in heads if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < self.n_head]
-                if bad:
-                    raise UsageError(f"plan {name}: layer {layer} head {bad[0]!r} is out of range 0..{self.n_head - 1}")
-            sets[name] = _pairs(sel)
-            setattr(self, name, _sel(sets[name]))
+            checked = check_selection(getattr(self, name), self.n_layer, self.n_head, what=f"plan {name}",
+                                      allow_empty=True)
+            sets[name] = pairs(checked)
+            setattr(self, name, from_pairs(sets[name]))
         if sets["selection"] & sets["frozen"]:
             raise UsageError(f"plan selects frozen head {_head_name(min(sets['selection'] & sets['frozen']))}")
         if sets["included"] - sets["selection"]:
@@ -292,7 +166,7 @@ class Plan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "source": self.source, "n_layer": self.n_layer,
                 "n_head": self.n_head, "head_dim": self.head_dim, "hidden": self.hidden,
                 "selection": enc(self.selection), "zone": enc(self.zone), "frozen": enc(self.frozen),
-                "included": enc(self.included), "n_heads": self.n_heads, "trainable_params": self.trainable_params,
+                "included": enc(self.included), "qkv_bias": self.qkv_bias, "n_heads": self.n_heads, "trainable_params": self.trainable_params,
                 "spec": format_heads(self.selection)}
 
     @classmethod
@@ -323,7 +197,7 @@ class Plan:
 
         plan = cls(selection=dec("selection"), zone=dec("zone"), frozen=dec("frozen"), included=dec("included"),
                    source=data.get("source", "list"), n_layer=data["n_layer"], n_head=data["n_head"],
-                   head_dim=data["head_dim"], hidden=data["hidden"])
+                   head_dim=data["head_dim"], hidden=data["hidden"], qkv_bias=data.get("qkv_bias", True))
         return plan.validate()
 
     def to_json(self, path) -> None:
@@ -346,34 +220,37 @@ class Plan:
 
     def format(self, memory: dict | None = None) -> str:
         """Multi-line summary for ``--dry-run``: heads per layer, counts, trainable parameters and, given a
-        :func:`predict_memory` result, the predicted memory."""
-        n_zone = sum(len(h) for h in self.zone.values())
+        :func:`~alibi_surgery.surgery.memory_plan.predict_memory` result, the predicted memory."""
+        n_zone = n_selected(self.zone)
         in_band = self.in_band()
         lines = [f"surgery plan ({self.source}): {_count(self.n_heads, 'head')} in "
                  f"{_count(len(self.selection), 'layer')} (model: {self.n_layer} layers x {self.n_head} heads of "
                  f"{self.head_dim}, hidden {self.hidden})"]
         if self.selection:
             lines.append("  heads to re-initialise and train:")
-            lines += [f"    L{layer}: {_compact(heads, 'H')}  ({len(heads)})"
+            lines += [f"    L{layer}: {compact(heads, 'H')}  ({len(heads)})"
                       for layer, heads in self.selection.items()]
         else:
             lines.append("  heads to re-initialise and train: none")
 
         def listing(sel):
-            return "; ".join(f"L{layer}: {_compact(heads, 'H')}" for layer, heads in sel.items())
+            return "; ".join(f"L{layer}: {compact(heads, 'H')}" for layer, heads in sel.items())
 
         lines.append(f"  zone: {_count(n_zone, 'head')} = {self.n_heads} targets + "
-                     f"{sum(len(h) for h in in_band.values())} in-band frozen")
+                     f"{n_selected(in_band)} in-band frozen")
         if self.frozen:
-            lines.append(f"  frozen (--freeze): {_count(sum(len(h) for h in self.frozen.values()), 'head')}: "
+            lines.append(f"  frozen (--freeze): {_count(n_selected(self.frozen), 'head')}: "
                          f"{listing(self.frozen)}")
         if self.included:
-            lines.append(f"  included (--include): {_count(sum(len(h) for h in self.included.values()), 'head')}: "
+            lines.append(f"  included (--include): {_count(n_selected(self.included), 'head')}: "
                          f"{listing(self.included)}")
         d = self.head_dim
+        bias = f" + qkv bias {3 * d}" if self.qkv_bias else ""
         lines.append(f"  trainable parameters: {self.trainable_params:,} ({self.params_per_head:,} per head = "
-                     f"qkv rows {3 * d}x{self.hidden} + qkv bias {3 * d} + dense columns {self.hidden}x{d})")
+                     f"qkv rows {3 * d}x{self.hidden}{bias} + output columns {self.hidden}x{d})")
         if memory is not None:
+            from .memory_plan import format_memory
+
             lines.append(format_memory(memory))
         return "\n".join(lines)
 
@@ -386,17 +263,16 @@ class Plan:
 def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: HeadReport | None = None,
               heads: str | None = "auto", band: str | None = None, layers: str | None = None,
               freeze: str | None = None, include: str | None = None, source: str | None = None,
-              allow_empty: bool = False) -> Plan:
+              allow_empty: bool = False, qkv_bias: bool = True) -> Plan:
     """Build a :class:`Plan` for a model of ``n_layer`` x ``n_head`` heads of ``head_dim`` (hidden ``hidden``).
 
     See the module docstring for the modes (``heads="auto"``, ``heads=<spec>``, ``band``/``layers``,
     ``heads=None``), ``freeze``, ``include`` and ``allow_empty``. ``source`` overrides the recorded source (e.g.
-    ``"report"`` when the report was read from a file). Raises UsageError.
+    ``"report"`` when the report was read from a file). ``qkv_bias``: whether the model's fused QKV projection has a
+    bias (:func:`plan_shape` gives it with the shape). Raises UsageError.
     """
-    _check_shape(n_layer, n_head)
-    for name, v in (("head_dim", head_dim), ("hidden", hidden)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    check_shape(n_layer, n_head)
+    _check_positive(head_dim=head_dim, hidden=hidden)
     if hidden != n_head * head_dim:
         raise UsageError(f"hidden size {hidden} is not {n_head} heads x head_dim {head_dim}")
     if report is not None and (report.n_layer, report.n_head) != (n_layer, n_head):
@@ -418,14 +294,14 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         b = parse_range(band, 0, n_head - 1, "head")
         ls = (0, n_layer - 1) if layers is None else parse_range(layers, 0, n_layer - 1, "layer")
         zone = _rect(ls, b)
-        targets = _pairs(report.sick_heads()) & zone
+        targets = pairs(report.sick_heads()) & zone
         mode = "band"
-        empty_why = f"no dead or bos-sink head in band H{_compact(range(b[0], b[1] + 1))} over " + (
+        empty_why = f"no dead or bos-sink head in band H{compact(range(b[0], b[1] + 1))} over " + (
             f"layer {ls[0]}" if ls[0] == ls[1] else f"layers {ls[0]}-{ls[1]}")
     elif auto:
         if report is None:
             raise UsageError("automatic head selection needs a diagnosis report (or give a --heads list)")
-        targets = _pairs(report.sick_heads())
+        targets = pairs(report.sick_heads())
         rb = report.band()
         zone = set(targets)
         if rb is not None:
@@ -436,15 +312,15 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         targets, zone, mode = set(), set(), "list"
         empty_why = "no heads were selected"
     else:
-        targets = _pairs(parse_heads(heads, n_layer, n_head))
+        targets = pairs(parse_heads(heads, n_layer, n_head))
         zone = _bounding_rect(targets)
         mode = "list"
         empty_why = "no heads were selected"
 
-    frozen = _pairs(parse_heads(freeze, n_layer, n_head)) if freeze is not None else set()
+    frozen = pairs(parse_heads(freeze, n_layer, n_head)) if freeze is not None else set()
     if mode == "list" and targets & frozen:  # an explicit list that also freezes a head contradicts itself
         raise UsageError(f"head {_head_name(min(targets & frozen))} is both listed in --heads and frozen by --freeze")
-    wanted = _pairs(parse_heads(include, n_layer, n_head)) if include is not None else set()
+    wanted = pairs(parse_heads(include, n_layer, n_head)) if include is not None else set()
     both = frozen & wanted
     if both:
         raise UsageError(f"head {_head_name(min(both))} is both frozen (--freeze) and included (--include)")
@@ -457,99 +333,29 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         if targets and not (targets - frozen):
             empty_why = "--freeze removes every selected head"
         raise NothingToRepair(f"nothing to repair: {empty_why}")
-    plan = Plan(selection=_sel(selection), zone=_sel(zone), frozen=_sel(frozen), included=_sel(included),
-                source=source or mode, n_layer=n_layer, n_head=n_head, head_dim=head_dim, hidden=hidden)
+    plan = Plan(selection=from_pairs(selection), zone=from_pairs(zone), frozen=from_pairs(frozen), included=from_pairs(included),
+                source=source or mode, n_layer=n_layer, n_head=n_head, head_dim=head_dim, hidden=hidden,
+                qkv_bias=qkv_bias)
     return plan.validate()
 
 
-# --------------------------------------------------------------------------------------------- memory
+def meta_block(config):
+    """``(family, block)``: one block of ``config``'s family built on the meta device (shapes only, no memory)."""
+    import torch
 
-def bloom_n_params(n_layer: int, hidden: int, vocab: int) -> int:
-    """Parameters of a BLOOM causal LM (the LM head is tied to the embedding): embedding ``vocab x hidden`` and its
-    LayerNorm, ``12 hidden^2 + 13 hidden`` per block, the final LayerNorm. bloom-7b1: 7,069,016,064."""
-    return vocab * hidden + 2 * hidden + n_layer * (12 * hidden * hidden + 13 * hidden) + 2 * hidden
+    from ..families import family_for
 
-
-def _dtype_bytes(dtype) -> tuple[str, int]:
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    key = str(dtype).strip().lower()
-    if key not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    canon = {4: "float32", 2: "bfloat16" if key.startswith("b") else "float16"}[_DTYPES[key]]
-    return canon, _DTYPES[key]
+    family = family_for(config)
+    with torch.device("meta"):
+        return family, family.block_class()(config, layer_idx=0)
 
 
-def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: int, n_params_total: int,
-                   stochastic_rounding: bool = False) -> dict:
-    """Predicted peak device memory of one surgery step, in bytes, by part.
-
-    With ``N = plan.trainable_params`` trained elements, ``w`` bytes per weight element (4 for float32, 2 for
-    bfloat16/float16), ``P = n_params_total``, ``B = batch``, ``T = seq_len``, ``h = plan.hidden``,
-    ``L0`` = the lowest selected layer (autograd records nothing below it):
-
-    * ``weights``     = P * w (the whole model, resident);
-    * ``grads``       = N * w (``HeadSlices``' flat slice-gradient buffer, in the weights' dtype);
-    * ``moments``     = N * 8 (AdamW ``exp_avg`` and ``exp_avg_sq``, fp32);
-    * ``master``      = N * 4 for bfloat16/float16 weights unless ``stochastic_rounding``, else 0;
-    * ``optimizer``   = moments + master;
-    * ``activations`` = (n_layer - L0 + 1 + 16) * B*T*h * w: non-reentrant gradient checkpointing keeps each
-      recorded block's input, plus the final hidden state, plus one block recomputed during backward
-      (~16 hidden values per token: two LayerNorm outputs, fused qkv 3h, context, dense output, residual, MLP 4h +
-      GELU 4h). Fused attention keeps only O(T) statistics per head: neglected;
-    * ``loss_chunk``  = c * vocab * (4 + w') + B*T*h * w, with w' = w for bfloat16/float16 and 0 for float32: one
-      chunk of fp32 logits (plus the chunk in the model dtype it is computed in) of
-      ``c = min(default_chunk_tokens(vocab), B*T)`` tokens (133 for BLOOM's vocabulary), and the hidden-state
-      gradient the chunked loss keeps for backward;
-    * ``total``       = the sum: the peak, reached in the backward pass (gradients and optimizer state exist from
-      the start of the step). With nothing selected there is no backward: activations and loss chunk are 0.
-
-    bloom-7b1, 300 heads (10 per layer), bf16, seq 512, batch 1 predicts 19.40 GiB with stochastic rounding and
-    21.75 GiB with the master copy; an H100 measured 19.39 and 21.73 GiB (``max_memory_allocated``). CPU resident
-    memory adds a few hundred MiB of allocator overhead that this does not model.
-    """
-    name, w = _dtype_bytes(dtype)
-    for label, v in (("seq_len", seq_len), ("batch", batch), ("vocab", vocab), ("n_params_total", n_params_total)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UsageError(f"{label} must be a positive integer, got {v!r}")
-    if stochastic_rounding and name != "bfloat16":
-        raise UsageError(f"stochastic rounding is for bfloat16 weights, not {name}")
-    n = plan.trainable_params
-    tokens_hidden = batch * seq_len * plan.hidden * w
-    lowest = min(plan.selection) if plan.selection else plan.n_layer
-    recorded = plan.n_layer - lowest
-    chunk = min(default_chunk_tokens(vocab), batch * seq_len)
-    out = {
-        "weights": n_params_total * w,
-        "grads": n * w,
-        "moments": n * 8,
-        "master": n * 4 if w == 2 and not stochastic_rounding else 0,
-        "activations": (recorded + 1 + BLOCK_WORKING_SET) * tokens_hidden if recorded else 0,
-        "loss_chunk": chunk * vocab * (4 + (w if w != 4 else 0)) + tokens_hidden if recorded else 0,
-    }
-    out["optimizer"] = out["moments"] + out["master"]
-    out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"] + out["loss_chunk"]
-    out.update(dtype=name, trainable_params=n, chunk_tokens=chunk, stochastic_rounding=bool(stochastic_rounding),
-               seq_len=seq_len, batch=batch)
-    return out
-
-
-def format_memory(mem: dict) -> str:
-    """Text lines for a :func:`predict_memory` result (binary units, see :func:`format_bytes`)."""
-    def g(key):
-        return format_bytes(mem[key])
-
-    opt = f"AdamW m+v {g('moments')}" + (f" + fp32 master {g('master')}" if mem["master"] else
-                                          " (stochastic rounding, no master)" if mem["stochastic_rounding"] else "")
-    return (f"  predicted peak memory: {g('total')} ({mem['dtype']}, batch {mem['batch']} x {mem['seq_len']} "
-            f"tokens, gradient checkpointing)\n"
-            f"    = weights {g('weights')} + slice grads {g('grads')} + {opt}\n"
-            f"      + activations {g('activations')} + loss chunk {g('loss_chunk')} ({mem['chunk_tokens']} tokens)")
-
-
-def format_bytes(n: float) -> str:
-    """``19.40 GiB``, ``312.5 MiB`` or ``48.0 KiB``: binary units, the largest that keeps the number >= 1."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+def plan_shape(config) -> dict:
+    """The shape keywords of :func:`make_plan` for a model config of any registered family: ``n_layer``, ``n_head``,
+    ``head_dim``, ``hidden`` (from :meth:`~alibi_surgery.families.base.Family.layout`) and ``qkv_bias`` (read off a
+    :func:`meta_block`)."""
+    family, block = meta_block(config)
+    layout = family.layout(config)
+    qkv = family.qkv(family.attention_modules(block)[0])
+    return {"n_layer": layout.n_layer, "n_head": layout.n_head, "head_dim": layout.head_dim, "hidden": layout.hidden,
+            "qkv_bias": qkv.bias is not None}

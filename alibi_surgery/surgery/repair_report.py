@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis.compare import save_delta_heatmap
+from ..viz.comparison_figures import save_delta_heatmap
 from ..viz.heatmap import save_figure, save_heatmap
 from ..io.files import atomic_write_text
 

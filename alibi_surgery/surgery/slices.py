@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from ..errors import UsageError
 from ..attention.patch import attention_modules
 from ..families import HeadLayout
+from .selection import check_selection
 
 __all__ = ["HeadSlices", "SliceSpec", "check_selection"]
 
@@ -51,24 +52,6 @@ class SliceSpec:
     head: int
     kind: str
     part: int = 0
-
-
-def check_selection(selection, n_layer: int, n_head: int) -> dict[int, tuple[int, ...]]:
-    """Validate ``{layer: heads}`` against the model's shape; returns it sorted, with heads deduplicated."""
-    if not isinstance(selection, dict) or not selection:
-        raise UsageError("a head selection must be a non-empty dict {layer: [heads]}")
-    out = {}
-    for layer, heads in sorted(selection.items()):
-        if not isinstance(layer, int) or not 0 <= layer < n_layer:
-            raise UsageError(f"selection layer {layer!r} is out of range: the model has layers 0..{n_layer - 1}")
-        heads = sorted(set(heads))
-        if not heads:
-            raise UsageError(f"selection layer {layer} lists no heads")
-        bad = [h for h in heads if not isinstance(h, int) or not 0 <= h < n_head]
-        if bad:
-            raise UsageError(f"selection layer {layer}: head {bad[0]!r} is out of range 0..{n_head - 1}")
-        out[layer] = tuple(heads)
-    return out
 
 
 class _RowSlicedLinear(torch.autograd.Function):

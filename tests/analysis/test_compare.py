@@ -3,7 +3,6 @@ count, mean and worst head below is worked out by hand (see the grid in ``_scena
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -13,8 +12,10 @@ import sys
 import pytest
 import torch
 
-from alibi_surgery.analysis.compare import Comparison, add_compare_parser, compare, parse_selection_spec, run_compare, \
-    save_delta_heatmap
+from alibi_surgery.analysis.compare import compare, parse_selection_spec, run_compare
+from alibi_surgery.analysis.comparison import Comparison
+from alibi_surgery.cli.main import build_parser
+from alibi_surgery.viz.comparison_figures import plot_delta_heatmap, save_delta_heatmap
 from alibi_surgery.errors import UsageError
 from alibi_surgery.diagnosis.report import HeadReport, Thresholds, measurement_differences
 
@@ -52,15 +53,8 @@ def _scenario(**kwargs) -> Comparison:
     return Comparison(_report(BEFORE, model="base"), _report(AFTER, after_entropy, model="repaired"), **kwargs)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alibi-surgery")
-    add_compare_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def _run(argv: list[str]) -> None:
-    args = _parser().parse_args(["compare", *argv])
-    assert args.func is run_compare
+    args = build_parser().parse_args(["compare", *argv])
     run_compare(args)
 
 
@@ -302,7 +296,7 @@ def test_heatmap_png(tmp_path):
 def test_plot_title_counts():
     import matplotlib.pyplot as plt
 
-    ax = compare_mod.plot_delta_heatmap(_scenario())
+    ax = plot_delta_heatmap(_scenario())
     title = ax.get_title()
     plt.close(ax.figure)
     assert "5 targets: R recovered 2, X still sick 2, ! newly sick 3" in title
@@ -511,7 +505,7 @@ def test_model_input_checked_before_diagnosing(tiny_dir, tmp_path, monkeypatch):
 def _cli(*args, cwd) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli.main", "compare", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli", "compare", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -519,7 +513,7 @@ def _cli(*args, cwd) -> subprocess.CompletedProcess:
 def measured(tiny_dir, tmp_path_factory):
     """Diagnoses of the tiny model: ``a`` on two prompts, ``b`` on the same words in reverse order (the byte
     tokenizer gives them exactly the same token counts), ``a16`` on ``a``'s prompts cut to 16 tokens."""
-    from alibi_surgery.cli.main import main
+    from alibi_surgery.cli import main
 
     root = tmp_path_factory.mktemp("measured")
     same = ["alpha beta gamma delta epsilon", "one two three four five six seven"]

@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 from transformers import BloomForCausalLM
 
 from alibi_surgery.errors import UsageError
-from alibi_surgery.surgery.plan import (Plan, bloom_n_params, format_heads, format_memory, make_plan, parse_heads, parse_range,
-                                predict_memory)
+from alibi_surgery.families import family_for
+from alibi_surgery.io.random_model import shape_config
+from alibi_surgery.surgery.memory_plan import format_memory, predict_memory
+from alibi_surgery.surgery.plan import Plan, make_plan, plan_shape
+from alibi_surgery.surgery.selection import format_heads, parse_heads, parse_range
 from alibi_surgery.diagnosis.report import HeadReport
 from helpers import bloom_config
 
@@ -454,10 +457,16 @@ def test_format(report):
 
 # --------------------------------------------------------------------------------------------- memory
 
-def test_bloom_n_params():
-    assert bloom_n_params(30, 4096, 250880) == 7_069_016_064           # bloom-7b1
+def bloom_params(n_layer: int, hidden: int, vocab: int) -> int:
+    """BLOOM by hand (tied LM head): embedding and its LayerNorm, 12 h^2 + 13 h per block, the final LayerNorm."""
+    return vocab * hidden + 2 * hidden + n_layer * (12 * hidden * hidden + 13 * hidden) + 2 * hidden
+
+
+def test_the_family_parameter_count_is_the_one_the_planner_uses():
+    config = shape_config("bloom-7b1")
+    assert family_for(config).params(config) == bloom_params(30, 4096, 250880) == 7_069_016_064
     model = BloomForCausalLM(bloom_config(24, 3, n_layer=2, vocab=50))
-    assert bloom_n_params(2, 24, 50) == sum(p.numel() for p in model.parameters())
+    assert bloom_params(2, 24, 50) == sum(p.numel() for p in model.parameters())
 
 
 def bloom_7b1_300_heads() -> Plan:
@@ -471,7 +480,7 @@ def test_predict_memory_matches_the_h100_measurement(stochastic, measured_peak, 
     plan = bloom_7b1_300_heads()
     assert plan.trainable_params == 629_260_800
     mem = predict_memory(plan, dtype="bfloat16", seq_len=512, batch=1, vocab=250880,
-                         n_params_total=bloom_n_params(30, 4096, 250880), stochastic_rounding=stochastic)
+                         n_params_total=bloom_params(30, 4096, 250880), stochastic_rounding=stochastic)
     assert mem["weights"] / GIB == pytest.approx(13.167, abs=1e-3)
     assert mem["grads"] / GIB == pytest.approx(1.172, abs=1e-3)
     assert mem["optimizer"] / GIB == pytest.approx(measured_state, abs=1e-3)
