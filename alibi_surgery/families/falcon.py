@@ -1,0 +1,200 @@
+"""Falcon with ALiBi (``FalconForCausalLM``, ``alibi=True``): the Falcon-RW checkpoints.
+
+Accepted configs: ``alibi: true``, ``multi_query: false``, ``new_decoder_architecture: false`` and as many key/value
+heads as query heads; ``parallel_attn`` may be either (only the attention module is replaced, the block is
+transformers' own). Everything else is refused in one line: rotary Falcons (``alibi: false``: Falcon-7B/40B/180B),
+multi-query attention, the new decoder architecture (grouped key/value heads), and config.json files that give the
+shape only under the pre-transformers keys ``n_head`` / ``n_layer``, which transformers' ``FalconConfig`` does not
+read (it would silently build its default 71 heads / 32 layers).
+
+Layout: ``transformer.h[i].self_attention`` holds ``query_key_value`` (bias per ``config.bias``, true for RW),
+whose rows are interleaved per head as ``[H, 3, d]`` exactly like BLOOM's (``_split_heads`` views the output as
+``[B, T, H, 3, d]``), and ``dense``, whose columns ``[dh, d(h+1))`` read head h. Unlike BLOOM the residual is added
+by the block, not by the attention module. The LM head is tied to ``word_embeddings``; there is no embedding
+layer norm.
+
+Scores: ``(q.k + R(R(m_h) * R(pos_j))) / sqrt(d)``, with BLOOM's slope schedule m_h, ``pos`` the mask's cumsum (left
+padding does not count) and R rounding to bfloat16: ``build_alibi_tensor`` multiplies bf16 slopes by the int64
+positions, so the product is formed and rounded in bf16 (positions above 256 are themselves rounded). The kernels
+get ``softmax_scale = bias_scale = 1/sqrt(d)`` and ``alibi_bf16=True``; the effective slope is m/sqrt(d).
+
+Known upstream bug (transformers 5.17 to 5.2x, checked on tiny models): ``FalconModel`` folds ``alibi / sqrt(d)``
+into the 4D attention mask for every attention implementation, and the eager branch of ``FalconAttention`` adds
+``alibi`` to the scores again before scaling, so ``attn_implementation="eager"`` and every ``output_attentions=True``
+call compute ``softmax((q.k + 2 alibi) / sqrt(d))`` (a regression of transformers issue #29946). Only the SDPA
+branch without ``output_attentions`` is right, and it is the ground truth here. Hence: a patched Falcon refuses
+``output_attentions=True``, ``diagnose --backend eager`` refuses Falcon (:meth:`Falcon.eager_refusal`), and the
+patched forward refuses to fall back to the module's own forward (eager backend, active attention dropout) unless
+the model runs the SDPA branch. Limits: FlashAttention-2 Falcon modules (which refuse ALiBi upstream) are patched
+like the others, since they subclass ``FalconAttention``; head slices do not cover the ``dense`` bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+
+from ..errors import UsageError
+from .base import Family, HeadLayout
+
+__all__ = ["Falcon", "FALCON"]
+
+_DEFAULTS = {"alibi": False, "multi_query": True, "new_decoder_architecture": False}  # FalconConfig's defaults
+
+_EAGER_BUG = ("transformers' Falcon attention adds the ALiBi bias twice on its eager path (output_attentions=True, "
+              "attn_implementation='eager'), so its outputs and attention maps are wrong; use the fused torch or "
+              "triton backend, without output_attentions")
+
+
+def _flag(config: dict, key: str) -> bool:
+    value = config.get(key)
+    return bool(_DEFAULTS[key] if value is None else value)
+
+
+class Falcon(Family):
+    name = "falcon"
+    model_types = ("falcon",)
+    prefix = "transformer."
+    embedding = "word_embeddings.weight"
+    qkv_name, out_name = "query_key_value", "dense"
+
+    def refusal(self, config: dict) -> str | None:
+        if not _flag(config, "alibi"):
+            return ("this Falcon config uses rotary position embeddings (alibi: false); alibi-surgery needs ALiBi "
+                    "attention (the Falcon-RW configs)")
+        if _flag(config, "new_decoder_architecture"):
+            return ("this Falcon config uses the new decoder architecture (new_decoder_architecture: true, grouped "
+                    "key/value heads); alibi-surgery supports only the Falcon-RW layout")
+        if _flag(config, "multi_query"):
+            return ("this Falcon config uses multi-query attention (multi_query: true, one key/value head); "
+                    "alibi-surgery supports only the Falcon-RW layout (multi_query: false)")
+        for old, new in (("n_head", "num_attention_heads"), ("n_layer", "num_hidden_layers")):
+            if config.get(old) is not None and config.get(new) != config[old]:
+                return (f"this Falcon config gives {old}: {config[old]} but {new}: {config.get(new)}; transformers' "
+                        f"FalconConfig reads only {new}: rename the key in config.json")
+        heads, kv = config.get("num_attention_heads"), config.get("num_kv_heads")
+        if kv is not None and heads is not None and kv != heads:
+            return (f"this Falcon config has num_kv_heads: {kv} for {heads} attention heads; alibi-surgery supports "
+                    f"only the Falcon-RW layout (one key/value head per query head)")
+        return None
+
+    def config_class(self):
+        from transformers import FalconConfig
+
+        return FalconConfig
+
+    def model_class(self):
+        from transformers import FalconForCausalLM
+
+        return FalconForCausalLM
+
+    def attention_class(self):
+        from transformers.models.falcon.modeling_falcon import FalconAttention
+
+        return FalconAttention
+
+    def block_class(self):
+        return _block_class()
+
+    def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
+        options = dict(alibi=True, multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True)
+        options.update(extra)
+        return self.config_class()(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layer,
+                                   num_attention_heads=n_head, **options)
+
+    def with_layers(self, config, n_layer: int):
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = n_layer
+        return config
+
+    def layout(self, config) -> HeadLayout:
+        n_head = config.num_attention_heads
+        return HeadLayout(config.num_hidden_layers, n_head, config.hidden_size // n_head, config.hidden_size,
+                          config.vocab_size)
+
+    def attention_shape(self, attn) -> tuple[int, int]:
+        return attn.num_heads, attn.head_dim
+
+    def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
+        d3 = 3 * layout.head_dim
+        return [(head * d3, (head + 1) * d3)]
+
+    def block_names(self, layer: int, block) -> list[str]:
+        return [f"h.{layer}.{name}" for name, _ in block.named_parameters()]
+
+    def slopes(self, n_head: int, device=None) -> torch.Tensor:
+        from ..kernels import alibi_slopes
+
+        return alibi_slopes(n_head, device)  # Falcon's build_alibi_tensor uses BLOOM's schedule
+
+    def kernel_options(self, attn) -> dict:
+        scale = 1.0 / math.sqrt(attn.head_dim)
+        return {"softmax_scale": scale, "bias_scale": scale, "alibi_bf16": True}
+
+    def eager_refusal(self) -> str | None:
+        return _EAGER_BUG
+
+    def patched_forward(self):
+        return _patched_forward
+
+    def embed(self, tensors, ids, config, device, dtype) -> torch.Tensor:
+        return tensors.rows(self.embedding, ids)
+
+    def block_inputs(self, mask, config, dtype):
+        # FalconModel passes (alibi [B, H, 1, T], 4D mask with alibi / sqrt(d) folded in); the patched attention
+        # reads only key validity off the mask's last query row, so an additive 0 / dtype-min mask [B, 1, 1, T]
+        # is enough. The alibi tensor is FalconModel's own (the module's original forward branches on it).
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+        batch, length = mask.shape
+        n_head = config.num_attention_heads
+        alibi = build_alibi_tensor(mask.long(), n_head, dtype).reshape(batch, n_head, 1, length)
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0,
+                                                                                          torch.finfo(dtype).min)
+        return (alibi, additive[:, None, None, :]), {"use_cache": False}
+
+
+@functools.cache
+def _block_class():
+    from transformers.models.falcon.modeling_falcon import FalconDecoderLayer
+
+    class FalconBlock(FalconDecoderLayer):
+        """transformers' ``FalconDecoderLayer`` that also accepts a config loaded without an attention
+        implementation (as streamed diagnosis reads config.json): it then builds the SDPA branch's module."""
+
+        def __init__(self, config, layer_idx=None):
+            if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa", "flash_attention_2"):
+                config = copy.deepcopy(config)
+                config._attn_implementation = "sdpa"
+            super().__init__(config, layer_idx)
+
+    return FalconBlock
+
+
+def _patched_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                     use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+    from ..attention.patch import eager_fallback, fused_attention, key_validity, patch_state
+
+    dropout_on = self.training and self.attention_dropout.p > 0
+    if (patch_state(self).backend == "eager" or dropout_on) and not output_attentions \
+            and self.config._attn_implementation != "sdpa":
+        raise UsageError(_EAGER_BUG)  # the module's own forward would run the double-ALiBi eager branch
+    eager = eager_fallback(self, output_attentions, dropout_on)  # refuses output_attentions (eager_refusal)
+    if eager is not None:
+        return eager(hidden_states, alibi, attention_mask, position_ids=position_ids, layer_past=layer_past,
+                     use_cache=use_cache, output_attentions=output_attentions,
+                     position_embeddings=position_embeddings, **kwargs)
+    batch, q_len, _ = hidden_states.shape
+    # [B, T, H, d] views of the interleaved fused output -> [B, H, T, d] views (unit stride on d), no copies
+    query, key, value = (t.transpose(1, 2) for t in self._split_heads(self.query_key_value(hidden_states)))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    valid = key_validity(attention_mask, batch, key.shape[2], hidden_states.device)
+    context = fused_attention(self, query, key, value, valid).reshape(batch, q_len, self.num_heads * self.head_dim)
+    return self.dense(context), None
+
+
+FALCON = Falcon()

@@ -1,0 +1,318 @@
+"""Falcon-RW adapter: slopes, patched logits and generation against transformers' own FalconForCausalLM on its SDPA
+path (fp32; its eager path is wrong, see below), the upstream eager bug and the refusals it calls for, config
+refusals, head slices and re-initialisation, streaming inputs, parameter counts.
+
+Every reference is independent of the adapter: transformers' modules (``build_alibi_tensor``, ``_split_heads``,
+``FalconForCausalLM`` with ``attn_implementation="sdpa"``), or the layout written out here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import FalconConfig, FalconForCausalLM
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+from alibi_surgery.attention.patch import patch, unpatch
+from alibi_surgery.diagnosis.diagnose import diagnose
+from alibi_surgery.errors import UsageError
+from alibi_surgery.families import family_for, family_of_module
+from alibi_surgery.families.falcon import FALCON
+from alibi_surgery.surgery.loss import causal_lm_labels
+from alibi_surgery.surgery.reinit import reinit_heads
+from alibi_surgery.surgery.slices import HeadSlices
+from helpers import left_padded_mask, needs_triton
+
+VOCAB = 200
+SELECTION = {0: [2], 1: [0, 1]}
+RW = dict(alibi=True, multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True)
+
+
+def falcon_config(n_head=3, head_dim=80, n_layer=2, **extra):
+    options = {**RW, **extra}
+    return FalconConfig(vocab_size=VOCAB, hidden_size=n_head * head_dim, num_hidden_layers=n_layer,
+                        num_attention_heads=n_head, initializer_range=0.1,  # sharper attention than 0.02
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **options)
+
+
+def falcon_model(attn="sdpa", seed=0, **kw):
+    torch.manual_seed(seed)
+    return FalconForCausalLM._from_config(falcon_config(**kw), attn_implementation=attn).eval()
+
+
+def batch(length, pads=(0, 13), seed=1):
+    torch.manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (len(pads), length))
+    return ids, left_padded_mask(len(pads), length, [min(p, length - 1) for p in pads])
+
+
+def logits_error(model, ids, mask, ref):
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    return (ours - ref)[real].abs().max().item(), 1e-5 * max(ref[real].abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 3, 6, 12, 16, 20, 32, 71])
+def test_slopes_are_falcons_and_kernel_options_its_scale(n_head):
+    # position 1 of build_alibi_tensor is the bf16-rounded slope (the only rounding there: bf16 slope times 1)
+    ref = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), n_head, torch.float32)[:, 0, 1]
+    assert torch.equal(FALCON.slopes(n_head).bfloat16().float(), ref)
+    attn = falcon_model(n_head=3, head_dim=80, n_layer=1).transformer.h[0].self_attention
+    assert FALCON.kernel_options(attn) == {"softmax_scale": 1 / math.sqrt(80), "bias_scale": 1 / math.sqrt(80),
+                                           "alibi_bf16": True}
+
+
+# (n_head, head_dim, T, n_layer, parallel_attn, bf16 rounding of slope * pos visibly matters)
+LOGIT_CASES = [
+    pytest.param(6, 80, 97, 2, False, False, id="6x80-T97"),
+    pytest.param(12, 16, 97, 1, False, True, id="12x16-T97-slopes-round"),  # slopes 2^(-k/2) are not bf16
+    pytest.param(3, 80, 300, 1, False, True, id="3x80-T300-positions-round"),  # positions above 256 round
+    pytest.param(3, 80, 21, 2, True, False, id="3x80-T21-parallel-attn"),
+    pytest.param(3, 80, 1, 1, False, False, id="3x80-T1"),
+]
+
+
+@pytest.mark.parametrize("n_head,head_dim,length,n_layer,parallel,rounding_matters", LOGIT_CASES)
+def test_patched_logits_equal_sdpa_with_left_padding(n_head, head_dim, length, n_layer, parallel, rounding_matters,
+                                                     monkeypatch):
+    model = falcon_model(n_head=n_head, head_dim=head_dim, n_layer=n_layer, parallel_attn=parallel)
+    ids, mask = batch(length, pads=(0, min(13, length // 3)))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    patch(model, "torch")
+    err, tol = logits_error(model, ids, mask, ref)
+    assert err <= tol, f"fp32 logits error {err:.3g}"
+    if rounding_matters:  # the case can fail: without the bf16 rounding the logits miss by far more
+        scale = 1 / math.sqrt(head_dim)
+        monkeypatch.setattr(FALCON, "kernel_options",
+                            lambda attn: {"softmax_scale": scale, "bias_scale": scale, "alibi_bf16": False})
+        err, tol = logits_error(model, ids, mask, ref)
+        assert err > 100 * tol, f"unrounded ALiBi is only {err:.3g} off: the case does not test the rounding"
+
+
+def test_patched_eager_configured_model_equals_sdpa():
+    """An eager-configured Falcon gets an additive float mask (SDPA's gets a bool one, made float): both read right."""
+    sdpa = falcon_model()
+    eager = falcon_model(attn="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids, mask = batch(33)
+    with torch.no_grad():
+        ref = sdpa(ids, attention_mask=mask).logits
+    err, tol = logits_error(patch(eager, "torch"), ids, mask, ref)
+    assert err <= tol, f"fp32 logits error {err:.3g}"
+
+
+@needs_triton
+def test_patched_logits_equal_sdpa_triton():
+    model = falcon_model(n_layer=1)
+    ids, mask = batch(13, pads=(0, 4))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    err, tol = logits_error(patch(model, "triton"), ids, mask, ref)
+    assert err <= tol, f"fp32 logits error {err:.3g}"
+
+
+def test_greedy_generate_with_cache_is_token_identical():
+    model = falcon_model()
+    ids, mask = batch(11, pads=(0, 4))
+    options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    ref = model.generate(ids, **options)
+    ours = patch(model, "torch").generate(ids, **options)
+    unpatch(model)
+    assert torch.equal(ours, ref)
+    assert torch.equal(model.generate(ids, **options), ref), "unpatch left the model changed"
+
+
+def test_upstream_eager_path_adds_alibi_twice(monkeypatch):
+    """transformers' eager Falcon computes softmax((q.k + 2 alibi) / sqrt(d)); its SDPA path is right."""
+    sdpa = falcon_model()
+    eager = falcon_model(attn="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids, mask = batch(40)
+    with torch.no_grad():
+        ref, wrong = sdpa(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    real = mask.bool()
+    if (wrong - ref)[real].abs().max() <= 1e-5 * ref[real].abs().max():
+        pytest.skip("transformers' eager Falcon agrees with SDPA now: revisit Falcon.eager_refusal")
+    scale = 1 / math.sqrt(80)
+    monkeypatch.setattr(FALCON, "kernel_options",  # our kernels with the bias doubled reproduce the eager path
+                        lambda attn: {"softmax_scale": scale, "bias_scale": 2 * scale, "alibi_bf16": True})
+    err, tol = logits_error(patch(sdpa, "torch"), ids, mask, wrong)
+    assert err <= tol, f"eager Falcon is not the doubled bias ({err:.3g}): update the module docstring"
+
+
+def one_line_refusal(call):
+    with pytest.raises(UsageError, match="adds the ALiBi bias twice") as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_output_attentions_eager_backend_and_diagnose_eager_are_refused():
+    model = patch(falcon_model(n_layer=1), "torch")
+    ids, mask = batch(9)
+    one_line_refusal(lambda: model(ids, attention_mask=mask, output_attentions=True))
+    one_line_refusal(lambda: diagnose(model, None, ["a prompt"], backend="eager"))
+    eager = patch(falcon_model(attn="eager", n_layer=1), "eager")  # its own forward is the double-bias branch
+    one_line_refusal(lambda: eager(ids, attention_mask=mask))
+    train = patch(falcon_model(attn="eager", n_layer=1, attention_dropout=0.1), "torch").train()
+    one_line_refusal(lambda: train(ids, attention_mask=mask))
+    with torch.no_grad():  # the eager backend on an SDPA model runs the module's own (correct) SDPA branch
+        ref = unpatch(model)(ids, attention_mask=mask).logits
+    assert logits_error(patch(model, "eager"), ids, mask, ref)[0] == 0.0
+
+
+@pytest.mark.parametrize("raw,words", [
+    ({"alibi": False}, "rotary position embeddings"),
+    ({}, "rotary position embeddings"),  # FalconConfig's default: alibi false
+    ({"alibi": True, "multi_query": False, "new_decoder_architecture": True}, "new decoder architecture"),
+    ({"alibi": True}, "multi-query attention"),  # FalconConfig's default: multi_query true
+    ({"alibi": True, "multi_query": True}, "multi-query attention"),
+    ({"alibi": True, "multi_query": False, "num_attention_heads": 8, "num_kv_heads": 2}, "num_kv_heads: 2"),
+    ({"alibi": True, "multi_query": False, "n_head": 32, "n_layer": 24}, "reads only num_attention_heads"),
+])
+def test_other_falcon_configs_are_refused_in_one_line(raw, words):
+    with pytest.raises(UsageError, match=words) as info:
+        family_for({"model_type": "falcon", **raw})
+    assert "\n" not in str(info.value)
+
+
+def test_rw_configs_are_accepted():
+    for parallel in (False, True):
+        assert family_for({"model_type": "falcon", "alibi": True, "multi_query": False, "parallel_attn": parallel,
+                           "num_attention_heads": 32, "num_hidden_layers": 24, "num_kv_heads": 32}) is FALCON
+    model = falcon_model(n_layer=1)
+    assert family_for(model.config) is FALCON
+    assert family_for(FALCON.make_config(n_layer=1, hidden=64, n_head=4, vocab=50)) is FALCON
+    assert family_of_module(model.transformer.h[0]) is FALCON
+
+
+def _head_rows(attn, head: int) -> torch.Tensor:
+    """Rows of the fused QKV output that transformers' _split_heads hands to ``head`` (q, k, v)."""
+    index = torch.arange(attn.query_key_value.out_features, dtype=torch.float32)[None, None]
+    return torch.cat([part[0, 0, head] for part in attn._split_heads(index)]).long()
+
+
+def test_qkv_rows_are_the_rows_split_heads_assigns():
+    attn = falcon_model(n_layer=1).transformer.h[0].self_attention
+    layout = FALCON.layout(attn.config)
+    for h in range(3):
+        (a, b), = FALCON.qkv_rows(h, layout)
+        assert torch.equal(_head_rows(attn, h), torch.arange(a, b))
+
+
+def _selected(model, name: str, shape) -> torch.Tensor:
+    """True where parameter ``name`` belongs to a selected head (rows from _split_heads, dense columns)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    parts = name.split(".")  # transformer.h.<i>.self_attention.<query_key_value|dense>.<weight|bias>
+    if len(parts) == 6 and parts[3] == "self_attention" and int(parts[2]) in SELECTION:
+        attn = model.transformer.h[int(parts[2])].self_attention
+        for h in SELECTION[int(parts[2])]:
+            if parts[4] == "query_key_value":
+                mask[_head_rows(attn, h)] = True
+            elif parts[5] == "weight":
+                mask[:, h * attn.head_dim:(h + 1) * attn.head_dim] = True
+    return mask
+
+
+def test_head_slices_gradients_equal_full_autograd_and_nothing_else_moves():
+    ref_model = falcon_model()
+    ids, mask = batch(19, pads=(0, 5))
+    labels = causal_lm_labels(ids, mask)  # no target predicted from a padded row (the kernels output 0 there)
+    ref_model(ids, attention_mask=mask, labels=labels).loss.backward()  # stock SDPA, full matrices
+    ref = dict(ref_model.named_parameters())
+
+    model = patch(copy.deepcopy(ref_model), "torch")
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with HeadSlices(model, SELECTION) as slices:
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        assert len(slices.tensors) == 3 * 3  # per head: qkv rows, qkv bias rows, dense columns
+        with torch.no_grad():
+            for t in slices.tensors:
+                t.sub_(t.grad)  # an SGD step of rate 1 through the in-place views
+    for name, now in model.state_dict().items():
+        sel = _selected(model, name, now.shape)
+        assert torch.equal(now[~sel], before[name][~sel]), f"{name}: an unselected element moved"
+        if sel.any():
+            step = before[name][sel] - now[sel]
+            grad = ref[name].grad[sel]
+            assert (step - grad).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1e-3), name
+            assert grad.abs().max() > 0
+
+
+def test_reinit_touches_exactly_the_selected_heads():
+    model = falcon_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()  # transformers initialises biases to 0: make their zeroing visible
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reinit_heads(model, SELECTION, seed=3)
+    for name, now in model.state_dict().items():
+        sel = _selected(model, name, now.shape)
+        assert torch.equal(now[~sel], before[name][~sel]), f"{name}: an unselected element changed"
+        if not sel.any():
+            continue
+        if name.endswith("dense.weight") or name.endswith("query_key_value.bias"):
+            assert (now[sel] == 0).all() and (before[name][sel] != 0).all(), name
+        else:
+            assert (now[sel] != before[name][sel]).all(), name
+
+
+class _Tensors:
+    """The ``tensors`` object streamed diagnosis hands to ``embed``, over an in-memory state dict."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, names):
+        return {n: self.state[n] for n in names}
+
+    def rows(self, name, ids):
+        return self.state[name][ids]
+
+
+def test_embed_block_inputs_and_streamed_blocks_reproduce_the_model():
+    model = falcon_model()
+    ids, mask = batch(17, pads=(0, 6))
+    captured = []
+    hook = model.transformer.h[1].register_forward_hook(lambda m, a, out: captured.append(out[0]))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # stock SDPA
+    hook.remove()
+    config = FalconConfig.from_dict(model.config.to_dict())  # as config.json reads: no attention implementation
+    state = {k[len("transformer."):]: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+    with torch.no_grad():
+        hidden = FALCON.embed(_Tensors(state), ids, config, "cpu", torch.float32)
+        args, kwargs = FALCON.block_inputs(mask, config, torch.float32)
+        for layer in range(2):
+            with torch.device("meta"):
+                block = FALCON.block_class()(config, layer_idx=layer)
+            names = FALCON.block_names(layer, block)
+            block.load_state_dict({n.split(".", 2)[2]: state[n] for n in names}, assign=True)
+            hidden = patch(block.eval(), "torch")(hidden, *args, **kwargs)[0]
+    real = mask.bool()
+    assert (hidden - captured[0])[real].abs().max() <= 1e-5 * captured[0][real].abs().max()
+
+
+def test_parameter_counts_names_and_layout():
+    model = falcon_model(n_layer=3)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert FALCON.params(model.config) == sum(p.numel() for p in model.parameters())  # the tied head once
+    block = model.transformer.h[2]
+    assert FALCON.block_params(model.config) == sum(p.numel() for p in block.parameters())
+    state = model.state_dict()
+    names = FALCON.block_names(2, block)
+    assert sorted("transformer." + n for n in names) == sorted(k for k in state if k.startswith("transformer.h.2."))
+    assert "transformer." + FALCON.embedding in state
+    layout = FALCON.layout(model.config)
+    assert (layout.n_layer, layout.n_head, layout.head_dim, layout.hidden, layout.vocab) == (3, 3, 80, 240, VOCAB)
+    assert FALCON.with_layers(model.config, 1).num_hidden_layers == 1 and model.config.num_hidden_layers == 3
+    made = FALCON.make_config(n_layer=2, hidden=240, n_head=3, vocab=50, parallel_attn=True)
+    assert (made.num_hidden_layers, made.hidden_size, made.num_attention_heads, made.vocab_size) == (2, 240, 3, 50)
+    assert made.alibi and not made.multi_query and not made.new_decoder_architecture and made.bias
+    assert made.parallel_attn and made.num_kv_heads == 3
