@@ -27,15 +27,17 @@ from typing import Iterable, NamedTuple
 import torch
 
 from ..errors import UsageError
+from .loading import DTYPES, dtype_name, safetensors_code
 
 __all__ = ["TensorEntry", "verify_checkpoint", "read_header", "check_finite", "stored_dtype", "cast_checkpoint",
            "PREFIX"]
 
 PREFIX = "transformer."  # the causal LM's names for BLOOM, MPT and Falcon; a bare base-model save has none
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors code -> floating dtype, from the one dtype table (float64 too: a checkpoint may hold it)
+_FLOAT_DTYPES = {safetensors_code(d): d for d in (*DTYPES.values(), torch.float64)}
+_DTYPE_BYTES = {**{code: d.itemsize for code, d in _FLOAT_DTYPES.items()}, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class TensorEntry(NamedTuple):
@@ -185,7 +187,7 @@ def cast_checkpoint(model_dir, dtype: torch.dtype) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n")
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    name = str(dtype).replace("torch.", "")
+    name = dtype_name(dtype)
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "dtype":
             config[key] = name

@@ -20,8 +20,10 @@ import torch
 from ..errors import UsageError
 
 __all__ = ["parse_dtype", "parse_device", "resolve_model_dir", "load_model", "load_bloom", "load_config",
-           "load_tokenizer", "quiet_transformers", "DTYPES", "dtype_name"]
+           "load_tokenizer", "quiet_transformers", "DTYPES", "dtype_name", "safetensors_code"]
 
+# The one dtype table: every name the package accepts for a dtype. Byte widths are ``dtype.itemsize``, the name in
+# config.json and reports :func:`dtype_name`, the safetensors code :func:`safetensors_code`.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -49,6 +51,12 @@ def quiet_transformers():
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the name config.json and the reports use)."""
     return str(dtype).replace("torch.", "")
+
+
+def safetensors_code(dtype: torch.dtype) -> str:
+    """A floating dtype's code in a safetensors header: ``torch.bfloat16`` -> ``"BF16"``, ``torch.float32`` ->
+    ``"F32"``."""
+    return "BF16" if dtype == torch.bfloat16 else f"F{8 * dtype.itemsize}"
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
