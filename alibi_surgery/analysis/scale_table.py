@@ -1,4 +1,4 @@
-"""Cross-scale diagnosis: several BLOOM checkpoints, one table, one multi-panel heatmap, one JSON.
+"""Cross-scale diagnosis: several checkpoints of one ALiBi family (BLOOM, MPT, Falcon-RW), one table, one multi-panel heatmap, one JSON.
 
 The paper's Table 1 and Figure 2 in one command (``alibi-surgery family DIR...``). Each model is diagnosed with
 :func:`~alibi_surgery.diagnosis.stream.diagnose_path`: loaded whole, or streamed block by block when it would not fit. Per
@@ -34,12 +34,12 @@ class FamilyEntry:
 
 
 def family_entry(model: str, report: HeadReport) -> FamilyEntry:
-    from ..diagnosis.stream import CheckpointIndex, model_bytes
-
-    import torch
+    """The entry of ``model`` (a checkpoint directory), its parameter count from its family's adapter."""
+    from ..diagnosis.stream import CheckpointIndex
+    from ..families import family_for
 
     config = CheckpointIndex(model).config
-    return FamilyEntry(Path(model).name or str(model), model_bytes(config, torch.float32) // 4, report)
+    return FamilyEntry(Path(model).name or str(model), family_for(config).params(config), report)
 
 
 def _band(report: HeadReport) -> str:
