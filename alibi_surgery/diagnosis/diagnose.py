@@ -197,4 +197,4 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         sums = sink.sums
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
-                        thresholds=thresholds, **options)
+                        thresholds=thresholds, family=family.name, **options)

@@ -160,7 +160,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             sums[layer] = sink.sums[0]
             del block
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
-                        max_length=max_length, thresholds=thresholds, streamed=True, **options)
+                        max_length=max_length, thresholds=thresholds, streamed=True, family=family.name, **options)
 
 
 def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,
