@@ -22,22 +22,16 @@ from .loading import dtype_name, quiet_transformers
 __all__ = ["SHAPES", "shape_config", "bloom_config", "byte_tokenizer", "write_random_model", "write_random_bloom",
            "write_sharded_random_model", "write_sharded_random_bloom"]
 
-# name: (family, n_layer, hidden_size, n_head, vocabulary)
-SHAPES = {
-    "tiny": ("bloom", 2, 128, 4, 512),
-    "bloom-560m": ("bloom", 24, 1024, 16, 250880),
-    "bloom-1b1": ("bloom", 24, 1536, 16, 250880),
-    "bloom-1b7": ("bloom", 24, 2048, 16, 250880),
-    "bloom-3b": ("bloom", 30, 2560, 32, 250880),
-    "bloom-7b1": ("bloom", 30, 4096, 32, 250880),
-    "bloom": ("bloom", 70, 14336, 112, 250880),
-    "tiny-mpt": ("mpt", 2, 128, 4, 512),
-    "mpt-7b": ("mpt", 32, 4096, 32, 50432),
-    "mpt-30b": ("mpt", 48, 7168, 64, 50432),
-    "tiny-falcon": ("falcon", 2, 128, 4, 512),
-    "falcon-rw-1b": ("falcon", 24, 2048, 32, 50304),
-    "falcon-rw-7b": ("falcon", 36, 4096, 64, 65024),
+# name -> (family, n_layer, hidden_size, n_head, vocabulary), from one table per family
+_TABLES = {
+    "bloom": ("tiny 2 128 4 512; bloom-560m 24 1024 16 250880; bloom-1b1 24 1536 16 250880; "
+              "bloom-1b7 24 2048 16 250880; bloom-3b 30 2560 32 250880; bloom-7b1 30 4096 32 250880; "
+              "bloom 70 14336 112 250880"),
+    "mpt": "tiny-mpt 2 128 4 512; mpt-7b 32 4096 32 50432; mpt-30b 48 7168 64 50432",
+    "falcon": "tiny-falcon 2 128 4 512; falcon-rw-1b 24 2048 32 50304; falcon-rw-7b 36 4096 64 65024",
 }
+SHAPES = {name: (family, *map(int, dims)) for family, table in _TABLES.items()
+          for name, *dims in (row.split() for row in table.split(";"))}
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
