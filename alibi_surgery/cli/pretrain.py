@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--install", action="store_true",
-                   help="then install OUT/last as the package's demo model (alibi_surgery/demo_model)")
+                   help="then install OUT/last as the package's demo model (alibi_surgery/demo/model)")
     return p
 
 

@@ -1,9 +1,9 @@
 """The embedded demonstration model and ``alibi-surgery demo``: the whole job, offline, in a few CPU minutes.
 
-The package ships a tiny BLOOM (``alibi_surgery/demo_model``: safetensors, config, byte-level tokenizer that prefixes
-``<s>``, ``SHA256SUMS``, ``recipe.json``) pre-trained from scratch by :mod:`alibi_surgery.demo.pretrain` on bigram-recall
-text (:mod:`alibi_surgery.demo.recall_data`). Its first-token collapse was learned, not planted; docs/demo-model.md has the
-recipe and the curves. :func:`model_dir` verifies the checksums before handing out the path.
+The package ships a tiny BLOOM (``alibi_surgery/demo/model``: safetensors, config, byte-level tokenizer that
+prefixes ``<s>``, ``SHA256SUMS``, ``recipe.json``) pre-trained from scratch by :mod:`alibi_surgery.demo.pretrain` on
+bigram-recall text (:mod:`alibi_surgery.demo.recall_data`). Its first-token collapse was learned, not planted;
+docs/demo-model.md has the recipe and the curves. :func:`model_dir` verifies the checksums before handing out the path.
 
 :func:`run_demo` (the ``demo`` command): diagnose → plan (``--heads auto``) → repair on a freshly generated
 bigram-recall corpus → re-diagnose (``compare``) → a before/after summary, with the report and heatmaps in ``OUT``.
@@ -41,17 +41,23 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(directory) -> Path:
-    """Write ``SHA256SUMS`` for every file of ``directory`` (used when the demo model is installed)."""
+    """Write ``SHA256SUMS`` (atomically) for every file of ``directory`` (used when the demo model is installed)."""
+    from ..io.files import atomic_write_text
+
     directory = Path(directory)
     lines = [f"{_sha256(p)}  {p.name}" for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS]
-    (directory / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    atomic_write_text(directory / CHECKSUMS, "\n".join(lines) + "\n")
     return directory / CHECKSUMS
 
 
 def install_model(run_dir, *, target=None) -> Path:
     """Install a :mod:`alibi_surgery.demo.pretrain` run (``RUN/last`` + ``RUN/recipe.json``) as the demo model: the
-    model files, the recipe and fresh ``SHA256SUMS`` replace ``target`` (default: the package's ``demo_model``)."""
+    model files, the recipe and fresh ``SHA256SUMS`` replace ``target`` (default: the package's ``demo/model``) in one
+    step: they are gathered in a directory beside it that then takes its place
+    (:func:`~alibi_surgery.io.files.staged_dir`), so an interrupted install leaves the old model whole."""
     import shutil
+
+    from ..io.files import staged_dir
 
     run_dir, target = Path(run_dir), Path(target or _DIR)
     files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -59,13 +65,12 @@ def install_model(run_dir, *, target=None) -> Path:
     if missing or not (run_dir / "recipe.json").is_file():
         raise UsageError(f"{run_dir} is not a finished pre-training run "
                          f"(missing {', '.join(missing) or 'recipe.json'})")
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for f in files:
-        shutil.copy2(run_dir / "last" / f, target / f)
-    shutil.copy2(run_dir / "recipe.json", target / "recipe.json")
-    write_checksums(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(target, "demo model") as tmp:
+        tmp.mkdir()
+        for f in [*(Path("last") / f for f in files), Path("recipe.json")]:
+            shutil.copy2(run_dir / f, tmp / f.name)
+        write_checksums(tmp)
     return target
 
 
@@ -106,7 +111,8 @@ def load_model(*, dtype: str | None = None, device: str | None = None):
 def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tuple[Path, Path]:
     """Generate the demo's surgery corpus (``train.jsonl``) and held-out text (``eval.jsonl``) in ``directory``:
     fresh bigram-recall documents, each exactly one ``seq_len`` chunk with its ``<s>`` and ``</s>``. The seed differs
-    from pre-training's, so these sequences are new to the model."""
+    from pre-training's, so these sequences are new to the model. Each file is written atomically."""
+    from ..io.files import atomic_write_text
     from .recall_data import RecallData, python_docs_text
 
     r = recipe()
@@ -119,7 +125,7 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tup
     for name, n in zip(("train.jsonl", "eval.jsonl"), DEMO_DOCS):
         docs = data.texts(n, seq_len - 2, gen)
         path = directory / name
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
         paths.append(path)
     return paths[0], paths[1]
 

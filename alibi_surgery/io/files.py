@@ -8,9 +8,10 @@ Writing: :func:`check_output_paths` runs before any work (missing or unwritable 
 ``--overwrite``, a directory, two options naming one file, an output that is an input, a figure format matplotlib
 cannot write). :func:`atomic_write_bytes` writes a temporary file beside the target, syncs and renames it, so a
 crash leaves the old file or the new one; the new file gets the mode a plain ``open`` would (0666 less the
-umask). :func:`replace_dir` does the same for a whole directory, and :func:`filling` for files added to one; both
-give every file the umask's mode, whatever the library that wrote it chose (safetensors writes 0600). Every ``OSError`` while writing becomes a one-line
-:class:`WriteError` naming the path (:func:`writing`), and nothing partial is left behind.
+umask). Text (:func:`atomic_write_text`) and figures (:func:`atomic_savefig`) go through it. :func:`replace_dir`
+does the same for a whole directory, and :func:`filling` for files added to one; both give every file the umask's
+mode, whatever the library that wrote it chose (safetensors writes 0600). Every ``OSError`` while writing becomes a
+one-line :class:`WriteError` naming the path (:func:`writing`), and nothing partial is left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from ..errors import UsageError, WriteError
 
 __all__ = ["check_output_path", "check_output_paths", "figure_format", "atomic_write_text", "atomic_write_bytes",
-           "writing", "filling", "staged_dir", "replace_dir", "fsync_tree", "read_text", "read_lines", "file_mode"]
+           "atomic_savefig", "writing", "filling", "staged_dir", "replace_dir", "fsync_tree", "read_text", "read_lines",
+           "file_mode"]
 
 FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
 
@@ -177,6 +179,21 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_savefig(fig, path, dpi: int = 120) -> None:
+    """Write a matplotlib figure at ``path`` atomically, in the format its suffix names (:func:`figure_format`; no
+    suffix: PNG), and close it. The figure is rendered in memory first, so a failed render writes nothing."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=figure_format(path), dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 @contextlib.contextmanager

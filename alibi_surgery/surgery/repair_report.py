@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..viz.comparison_figures import save_delta_heatmap
-from ..viz.heatmap import save_figure, save_heatmap
-from ..io.files import atomic_write_text
+from ..viz.heatmap import save_heatmap
+from ..io.files import atomic_savefig, atomic_write_text
 
 __all__ = ["write_markdown", "write_plots", "write_passes_markdown", "format_ppl"]
 
@@ -69,7 +69,7 @@ def write_plots(run) -> None:
     ax2.yaxis.get_major_locator().set_params(integer=True)
     fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    save_figure(fig, run.out / "trajectory.png", dpi=110)
+    atomic_savefig(fig, run.out / "trajectory.png", dpi=110)
 
 
 def write_passes_markdown(out: Path, summary: dict) -> None:

@@ -1,10 +1,9 @@
-"""Layer x head heatmap of first-token mass, coloured around the 0.5 sink threshold, with classes marked."""
+"""Layer x head heatmap of first-token mass, coloured around the 0.5 sink threshold, with classes marked. Every
+figure file is written by :func:`~alibi_surgery.io.files.atomic_savefig` (``save_figure`` here is that function)."""
 
 from __future__ import annotations
 
-import io
-
-from ..io.files import atomic_write_bytes, figure_format
+from ..io.files import atomic_savefig
 from ..diagnosis.report import HeadReport
 
 __all__ = ["plot_heatmap", "save_heatmap"]
@@ -47,17 +46,10 @@ def plot_heatmap(report: HeadReport, ax=None, title: str | None = None):
     return ax
 
 
-def save_figure(fig, path, dpi: int = 120) -> None:
-    """Write a matplotlib figure at ``path`` (atomically) in the format its suffix names (PNG, PDF, SVG, JPEG...;
-    no suffix: PNG), and close it."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format=figure_format(path), dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+save_figure = atomic_savefig  # the name the figure modules import
 
 
 def save_heatmap(report: HeadReport, path) -> None:
-    """Render the heatmap to ``path`` (written atomically; the format from the suffix, see :func:`save_figure`)."""
-    save_figure(plot_heatmap(report).figure, path)
+    """Render the heatmap to ``path`` (written atomically; the format from the suffix, see
+    :func:`~alibi_surgery.io.files.atomic_savefig`)."""
+    atomic_savefig(plot_heatmap(report).figure, path)
