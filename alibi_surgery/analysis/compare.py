@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..io.files import check_output_paths
 from ..diagnosis.prompts import read_prompts
 from ..diagnosis.report import METRIC_VARIANTS, HeadReport, check_same_measurement, read_report
+from ..surgery.plan import PLAN_FORMAT
 from ..surgery.selection import HeadSpec, SpecError, check_selection, parse_spec
 from ..viz.comparison_figures import save_delta_heatmap
 from .comparison import KIND, Comparison, check_drift_threshold, thresholds_text
@@ -34,7 +35,6 @@ __all__ = ["compare", "parse_selection_spec", "run_compare"]
 
 _DIAGNOSE_OPTIONS = ("device", "dtype", "backend", "batch_size", "max_length", "prompts", "exclude_first_query",
                      "normalize_entropy", "thresholds", "progress")
-_PLAN_FORMAT = "alibi-surgery-plan"
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------------
@@ -130,12 +130,12 @@ def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, for
             **diagnose_kwargs) -> Comparison:
     """Compare diagnosis ``a`` (before) with ``b`` (after).
 
-    ``a``/``b``: a :class:`HeadReport`, a path to a diagnosis JSON, or a model directory of a registered family, which is diagnosed
-    with ``diagnose_kwargs`` (``device``, ``dtype``, ``backend``, ``batch_size``, ``max_length``, ``prompts``
-    (default: the built-in set), ``exclude_first_query``, ``normalize_entropy``, ``thresholds`` (default: those of
-    the other input when it is a report), ``progress``; ignored for reports; ``max_length`` also defaults to the
-    other report's). Inputs, shapes, targets, zone and options are all checked before anything is diagnosed; two
-    model directories are loaded one after the other.
+    ``a``/``b``: a :class:`HeadReport`, a path to a diagnosis JSON, or a model directory of a registered family,
+    which is diagnosed with ``diagnose_kwargs`` (``device``, ``dtype``, ``backend``, ``batch_size``, ``max_length``,
+    ``prompts`` (default: the built-in set), ``exclude_first_query``, ``normalize_entropy``, ``thresholds``
+    (default: those of the other input when it is a report), ``progress``; ignored for reports; ``max_length`` also
+    defaults to the other report's). Inputs, shapes, targets, zone and options are all checked before anything is
+    diagnosed; two model directories are loaded one after the other.
 
     Two diagnoses measured differently (:func:`~alibi_surgery.diagnosis.report.measurement_differences`: prompt set,
     max_length) raise a UsageError naming the first difference, or with ``force`` a UserWarning; a report without a
@@ -201,7 +201,7 @@ def _json_groups(path: Path, what: str) -> list:
     except (OSError, ValueError) as exc:
         raise UsageError(f"{what}: cannot read {path} as JSON: {exc}") from None
     key = what.lstrip("-")
-    if isinstance(data, dict) and data.get("format") == _PLAN_FORMAT:  # a surgery plan (plan --json)
+    if isinstance(data, dict) and data.get("format") == PLAN_FORMAT:  # a surgery plan (plan --json)
         key = {"targets": "selection"}.get(key, key)
     if isinstance(data, dict) and isinstance(data.get(key), dict):
         data = data[key]
@@ -264,7 +264,7 @@ def run_compare(args) -> None:
             raise UsageError(f"--plan file does not exist or cannot be read: {plan}") from None
         except (ValueError, AttributeError):
             fmt = None
-        if fmt != _PLAN_FORMAT or not plan.strip().lower().endswith(".json"):
+        if fmt != PLAN_FORMAT or not plan.strip().lower().endswith(".json"):
             raise UsageError(f"--plan: {plan} is not a surgery plan .json file")
     target_spec = parse_selection_spec(args.targets or ([plan] if plan else None), "--targets")
     zone_spec = parse_selection_spec(args.zone or ([plan] if plan else None), "--zone")

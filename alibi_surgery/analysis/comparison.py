@@ -102,7 +102,7 @@ class Comparison:
         return self.after.bos_mass.double() - self.before.bos_mass.double()
 
     def zone_grid(self) -> list[list[str]]:
-        """The zone of every head, ``[layer][head]`` (the rule of :func:`~alibi_surgery.surgery.selection.head_zone`)."""
+        """The zone of every head, ``[layer][head]`` (:func:`~alibi_surgery.surgery.selection.head_zone`)."""
         return zone_grid(self.n_layer, self.n_head, self.targets, self.zone)
 
     def zone_of(self, layer: int, head: int) -> str:
@@ -222,8 +222,9 @@ class Comparison:
     def from_dict(cls, data: dict) -> "Comparison":
         if not isinstance(data, dict) or data.get("kind") != KIND:
             raise UsageError("not a comparison JSON (written by Comparison.to_json / compare --json)")
-        return cls(HeadReport.from_dict(data["before"]), HeadReport.from_dict(data["after"]), targets=data.get("targets"),
-                   zone=data.get("zone"), drift_threshold=data.get("drift_threshold", 0.05))
+        return cls(HeadReport.from_dict(data["before"]), HeadReport.from_dict(data["after"]),
+                   targets=data.get("targets"), zone=data.get("zone"),
+                   drift_threshold=data.get("drift_threshold", 0.05))
 
     @classmethod
     def from_json(cls, path) -> "Comparison":

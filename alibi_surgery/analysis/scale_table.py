@@ -1,4 +1,5 @@
-"""Cross-scale diagnosis: several checkpoints of one ALiBi family (BLOOM, MPT, Falcon-RW), one table, one multi-panel heatmap, one JSON.
+"""Cross-scale diagnosis: checkpoints of one ALiBi family (BLOOM, MPT, Falcon-RW), one table, one multi-panel
+heatmap, one JSON.
 
 The paper's Table 1 and Figure 2 in one command (``alibi-surgery family DIR...``). Each model is diagnosed with
 :func:`~alibi_surgery.diagnosis.stream.diagnose_path`: loaded whole, or streamed block by block when it would not fit. Per

@@ -1,7 +1,7 @@
 """Memory planner: will a diagnosis or a surgery fit the card? (``alibi-surgery plan-memory MODEL``)
 
-Predicts peak memory, by part, for three jobs on a model of any registered family given as a checkpoint directory or a family shape name
-(``bloom-560m``, ``mpt-7b``, ``falcon-rw-1b`` ...):
+Predicts peak memory, by part, for three jobs on a model of any registered family, given as a checkpoint directory or
+a shape name (``bloom-560m``, ``mpt-7b``, ``falcon-rw-1b`` ...):
 
 * **diagnosis, in memory**: ``weights`` (every base-model parameter in the compute dtype) + ``activations``
   (``DIAG_WORKING_SET`` hidden-sized values per token of one batch: the block's qkv, context, MLP 4h and GELU 4h

@@ -24,12 +24,14 @@ file, set by the caller with ``source="report"``):
 * ``heads=None``: no heads from any mode; only ``include`` selects (source ``"list"``; zone as for a list).
 
 Then ``freeze`` (a head spec) removes heads from the selection; they stay in the zone, where they count as in-band
-frozen. An explicit ``heads`` list that names a frozen head is an error (it asks for both). ``include`` (a head spec) adds heads, healthy or not, and the zone grows to hold them (the paper's H5
-experiment: ``include="5-22:5"``). A head both frozen and included is an error. A plan that selects nothing is an
-error ("nothing to repair: ...") unless ``allow_empty=True``.
+frozen. An explicit ``heads`` list that names a frozen head is an error (it asks for both). ``include`` (a head
+spec) adds heads, healthy or not, and the zone grows to hold them (the paper's H5 experiment: ``include="5-22:5"``).
+A head both frozen and included is an error. A plan that selects nothing is an error ("nothing to repair: ...")
+unless ``allow_empty=True``.
 
 Head specs (``heads``, ``freeze``, ``include``) follow the one grammar of :mod:`alibi_surgery.surgery.selection`
-(``5:14,15;6:9-15``, ``5-22:9-15``, ``*:9-15``, ``L5:H9,H12``); the zone rule is :func:`~alibi_surgery.surgery.selection.head_zone`.
+(``5:14,15;6:9-15``, ``5-22:9-15``, ``*:9-15``, ``L5:H9,H12``); the zone rule is
+:func:`~alibi_surgery.surgery.selection.head_zone`.
 The predicted memory of a step is :func:`alibi_surgery.surgery.memory_plan.predict_memory`.
 
 Every error is a one-line :class:`~alibi_surgery.errors.UsageError`.
@@ -166,7 +168,8 @@ class Plan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "source": self.source, "n_layer": self.n_layer,
                 "n_head": self.n_head, "head_dim": self.head_dim, "hidden": self.hidden,
                 "selection": enc(self.selection), "zone": enc(self.zone), "frozen": enc(self.frozen),
-                "included": enc(self.included), "qkv_bias": self.qkv_bias, "n_heads": self.n_heads, "trainable_params": self.trainable_params,
+                "included": enc(self.included), "qkv_bias": self.qkv_bias, "n_heads": self.n_heads,
+                "trainable_params": self.trainable_params,
                 "spec": format_heads(self.selection)}
 
     @classmethod
@@ -333,7 +336,8 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         if targets and not (targets - frozen):
             empty_why = "--freeze removes every selected head"
         raise NothingToRepair(f"nothing to repair: {empty_why}")
-    plan = Plan(selection=from_pairs(selection), zone=from_pairs(zone), frozen=from_pairs(frozen), included=from_pairs(included),
+    plan = Plan(selection=from_pairs(selection), zone=from_pairs(zone), frozen=from_pairs(frozen),
+                included=from_pairs(included),
                 source=source or mode, n_layer=n_layer, n_head=n_head, head_dim=head_dim, hidden=hidden,
                 qkv_bias=qkv_bias)
     return plan.validate()

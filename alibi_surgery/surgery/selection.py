@@ -33,7 +33,8 @@ import re
 from ..errors import UsageError
 
 __all__ = ["ZONES", "HeadSpec", "SpecError", "HeadOutOfRange", "parse_spec", "parse_heads", "parse_range",
-           "match_range", "check_shape", "check_selection", "check_head", "format_heads", "compact", "head_zone", "zone_grid",
+           "match_range", "check_shape", "check_selection", "check_head", "format_heads", "compact", "head_zone",
+           "zone_grid",
            "pairs", "from_pairs", "n_selected"]
 
 ZONES = ("target", "in-band", "outside")
@@ -105,8 +106,8 @@ class HeadSpec:
         for layers, heads in self.groups:
             layers = layers if layers is not None else ((0, n_layer - 1),)
             heads = heads if heads is not None else ((0, n_head - 1),)
-            h_lo, h_hi = min(a for a, _ in heads), max(b for _, b in heads)
-            corners = {a: [h_lo, h_hi] for r in layers for a in r}
+            h_ends = [h for r in heads for h in r]
+            corners = {a: [min(h_ends), max(h_ends)] if h_ends else [] for r in layers for a in r}
             check_selection(corners, n_layer, n_head, what=what)  # bounds before anything is expanded
             cols = {h for a, b in heads for h in range(a, b + 1)}
             for a, b in layers:

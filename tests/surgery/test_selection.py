@@ -123,3 +123,12 @@ def test_plan_sizes_come_from_the_family(shape, qkv_bias):
     prediction = plan_memory(shape, heads="2", dtype="float32", device="cpu", seq_len=8)
     assert prediction["params"] == sum(p.numel() for p in full.parameters())
     assert prediction["family"] == family.name
+
+
+def test_selection_files(tmp_path):
+    empty_layer, ok = tmp_path / "empty.json", tmp_path / "ok.json"
+    empty_layer.write_text('{"1": []}')
+    ok.write_text('{"targets": {"2": [3, 1], "0": 2}}')
+    assert parse_selection_spec([str(ok), "1:0"]).resolve(6, 4) == {0: [2], 1: [0], 2: [1, 3]}
+    with pytest.raises(UsageError, match="^zone: selection layer 1 lists no heads"):
+        parse_selection_spec(str(empty_layer), "--zone").resolve(6, 4, what="zone")
