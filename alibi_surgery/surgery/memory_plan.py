@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UsageError
 from ..families import family_for
-from ..io.loading import DTYPES, parse_dtype
+from ..io.loading import DTYPES, dtype_name, parse_dtype
 from ..io.random_model import SHAPES, shape_config
 from ..diagnosis.stream import block_bytes, model_bytes
 from .loss import default_chunk_tokens
@@ -197,7 +197,7 @@ def _dtype_bytes(dtype) -> tuple[str, int]:
         dtype = DTYPES[key]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UsageError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return str(dtype).removeprefix("torch."), torch.finfo(dtype).bits // 8
+    return dtype_name(dtype), torch.finfo(dtype).bits // 8
 
 
 def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: int, n_params_total: int,
