@@ -3,7 +3,7 @@ iatrogenic, drift. The work is :func:`alibi_surgery.analysis.compare.run_compare
 
 from __future__ import annotations
 
-from .options import add_model_options, add_prompt_options
+from .options import add_model_options, add_output_options, add_prompt_options
 
 __all__ = ["add_parser", "run"]
 
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         description="Per-head change in first-token mass between two diagnoses, with the heads surgery recovered, "
                     "the ones still sick, the non-targets it made sick, and drift (|delta| > threshold) per zone: "
                     "targets, in-band (the zone minus the targets) and outside. A and B are diagnosis JSON files "
-                    "(diagnose --json) or BLOOM model directories, diagnosed here like diagnose does.")
+                    "(diagnose --json) or model directories, diagnosed here like diagnose does.")
     p.add_argument("a", metavar="A", help="before: a diagnosis .json or a model directory")
     p.add_argument("b", metavar="B", help="after: a diagnosis .json or a model directory")
     p.add_argument("--targets", action="append", metavar="SPEC",
@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
                         "--zone win")
     p.add_argument("--drift-threshold", type=float, default=0.05, metavar="T",
                    help="|delta bos_mass| above this counts as drift (0.05)")
-    p.add_argument("--json", metavar="OUT", help="write the comparison as JSON")
-    p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of delta first-token mass")
+    add_output_options(p, json=("OUT", "write the comparison as JSON"),
+                       heatmap=("OUT.png", "write a layer x head heatmap of delta first-token mass"))
     p.add_argument("--table", action="store_true", help="print the per-head table, largest |delta| first")
     p.add_argument("--table-rows", type=int, default=30, metavar="N",
                    help="rows of the --table output (default 30; 0 = every head)")

@@ -6,19 +6,18 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from .options import add_diagnosis_options, prompts_from_args
+from .options import add_diagnosis_options, add_output_options, prompts_from_args
 
 __all__ = ["add_parser", "run", "diagnose_each"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("diagnose", help="classify every attention head of a BLOOM model",
+    p = sub.add_parser("diagnose", help="classify every attention head of an ALiBi model (BLOOM, MPT, Falcon-RW...)",
                        description="Per-head first-token mass and entropy over a prompt set, with the paper's "
                                    "classes (dead, bos-sink, low-entropy, healthy).")
     p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
-    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
-    p.add_argument("--csv", metavar="OUT", help="write one row per head as CSV")
-    p.add_argument("--heatmap", metavar="OUT.png", help="write a layer x head heatmap of first-token mass")
+    add_output_options(p, json=("OUT", "write the report as JSON"), csv=("OUT", "write one row per head as CSV"),
+                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"))
     add_diagnosis_options(p)
 
 

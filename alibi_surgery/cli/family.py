@@ -4,19 +4,20 @@ heatmap and JSON."""
 from __future__ import annotations
 
 from .diagnose import diagnose_each
-from .options import add_diagnosis_options
+from .options import add_diagnosis_options, add_output_options
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("family", help="diagnose several BLOOM models: cross-scale table, multi-panel heatmap, JSON",
+    p = sub.add_parser("family",
+                       help="diagnose several models of a family: cross-scale table, multi-panel heatmap, JSON",
                        description="The paper's Table 1 and Figure 2: per model, parameters, layers x heads, "
                                    "collapsed share, collapse band and per-index collapse rate.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model directories (or cached hub ids)")
-    p.add_argument("--json", metavar="OUT", help="write every model's figures and report as JSON")
-    p.add_argument("--heatmap", metavar="OUT.png", help="write one heatmap panel per model")
-    p.add_argument("--markdown", metavar="OUT.md", help="write the table as Markdown")
+    add_output_options(p, json=("OUT", "write every model's figures and report as JSON"),
+                       heatmap=("OUT.png", "write one heatmap panel per model"),
+                       markdown=("OUT.md", "write the table as Markdown"))
     add_diagnosis_options(p)
 
 

@@ -3,7 +3,8 @@ resolve to."""
 
 from __future__ import annotations
 
-__all__ = ["add_model_options", "add_prompt_options", "add_diagnosis_options", "prompts_from_args"]
+__all__ = ["add_model_options", "add_prompt_options", "add_diagnosis_options", "add_output_options",
+           "prompts_from_args"]
 
 
 def add_model_options(p, *, backends: str = "auto, triton, torch or eager") -> None:
@@ -22,6 +23,12 @@ def add_prompt_options(p, *, exclude_help: str = "leave query row 0 (whose first
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
     p.add_argument("--exclude-first-query", action="store_true", help=exclude_help)
     p.add_argument("--normalize-entropy", action="store_true", help="divide each row's entropy by ln(visible keys)")
+
+
+def add_output_options(p, **outputs: tuple[str, str]) -> None:
+    """One ``--NAME METAVAR`` option per keyword, in order: ``json=("OUT", "write the report as JSON")``."""
+    for name, (metavar, text) in outputs.items():
+        p.add_argument(f"--{name}", metavar=metavar, help=text)
 
 
 def add_diagnosis_options(p) -> None:

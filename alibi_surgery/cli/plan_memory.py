@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import add_output_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -18,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stochastic-rounding", action="store_true", help="bf16 surgery without an fp32 master copy")
     p.add_argument("--budget", help="memory to check against, e.g. 24GiB or 16GB")
     p.add_argument("--device", default="cuda", help="cuda (a card; default) or cpu (adds the loading cost there)")
-    p.add_argument("--json", metavar="OUT", help="write the prediction as JSON")
+    add_output_options(p, json=("OUT", "write the prediction as JSON"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 

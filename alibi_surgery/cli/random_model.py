@@ -13,30 +13,31 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     from ..io.random_model import SHAPES
 
-    p = sub.add_parser("random-model", help="write a random-weight BLOOM model directory (for trying things out)")
+    p = sub.add_parser("random-model",
+                       help="write a random-weight model directory of a named shape (for trying things out)")
     p.add_argument("out", help="directory to create (must be new or empty)")
     p.add_argument("--shape", default="tiny", choices=list(SHAPES))
     p.add_argument("--layers", type=int, help="fewer layers than the shape has")
     p.add_argument("--vocab", type=int, help="smaller vocabulary than 250,880")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exist-ok", action="store_true", help="keep DIR if it already holds a BLOOM model")
+    p.add_argument("--exist-ok", action="store_true", help="keep DIR if it already holds a model")
 
 
 def run(args) -> None:
     from ..io.lock import DirLock
-    from ..io.random_model import write_random_bloom
+    from ..io.random_model import SHAPES, write_random_model
 
     out = Path(args.out)
     if args.exist_ok and (out / "config.json").is_file():
         from ..io.loading import resolve_model_dir
 
-        resolve_model_dir(args.out)  # it must really be a BLOOM safetensors directory
+        resolve_model_dir(args.out)  # it must really be a safetensors model directory of a known family
         print(f"keeping the model already in {args.out}")
         return
     _check_new_dir(out)
     with DirLock(out, what="random-model"):
-        write_random_bloom(out, args.shape, n_layer=args.layers, vocab_size=args.vocab, seed=args.seed)
-    print(f"wrote a random {args.shape} BLOOM to {out}")
+        write_random_model(out, args.shape, n_layer=args.layers, vocab_size=args.vocab, seed=args.seed)
+    print(f"wrote a random-weight {SHAPES[args.shape][0]} model ({args.shape}) to {out}")
 
 
 def _check_new_dir(out: Path) -> None:

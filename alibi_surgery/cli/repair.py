@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
                        description="Plan, re-initialise, train only the selected heads' slices, checkpoint, "
                                    "re-diagnose and report. The input directory is never written to.")
-    p.add_argument("model", help="local BLOOM model directory (config, safetensors, tokenizer) or cached hub id")
+    p.add_argument("model", help="local model directory (config, safetensors, tokenizer) or cached hub id")
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
     p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")

@@ -251,7 +251,7 @@ def _snapshot(*roots: Path) -> dict:
 def run_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli.main", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alibi_surgery.cli.main import main
+from alibi_surgery.cli import main
 from alibi_surgery.io.random_model import write_random_bloom
 
 

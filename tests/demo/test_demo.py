@@ -12,7 +12,7 @@ from helpers import selected_mask
 from transformers import AutoModelForCausalLM, BloomForCausalLM
 
 from alibi_surgery import demo
-from alibi_surgery.cli.main import main
+from alibi_surgery.cli import main
 from alibi_surgery.diagnosis.diagnose import diagnose
 from alibi_surgery.errors import UsageError
 from alibi_surgery.diagnosis.prompts import DEFAULT_PROMPTS

@@ -30,13 +30,13 @@ def _env(**extra) -> dict:
 
 
 def _cli(*args, cwd=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli.main", *map(str, args)], env=kw.pop("env", _env()),
+    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli", *map(str, args)], env=kw.pop("env", _env()),
                           capture_output=True, text=True, timeout=300, cwd=cwd, **kw)
 
 
 def test_a_closed_pipe_costs_the_text_not_the_json(model, tmp_path):
     out = tmp_path / "o.json"
-    script = (f"{sys.executable} -m alibi_surgery.cli.main diagnose {model} --json {out} --csv {tmp_path / 'o.csv'} "
+    script = (f"{sys.executable} -m alibi_surgery.cli diagnose {model} --json {out} --csv {tmp_path / 'o.csv'} "
               f"--quiet --max-length 32 | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}")
     result = subprocess.run(["bash", "-c", script], env=_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True,
                             timeout=300)
