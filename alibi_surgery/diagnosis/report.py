@@ -192,7 +192,7 @@ def measurement_differences(a: HeadReport, b: HeadReport, labels=("before", "aft
     * the prompt set: the ``prompt_set_fingerprint`` values when both reports have one; otherwise (reports written
       before fingerprints) only the token counts can tell, so prompt sets with equal counts pass unnoticed.
 
-    Class thresholds are not compared here (:class:`~alibi_surgery.analysis.compare.Comparison` refuses different ones).
+    Class thresholds are not compared here (:class:`~alibi_surgery.analysis.comparison.Comparison` refuses different ones).
     """
     la, lb = labels
     da, db = a.metadata, b.metadata

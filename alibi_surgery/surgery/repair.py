@@ -46,7 +46,7 @@ from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet
 from ..io.lock import LOCK_NAME, DirLock, lock_holder
 from ..attention.patch import patch
 from .memory_plan import predict_memory
-from .plan import NothingToRepair, Plan, make_plan
+from .plan import NothingToRepair, Plan, make_plan, plan_shape
 from .repair_report import write_markdown, write_passes_markdown, write_plots
 from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
@@ -238,7 +238,7 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                 progress: bool = False, allow_empty: bool = False, budget: int | None = None,
                 _stop_after_steps: int | None = None) -> dict:
     """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
-    predicted peak (:func:`~alibi_surgery.surgery.plan.predict_memory`) exceeds it is refused before anything is written.
+    predicted peak (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is written.
     ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the pass
     runs; a write failure or an interrupt carries ``last_checkpoint`` (see :func:`~alibi_surgery.errors.mark_resumable`).
     """
@@ -294,8 +294,7 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
         report = HeadReport.from_json(report)
     baseline = report if report is not None else diagnose(
         model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
-    plan = make_plan(n_layer=layout.n_layer, n_head=layout.n_head, head_dim=layout.head_dim,
-                     hidden=layout.hidden, report=baseline, heads=heads, band=band, layers=layers,
+    plan = make_plan(**plan_shape(model.config), report=baseline, heads=heads, band=band, layers=layers,
                      freeze=freeze, include=include, allow_empty=allow_empty)
     memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
