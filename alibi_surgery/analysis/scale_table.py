@@ -2,11 +2,11 @@
 heatmap, one JSON.
 
 The paper's Table 1 and Figure 2 in one command (``alibi-surgery family DIR...``). Each model is diagnosed with
-:func:`~alibi_surgery.diagnosis.stream.diagnose_path`: loaded whole, or streamed block by block when it would not fit. Per
-model the table gives the parameter count (base model, tied LM head not counted again), layers × heads, the share of
+:func:`~alibi_surgery.diagnosis.stream.diagnose_path`: loaded whole, or streamed block by block when it would not fit.
+Per model the table gives the parameter count (base model, tied LM head not counted again), layers × heads, the share of
 collapsed heads (dead or bos-sink), the collapse band (``report.collapse_band``) and the per-index collapse rate: for
-each head index, the fraction of layers in which it is collapsed (the JSON holds the whole vector; the table names
-the peak index).
+each head index, the fraction of layers in which it is collapsed (the JSON holds the whole vector; the table names the
+peak index).
 """
 
 from __future__ import annotations

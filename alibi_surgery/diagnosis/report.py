@@ -27,8 +27,8 @@ import torch
 from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
 
-__all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classify", "collapse_band", "metric_differences",
-           "measurement_differences", "check_same_measurement"]
+__all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classify", "collapse_band",
+           "metric_differences", "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SICK = ("dead", "bos-sink")
@@ -192,7 +192,8 @@ def measurement_differences(a: HeadReport, b: HeadReport, labels=("before", "aft
     * the prompt set: the ``prompt_set_fingerprint`` values when both reports have one; otherwise (reports written
       before fingerprints) only the token counts can tell, so prompt sets with equal counts pass unnoticed.
 
-    Class thresholds are not compared here (:class:`~alibi_surgery.analysis.comparison.Comparison` refuses different ones).
+    Class thresholds are not compared here (:class:`~alibi_surgery.analysis.comparison.Comparison` refuses different
+    ones).
     """
     la, lb = labels
     da, db = a.metadata, b.metadata

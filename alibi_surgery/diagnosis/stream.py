@@ -7,9 +7,9 @@ block on the meta device, opens just that block's tensors, runs every prompt bat
 statistics, and frees it. Peak memory is about one block (in the compute dtype) plus the hidden states of all
 prompts; the embedding matrix (250,880 rows for BLOOM) is never loaded whole.
 
-The result is the HeadReport that :func:`~alibi_surgery.diagnosis.diagnose.diagnose` gives for the same checkpoint, prompts
-and backend: the same modules run on the same inputs in the same order (bit-identical on CPU in fp32 with the torch
-backend). Limits: the fused backends only (``triton``/``torch``), no ``eager``; tensor names with or without the
+The result is the HeadReport that :func:`~alibi_surgery.diagnosis.diagnose.diagnose` gives for the same checkpoint,
+prompts and backend: the same modules run on the same inputs in the same order (bit-identical on CPU in fp32 with the
+torch backend). Limits: the fused backends only (``triton``/``torch``), no ``eager``; tensor names with or without the
 ``transformer.`` prefix that the causal LMs write.
 """
 
@@ -28,7 +28,8 @@ from ..io.loading import load_config, resolve_model_dir
 from ..attention.patch import head_stats, patched
 from .report import HeadReport, Thresholds
 
-__all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes", "should_stream"]
+__all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes",
+           "should_stream"]
 
 
 class CheckpointIndex:

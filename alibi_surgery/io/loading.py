@@ -159,8 +159,8 @@ def load_model(model: str, *, dtype: str | None = None, device: str | None = Non
     tokenizer = load_tokenizer(model)
     try:
         with quiet_transformers():
-            net = family_for(config, model).model_class().from_pretrained(path, dtype=dt, use_safetensors=True, local_files_only=True,
-                                                   trust_remote_code=False)
+            net = family_for(config, model).model_class().from_pretrained(
+                path, dtype=dt, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"could not load the weights in {model}: {_first_line(exc)}") from None
     net = net.to(dev).eval()

@@ -119,10 +119,10 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tok
     """Mean causal-LM cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted left by one.
 
     ``hidden`` [batch, seq, hidden_size] (after ``ln_f``), any float dtype; ``weight`` [vocab, hidden_size], same
-    dtype and device, frozen (or grad mode off); ``labels`` [batch, seq] integers in ``[0, vocab)`` or ``ignore_index``, as passed to
-    ``BloomForCausalLM(labels=...)``. Returns a float32 scalar equal to transformers' loss (NaN when no target is
-    scored). ``chunk_tokens`` scored positions are processed at a time (default: ``default_chunk_tokens(vocab)``,
-    about 128 MiB of float32 logits per chunk).
+    dtype and device, frozen (or grad mode off); ``labels`` [batch, seq] integers in ``[0, vocab)`` or ``ignore_index``,
+    as passed to ``BloomForCausalLM(labels=...)``. Returns a float32 scalar equal to transformers' loss (NaN when no
+    target is scored). ``chunk_tokens`` scored positions are processed at a time (default:
+    ``default_chunk_tokens(vocab)``, about 128 MiB of float32 logits per chunk).
     """
     if not isinstance(hidden, Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
         raise UsageError(f"hidden must be a float tensor [batch, seq, hidden_size], got "

@@ -6,8 +6,8 @@ a shape name (``bloom-560m``, ``mpt-7b``, ``falcon-rw-1b`` ...):
 * **diagnosis, in memory**: ``weights`` (every base-model parameter in the compute dtype) + ``activations``
   (``DIAG_WORKING_SET`` hidden-sized values per token of one batch: the block's qkv, context, MLP 4h and GELU 4h
   outputs, residuals; the fused attention adds only O(T) per head);
-* **diagnosis, streamed** (:mod:`alibi_surgery.diagnosis.stream`): ``block`` (one block in the compute dtype, plus its largest
-  tensor once more while it is converted) + ``hidden states`` (every prompt's, all batches, kept between blocks)
+* **diagnosis, streamed** (:mod:`alibi_surgery.diagnosis.stream`): ``block`` (one block in the compute dtype, plus its
+  largest tensor once more while it is converted) + ``hidden states`` (every prompt's, all batches, kept between blocks)
   + ``activations`` of one batch;
 * **surgery step**: :func:`predict_memory` (weights, slice gradients, AdamW state, activations
   under gradient checkpointing, loss chunk), with the heads spread over every layer (the most activations).
@@ -15,7 +15,8 @@ a shape name (``bloom-560m``, ``mpt-7b``, ``falcon-rw-1b`` ...):
 ``--heads auto`` uses the share of collapsed heads the paper measured for that family size (31-44%; 40% for other
 models): an estimate before any diagnosis. ``device="cpu"`` adds what loading costs there (the checkpoint's file
 pages stay mapped while tensors are converted: the whole file for an in-memory load, one block's for a streamed
-one that converts); the process's own runtime (about 0.4 GiB for torch and transformers) is reported separately, not added.
+one that converts); the process's own runtime (about 0.4 GiB for torch and transformers) is reported separately, not
+added.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
 1. diagnose the input model (or take ``report``) and make a :class:`~alibi_surgery.surgery.plan.Plan`; with an
    ``eval_text``, measure the input's held-out perplexity;
 2. re-initialise the selected heads (:func:`~alibi_surgery.surgery.reinit.reinit_heads`, seeded);
-3. train on the packed corpus (:mod:`~alibi_surgery.surgery.trainer`): AdamW (lr 5e-5, no weight decay, clip 1.0), linear
-   warm-up then cosine decay, ``batch_size`` x ``grad_accum`` sequences per step, ``epochs`` epochs, early stop on
-   held-out perplexity;
+3. train on the packed corpus (:mod:`~alibi_surgery.surgery.trainer`): AdamW (lr 5e-5, no weight decay, clip 1.0),
+   linear warm-up then cosine decay, ``batch_size`` x ``grad_accum`` sequences per step, ``epochs`` epochs, early stop
+   on held-out perplexity;
 4. checkpoint at the end of every epoch (and every ``save_every_steps``), atomically; ``resume=True`` continues
    from the newest complete one, bit-identically, and does nothing for a finished run;
 5. re-diagnose at every checkpoint against the baseline: recovered / still sick targets, iatrogenic heads, drift
@@ -21,8 +21,8 @@ The input directory is only read. Before anything is written: the checkpoint's h
 run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the first. A write failure is a one-line
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
 With ``passes > 1`` each later pass starts from the previous pass's final model and targets the heads still
-collapsed, and the run stops early when a pass finds nothing left. Limits: the registered ALiBi families only; the corpus is read into
-memory.
+collapsed, and the run stops early when a pass finds nothing left. Limits: the registered ALiBi families only; the
+corpus is read into memory.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from .reinit import reinit_heads
 from .trainer import (OPT_FILE, STATE_FILE, Run, config_key, enable_checkpointing, lr_at, newest_checkpoint,
                       perplexity, train)
 
-__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget", "lr_at",
-           "enable_checkpointing"]
+__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget",
+           "lr_at", "enable_checkpointing"]
 
 @dataclasses.dataclass
 class RepairSettings:
@@ -152,8 +152,8 @@ def check_budget(memory: dict, budget: int | None, device: torch.device) -> None
 
 
 def plan_surgery(model_dir, **options) -> Plan:
-    """The plan :func:`repair` would follow (``--dry-run``), as a :class:`~alibi_surgery.surgery.plan.Plan`; the predicted
-    memory is in ``plan.memory``. Takes repair's plan, diagnosis and settings options."""
+    """The plan :func:`repair` would follow (``--dry-run``), as a :class:`~alibi_surgery.surgery.plan.Plan`; the
+    predicted memory is in ``plan.memory``. Takes repair's plan, diagnosis and settings options."""
     data = repair_pass(model_dir, ".", dry_run=True, **options)
     memory = data.pop("memory")
     result = Plan.from_dict(data)
@@ -163,14 +163,15 @@ def plan_surgery(model_dir, **options) -> Plan:
 
 def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
            **options) -> dict:
-    """Run surgery on the model in ``model_dir`` (any registered family); results go to ``out``. Returns the report dict (also in
-    ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
+    """Run surgery on the model in ``model_dir`` (any registered family); results go to ``out``. Returns the report dict
+    (also in ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
 
     With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
     targets the heads still collapsed (``include`` applies to pass 1 only); when a later pass finds nothing left to
     repair the run stops there. ``OUT/final`` is the last pass's final model; ``OUT/report.json`` and
-    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run (:class:`~alibi_surgery.io.lock.DirLock`).
-    Resuming a finished run does nothing and returns its report, with ``already_complete`` set."""
+    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run
+    (:class:`~alibi_surgery.io.lock.DirLock`). Resuming a finished run does nothing and returns its report, with
+    ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"--passes must be >= 1, got {passes}")
     model_path = resolve_model_dir(str(model_dir))
@@ -238,9 +239,10 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
                 progress: bool = False, allow_empty: bool = False, budget: int | None = None,
                 _stop_after_steps: int | None = None) -> dict:
     """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
-    predicted peak (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is written.
-    ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the pass
-    runs; a write failure or an interrupt carries ``last_checkpoint`` (see :func:`~alibi_surgery.errors.mark_resumable`).
+    predicted peak (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is
+    written. ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the
+    pass runs; a write failure or an interrupt carries ``last_checkpoint`` (see
+    :func:`~alibi_surgery.errors.mark_resumable`).
     """
     settings = settings or RepairSettings()
     settings.check()
