@@ -13,7 +13,7 @@ from alibi_surgery.surgery.memory_plan import diagnosis_memory, heads_for, parse
 from alibi_surgery.io.random_model import bloom_config, write_sharded_random_bloom
 from alibi_surgery.diagnosis.report import HeadReport, Thresholds
 
-CLI = [sys.executable, "-m", "alibi_surgery.cli.main"]
+CLI = [sys.executable, "-m", "alibi_surgery.cli"]
 
 
 def _report(bos):
