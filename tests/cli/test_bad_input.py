@@ -78,11 +78,15 @@ def world(tmp_path_factory):
     assert len(shards) > 1
     shards[-1].unlink()
 
-    from transformers import FalconConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import FalconConfig, GPT2Config, GPT2LMHeadModel, MptConfig
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(root / "gpt2")
-    FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=300,
-                 alibi=False).save_pretrained(root / "falcon")
+    falcon = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=300)
+    FalconConfig(**falcon, alibi=False).save_pretrained(root / "falcon")  # rotary: FalconConfig's default
+    FalconConfig(**falcon, alibi=True, multi_query=True).save_pretrained(root / "falcon-multi-query")
+    for key, value in (("alibi", False), ("qk_ln", True), ("prefix_lm", True)):  # what transformers' MPT ignores
+        MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=300,
+                  attn_config={key: value}).save_pretrained(root / f"mpt-{key}")
 
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -171,8 +175,15 @@ def _under_a_file(tmp: Path) -> Path:
 CASES = {
     "missing model path": (lambda w, t: _diagnose(w, t, model="nope"), "does not exist"),
     "GPT-2 config": (lambda w, t: _diagnose(w, t, model="gpt2"), "gpt2 model without ALiBi"),
-    "config without ALiBi (Falcon)": (lambda w, t: _diagnose(w, t, model="falcon"),
-                                      "falcon model without ALiBi (rotary"),
+    "rotary Falcon": (lambda w, t: _diagnose(w, t, model="falcon"), "Falcon config uses rotary position embeddings"),
+    "multi-query Falcon": (lambda w, t: _diagnose(w, t, model="falcon-multi-query"),
+                           "Falcon config uses multi-query attention"),
+    "MPT with attn_config.alibi false": (lambda w, t: _diagnose(w, t, model="mpt-alibi"),
+                                         "MPT config turns ALiBi off (attn_config.alibi: false)"),
+    "MPT with attn_config.qk_ln": (lambda w, t: _diagnose(w, t, model="mpt-qk_ln"),
+                                   "attn_config.qk_ln: true, which transformers' MPT port silently ignores"),
+    "MPT with attn_config.prefix_lm": (lambda w, t: _repair(w, t, model="mpt-prefix_lm"),
+                                       "attn_config.prefix_lm: true, which transformers' MPT port silently ignores"),
     "config not JSON": (lambda w, t: _diagnose(w, t, model="bad-json"), "not valid JSON"),
     "truncated safetensors": (lambda w, t: _diagnose(w, t, model="truncated"), "is truncated"),
     "tensor of the wrong shape": (lambda w, t: _diagnose(w, t, model="wrong-shape"), "config.json implies"),
