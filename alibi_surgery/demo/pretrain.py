@@ -33,10 +33,14 @@ __all__ = ["pretrain", "plot_curves"]
 
 
 def _save(model, tokenizer, path, dtype) -> None:
+    """Save a copy of ``model`` in ``dtype`` with its tokenizer, atomically (built beside ``path``, then moved)."""
     import copy
 
-    copy.deepcopy(model).to(dtype).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    from ..io.files import staged_dir
+
+    with staged_dir(path, "model directory") as tmp:
+        copy.deepcopy(model).to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def plot_curves(log_path, png_path) -> None:
@@ -89,6 +93,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     from transformers import BloomConfig, BloomForCausalLM
 
     from ..io.corpus import load_corpus
+    from ..io.files import atomic_write_text
     from ..diagnosis.diagnose import diagnose
     from ..errors import UsageError
     from ..attention.patch import patch_bloom
@@ -185,7 +190,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     _save(model, tokenizer, out / "last", save_dtype)
     report.to_json(out / "last" / "diagnosis.json")
     recipe.update(steps_run=step, seconds=round(seconds, 1))
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=1) + "\n")
     plot_curves(out / "log.jsonl", out / "curves.png")
     return {"steps": step, "seconds": seconds, "final": report.summary()}
 

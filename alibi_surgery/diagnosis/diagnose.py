@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..attention.backends import check_backend, resolve_backend
 from ..errors import UsageError
+from ..io.loading import dtype_name
 from ..attention.patch import attention_modules, head_stats, patched
 from .report import HeadReport, Thresholds
 
@@ -152,7 +153,7 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
                                                             else ""),
                    "averaging": "token-weighted over valid query rows of all prompts",
                    "exclude_first_query": exclude_first_query, "normalize_entropy": normalize_entropy},
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "backend": backend,
+        "dtype": dtype_name(dtype), "device": str(device), "backend": backend,
         "n_prompts": len(encoded), "prompt_tokens": lengths, "prompt_set_fingerprint": whole,
         "prompt_fingerprints": each, "rows_counted": int(sums[0, 0, 2]), "max_length": max_length,
         "uniform_bos_mass": uniform, **extra,

@@ -24,7 +24,7 @@ from ..attention.backends import resolve_backend
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from ..errors import UsageError
 from ..io.checkpoint import check_finite, verify_checkpoint
-from ..io.loading import load_config, resolve_model_dir
+from ..io.loading import dtype_name, load_config, resolve_model_dir
 from ..attention.patch import head_stats, patched
 from .report import HeadReport, Thresholds
 
@@ -177,5 +177,5 @@ def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dty
             announce(f"streaming block by block: {model} needs {model_bytes(config, dtype) / 2**30:.1f} GiB in "
                      f"{str(dtype).replace('torch.', '')}, more than the free memory on {device}")
         return diagnose_streamed(model, load_tokenizer(model), prompts, device=device, dtype=dtype, **options)
-    net, tokenizer = load_model(model, dtype=str(dtype).replace("torch.", ""), device=str(device))
+    net, tokenizer = load_model(model, dtype=dtype_name(dtype), device=str(device))
     return diagnose(net, tokenizer, prompts, **options)

@@ -159,7 +159,7 @@ def _largest_tensor(config) -> int:
 def _storage_dtype(config) -> torch.dtype:
     """The checkpoint's dtype from its config (bf16 when unstated, as BLOOM ships)."""
     name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
-    return DTYPES.get(name.replace("torch.", ""), torch.bfloat16)
+    return DTYPES.get(name.removeprefix("torch."), torch.bfloat16)
 
 
 def format_plan(p: dict) -> str:
