@@ -15,7 +15,7 @@ from .mpt import MPT
 
 __all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "family_of_module", "family_names"]
 
-FAMILIES: dict[str, Family] = {t: fam for fam in (BLOOM, MPT, FALCON) for t in fam.model_types}
+FAMILIES: dict[str, Family] = {fam.name: fam for fam in (BLOOM, MPT, FALCON)}  # keyed by config.model_type
 
 _ROTARY_TYPES = ("llama", "mistral", "gpt_neox", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo",
                  "olmo2", "gptj", "mixtral", "cohere", "stablelm")

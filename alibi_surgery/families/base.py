@@ -48,12 +48,15 @@ class HeadLayout:
 class Family:
     """One model family (subclass per family; instances are stateless singletons in the registry)."""
 
-    name: str = ""  # e.g. "bloom": shown in tables and errors
-    model_types: tuple[str, ...] = ()  # config.model_type values this adapter accepts
+    name: str = ""  # e.g. "bloom": the config.model_type the adapter accepts and transformers' model folder
     prefix: str = "transformer."  # the base model's attribute name in the causal LM's state dict
+    blocks: str = "h"  # the base model's attribute holding the blocks
     embedding: str = ""  # the token embedding's tensor name, without ``prefix``
     qkv_name: str = ""  # attribute names of the fused QKV and output linears on the attention module
     out_name: str = ""
+    classes: tuple[str, str, str, str] = ("", "", "", "")  # config, causal LM, attention and block class names in
+    # transformers.models.<name>.modeling_<name>
+    layers_field: str = ""  # the config field holding the layer count
 
     # --- configs -------------------------------------------------------------------------------------------
     def refusal(self, config: dict) -> str | None:
@@ -61,12 +64,18 @@ class Family:
         unsupported option), or None when it can."""
         return None
 
-    def config_class(self):
-        raise NotImplementedError
+    def _class(self, index: int) -> type:
+        import importlib
 
-    def model_class(self):
+        module = importlib.import_module(f"transformers.models.{self.name}.modeling_{self.name}")
+        return getattr(module, self.classes[index])
+
+    def config_class(self) -> type:
+        return self._class(0)
+
+    def model_class(self) -> type:
         """The transformers causal-LM class (``from_pretrained`` is only ever called on this class)."""
-        raise NotImplementedError
+        return self._class(1)
 
     def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
         """A config of this family with the given shape (random checkpoints, tests)."""
@@ -77,10 +86,10 @@ class Family:
 
     # --- modules -------------------------------------------------------------------------------------------
     def attention_class(self) -> type:
-        raise NotImplementedError
+        return self._class(2)
 
     def block_class(self) -> type:
-        raise NotImplementedError
+        return self._class(3)
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The base model (embeddings + blocks) of a causal LM, or ``model`` itself when it is the base model."""
@@ -98,9 +107,10 @@ class Family:
         return getattr(attn, self.out_name)
 
     def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
-        """Row ranges ``[start, stop)`` of the fused QKV weight (and bias) that belong to ``head``, in q, k, v order
-        (one range when the family interleaves q, k, v per head)."""
-        raise NotImplementedError
+        """Row ranges ``[start, stop)`` of the fused QKV weight (and bias) that belong to ``head``, in q, k, v order.
+        Default: one range, for families that interleave q, k, v per head (``[H, 3, d]`` rows, BLOOM and Falcon)."""
+        d3 = 3 * layout.head_dim
+        return [(head * d3, (head + 1) * d3)]
 
     def out_cols(self, head: int, layout: HeadLayout) -> tuple[int, int]:
         """Column range of the output projection's weight that reads ``head``'s context."""
@@ -110,16 +120,19 @@ class Family:
     def block_names(self, layer: int, block: nn.Module) -> list[str]:
         """Checkpoint tensor names (without ``prefix``) of block ``layer``'s parameters, each of the form
         ``<blocks>.<layer>.<name inside the block>``."""
-        raise NotImplementedError
+        return [f"{self.blocks}.{layer}.{name}" for name, _ in block.named_parameters()]
 
     # --- attention semantics ------------------------------------------------------------------------------------
     def attention_shape(self, attn: nn.Module) -> tuple[int, int]:
         """``(n_head, head_dim)`` of one attention module."""
-        raise NotImplementedError
+        return attn.num_heads, attn.head_dim
 
     def slopes(self, n_head: int, device=None) -> torch.Tensor:
-        """float32 ``[n_head]``: the slopes the kernels multiply key positions by (before ``bias_scale``)."""
-        raise NotImplementedError
+        """float32 ``[n_head]``: the slopes the kernels multiply key positions by (before ``bias_scale``). Default:
+        the schedule BLOOM introduced (:func:`alibi_surgery.kernels.alibi_slopes`), which Falcon uses too."""
+        from ..kernels import alibi_slopes
+
+        return alibi_slopes(n_head, device)
 
     def module_slopes(self, attn: nn.Module) -> torch.Tensor:
         """The slopes of one attention module (default: :meth:`slopes` of its head count)."""
@@ -173,4 +186,8 @@ class Family:
 
     def with_layers(self, config, n_layer: int):
         """A copy of ``config`` with ``n_layer`` layers."""
-        raise NotImplementedError
+        import copy
+
+        config = copy.deepcopy(config)
+        setattr(config, self.layers_field, n_layer)
+        return config

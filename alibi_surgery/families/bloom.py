@@ -10,7 +10,6 @@ reproduced in the forward only; head slices do not route it.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch.nn import functional as F
@@ -21,11 +20,9 @@ __all__ = ["Bloom", "BLOOM"]
 
 
 class Bloom(Family):
-    name = "bloom"
-    model_types = ("bloom",)
-    prefix = "transformer."
-    embedding = "word_embeddings.weight"
-    qkv_name, out_name = "query_key_value", "dense"
+    name, layers_field = "bloom", "n_layer"
+    embedding, qkv_name, out_name = "word_embeddings.weight", "query_key_value", "dense"
+    classes = ("BloomConfig", "BloomForCausalLM", "BloomAttention", "BloomBlock")
 
     def refusal(self, config: dict) -> str | None:
         scheme = config.get("position_embedding_type")
@@ -34,52 +31,12 @@ class Bloom(Family):
             return f"this BLOOM config turns ALiBi off ({why}); alibi-surgery needs ALiBi attention"
         return None
 
-    def config_class(self):
-        from transformers import BloomConfig
-
-        return BloomConfig
-
-    def model_class(self):
-        from transformers import BloomForCausalLM
-
-        return BloomForCausalLM
-
-    def attention_class(self):
-        from transformers.models.bloom.modeling_bloom import BloomAttention
-
-        return BloomAttention
-
-    def block_class(self):
-        from transformers.models.bloom.modeling_bloom import BloomBlock
-
-        return BloomBlock
-
     def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
         return self.config_class()(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head, **extra)
-
-    def with_layers(self, config, n_layer: int):
-        config = copy.deepcopy(config)
-        config.n_layer = n_layer
-        return config
 
     def layout(self, config) -> HeadLayout:
         return HeadLayout(config.n_layer, config.n_head, config.hidden_size // config.n_head, config.hidden_size,
                           config.vocab_size)
-
-    def attention_shape(self, attn) -> tuple[int, int]:
-        return attn.num_heads, attn.head_dim
-
-    def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
-        d3 = 3 * layout.head_dim
-        return [(head * d3, (head + 1) * d3)]
-
-    def block_names(self, layer: int, block) -> list[str]:
-        return [f"h.{layer}.{name}" for name, _ in block.named_parameters()]
-
-    def slopes(self, n_head: int, device=None) -> torch.Tensor:
-        from ..kernels import alibi_slopes
-
-        return alibi_slopes(n_head, device)
 
     def patched_forward(self):
         return _patched_forward

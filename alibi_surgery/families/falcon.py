@@ -55,11 +55,9 @@ def _flag(config: dict, key: str) -> bool:
 
 
 class Falcon(Family):
-    name = "falcon"
-    model_types = ("falcon",)
-    prefix = "transformer."
-    embedding = "word_embeddings.weight"
-    qkv_name, out_name = "query_key_value", "dense"
+    name, layers_field = "falcon", "num_hidden_layers"
+    embedding, qkv_name, out_name = "word_embeddings.weight", "query_key_value", "dense"
+    classes = ("FalconConfig", "FalconForCausalLM", "FalconAttention", "FalconDecoderLayer")
 
     def refusal(self, config: dict) -> str | None:
         if not _flag(config, "alibi"):
@@ -81,21 +79,6 @@ class Falcon(Family):
                     f"only the Falcon-RW layout (one key/value head per query head)")
         return None
 
-    def config_class(self):
-        from transformers import FalconConfig
-
-        return FalconConfig
-
-    def model_class(self):
-        from transformers import FalconForCausalLM
-
-        return FalconForCausalLM
-
-    def attention_class(self):
-        from transformers.models.falcon.modeling_falcon import FalconAttention
-
-        return FalconAttention
-
     def block_class(self):
         return _block_class()
 
@@ -105,30 +88,10 @@ class Falcon(Family):
         return self.config_class()(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layer,
                                    num_attention_heads=n_head, **options)
 
-    def with_layers(self, config, n_layer: int):
-        config = copy.deepcopy(config)
-        config.num_hidden_layers = n_layer
-        return config
-
     def layout(self, config) -> HeadLayout:
         n_head = config.num_attention_heads
         return HeadLayout(config.num_hidden_layers, n_head, config.hidden_size // n_head, config.hidden_size,
                           config.vocab_size)
-
-    def attention_shape(self, attn) -> tuple[int, int]:
-        return attn.num_heads, attn.head_dim
-
-    def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
-        d3 = 3 * layout.head_dim
-        return [(head * d3, (head + 1) * d3)]
-
-    def block_names(self, layer: int, block) -> list[str]:
-        return [f"h.{layer}.{name}" for name, _ in block.named_parameters()]
-
-    def slopes(self, n_head: int, device=None) -> torch.Tensor:
-        from ..kernels import alibi_slopes
-
-        return alibi_slopes(n_head, device)  # Falcon's build_alibi_tensor uses BLOOM's schedule
 
     def kernel_options(self, attn) -> dict:
         scale = 1.0 / math.sqrt(attn.head_dim)

@@ -24,7 +24,6 @@ maps); beyond ``max_seq_len`` keys transformers' own eager attention fails while
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -46,11 +45,10 @@ def _attn_config(config: dict) -> dict:
 
 
 class Mpt(Family):
-    name = "mpt"
-    model_types = ("mpt",)
-    prefix = "transformer."
-    embedding = "wte.weight"
-    qkv_name, out_name = "Wqkv", "out_proj"
+    name, layers_field = "mpt", "n_layers"
+    embedding, qkv_name, out_name = "wte.weight", "Wqkv", "out_proj"
+    blocks = "blocks"
+    classes = ("MptConfig", "MptForCausalLM", "MptAttention", "MptBlock")
 
     def refusal(self, config: dict) -> str | None:
         attn = _attn_config(config)
@@ -70,37 +68,12 @@ class Mpt(Family):
                     f"as multihead_attention; alibi-surgery supports only multihead_attention")
         return None
 
-    def config_class(self):
-        from transformers import MptConfig
-
-        return MptConfig
-
-    def model_class(self):
-        from transformers import MptForCausalLM
-
-        return MptForCausalLM
-
-    def attention_class(self):
-        from transformers.models.mpt.modeling_mpt import MptAttention
-
-        return MptAttention
-
-    def block_class(self):
-        from transformers.models.mpt.modeling_mpt import MptBlock
-
-        return MptBlock
-
     def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
         """``extra`` may name ``attn_config`` fields (``clip_qkv``, ``softmax_scale``, ...) at top level."""
         attn = dict(extra.pop("attn_config", None) or {})
         attn.update({k: extra.pop(k) for k in _ATTN_FIELDS if k in extra})
         return self.config_class()(vocab_size=vocab, d_model=hidden, n_layers=n_layer, n_heads=n_head,
                                    attn_config=attn, **extra)
-
-    def with_layers(self, config, n_layer: int):
-        config = copy.deepcopy(config)
-        config.n_layers = n_layer
-        return config
 
     def layout(self, config) -> HeadLayout:
         return HeadLayout(config.n_layers, config.n_heads, config.d_model // config.n_heads, config.d_model,
@@ -112,9 +85,6 @@ class Mpt(Family):
     def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
         d, width = layout.head_dim, layout.hidden
         return [(part * width + head * d, part * width + (head + 1) * d) for part in range(3)]
-
-    def block_names(self, layer: int, block) -> list[str]:
-        return [f"blocks.{layer}.{name}" for name, _ in block.named_parameters()]
 
     def slopes(self, n_head: int, device=None) -> torch.Tensor:
         """MPT's schedule: with n the next power of two >= n_head, slopes ``2^(-8i/n)`` for i = 1..n (float32, as
