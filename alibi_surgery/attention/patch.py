@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 import warnings
 
@@ -46,6 +47,8 @@ class _PatchState:
     had_forward: bool  # an instance-level forward existed before patching (restored on unpatch)
     old_forward: object
     slopes: dict = dataclasses.field(default_factory=dict)
+    maps: bool = False  # output_attentions of the enclosing block's current call (MPT never tells its attention)
+    hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
     resolved: dict = dataclasses.field(default_factory=dict)  # resolve_backend's answers, shared by all layers
 
@@ -95,7 +98,17 @@ def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
         attn.__dict__[_STATE] = _PatchState(backend, family, layer, had, attn.__dict__.get("forward"),
                                             resolved=resolved)
         attn.forward = types.MethodType(forward, attn)
+    block_class = family.block_class()
+    for block in [m for m in model.modules() if isinstance(m, block_class)]:
+        for attn in family.attention_modules(block):
+            state = attn.__dict__[_STATE]
+            if state.hook is None:
+                state.hook = block.register_forward_pre_hook(functools.partial(_note_maps, state), with_kwargs=True)
     return model
+
+
+def _note_maps(state: "_PatchState", block, args, kwargs) -> None:
+    state.maps = bool(kwargs.get("output_attentions", False))
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -104,6 +117,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         state = attn.__dict__.pop(_STATE, None)
         if state is None:
             continue
+        if state.hook is not None:
+            state.hook.remove()
         if state.had_forward:
             attn.forward = state.old_forward
         else:
@@ -171,6 +186,7 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
     """The module's own forward when this call must not run fused (eager backend, ``output_attentions``, active
     attention dropout), else None. A family whose own eager attention is wrong refuses ``output_attentions``."""
     state: _PatchState = module.__dict__[_STATE]
+    output_attentions = output_attentions or state.maps
     if not (state.backend == "eager" or output_attentions or dropout_on):
         return None
     if output_attentions:

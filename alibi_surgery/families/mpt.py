@@ -17,9 +17,10 @@ entropy (which counts ``pos + 1`` visible keys) assume no holes.
 
 Refused: configs transformers' port would silently run with different semantics (``attn_config`` with
 ``alibi: false``, ``qk_ln``, ``prefix_lm``, ``rope``, or an ``attn_type`` other than multihead_attention).
-Limits: ``MptBlock`` never tells its attention whether attention maps were asked for, so a patched MPT returns
-``None`` for every layer's map under ``output_attentions=True`` (unpatch, or patch with the ``eager`` backend, for
-maps); beyond ``max_seq_len`` keys transformers' own eager attention fails while the patched one keeps going.
+``MptBlock`` never tells its attention whether attention maps were asked for; the patch reads the flag off the
+block's call (a forward pre-hook), so ``output_attentions=True`` runs MPT's eager attention for that call and
+returns its maps. Limits: beyond ``max_seq_len`` keys transformers' own eager attention fails while the patched one
+keeps going.
 """
 
 from __future__ import annotations

@@ -238,3 +238,25 @@ def test_parameter_counts_and_names():
     assert MPT.with_layers(model.config, 1).n_layers == 1 and model.config.n_layers == 3
     made = MPT.make_config(n_layer=2, hidden=240, n_head=3, vocab=50, clip_qkv=2.0)
     assert (made.n_layers, made.d_model, made.n_heads, made.attn_config.clip_qkv) == (2, 240, 3, 2.0)
+
+
+def test_output_attentions_on_a_patched_mpt_returns_eager_maps():
+    """MptBlock does not pass output_attentions to its attention: the patch must still return the eager maps."""
+    import warnings
+
+    from transformers import MptConfig, MptForCausalLM
+
+    from alibi_surgery import patched
+
+    torch.manual_seed(0)
+    model = MptForCausalLM(MptConfig(d_model=48, n_heads=3, n_layers=2, vocab_size=64, max_seq_len=32)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with patched(model, "torch"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
+    assert not model.transformer.blocks[0]._forward_pre_hooks  # unpatch removed the hook
