@@ -3,7 +3,10 @@
 Flash-attention-2 style recomputation. Each probability tile is rebuilt from q, k, the per-key ALiBi bias and the
 forward's log-sum-exp, ``P = exp(s - lse)``; with ``delta_i = sum_d dO[i] * O[i]``:
 
-    dV = P^T dO        dP = dO V^T        dS = P * (dP - delta)        dQ = dS K / sqrt(d)        dK = dS^T Q / sqrt(d)
+    dV = P^T dO        dP = dO V^T        dS = P * (dP - delta)        dQ = c dS K        dK = c dS^T Q
+
+with c the scores' scale (``softmax_scale``, 1/sqrt(d) by default); the ALiBi bias does not depend on q, k, v, so
+``bias_scale`` and ``alibi_bf16`` only rebuild the same probabilities as the forward (the constexpr ``ALIBI_BF16``).
 
 Two kernels, no atomics, so results are deterministic:
     * ``_alibi_bwd_dkdv_kernel``: one program per (key block, batch*head), looping over the query blocks that can see
@@ -19,7 +22,6 @@ on: this is the exact derivative of the forward. Limits: no dropout.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -27,8 +29,8 @@ import triton
 import triton.language as tl
 
 from .alibi import first_real_key
-from .attention_fwd import (_LOG2E, _MASKED, LOG2E, _arch, _dot, _key_bias, _load_tile, _query_block_keys,
-                            check_head_dim, interpreting)
+from .attention_fwd import (_LOG2E, _MASKED, _arch, _dot, _key_bias, _load_tile, _query_block_keys, _slope_terms,
+                            check_head_dim, interpreting, score_args)
 
 __all__ = ["alibi_attention_bwd", "pick_bwd_config", "BwdConfig"]
 
@@ -77,7 +79,7 @@ def _alibi_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     n_head, q_len, k_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -92,7 +94,8 @@ def _alibi_bwd_dkdv_kernel(
     q_shift = k_len - q_len
 
     pos_row = KPOS + b * k_len
-    bias_k = _key_bias(pos_row, offs_n, n_ok, tl.load(SLOPES + h) * _LOG2E)
+    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)
+    bias_k = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, False, ALIBI_BF16)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
                 other=0.0)
@@ -128,10 +131,10 @@ def _alibi_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_block_range(
-    dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d, offs_n0,
+    dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, bias2, qk_scale, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [start, stop)."""
     d_ok = offs_d < HEAD_DIM
@@ -140,7 +143,7 @@ def _dq_block_range(
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        bias = _key_bias(pos_row, offs_n, n_ok, slope2, not MASK_N)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, not MASK_N, ALIBI_BF16)
         kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, d_ok, n_ok, MASK_D, MASK_N)
         vt = _load_tile(v_base + offs_d[:, None] + offs_n[None, :] * stride_vt, d_ok, n_ok, MASK_D, MASK_N)
         if UPCAST:
@@ -165,7 +168,7 @@ def _alibi_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     n_head, q_len, k_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -191,16 +194,18 @@ def _alibi_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse2 = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_ok, other=0.0)
-    slope2 = tl.load(SLOPES + h) * _LOG2E
+    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     lo, diag, hi = _query_block_keys(tl.load(KSTART + b), q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
-    dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,
-                         offs_n0, stride_kt, stride_vt, k_len, lo, diag, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, IEEE)
-    dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, qk_scale, offs_d,
-                         offs_n0, stride_kt, stride_vt, k_len, diag, hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, IEEE)
+    dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, bias2, qk_scale,
+                         offs_d, offs_n0, stride_kt, stride_vt, k_len, lo, diag, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+                         UPCAST, IEEE, ALIBI_BF16)
+    dq = _dq_block_range(dq, q, do, lse2, delta, row_ok, row_k, k_base, v_base, pos_row, slope2, bias2, qk_scale,
+                         offs_d, offs_n0, stride_kt, stride_vt, k_len, diag, hi, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                         UPCAST, IEEE, ALIBI_BF16)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -236,12 +241,13 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) 
     return BwdConfig(64, 64, 8, stages), BwdConfig(64, 32, 8, stages)
 
 
-def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes):
+def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, softmax_scale: float | None = None,
+                        bias_scale: float = 1.0, alibi_bf16: bool = False):
     """Gradients ``(dq, dk, dv)`` of :func:`alibi_attention_fwd`.
 
     Args:
         do, out: ``[B, q_len, H, d]`` (``out`` and ``lse`` as the forward returned them); q, k, v, key_pos, slopes
-            exactly as passed to the forward.
+            and the score options exactly as passed to the forward.
     Returns:
         dq ``[B, H, q_len, d]`` and dk, dv ``[B, H, k_len, d]`` in q's dtype.
     """
@@ -253,7 +259,7 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes):
     do = do if do.stride(-1) == 1 else do.contiguous()
     key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
     kstart = first_real_key(key_pos).to(torch.int32)
-    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    slopes, qk_scale, sm_scale = score_args(slopes, head_dim, q.device, softmax_scale, bias_scale, alibi_bf16)
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, q_len]
     lse = lse.contiguous()
 
@@ -265,9 +271,10 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes):
     dv = torch.empty_like(dk)
     cfg_kv, cfg_q = pick_bwd_config(head_dim, q.dtype, None if interp else _arch(q.device))
     common = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                  UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32)
+                  UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+                  ALIBI_BF16=bool(alibi_bf16))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], do.stride(0), do.stride(2), do.stride(1))
-    scales = (LOG2E / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim))
+    scales = (qk_scale, sm_scale)
     _alibi_bwd_dkdv_kernel[(triton.cdiv(k_len, cfg_kv.block_n), batch * n_head)](
         q, k, v, do, dk, dv, lse, delta, key_pos, kstart, slopes, *strides, *dk.stride()[:3],
         n_head, q_len, k_len, *scales, BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n,

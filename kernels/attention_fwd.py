@@ -1,9 +1,14 @@
 """Fused causal ALiBi attention forward (Triton), with optional per-head statistics in the same pass.
 
-Semantics are BLOOM's (``BloomAttention`` eager), computed in one flash-style pass:
+Semantics are BLOOM's (``BloomAttention`` eager) by default, computed in one flash-style pass:
 
     s[i, j] = (q_i . k_j) / sqrt(d) + slope_h * pos_j        for valid keys j <= i (bottom-right causal)
     o_i     = softmax_j(s[i, :]) @ v
+
+generalised by the score options of :mod:`.alibi` for MPT and Falcon-RW: ``softmax_scale`` replaces 1/sqrt(d) (a
+runtime scalar, the same code), ``bias_scale`` multiplies the bias (folded into the slopes, the same code), and
+``alibi_bf16`` rounds slope, position and their product to bfloat16 as Falcon's ``build_alibi_tensor`` does (the
+constexpr ``ALIBI_BF16``, with ``bias_scale`` read from ``SLOPES[n_head]``: the default path compiles as before).
 
 ``pos_j`` comes from ``key_positions`` (cumsum of the attention mask, -1 for padded keys). The query row i of a
 q_len-long block sits at key index ``k_len - q_len + i``, so the KV-cache decode step (q_len = 1) runs through it.
@@ -38,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .alibi import first_real_key
+from .alibi import first_real_key, resolve_softmax_scale, round_bf16
 
-__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args"]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -59,13 +64,36 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _key_bias(pos_row, offs_n, n_ok, slope2, IN_RANGE: tl.constexpr = False):
+def _round_bf16(x):
+    """fp32 rounded to the nearest bfloat16 (ties to even), kept in fp32. Integer arithmetic on the bits, so that
+    the GPU and the interpreter round alike; exact for every finite x (the int32 sum never overflows)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slope_terms(SLOPES, h, n_head, ALIBI_BF16: tl.constexpr):
+    """(slope, bias scale) for :func:`_key_bias`: ``(slope * log2 e, unused)`` by default; with ALIBI_BF16 the
+    launcher stored bf16-rounded slopes and then ``bias_scale`` at ``SLOPES[n_head]``:
+    ``(slope, bias_scale * log2 e)``."""
+    if ALIBI_BF16:
+        return tl.load(SLOPES + h), tl.load(SLOPES + n_head) * _LOG2E
+    else:
+        return tl.load(SLOPES + h) * _LOG2E, 0.0
+
+
+@triton.jit
+def _key_bias(pos_row, offs_n, n_ok, slope2, bias2, IN_RANGE: tl.constexpr = False, ALIBI_BF16: tl.constexpr = False):
     """Per-key ALiBi bias in base-2 units: slope * position, or the mask value for padding and out-of-range keys.
-    IN_RANGE: every key of the block is known to be < k_len (no bounds mask)."""
+    IN_RANGE: every key of the block is known to be < k_len (no bounds mask). ALIBI_BF16: Falcon's rounding,
+    ``bias2 * R(slope2 * R(position))`` (see :func:`_slope_terms`)."""
     if IN_RANGE:
         kpos = tl.load(pos_row + offs_n)
     else:
         kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
+    if ALIBI_BF16:
+        return tl.where(kpos >= 0, _round_bf16(slope2 * _round_bf16(kpos.to(tl.float32))) * bias2, _MASKED)
     return tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
 
 
@@ -102,10 +130,10 @@ def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOC
 
 @triton.jit
 def _fwd_block_range(
-    acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+    acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks)."""
     d_ok = offs_d < HEAD_DIM
@@ -116,7 +144,7 @@ def _fwd_block_range(
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
-        bias = _key_bias(pos_row, offs_n, n_ok, slope2, not MASK_N)
+        bias = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, not MASK_N, ALIBI_BF16)
         kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, d_ok, n_ok, MASK_D, MASK_N)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
         if UPCAST:
@@ -150,7 +178,7 @@ def _alibi_fwd_kernel(
     n_head, q_len, k_len, n_qblocks, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -169,7 +197,7 @@ def _alibi_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    slope2 = tl.load(SLOPES + h) * _LOG2E  # everything runs in base-2 units: s2 = s * log2(e)
+    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)  # base-2 units throughout: s2 = s * log2(e)
     kstart = tl.load(KSTART + b)
     pos_row = KPOS + b * k_len
     k_base = K + b * stride_kb + h * stride_kh
@@ -187,13 +215,13 @@ def _alibi_fwd_kernel(
 
     lo, diag, hi = _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, c_i = _fwd_block_range(
-        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, lo, diag,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, WITH_STATS, UPCAST, IEEE)
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, WITH_STATS, UPCAST, IEEE, ALIBI_BF16)
     acc, l_i, m_i, c_i = _fwd_block_range(
-        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, qk_scale, row_k, offs_d, offs_n0,
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, diag, hi,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE, ALIBI_BF16)
 
     qpos = tl.load(pos_row + row_k, mask=m_ok, other=-1)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing
@@ -273,6 +301,23 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(reason)
 
 
+def score_args(slopes: torch.Tensor, head_dim: int, device, softmax_scale: float | None, bias_scale: float,
+               alibi_bf16: bool) -> tuple[torch.Tensor, float, float]:
+    """What the kernels take for the score options of :mod:`.alibi`: ``(SLOPES, qk_scale, sm_scale)``.
+
+    SLOPES is float32 ``[H]``: the slopes times ``bias_scale`` (the default path's kernel is unchanged); with
+    ``alibi_bf16`` it is ``[H + 1]``: the bf16-rounded slopes, then ``bias_scale`` (see ``_slope_terms``).
+    ``sm_scale`` is the scores' scale, ``qk_scale`` the same in base-2 units."""
+    sm_scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
+    qk_scale = LOG2E / math.sqrt(head_dim) if softmax_scale is None else LOG2E * sm_scale
+    slopes = slopes.to(device=device, dtype=torch.float32)
+    if alibi_bf16:
+        slopes = torch.cat([round_bf16(slopes), slopes.new_tensor([float(bias_scale)])])
+    elif bias_scale != 1.0:
+        slopes = slopes * float(bias_scale)
+    return slopes.contiguous(), qk_scale, sm_scale
+
+
 def alibi_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -283,6 +328,9 @@ def alibi_attention_fwd(
     with_stats: bool = False,
     exclude_first_query: bool = False,
     normalize_entropy: bool = False,
+    softmax_scale: float | None = None,
+    bias_scale: float = 1.0,
+    alibi_bf16: bool = False,
 ):
     """Launch the fused kernel.
 
@@ -291,6 +339,7 @@ def alibi_attention_fwd(
             on d.
         key_pos: int32 ``[B, k_len]`` from :func:`key_positions` (-1 marks a padded key).
         slopes: float32 ``[H]``.
+        softmax_scale, bias_scale, alibi_bf16: the score options of :mod:`.alibi` (defaults: BLOOM's scores).
     Returns:
         ``(out [B, q_len, H, d] in q's dtype, lse [B, H, q_len] float32, stats)`` where stats is None or a float32
         ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows.
@@ -309,7 +358,7 @@ def alibi_attention_fwd(
         raise ValueError(f"key_pos must be [batch, k_len] = {[batch, k_len]}, got {list(key_pos.shape)}")
     key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
     kstart = first_real_key(key_pos).to(torch.int32)
-    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    slopes, qk_scale, _ = score_args(slopes, head_dim, q.device, softmax_scale, bias_scale, alibi_bf16)
 
     interp = interpreting()
     arch = None if interp else _arch(q.device)
@@ -328,10 +377,10 @@ def alibi_attention_fwd(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
-        n_head, q_len, k_len, n_qblocks, LOG2E / math.sqrt(head_dim),
+        n_head, q_len, k_len, n_qblocks, qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         WITH_STATS=with_stats, EXCLUDE_FIRST=exclude_first_query, NORMALIZE_ENTROPY=normalize_entropy,
-        UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(alibi_bf16),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(q.dtype), lse, (stats.sum(2) if with_stats else None)

@@ -2,22 +2,29 @@
 
 It runs the kernel's algorithm (online softmax over key blocks, padding as a per-key bias, the causal mask only on
 diagonal tiles, centred entropy accumulator, first-token score recomputed from q and the position-0 key) with
-torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over (batch, head). Memory is O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per
-tile; accumulation is fp32. Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
+torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over (batch, head). Memory is
+O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per tile; accumulation is fp32.
+Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
 A padded query row (position -1) outputs exactly 0, as in the kernel, and its backward gives it no gradient.
+The score options (``softmax_scale``, ``bias_scale``, ``alibi_bf16``) are those of :mod:`.alibi`; the bias is built
+once per call by :func:`.alibi.alibi_bias` ([B, H, k_len], small).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .alibi import first_real_key
+from .alibi import alibi_bias, first_real_key, resolve_softmax_scale
 
 __all__ = ["alibi_attention_blocked", "alibi_attention_blocked_bwd"]
 
 MASKED = -1.0e30  # additive mask, as in the kernel: finite, so 0 * (s - m) never makes a NaN
+
+
+def _masked_bias(slopes, key_pos, bias_scale, alibi_bf16) -> torch.Tensor:
+    """Per-key bias ``[B, H, 1, Tk]``: the ALiBi bias of real keys, the mask value for padded ones."""
+    bias = alibi_bias(slopes, key_pos, bias_scale, alibi_bf16)
+    return torch.where((key_pos >= 0)[:, None, :], bias, MASKED)[:, :, None, :]
 
 
 def alibi_attention_blocked(
@@ -30,6 +37,9 @@ def alibi_attention_blocked(
     with_stats: bool = False,
     exclude_first_query: bool = False,
     normalize_entropy: bool = False,
+    softmax_scale: float | None = None,
+    bias_scale: float = 1.0,
+    alibi_bf16: bool = False,
     block_q: int = 128,
     block_k: int = 128,
 ):
@@ -39,19 +49,17 @@ def alibi_attention_blocked(
     if q_len > k_len:
         raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
     f32 = torch.float32
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)
     key_ok = key_pos >= 0  # [B, Tk]
     first_key = first_real_key(key_pos)
-    slope = slopes.to(device=q.device, dtype=f32).view(1, n_head, 1, 1)
     shift = k_len - q_len
 
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=f32)
     stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if with_stats else None
     k_lo = (int(first_key.min()) // block_k) * block_k
-    # Per-key bias: slope * position, or the mask value for padding ([B, H, 1, Tk], small).
-    bias = torch.where(key_ok[:, None, None, :], slope * key_pos.to(f32)[:, None, None, :], MASKED)
+    bias = _masked_bias(slopes, key_pos, bias_scale, alibi_bf16)
     # Key of position 0 per batch row, for the first-token score (as the kernel does: one dot per row).
     k_first = k[torch.arange(batch, device=q.device), :, first_key.clamp(max=k_len - 1)].to(f32)  # [B, H, d]
 
@@ -110,24 +118,27 @@ def alibi_attention_blocked_bwd(
     key_pos: torch.Tensor,
     slopes: torch.Tensor,
     *,
+    softmax_scale: float | None = None,
+    bias_scale: float = 1.0,
+    alibi_bf16: bool = False,
     block_q: int = 128,
     block_k: int = 128,
 ):
     """Gradients (dq, dk, dv) of :func:`alibi_attention_blocked`, recomputing each probability tile from ``lse``.
 
-    ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v as in the forward. Padded query rows (position -1) get no
-    gradient and pass none on: the forward outputs the constant 0 there, so this is its exact derivative.
+    ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v and the score options as in the forward. Padded query rows
+    (position -1) get no gradient and pass none on: the forward outputs the constant 0 there, so this is its exact
+    derivative.
     Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
     """
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
     f32 = torch.float32
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)
     key_ok = key_pos >= 0
-    slope = slopes.to(device=q.device, dtype=f32).view(1, n_head, 1, 1)
     shift = k_len - q_len
-    bias = torch.where(key_ok[:, None, None, :], slope * key_pos.to(f32)[:, None, None, :], MASKED)
+    bias = _masked_bias(slopes, key_pos, bias_scale, alibi_bf16)
     row_ok = key_ok[:, shift:][:, None, :]  # [B, 1, q_len]: real query rows
     do = do.to(f32).transpose(1, 2)  # [B, H, q_len, d]
     delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij

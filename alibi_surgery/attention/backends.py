@@ -58,17 +58,22 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
-def alibi_attention(q, k, v, key_pos, slopes, backend: str, **stats_options):
+def alibi_attention(q, k, v, key_pos, slopes, backend: str, *, softmax_scale: float | None = None,
+                    bias_scale: float = 1.0, alibi_bf16: bool = False, **stats_options):
     """Run fused ALiBi attention with a concrete backend (``triton`` or ``torch``); see ``alibi_attention_fwd``.
 
+    The scores are ``softmax_scale * q.k + bias_scale * R(R(slope) * R(pos))`` (``softmax_scale`` None: 1/sqrt(d);
+    R rounds to bfloat16 when ``alibi_bf16``, Falcon-RW's bias, else is the identity): BLOOM by default, MPT with its
+    ``softmax_scale``, Falcon-RW with ``alibi_bf16=True, bias_scale=softmax_scale=1/sqrt(d)``.
     Returns ``(out, lse, stats)``. When autograd records (q, k or v requires grad) the call goes through
     :class:`~alibi_surgery.kernels.autograd.AlibiAttention` and ``lse`` is None (it is kept for the backward).
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"alibi_attention needs the triton or torch backend, got {backend!r}")
+    score_options = dict(softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, stats = alibi_attention_train(q, k, v, key_pos, slopes, backend, **stats_options)
+        out, stats = alibi_attention_train(q, k, v, key_pos, slopes, backend, **score_options, **stats_options)
         return out, None, stats
     if backend == "triton":
-        return alibi_attention_fwd(q, k, v, key_pos, slopes, **stats_options)
-    return alibi_attention_blocked(q, k, v, key_pos, slopes, **stats_options)
+        return alibi_attention_fwd(q, k, v, key_pos, slopes, **score_options, **stats_options)
+    return alibi_attention_blocked(q, k, v, key_pos, slopes, **score_options, **stats_options)
