@@ -3,7 +3,9 @@
 Hypothesis draws a whole attention problem (batch 1-4; k_len 1-300 and q_len == k_len, or q_len < k_len behind a
 KV cache as in decoding; head_dim in {16, 32, 48, 64, 80, 96, 128}; 1-40 heads or 112; an arbitrary left padding
 per row, rows of nothing but padding included; ordinary or extreme logits, up to 3e4, near the fp16 range; fp32,
-fp16 or bf16; the two statistics variants) and checks, for the ``torch`` and ``triton`` backends:
+fp16 or bf16; the two statistics variants; in a third of the cases the score options of MPT and Falcon-RW:
+``softmax_scale`` None or 0.02-0.5, ``bias_scale`` 1, 1/sqrt(d) or 0.05-2, ``alibi_bf16`` on or off) and checks,
+for the ``torch`` and ``triton`` backends:
 
 * forward output, and the gradients of the fused QKV and of the cached prefix keys and values, against eager BLOOM;
 * the fused per-head statistics against the paper's formulas applied to eager BLOOM's attention probabilities;
@@ -11,13 +13,17 @@ fp16 or bf16; the two statistics variants) and checks, for the ``torch`` and ``t
 
 Ground truth is transformers' own ``BloomAttention.forward`` in fp32. Only its two projections are replaced: the fused
 QKV comes straight from the strategy and ``dense`` is the identity, so 112 heads of 128 cost no 600M-parameter
-weights. In fp16/bf16 the inputs are rounded to that dtype first and the fp32 reference runs on the rounded values,
-as flash-attention's tests do: input rounding moves an extreme logit by far more than any kernel error, and it is
-the same for every implementation. Tolerances:
+weights. With score options its ``inv_norm_factor`` is set to ``softmax_scale`` and it is given the bias of
+transformers' ``build_alibi_tensor`` (Falcon's, rounded in bf16, for ``alibi_bf16``) times ``bias_scale``; ours then
+runs through the dispatcher ``alibi_attention`` with BLOOM's head split (the BLOOM patch has no options), and with the
+default options through ``patch_bloom``. In fp16/bf16 the inputs are rounded to that dtype first and the fp32
+reference runs on the rounded values, as flash-attention's tests do: input rounding moves an extreme logit by far
+more than any kernel error, and it is the same for every implementation. Tolerances:
 
 * fp32: ``1e-5 * scale + 16 * eps32 * cond * scale``, where ``cond`` is the largest absolute pre-softmax logit term
-  (``sum_i |q_i k_i| / sqrt(d)`` plus the ALiBi bias). Two fp32 evaluations in different orders differ by about
-  ``eps32 * cond`` in each logit, and softmax passes that on to the output, so extreme logits widen the bound.
+  (``sum_i |q_i k_i|`` times the scores' scale, plus the largest ALiBi bias). Two fp32 evaluations in different
+  orders differ by about ``eps32 * cond`` in each logit, and softmax passes that on to the output, so extreme logits
+  widen the bound.
 * fp16 / bf16: the project's rule, our error against the fp32 reference at most 2x eager PyTorch's own error in that
   dtype, on top of the fp32 bound (the reference itself is only that exact); the gradients get ``1e-3 * scale`` more,
   as their rounding is summed over up to 300 keys.
@@ -42,9 +48,11 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.models.bloom.modeling_bloom import BloomAttention, build_alibi_tensor
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor as falcon_alibi_tensor
 
 from alibi_surgery import head_stats, patch_bloom
-from alibi_surgery.kernels import key_positions
+from alibi_surgery.attention.backends import alibi_attention
+from alibi_surgery.kernels import alibi_slopes, key_positions
 from alibi_surgery.kernels.alibi import first_real_key
 from helpers import bloom_config, causal_4d_mask, left_padded_mask, needs_triton
 
@@ -73,10 +81,23 @@ class Case:
     exclude_first_query: bool
     normalize_entropy: bool
     seed: int
+    softmax_scale: float | None = None
+    bias_scale: float = 1.0
+    alibi_bf16: bool = False
 
     @property
     def past(self) -> int:
         return self.k_len - self.q_len
+
+    @property
+    def options(self) -> dict:
+        """The score options, as the dispatcher takes them ({} for BLOOM's scores)."""
+        names = ("softmax_scale", "bias_scale", "alibi_bf16")
+        return {n: getattr(self, n) for n, default in zip(names, (None, 1.0, False)) if getattr(self, n) != default}
+
+    def scaled(self, qk: float) -> float:
+        """A q.k product times the scores' scale."""
+        return qk / math.sqrt(self.head_dim) if self.softmax_scale is None else qk * self.softmax_scale
 
 
 @st.composite
@@ -93,8 +114,14 @@ def cases(draw, tiles: int) -> Case:
                          max_size=batch))
     dtype = draw(st.sampled_from(DTYPES))
     max_logit = draw(st.one_of(st.none(), st.floats(100.0, 3.0e4)))
-    return Case(batch, n_head, head_dim, q_len, k_len, pads, dtype, max_logit, draw(st.booleans()),
-                draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+    flags_and_seed = draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+    # Score options last, so that the shapes drawn above (and the run time) stay those of BLOOM-only cases. Two thirds
+    # of the ci profile's cases keep BLOOM's scores and run through patch_bloom (hypothesis favours the first branch).
+    options = draw(st.one_of(st.just((None, 1.0, False)), st.tuples(
+        st.one_of(st.none(), st.floats(0.02, 0.5)),
+        st.one_of(st.just(1.0), st.just(1 / math.sqrt(head_dim)), st.floats(0.05, 2.0)),
+        st.booleans())))
+    return Case(batch, n_head, head_dim, q_len, k_len, pads, dtype, max_logit, *flags_and_seed, *options)
 
 
 class _Given(nn.Module):
@@ -113,7 +140,18 @@ def _attention(case: Case, fused: torch.Tensor) -> BloomAttention:
         attn = BloomAttention(bloom_config(case.n_head * case.head_dim, case.n_head), layer_idx=0)
     attn.query_key_value = _Given(fused)
     attn.dense = nn.Identity()
+    if case.softmax_scale is not None:
+        attn.inv_norm_factor = case.softmax_scale  # the scores' scale of eager BLOOM's baddbmm
     return attn.eval()
+
+
+def _alibi(case: Case, mask2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[B * H, 1, k_len]`` bias eager BLOOM adds, built by transformers: BLOOM's, or Falcon's (bf16 rounding)
+    for ``alibi_bf16``, times ``bias_scale`` in fp32."""
+    if not case.options:
+        return build_alibi_tensor(mask2d, case.n_head, dtype)
+    build = falcon_alibi_tensor if case.alibi_bf16 else build_alibi_tensor
+    return (build(mask2d, case.n_head, torch.float32) * case.bias_scale).to(dtype)
 
 
 def _inputs(case: Case):
@@ -122,8 +160,8 @@ def _inputs(case: Case):
     gen = torch.Generator().manual_seed(case.seed)
     B, H, d, T = case.batch, case.n_head, case.head_dim, case.k_len
     q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))
-    if case.max_logit is not None:  # rescale q and k so the largest |q.k| / sqrt(d) is max_logit
-        largest = (q @ k.transpose(-1, -2)).abs().amax().item() / math.sqrt(d)
+    if case.max_logit is not None:  # rescale q and k so the largest scaled |q.k| is max_logit
+        largest = case.scaled((q @ k.transpose(-1, -2)).abs().amax().item())
         factor = math.sqrt(case.max_logit / max(largest, 1e-6))
         q, k = q * factor, k * factor
     new = slice(case.past, T)
@@ -149,12 +187,32 @@ def _run(case: Case, attn: BloomAttention, fused, k_past, v_past, mask2d, upstre
     attn.query_key_value.fused = leaves[0]
     cache = _cache(case, leaves[1], leaves[2])
     hidden = torch.zeros(case.batch, case.q_len, 0, dtype=dtype)
-    out, p = attn(hidden, torch.zeros((), dtype=dtype), build_alibi_tensor(mask2d, case.n_head, dtype),
+    out, p = attn(hidden, torch.zeros((), dtype=dtype), _alibi(case, mask2d, dtype),
                   causal_4d_mask(mask2d, case.q_len, dtype), layer_past=cache, use_cache=cache is not None,
                   output_attentions=probs)
     (out.float() * upstream).sum().backward()
     grads = [t.grad.float() if t.grad is not None else torch.zeros(t.shape) for t in leaves]
     return out.detach().float(), grads, None if p is None else p.detach().float()
+
+
+def _run_direct(case: Case, backend: str, fused, k_past, v_past, mask2d, upstream=None, **stats_options):
+    """Ours through the dispatcher with the case's score options, split and cached as BloomAttention does:
+    ``(out [B, q_len, H * d], grads or None, stats or None)``; gradients when ``upstream`` is given."""
+    grad = upstream is not None
+    leaves = [t.detach().to(case.dtype).clone().requires_grad_(grad) for t in (fused, k_past, v_past)]
+    B, H, d, n = case.batch, case.n_head, case.head_dim, case.q_len
+    qkv = leaves[0].view(B, n, H, 3, d)  # BLOOM's per-head (q, k, v) layout
+    q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+    k, v = torch.cat([leaves[1], k], 2), torch.cat([leaves[2], v], 2)
+    with torch.set_grad_enabled(grad):
+        out, _, stats = alibi_attention(q, k, v, key_positions(mask2d), alibi_slopes(H), backend, **case.options,
+                                        **stats_options)
+    out = out.reshape(B, n, H * d)
+    if not grad:
+        return out.float(), None, stats
+    (out.float() * upstream).sum().backward()
+    grads = [t.grad.float() if t.grad is not None else torch.zeros(t.shape) for t in leaves]
+    return out.detach().float(), grads, stats
 
 
 def _stats_reference(case: Case, probs: torch.Tensor, mask2d: torch.Tensor):
@@ -178,9 +236,10 @@ def _stats_reference(case: Case, probs: torch.Tensor, mask2d: torch.Tensor):
 
 
 def _conditioning(case: Case, q: torch.Tensor, k: torch.Tensor) -> float:
-    """Largest sum_i |q_i k_i| / sqrt(d) over (query, key) pairs, plus the largest ALiBi bias."""
-    terms = (q[:, :, case.past:].abs() @ k.abs().transpose(-1, -2)).amax().item() / math.sqrt(case.head_dim)
-    return terms + case.k_len  # every ALiBi slope is below 1
+    """Largest scaled sum_i |q_i k_i| over (query, key) pairs, plus the largest ALiBi bias."""
+    terms = case.scaled((q[:, :, case.past:].abs() @ k.abs().transpose(-1, -2)).amax().item())
+    # every ALiBi slope is below 1; bf16 rounds slope, position and product up by at most 2^-9 each
+    return terms + case.k_len * case.bias_scale * (1.01 if case.alibi_bf16 else 1.0)
 
 
 def _check(name, ours, ref, eager, valid, dtype, cond, extra=0.0):
@@ -225,8 +284,11 @@ def check_case(case: Case, backend: str) -> None:
     eager_out, eager_grads, eager_probs = (_run(case, _attention(case, fused), fused, k_past, v_past, mask2d,
                                                 upstream, case.dtype, probs=True) if low
                                            else (ref_out, ref_grads, ref_probs))
-    ours_mod = patch_bloom(_attention(case, fused), backend)
-    out, grads, _ = _run(case, ours_mod, fused, k_past, v_past, mask2d, upstream, case.dtype, probs=False)
+    if case.options:
+        out, grads, _ = _run_direct(case, backend, fused, k_past, v_past, mask2d, upstream)
+    else:
+        ours_mod = patch_bloom(_attention(case, fused), backend)
+        out, grads, _ = _run(case, ours_mod, fused, k_past, v_past, mask2d, upstream, case.dtype, probs=False)
 
     _check("output", out, ref_out, eager_out, valid_q[..., None], case.dtype, cond)
     # Gradients: fused QKV rows of real queries; prefix keys/values of rows that have a real query.
@@ -237,16 +299,20 @@ def check_case(case: Case, backend: str) -> None:
         _check(name, g, r, e, valid, case.dtype, cond, extra=1e-3)
 
     # Statistics, by the inference path diagnosis uses (no autograd).
-    ours_mod.query_key_value.fused = fused.to(case.dtype)
-    cache = _cache(case, k_past.to(case.dtype), v_past.to(case.dtype))
-    with torch.no_grad(), head_stats(ours_mod, exclude_first_query=case.exclude_first_query,
-                                     normalize_entropy=case.normalize_entropy) as sink:
-        plain = ours_mod(torch.zeros(case.batch, case.q_len, 0, dtype=case.dtype), torch.zeros((), dtype=case.dtype),
-                         build_alibi_tensor(mask2d, case.n_head, case.dtype),
-                         causal_4d_mask(mask2d, case.q_len, case.dtype), layer_past=cache,
-                         use_cache=cache is not None)[0]
+    variant = dict(exclude_first_query=case.exclude_first_query, normalize_entropy=case.normalize_entropy)
+    if case.options:
+        plain, _, stats = _run_direct(case, backend, fused, k_past, v_past, mask2d, with_stats=True, **variant)
+        sums = stats.sum(0).double()
+    else:
+        ours_mod.query_key_value.fused = fused.to(case.dtype)
+        cache = _cache(case, k_past.to(case.dtype), v_past.to(case.dtype))
+        with torch.no_grad(), head_stats(ours_mod, **variant) as sink:
+            plain = ours_mod(torch.zeros(case.batch, case.q_len, 0, dtype=case.dtype),
+                             torch.zeros((), dtype=case.dtype), build_alibi_tensor(mask2d, case.n_head, case.dtype),
+                             causal_4d_mask(mask2d, case.q_len, case.dtype), layer_past=cache,
+                             use_cache=cache is not None)[0]
+        sums = sink.sums[0]
     assert torch.isfinite(plain).all(), "inference output: non-finite values (fully padded rows included)"
-    sums = sink.sums[0]
     assert torch.isfinite(sums).all(), "statistics: non-finite values"
     ref_bos, ref_ent, ref_n = _stats_reference(case, ref_probs, mask2d)
     low_bos, low_ent, _ = _stats_reference(case, eager_probs, mask2d)
