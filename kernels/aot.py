@@ -68,6 +68,8 @@ def aot_compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     """
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("ahead-of-time compilation needs the JIT: unset TRITON_INTERPRET")
+    # constexpr parameters left out take their defaults, as a JIT launch would (ASTSource needs every one)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
     # Triton itself runs `ptxas -v` (with its own flags) to build the cubin; have it print that log, and bypass
@@ -103,18 +105,25 @@ def fwd_signature(dtype: torch.dtype) -> dict:
     return sig
 
 
-def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool) -> CompileResult:
-    """Compile the forward kernel with exactly the configuration the launcher picks on ``arch``."""
+def _bias_variant(alibi_bf16: bool) -> str:
+    """The ``variant`` of an attention result: "" for BLOOM's bias, "alibi-bf16" for Falcon-RW's rounded one."""
+    return "alibi-bf16" if alibi_bf16 else ""
+
+
+def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
+                alibi_bf16: bool = False) -> CompileResult:
+    """Compile the forward kernel with exactly the configuration the launcher picks on ``arch`` (``alibi_bf16``:
+    the Falcon-RW bias, constexpr ``ALIBI_BF16``; the other score options are runtime values)."""
     from .attention_fwd import _alibi_fwd_kernel, pick_config
 
     cfg = pick_config(head_dim, dtype, arch, with_stats)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
-                      UPCAST=False, IEEE=dtype == torch.float32)
+                      UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
     sig = fwd_signature(dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
-    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16))
 
 
 def bwd_signature(kernel, dtype: torch.dtype) -> dict:
@@ -133,18 +142,18 @@ def bwd_signature(kernel, dtype: torch.dtype) -> dict:
     return sig
 
 
-def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str) -> CompileResult:
+def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_bf16: bool = False) -> CompileResult:
     """Compile one backward kernel (``which``: ``"dkdv"`` or ``"dq"``) with the configuration its launcher picks."""
     from .attention_bwd import _alibi_bwd_dkdv_kernel, _alibi_bwd_dq_kernel, pick_bwd_config
 
     kernel = _alibi_bwd_dkdv_kernel if which == "dkdv" else _alibi_bwd_dq_kernel
-    cfg = pick_bwd_config(head_dim, dtype, arch)[0 if which == "dkdv" else 1]
+    cfg = pick_bwd_config(head_dim, dtype, arch, alibi_bf16)[0 if which == "dkdv" else 1]
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, UPCAST=False, IEEE=dtype == torch.float32)
+                      BLOCK_N=cfg.block_n, UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
     sig = bwd_signature(kernel, dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
-    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype])
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16))
 
 
 def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> dict:

@@ -219,8 +219,10 @@ class BwdConfig(NamedTuple):
     num_stages: int
 
 
-def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> tuple[BwdConfig, BwdConfig]:
-    """(dkdv, dq) configurations for one launch; ``arch`` as 80/86/89/90, None for the interpreter.
+def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None,
+                    alibi_bf16: bool = False) -> tuple[BwdConfig, BwdConfig]:
+    """(dkdv, dq) configurations for one launch; ``arch`` as 80/86/89/90, None for the interpreter; ``alibi_bf16``
+    the kernels' ALIBI_BF16 (Falcon-RW's bias).
 
     fp16/bf16 on sm_90: the fastest spill-free tiles of a timed sweep on an H100 (``bench/tune_attention.py``:
     dK/dV first with dQ fixed, then dQ). Elsewhere 8-warp tiles, 2 stages on sm_86/sm_89 (99 KB of shared memory). fp32 runs IEEE dots and needs small
@@ -230,7 +232,9 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None) 
         return BwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1)  # big tiles: fewer interpreted steps
     wide = triton.next_power_of_2(head_dim) > 64
     if dtype == torch.float32:
-        return BwdConfig(16, 32, 8, 1), BwdConfig(16, 32, 8, 1)
+        # Falcon's rounding made the 8-warp dQ tile spill 16 bytes on sm_86/89 at d = 80/96 (ptxas -v): 4 warps there.
+        dq_warps = 4 if alibi_bf16 and arch in (86, 89) else 8
+        return BwdConfig(16, 32, 8, 1), BwdConfig(16, 32, dq_warps, 1)
     if arch == 90:  # timed on an H100
         if wide:
             return BwdConfig(32, 128, 8, 3), BwdConfig(128, 64, 8, 3)
@@ -269,7 +273,7 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, softmax_scale
     dq = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=store_dtype).transpose(1, 2)
     dk = torch.empty(batch, k_len, n_head, head_dim, device=q.device, dtype=store_dtype).transpose(1, 2)
     dv = torch.empty_like(dk)
-    cfg_kv, cfg_q = pick_bwd_config(head_dim, q.dtype, None if interp else _arch(q.device))
+    cfg_kv, cfg_q = pick_bwd_config(head_dim, q.dtype, None if interp else _arch(q.device), bool(alibi_bf16))
     common = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                   UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
                   ALIBI_BF16=bool(alibi_bf16))

@@ -1,10 +1,12 @@
-"""AOT compile report: ``python -m alibi_surgery.kernels.compile_report [--arch 89 ...] [--jobs N]``.
+"""AOT compile report: ``python -m alibi_surgery.kernels.compile_report [--arch 89 ...] [--bias ...] [--jobs N]``.
 
 Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/96/128, fp32/fp16/bf16, with and
-without statistics), both backward kernels (dK/dV and dQ) for the same head dims and dtypes, and the AdamW kernel's variants (fp32, bf16 rounded to nearest or stochastically, bf16/fp16 with
-an fp32 master copy; each with and without a gradient scale) for sm_80/86/89/90 without a GPU, and prints registers,
-spills and shared memory against each architecture's per-block limit. Exit status 1 if any configuration spills or
-exceeds shared memory.
+without statistics), both backward kernels (dK/dV and dQ) for the same head dims and dtypes, each with BLOOM's bias
+and with Falcon-RW's bf16-rounded one (the constexpr ``ALIBI_BF16``, variant ``alibi-bf16``; ``softmax_scale`` and
+``bias_scale`` are runtime values and compile nothing), and the AdamW kernel's variants (fp32, bf16 rounded to
+nearest or stochastically, bf16/fp16 with an fp32 master copy; each with and without a gradient scale) for
+sm_80/86/89/90 without a GPU, and prints registers, spills and shared memory against each architecture's per-block
+limit. Exit status 1 if any configuration spills or exceeds shared memory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .attention_fwd import interpreting
 
 HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BIASES = {"bloom": False, "alibi-bf16": True}  # --bias name: the kernels' ALIBI_BF16
 
 
 # (param dtype, master copy, stochastic rounding) of each AdamW parameter mode
@@ -31,9 +34,9 @@ ADAMW_MODES = ((torch.float32, False, False), (torch.bfloat16, False, False), (t
                (torch.bfloat16, True, False), (torch.float16, True, False))
 
 
-def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS):
-    """(arch, head_dim, dtype, with_stats) for every configuration the forward launcher can pick."""
-    return list(itertools.product(archs, head_dims, DTYPES, (False, True)))
+def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
+    """(arch, head_dim, dtype, with_stats, alibi_bf16) for every configuration the forward launcher can pick."""
+    return list(itertools.product(archs, head_dims, DTYPES, (False, True), biases))
 
 
 def adamw_configs(archs=ARCHS):
@@ -41,15 +44,16 @@ def adamw_configs(archs=ARCHS):
     return [(arch, *mode, scale) for arch in archs for mode in ADAMW_MODES for scale in (False, True)]
 
 
-def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS):
-    """(arch, head_dim, dtype, which) for both backward kernels."""
-    return list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq")))
+def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
+    """(arch, head_dim, dtype, which, alibi_bf16) for both backward kernels."""
+    return list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq"), biases))
 
 
-def all_configs(archs=ARCHS, head_dims=HEAD_DIMS):
+def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
     """Every (kernel, arguments) pair of the report: forward, backward, AdamW."""
-    return ([("fwd", c) for c in launcher_configs(archs, head_dims)]
-            + [("bwd", c) for c in bwd_configs(archs, head_dims)] + [("adamw", c) for c in adamw_configs(archs)])
+    return ([("fwd", c) for c in launcher_configs(archs, head_dims, biases)]
+            + [("bwd", c) for c in bwd_configs(archs, head_dims, biases)]
+            + [("adamw", c) for c in adamw_configs(archs)])
 
 
 def _compile(item) -> CompileResult:
@@ -68,8 +72,8 @@ def compile_all(configs, jobs: int = 2) -> list[CompileResult]:
 
 
 def format_table(results: list[CompileResult]) -> str:
-    """One row per result. Forward rows fill d/stats and a BLOCK_MxBLOCK_N tile; AdamW rows fill variant and a
-    BLOCK/vector-width tile; the columns that do not apply show '-'."""
+    """One row per result. Attention rows fill d/stats, a BLOCK_MxBLOCK_N tile and the bias variant (alibi-bf16, or
+    '-' for BLOOM's); AdamW rows fill variant and a BLOCK/vector-width tile; the columns that do not apply show '-'."""
     head = f"{'kernel':<24}{'arch':>5}{'dtype':>10}{'d':>5}{'stats':>6}{'variant':>14}{'tile':>14}{'regs':>6}" \
            f"{'spill':>7}{'smem KB':>9}{'limit':>7}  ok"
     lines = [head, "-" * len(head)]
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only these architectures")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="only these head dims")
+    parser.add_argument("--bias", action="append", choices=list(BIASES),
+                        help="only these attention bias variants (default: both)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     parser.add_argument("--json", metavar="OUT", help="also write every result as JSON")
     args = parser.parse_args(argv)
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
-    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS)), args.jobs)
+    biases = tuple(BIASES[b] for b in (args.bias or BIASES))
+    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases), args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -18,10 +18,11 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 def test_every_kernel_configuration_compiles_without_spills(arch, tmp_path):
     out = tmp_path / "report.json"
-    # head_dim 96 is left to the CLI report: it compiles with exactly 80's tiles (both pad to 128 lanes).
+    # head_dim 96 is left to the CLI report: it compiles with exactly 80's tiles (both pad to 128 lanes). So is the
+    # Falcon-RW bias variant but for the configurations of the test below.
     proc = subprocess.run([sys.executable, "-m", "alibi_surgery.kernels.compile_report", "--arch", str(arch),
-                           "--head-dim", "64", "--head-dim", "80", "--head-dim", "128", "--jobs", "1",
-                           "--json", str(out)], env=ENV, capture_output=True, text=True)
+                           "--head-dim", "64", "--head-dim", "80", "--head-dim", "128", "--bias", "bloom",
+                           "--jobs", "1", "--json", str(out)], env=ENV, capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert {r["arch"] for r in results} == {arch}
     forward = [r for r in results if r["kernel"] == "_alibi_fwd_kernel"]
@@ -32,6 +33,26 @@ def test_every_kernel_configuration_compiles_without_spills(arch, tmp_path):
     bad = [r for r in results if not r["ok"]]
     assert not bad and proc.returncode == 0, proc.stdout
     assert all(r["registers"] > 0 and r["shared_bytes"] <= r["smem_limit"] for r in results)
+
+
+def test_falcon_bias_variant_compiles_without_spills():
+    """The constexpr ALIBI_BF16 (Falcon-RW's bf16-rounded bias) adds a few operations per key; on sm_89, whose
+    99 KB and 8-warp tiles are the tightest, every attention kernel still compiles without spills at Falcon-RW's
+    head_dim 64 in bf16, and so does the fp32 dQ kernel at d = 80, whose 8-warp tile spilled with the variant (its
+    launcher takes 4 warps there). The CLI report compiles the variant for every target, head dim and dtype."""
+    code = """
+import torch
+from alibi_surgery.kernels.compile_report import bwd_configs, compile_all, launcher_configs
+items = [("fwd", c) for c in launcher_configs((89,), (64,), (True,)) if c[2] == torch.bfloat16]
+items += [("bwd", c) for c in bwd_configs((89,), (64,), (True,)) if c[2] == torch.bfloat16]
+items += [("bwd", (89, 80, torch.float32, "dq", True))]
+for r in compile_all(items, jobs=1):
+    print(r.kernel, r.variant, r.spill_stores + r.spill_loads, r.ok)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == 5 and all(r[1] == "alibi-bf16" for r in rows), proc.stderr
+    assert all(r[2] == "0" and r[3] == "True" for r in rows), proc.stdout
 
 
 def test_the_check_sees_spills_when_there_are_some():
