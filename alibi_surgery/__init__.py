@@ -1,7 +1,8 @@
-"""alibi-surgery: diagnose and repair collapsed attention heads in ALiBi transformers (BLOOM).
+"""alibi-surgery: diagnose and repair collapsed attention heads in ALiBi transformers (BLOOM, MPT, Falcon-RW).
 
 Public API:
-    patch_bloom / unpatch_bloom / patched   swap fused ALiBi attention into a loaded BLOOM model, reversibly
+    patch / unpatch / patched               swap fused ALiBi attention into a loaded model of any registered family,
+                                            reversibly (``patch_bloom`` / ``unpatch_bloom``: the same functions)
     diagnose -> HeadReport                  per-head first-token mass, entropy and class, without T x T matrices
     HeadSlices                              trainable per-head weight slices; no full-matrix gradient exists
     HeadSlicedAdamW                         fused AdamW whose state covers the slices only
