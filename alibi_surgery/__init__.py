@@ -10,8 +10,9 @@ Public API:
     plan / repair / compare                 surgery as the CLI runs it: the plan (dry run), the full procedure, and
                                             a before/after comparison of two diagnoses or models
 
-``alibi_surgery.surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are importable as
-``alibi_surgery.surgery.plan`` etc. through ``importlib`` or ``from alibi_surgery.surgery.plan import Plan``.
+``alibi_surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are
+``alibi_surgery.surgery.plan``, ``alibi_surgery.surgery.repair`` and ``alibi_surgery.analysis.compare``. The package
+tree is described in docs/architecture.md.
 """
 
 from .analysis.compare import compare
