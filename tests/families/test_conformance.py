@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alibi_surgery import HeadSlicedAdamW, HeadSlices, diagnose, patch, patched, unpatch
+from alibi_surgery import HeadSlicedAdamW, HeadSlices, diagnose, patched
 from alibi_surgery.diagnosis.diagnose import stats_from_attention_probs
 from alibi_surgery.diagnosis.stream import diagnose_streamed
 from alibi_surgery.families import FAMILIES

@@ -9,7 +9,6 @@ Every reference is independent of the adapter: transformers' modules (``build_al
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 from transformers import FalconConfig, FalconForCausalLM
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-from alibi_surgery.attention.backends import alibi_attention
 from alibi_surgery.attention.patch import patch, unpatch
 from alibi_surgery.diagnosis.diagnose import diagnose
 from alibi_surgery.errors import UsageError
@@ -30,10 +28,6 @@ from helpers import left_padded_mask, needs_triton
 
 VOCAB = 200
 SELECTION = {0: [2], 1: [0, 1]}
-# Falcon needs the kernels' score options (softmax_scale, bias_scale, alibi_bf16); without them every fused call
-# raises TypeError, so the tests that run the fused path are expected to fail until the kernels take them
-FUSED = pytest.mark.xfail("alibi_bf16" not in inspect.signature(alibi_attention).parameters, strict=False,
-                          reason="the kernels do not take the score options Falcon needs yet")
 RW = dict(alibi=True, multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True)
 
 
@@ -83,7 +77,6 @@ LOGIT_CASES = [
 
 
 @pytest.mark.parametrize("n_head,head_dim,length,n_layer,parallel,rounding_matters", LOGIT_CASES)
-@FUSED
 def test_patched_logits_equal_sdpa_with_left_padding(n_head, head_dim, length, n_layer, parallel, rounding_matters,
                                                      monkeypatch):
     model = falcon_model(n_head=n_head, head_dim=head_dim, n_layer=n_layer, parallel_attn=parallel)
@@ -101,7 +94,6 @@ def test_patched_logits_equal_sdpa_with_left_padding(n_head, head_dim, length, n
         assert err > 100 * tol, f"unrounded ALiBi is only {err:.3g} off: the case does not test the rounding"
 
 
-@FUSED
 def test_patched_eager_configured_model_equals_sdpa():
     """An eager-configured Falcon gets an additive float mask (SDPA's gets a bool one, made float): both read right."""
     sdpa = falcon_model()
@@ -114,7 +106,6 @@ def test_patched_eager_configured_model_equals_sdpa():
     assert err <= tol, f"fp32 logits error {err:.3g}"
 
 
-@FUSED
 @needs_triton
 def test_patched_logits_equal_sdpa_triton():
     model = falcon_model(n_layer=1)
@@ -125,7 +116,6 @@ def test_patched_logits_equal_sdpa_triton():
     assert err <= tol, f"fp32 logits error {err:.3g}"
 
 
-@FUSED
 def test_greedy_generate_with_cache_is_token_identical():
     model = falcon_model()
     ids, mask = batch(11, pads=(0, 4))
@@ -137,7 +127,6 @@ def test_greedy_generate_with_cache_is_token_identical():
     assert torch.equal(model.generate(ids, **options), ref), "unpatch left the model changed"
 
 
-@FUSED
 def test_upstream_eager_path_adds_alibi_twice(monkeypatch):
     """transformers' eager Falcon computes softmax((q.k + 2 alibi) / sqrt(d)); its SDPA path is right."""
     sdpa = falcon_model()
@@ -229,7 +218,6 @@ def _selected(model, name: str, shape) -> torch.Tensor:
     return mask
 
 
-@FUSED
 def test_head_slices_gradients_equal_full_autograd_and_nothing_else_moves():
     ref_model = falcon_model()
     ids, mask = batch(19, pads=(0, 5))
@@ -288,7 +276,6 @@ class _Tensors:
         return self.state[name][ids]
 
 
-@FUSED
 def test_embed_block_inputs_and_streamed_blocks_reproduce_the_model():
     model = falcon_model()
     ids, mask = batch(17, pads=(0, 6))

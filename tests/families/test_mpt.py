@@ -8,7 +8,6 @@ Every reference is independent of the adapter: transformers' modules, or the blo
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from transformers import MptConfig, MptForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-from alibi_surgery.attention.backends import alibi_attention
 from alibi_surgery.attention.patch import patch
 from alibi_surgery.errors import UsageError
 from alibi_surgery.families import family_for, family_of_module
@@ -28,9 +26,6 @@ from helpers import left_padded_mask, needs_triton
 
 N_HEAD, HEAD_DIM, CLIP, SCALE = 3, 80, 1.5, 0.3  # softmax_scale 0.3, not 1/sqrt(80) = 0.112
 SELECTION = {0: [2], 1: [0, 1]}
-# MPT's fused path passes softmax_scale to the kernels; until they take it, the fused tests are expected to fail
-fused = pytest.mark.xfail("softmax_scale" not in inspect.signature(alibi_attention).parameters, strict=False,
-                          reason="the kernels' alibi_attention does not take softmax_scale yet")
 
 
 def mpt_model(n_layer=2, seed=0, **attn):
@@ -54,7 +49,6 @@ def test_slopes_equal_transformers_mpt_schedule(n_head):
     assert torch.equal(MPT.slopes(n_head), ref)
 
 
-@fused
 @pytest.mark.parametrize("backend,length", [("torch", 1), ("torch", 21), ("torch", 97),
                                             pytest.param("triton", 13, marks=needs_triton)])
 def test_patched_logits_equal_eager_with_left_padding_clip_and_scale(backend, length):
@@ -73,7 +67,6 @@ def test_patched_logits_equal_eager_with_left_padding_clip_and_scale(backend, le
     assert err <= 1e-5 * max(ref[real].abs().max().item(), 1.0), f"fp32 logits error {err:.3g}"
 
 
-@fused
 def test_holes_inside_a_row_follow_mpt_positions():
     model = mpt_model()
     ids, _ = batch(23)
@@ -89,7 +82,6 @@ def test_holes_inside_a_row_follow_mpt_positions():
     assert MPT.key_positions(mask.bool())[0].tolist() == [0, 1, 2, 3, 4, 5, -1, -1, -1, *range(9, 23)]
 
 
-@fused
 def test_greedy_generate_with_cache_is_token_identical():
     model = mpt_model()
     ids, mask = batch(11, pads=(0, 4))
@@ -99,7 +91,6 @@ def test_greedy_generate_with_cache_is_token_identical():
     assert torch.equal(ours, ref)
 
 
-@fused
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_patched_attention_decodes_with_the_cache_under_either_name(name):
     attn = mpt_model(n_layer=1).transformer.blocks[0].attn
@@ -152,7 +143,6 @@ def _selected(name: str, shape, selection) -> torch.Tensor:
     return mask
 
 
-@fused
 def test_head_slices_gradients_equal_full_autograd_and_nothing_else_moves():
     ref_model = mpt_model()
     ids, mask = batch(19)
@@ -205,7 +195,6 @@ class _Tensors:
         return self.state[name][ids]
 
 
-@fused
 def test_embed_and_block_inputs_reproduce_the_model_blocks():
     model = mpt_model()
     ids, mask = batch(17)
