@@ -118,6 +118,17 @@ def _masks(case, model, selection):
     return out
 
 
+def _element_masks(case, model):
+    """id(parameter) -> bool mask of its selected elements, for the parameters surgery may change."""
+    masks = {}
+    for qkv, dense, rows, cols in _masks(case, model, SELECTION).values():
+        masks[id(qkv.weight)] = rows[:, None].expand_as(qkv.weight)
+        masks[id(dense.weight)] = cols[None, :].expand_as(dense.weight)
+        if qkv.bias is not None:
+            masks[id(qkv.bias)] = rows
+    return masks
+
+
 STEPS, LRS = 5, [1e-3 * (i + 1) / 5 for i in range(5)]
 
 
@@ -177,15 +188,12 @@ def test_reinit_touches_exactly_the_selected_slices(case):
     model = build(case)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reinit_heads(model, SELECTION, seed=3)
-    masks = {}
     for layer, (qkv, dense, rows, cols) in _masks(case, model, SELECTION).items():
-        masks[id(qkv.weight)] = rows[:, None].expand_as(qkv.weight)
-        masks[id(dense.weight)] = cols[None, :].expand_as(dense.weight)
         if qkv.bias is not None:
-            masks[id(qkv.bias)] = rows
             assert (qkv.bias[rows] == 0).all()
         assert (dense.weight[:, cols] == 0).all()
         assert (qkv.weight[rows] != before_name(model, qkv.weight, before)[rows]).float().mean() > 0.99
+    masks = _element_masks(case, model)
     for name, p in model.named_parameters():
         m = masks.get(id(p))
         old = before[name]
@@ -231,12 +239,7 @@ def test_repair_end_to_end_and_stock_reload(case, tmp_path):
     assert proc.returncode == 0, proc.stderr
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     after = AutoModelForCausalLM.from_pretrained(out / "final")
-    masks = {}
-    for layer, (qkv, dense, rows, cols) in _masks(case, after, SELECTION).items():
-        masks[id(qkv.weight)] = rows[:, None].expand_as(qkv.weight)
-        masks[id(dense.weight)] = cols[None, :].expand_as(dense.weight)
-        if qkv.bias is not None:
-            masks[id(qkv.bias)] = rows
+    masks = _element_masks(case, after)
     old = dict(before.named_parameters())
     changed = 0
     for name, p in after.named_parameters():
