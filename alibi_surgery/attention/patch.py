@@ -47,7 +47,7 @@ class _PatchState:
     had_forward: bool  # an instance-level forward existed before patching (restored on unpatch)
     old_forward: object
     slopes: dict = dataclasses.field(default_factory=dict)
-    maps: bool = False  # output_attentions of the enclosing block's current call (MPT never tells its attention)
+    maps: bool = False  # output_attentions of the enclosing block's call (families whose blocks keep it to themselves)
     hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
     resolved: dict = dataclasses.field(default_factory=dict)  # resolve_backend's answers, shared by all layers
@@ -98,12 +98,14 @@ def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
         attn.__dict__[_STATE] = _PatchState(backend, family, layer, had, attn.__dict__.get("forward"),
                                             resolved=resolved)
         attn.forward = types.MethodType(forward, attn)
-    block_class = family.block_class()
-    for block in [m for m in model.modules() if isinstance(m, block_class)]:
-        for attn in family.attention_modules(block):
-            state = attn.__dict__[_STATE]
-            if state.hook is None:
-                state.hook = block.register_forward_pre_hook(functools.partial(_note_maps, state), with_kwargs=True)
+    if family.block_keeps_output_attentions:  # read the flag off each block's call (MPT)
+        block_class = family.block_class()
+        for block in [m for m in model.modules() if isinstance(m, block_class)]:
+            for attn in family.attention_modules(block):
+                state = attn.__dict__[_STATE]
+                if state.hook is None:
+                    state.hook = block.register_forward_pre_hook(functools.partial(_note_maps, state),
+                                                                 with_kwargs=True)
     return model
 
 

@@ -52,7 +52,7 @@ def family_of_module(module) -> Family:
     config = getattr(module, "config", None)
     if config is not None and getattr(config, "model_type", None) in FAMILIES:
         return FAMILIES[config.model_type]
-    for family in dict.fromkeys(FAMILIES.values()):
+    for family in FAMILIES.values():
         cls = family.attention_class()
         if any(isinstance(m, cls) for m in module.modules()):
             return family

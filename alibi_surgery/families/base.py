@@ -51,6 +51,7 @@ class Family:
     name: str = ""  # e.g. "bloom": the config.model_type the adapter accepts and transformers' model folder
     prefix: str = "transformer."  # the base model's attribute name in the causal LM's state dict
     blocks: str = "h"  # the base model's attribute holding the blocks
+    block_keeps_output_attentions: bool = False  # the block does not pass output_attentions to its attention
     embedding: str = ""  # the token embedding's tensor name, without ``prefix``
     qkv_name: str = ""  # attribute names of the fused QKV and output linears on the attention module
     out_name: str = ""
