@@ -22,7 +22,7 @@ import torch
 
 from alibi_surgery.kernels import alibi_attention_fwd, alibi_slopes, key_positions
 from alibi_surgery.kernels.alibi import first_real_key
-from alibi_surgery.kernels.autograd import alibi_attention_train
+from alibi_surgery.attention.backends import run_attention
 
 # (T, head_dim, heads): awkward shapes, then the family's own (560m, 1b1, 1b7, 3b, 7b1, 176b)
 SHAPES = [(1, 64, 3), (97, 80, 12), (97, 96, 3), (130, 128, 16), (333, 64, 112), (1024, 64, 16), (2048, 96, 16),
@@ -80,7 +80,7 @@ def case(T, d, H, dtype, dev):
 
     ref_o, ref_g = grads(lambda a, b, c: dense(a, b, c, key_pos, slopes.double()), torch.float64)
     eag_o, eag_g = grads(lambda a, b, c: dense(a, b, c, key_pos, slopes), dtype)
-    our_o, our_g = grads(lambda a, b, c: alibi_attention_train(a, b, c, key_pos, slopes, "triton")[0], dtype)
+    our_o, our_g = grads(lambda a, b, c: run_attention(a, b, c, key_pos, slopes, "triton")[0], dtype)
     rowsets = (rows_o, rows_q, rows_q, rows_q)
     scale = do.norm()
     ours = [rel(x, r, m, scale) for x, r, m in zip([our_o, *our_g], [ref_o, *ref_g], rowsets)]
@@ -116,7 +116,7 @@ def timings(T=2048, d=128, H=32, batch=1, dtype=torch.bfloat16) -> list[str]:
     bias = (slopes.view(1, -1, 1, 1) * key_pos[:, None, None, :]).to(dtype)
     bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=dev).tril(), float("-inf"))
     impls = {
-        "fused": lambda: alibi_attention_train(q, k, v, key_pos, slopes, "triton")[0],
+        "fused": lambda: run_attention(q, k, v, key_pos, slopes, "triton")[0],
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2),
         "eager": lambda: dense(q, k, v, key_pos, slopes),
     }

@@ -22,10 +22,28 @@ only ``softmax_scale`` enters the gradients. Position 0 has bias 0 under every o
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["alibi_slopes", "key_positions", "first_real_key", "resolve_softmax_scale", "round_bf16", "alibi_bias"]
+__all__ = ["alibi_slopes", "key_positions", "first_real_key", "resolve_softmax_scale", "round_bf16", "alibi_bias",
+           "AttentionOptions"]
+
+
+class AttentionOptions(NamedTuple):
+    """The keyword options every attention implementation takes (the Triton launchers and their torch twins).
+
+    ``with_stats`` adds per-head (sum of first-token mass, sum of entropy, row count) over the counted query rows;
+    ``exclude_first_query`` does not count the row at position 0; ``normalize_entropy`` divides each row's entropy
+    by ln(visible keys). ``softmax_scale``, ``bias_scale`` and ``alibi_bf16`` are the score options above.
+    An unknown name is a TypeError, as for any keyword argument."""
+
+    with_stats: bool = False
+    exclude_first_query: bool = False
+    normalize_entropy: bool = False
+    softmax_scale: float | None = None
+    bias_scale: float = 1.0
+    alibi_bf16: bool = False
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> torch.Tensor:

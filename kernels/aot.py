@@ -127,9 +127,9 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
 
 
 def bwd_signature(kernel, dtype: torch.dtype) -> dict:
-    """Runtime-argument types of a backward kernel (``_alibi_bwd_dkdv_kernel`` or ``_alibi_bwd_dq_kernel``)."""
+    """Runtime-argument types of a backward kernel (``_alibi_bwd_kernel`` or ``_bwd_delta_kernel``)."""
     t = _TRITON_TYPE[dtype]
-    pointers = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, LSE="fp32", DELTA="fp32", KPOS="i32", KSTART="i32",
+    pointers = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, O=t, LSE="fp32", DELTA="fp32", KPOS="i32", KSTART="i32",
                     SLOPES="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -143,17 +143,25 @@ def bwd_signature(kernel, dtype: torch.dtype) -> dict:
 
 
 def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_bf16: bool = False) -> CompileResult:
-    """Compile one backward kernel (``which``: ``"dkdv"`` or ``"dq"``) with the configuration its launcher picks."""
-    from .attention_bwd import _alibi_bwd_dkdv_kernel, _alibi_bwd_dq_kernel, pick_bwd_config
+    """Compile one backward pass (``which``: ``"dkdv"``, ``"dq"`` or ``"delta"``) with the configuration its
+    launcher picks; the result is named ``_alibi_bwd_<which>``."""
+    from .attention_bwd import DELTA_BLOCK, _alibi_bwd_kernel, _bwd_delta_kernel, pick_bwd_config
 
-    kernel = _alibi_bwd_dkdv_kernel if which == "dkdv" else _alibi_bwd_dq_kernel
-    cfg = pick_bwd_config(head_dim, dtype, arch, alibi_bf16)[0 if which == "dkdv" else 1]
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
+    block_d = triton.next_power_of_2(head_dim)
+    if which == "delta":
+        kernel, num_warps, num_stages = _bwd_delta_kernel, 4, 1
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK)
+    else:
+        kernel = _alibi_bwd_kernel
+        cfg = pick_bwd_config(head_dim, dtype, arch, alibi_bf16)[0 if which == "dkdv" else 1]
+        num_warps, num_stages = cfg.num_warps, cfg.num_stages
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          DKDV=which == "dkdv", UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
     sig = bwd_signature(kernel, dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
-    result = aot_compile(kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
-    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16))
+    result = aot_compile(kernel, sig, constexprs, arch, num_warps, num_stages, divisible)
+    return dataclasses.replace(result, kernel=f"_alibi_bwd_{which}", dtype_name=_TRITON_TYPE[dtype],
+                               variant=_bias_variant(alibi_bf16))
 
 
 def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> dict:

@@ -36,16 +36,17 @@ Key blocks left of the diagonal skip the causal mask; padding is a per-key bias 
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .alibi import first_real_key, resolve_softmax_scale, round_bf16
+from .alibi import AttentionOptions, first_real_key, resolve_softmax_scale, round_bf16
+from .configs import (SUPPORTED_HEAD_DIMS, FwdConfig, arch_of, check_head_dim, interpreting, kernel_supports,
+                      pick_config)
 
-__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args"]
+__all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args",
+           "kernel_positions"]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -83,18 +84,42 @@ def _slope_terms(SLOPES, h, n_head, ALIBI_BF16: tl.constexpr):
         return tl.load(SLOPES + h) * _LOG2E, 0.0
 
 
+ORIGIN_ROWS = 128  # query rows that share one bias origin (every BLOCK_M divides it)
+_ORIGIN_ROWS = tl.constexpr(ORIGIN_ROWS)
+
+
 @triton.jit
-def _key_bias(pos_row, offs_n, n_ok, slope2, bias2, IN_RANGE: tl.constexpr = False, ALIBI_BF16: tl.constexpr = False):
-    """Per-key ALiBi bias in base-2 units: slope * position, or the mask value for padding and out-of-range keys.
-    IN_RANGE: every key of the block is known to be < k_len (no bounds mask). ALIBI_BF16: Falcon's rounding,
+def _bias_origin(start_m, q_shift, kstart, ALIBI_BF16: tl.constexpr):
+    """The bias origin of query rows [start_m, start_m + BLOCK_M): a position near theirs, the same for every row
+    of a group of ORIGIN_ROWS query rows, whatever the tile. Softmax is unchanged by a per-row constant, so the
+    kernels add ``slope * (pos - origin)`` instead of ``slope * pos``: scores and the log-sum-exp stay small at long
+    T, where absolute ALiBi biases of ~1e3 would cost their fp32 rounding (the fp32 2x-eager gap). Falcon's
+    bf16-rounded bias (ALIBI_BF16) is defined on absolute positions and keeps origin 0."""
+    if ALIBI_BF16:
+        return start_m * 0
+    return (start_m // _ORIGIN_ROWS) * _ORIGIN_ROWS + q_shift - kstart
+
+
+@triton.jit
+def _pos_bias(kpos, slope2, bias2, origin, ALIBI_BF16: tl.constexpr):
+    """ALiBi bias of keys at positions ``kpos`` in base-2 units, relative to ``origin`` (:func:`_bias_origin`), or
+    the mask value for padded keys (position -1). ALIBI_BF16: Falcon's rounding,
     ``bias2 * R(slope2 * R(position))`` (see :func:`_slope_terms`)."""
+    if ALIBI_BF16:
+        return tl.where(kpos >= 0, _round_bf16(slope2 * _round_bf16(kpos.to(tl.float32))) * bias2, _MASKED)
+    return tl.where(kpos >= 0, slope2 * (kpos.to(tl.float32) - origin.to(tl.float32)), _MASKED)
+
+
+@triton.jit
+def _key_bias(pos_row, offs_n, n_ok, slope2, bias2, origin, IN_RANGE: tl.constexpr = False,
+              ALIBI_BF16: tl.constexpr = False):
+    """:func:`_pos_bias` of the keys ``offs_n`` (positions read from ``pos_row``; keys past k_len are masked).
+    IN_RANGE: every key of the block is known to be < k_len (no bounds mask)."""
     if IN_RANGE:
         kpos = tl.load(pos_row + offs_n)
     else:
         kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
-    if ALIBI_BF16:
-        return tl.where(kpos >= 0, _round_bf16(slope2 * _round_bf16(kpos.to(tl.float32))) * bias2, _MASKED)
-    return tl.where(kpos >= 0, slope2 * kpos.to(tl.float32), _MASKED)
+    return _pos_bias(kpos, slope2, bias2, origin, ALIBI_BF16)
 
 
 @triton.jit
@@ -112,10 +137,32 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale):
-    """Each query row's score against the first real key, in base-2 units (its ALiBi bias is 0)."""
+def _query_rows(n_head, q_len, k_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query block of a program on a (query block, batch * head) grid:
+    ``(pid_bh, b, h, offs_m, offs_d, row_k, m_ok, d_ok)``, with ``row_k`` each row's key index (bottom-right
+    causal: query row i sits at key ``i + k_len - q_len``)."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_bh, pid_bh // n_head, pid_bh % n_head, offs_m, offs_d, offs_m + (k_len - q_len), offs_m < q_len,
+            offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _load_rows(base, offs_m, offs_d, stride_t, m_ok, d_ok, UPCAST: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile at ``base + row * stride_t + d`` (masked-off lanes read 0), in fp32 when UPCAST."""
+    x = tl.load(base + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale, slope2, origin):
+    """Each query row's score against the first real key, in base-2 units (its position is 0: bias
+    ``slope2 * -origin``, 0 under ALIBI_BF16, whose origin is 0)."""
     k0 = tl.load(k_base + tl.minimum(kstart, k_len - 1) * stride_kt + offs_d, mask=d_ok, other=0.0)
-    return tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale
+    return tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale - slope2 * origin.to(tl.float32)
 
 
 @triton.jit
@@ -129,30 +176,45 @@ def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def _scores(q, k_base, pos_row, offs_n, offs_d, row_k, k_len, stride_kt, slope2, bias2, origin, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+            IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr):
+    """``(s2, kt, n_ok)``: the base-2 scores of a query tile against the keys ``offs_n`` (bias, padding and, when
+    CAUSAL, the causal mask applied), the transposed key tile ``[BLOCK_D, BLOCK_N]``, and which keys are < k_len.
+
+    Left of the diagonal every key is < k_len, so those blocks load without a bounds mask, and head dims that fill
+    BLOCK_D need no lane mask. fp32 (IEEE) keeps both masks: its FMA dots' register budget was set with them."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE
+    MASK_N: tl.constexpr = CAUSAL or IEEE
+    n_ok = offs_n < k_len
+    bias = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, origin, not MASK_N, ALIBI_BF16)
+    kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, offs_d < HEAD_DIM, n_ok, MASK_D, MASK_N)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    s2 = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
+    if CAUSAL:
+        s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
+    return s2, kt, n_ok
+
+
+@triton.jit
 def _fwd_block_range(
-    acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
+    acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
     stride_kt, stride_vt, k_len, start, stop,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks)."""
     d_ok = offs_d < HEAD_DIM
-    # Left of the diagonal every key is < k_len, so those blocks load without a bounds mask, and head dims that
-    # fill BLOCK_D need no lane mask. fp32 (IEEE) keeps both masks: its FMA dots' register budget was set with them.
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE  # as in _scores
     MASK_N: tl.constexpr = CAUSAL or IEEE
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < k_len
-        bias = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, not MASK_N, ALIBI_BF16)
-        kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, d_ok, n_ok, MASK_D, MASK_N)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n < k_len, d_ok, MASK_N, MASK_D)
         if UPCAST:
-            kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        s2 = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
-        if CAUSAL:
-            s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
+        s2, kt, n_ok = _scores(q, k_base, pos_row, offs_n, offs_d, row_k, k_len, stride_kt, slope2, bias2, origin,
+                               qk_scale, HEAD_DIM, BLOCK_D, CAUSAL, UPCAST, IEEE, ALIBI_BF16)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         alpha = tl.math.exp2(m_i - m_new)
         if WITH_STATS:
@@ -180,25 +242,15 @@ def _alibi_fwd_kernel(
     WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
 ):
+    tl.static_assert(_ORIGIN_ROWS % BLOCK_M == 0)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_head
-    h = pid_bh % n_head
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, offs_m, offs_d, row_k, m_ok, d_ok = _query_rows(n_head, q_len, k_len, HEAD_DIM, BLOCK_D, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q_shift = k_len - q_len  # query row i sits at key index i + q_shift
-    row_k = offs_m + q_shift
-    m_ok = offs_m < q_len
-    d_ok = offs_d < HEAD_DIM
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_shift = k_len - q_len
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, m_ok, d_ok, UPCAST)
     slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)  # base-2 units throughout: s2 = s * log2(e)
     kstart = tl.load(KSTART + b)
+    origin = _bias_origin(pid_m * BLOCK_M, q_shift, kstart, ALIBI_BF16)
     pos_row = KPOS + b * k_len
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -211,15 +263,15 @@ def _alibi_fwd_kernel(
     # register copy of q outlives the loop; fp32 (IEEE dots, small tiles) spills less computing it after.
     s_first = tl.zeros([BLOCK_M], tl.float32)
     if WITH_STATS and not IEEE:
-        s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale)
+        s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale, slope2, origin)
 
     lo, diag, hi = _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, c_i = _fwd_block_range(
-        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, lo, diag,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, WITH_STATS, UPCAST, IEEE, ALIBI_BF16)
     acc, l_i, m_i, c_i = _fwd_block_range(
-        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, qk_scale, row_k, offs_d, offs_n0,
+        acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, diag, hi,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE, ALIBI_BF16)
 
@@ -228,11 +280,13 @@ def _alibi_fwd_kernel(
     out = tl.where((qpos >= 0)[:, None], acc / l_i[:, None], 0.0)  # a padded query row outputs exactly 0
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * q_len + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_ok)
+    # base-2 log-sum-exp of the base-2 scores (no ln/log2 round trip), +inf on padded query rows: the backward's
+    # exp2(s2 - lse2) is then exactly 0 there, with no position gather or select
+    tl.store(LSE + pid_bh * q_len + offs_m, tl.where(qpos >= 0, m_i + tl.math.log2(l_i), float("inf")), mask=m_ok)
 
     if WITH_STATS:
         if IEEE:
-            s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale)
+            s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale, slope2, origin)
         counted = m_ok & (qpos >= 0)
         if EXCLUDE_FIRST:
             counted = counted & (qpos > 0)
@@ -246,68 +300,14 @@ def _alibi_fwd_kernel(
         tl.store(base + 2, tl.sum(counted.to(tl.float32), 0))
 
 
-class FwdConfig(NamedTuple):
-    """Tile sizes and launch options chosen by :func:`pick_config`."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with_stats: bool = False) -> FwdConfig:
-    """Tile sizes for one launch. ``arch`` is the compute capability as 80/86/89/90 (None: the interpreter).
-
-    fp16/bf16 on sm_90: the fastest spill-free tiles of a timed sweep on an H100 (``bench/tune_attention.py``,
-    bf16, T = 2048, 8,192 tokens; docs/benchmarks.md). Elsewhere untimed spill-free tiles, with 2 pipeline stages
-    on sm_86/sm_89 for their 99 KB of shared memory. fp32 uses IEEE (FMA) dot products, whose register appetite forces small tiles. Every
-    configuration returned here compiles with 0 spills on sm_80/86/89/90 (``ptxas -v``, re-checked by a unit test).
-    """
-    wide = triton.next_power_of_2(head_dim) > 64
-    if arch is None:
-        return FwdConfig(64, 64, 4, 1)
-    if dtype == torch.float32:
-        return FwdConfig(32, 16, 8, 2) if wide else FwdConfig(32, 32, 8, 2)
-    if arch == 90:  # timed on an H100; at d = 64 the plain kernel's best tile spills 16 bytes with statistics
-        if wide:
-            return FwdConfig(64, 64, 4, 3)
-        return FwdConfig(128, 64, 8, 3) if with_stats else FwdConfig(64, 128, 4, 2)
-    if arch in (86, 89):  # untimed (no such GPU here): spill-free tiles within 99 KB of shared memory
-        # At d > 64, 4 warps sat at 255 registers and spilled 12 bytes once padded rows were zeroed: 8 warps.
-        return FwdConfig(64, 64, 8, 2) if wide else FwdConfig(128, 64, 8, 2)
-    return FwdConfig(64, 64, 8, 3) if wide else FwdConfig(128, 64, 8, 3)  # sm_80, untimed
-
-
-SUPPORTED_HEAD_DIMS = "a multiple of 16 from 16 to 128"
-
-
-def kernel_supports(head_dim: int) -> str | None:
-    """None when the Triton attention kernels (forward and backward) run ``head_dim``, else why not, in one line.
-    The one statement of the kernels' head-dim limit: backend choice and the launchers all ask it."""
-    if head_dim % 16 == 0 and 16 <= head_dim <= 128:
-        return None
-    return f"the triton kernels need head_dim to be {SUPPORTED_HEAD_DIMS}, got {head_dim}"
-
-
-def check_head_dim(head_dim: int) -> None:
-    """Raise ValueError unless :func:`kernel_supports` ``head_dim``."""
-    reason = kernel_supports(head_dim)
-    if reason is not None:
-        raise ValueError(reason)
-
-
-def score_args(slopes: torch.Tensor, head_dim: int, device, softmax_scale: float | None, bias_scale: float,
-               alibi_bf16: bool) -> tuple[torch.Tensor, float, float]:
+def score_args(slopes: torch.Tensor, head_dim: int, device, opts: AttentionOptions
+               ) -> tuple[torch.Tensor, float, float]:
     """What the kernels take for the score options of :mod:`.alibi`: ``(SLOPES, qk_scale, sm_scale)``.
 
     SLOPES is float32 ``[H]``: the slopes times ``bias_scale`` (the default path's kernel is unchanged); with
     ``alibi_bf16`` it is ``[H + 1]``: the bf16-rounded slopes, then ``bias_scale`` (see ``_slope_terms``).
     ``sm_scale`` is the scores' scale, ``qk_scale`` the same in base-2 units."""
+    softmax_scale, bias_scale, alibi_bf16 = opts.softmax_scale, opts.bias_scale, opts.alibi_bf16
     sm_scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
     qk_scale = LOG2E / math.sqrt(head_dim) if softmax_scale is None else LOG2E * sm_scale
     slopes = slopes.to(device=device, dtype=torch.float32)
@@ -318,20 +318,8 @@ def score_args(slopes: torch.Tensor, head_dim: int, device, softmax_scale: float
     return slopes.contiguous(), qk_scale, sm_scale
 
 
-def alibi_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_pos: torch.Tensor,
-    slopes: torch.Tensor,
-    *,
-    with_stats: bool = False,
-    exclude_first_query: bool = False,
-    normalize_entropy: bool = False,
-    softmax_scale: float | None = None,
-    bias_scale: float = 1.0,
-    alibi_bf16: bool = False,
-):
+def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
+                        slopes: torch.Tensor, *, kstart: torch.Tensor | None = None, **options):
     """Launch the fused kernel.
 
     Args:
@@ -339,11 +327,16 @@ def alibi_attention_fwd(
             on d.
         key_pos: int32 ``[B, k_len]`` from :func:`key_positions` (-1 marks a padded key).
         slopes: float32 ``[H]``.
-        softmax_scale, bias_scale, alibi_bf16: the score options of :mod:`.alibi` (defaults: BLOOM's scores).
+        kstart: int32 ``[B]``, :func:`first_real_key` of ``key_pos`` when the caller already has it (one per model
+            forward, shared by its layers); computed here when None.
+        options: the :class:`~.alibi.AttentionOptions` (statistics and score options; defaults: BLOOM's scores,
+            no statistics).
     Returns:
-        ``(out [B, q_len, H, d] in q's dtype, lse [B, H, q_len] float32, stats)`` where stats is None or a float32
-        ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows.
+        ``(out [B, q_len, H, d] in q's dtype, lse2 [B, H, q_len] float32, stats)``: ``lse2`` is the base-2
+        log-sum-exp of the base-2 scores (+inf on padded query rows), what the backward reads; stats is None or a
+        float32 ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows.
     """
+    opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
     check_head_dim(head_dim)
@@ -356,19 +349,18 @@ def alibi_attention_fwd(
             raise ValueError(f"q, k, v must share one of float32/float16/bfloat16, got {name} {t.dtype}")
     if key_pos.shape != (batch, k_len):
         raise ValueError(f"key_pos must be [batch, k_len] = {[batch, k_len]}, got {list(key_pos.shape)}")
-    key_pos = key_pos.to(device=q.device, dtype=torch.int32).contiguous()
-    kstart = first_real_key(key_pos).to(torch.int32)
-    slopes, qk_scale, _ = score_args(slopes, head_dim, q.device, softmax_scale, bias_scale, alibi_bf16)
+    key_pos, kstart = kernel_positions(key_pos, kstart, q.device)
+    slopes, qk_scale, _ = score_args(slopes, head_dim, q.device, opts)
 
     interp = interpreting()
-    arch = None if interp else _arch(q.device)
-    cfg = pick_config(head_dim, q.dtype, arch, with_stats)
+    arch = None if interp else arch_of(q.device)
+    cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats)
     n_qblocks = triton.cdiv(q_len, cfg.block_m)
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=store_dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=torch.float32)
-    stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if with_stats else lse
+    stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if opts.with_stats else lse
 
     grid = (n_qblocks, batch * n_head)
     _alibi_fwd_kernel[grid](
@@ -379,13 +371,18 @@ def alibi_attention_fwd(
         out.stride(0), out.stride(2), out.stride(1),
         n_head, q_len, k_len, n_qblocks, qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        WITH_STATS=with_stats, EXCLUDE_FIRST=exclude_first_query, NORMALIZE_ENTROPY=normalize_entropy,
-        UPCAST=interp and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(alibi_bf16),
+        WITH_STATS=opts.with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
+        NORMALIZE_ENTROPY=opts.normalize_entropy, UPCAST=interp and q.dtype == torch.bfloat16,
+        IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.to(q.dtype), lse, (stats.sum(2) if with_stats else None)
+    return out.to(q.dtype), lse, (stats.sum(2) if opts.with_stats else None)
 
 
-def _arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+def kernel_positions(key_pos: torch.Tensor, kstart: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key_pos, kstart)`` as the kernels read them: contiguous int32 on ``device``; ``kstart`` (each row's first
+    real key) is computed from ``key_pos`` when None."""
+    key_pos = key_pos.to(device=device, dtype=torch.int32).contiguous()
+    if kstart is None:
+        kstart = first_real_key(key_pos)
+    return key_pos, kstart.to(device=device, dtype=torch.int32).contiguous()

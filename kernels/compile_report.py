@@ -1,7 +1,7 @@
 """AOT compile report: ``python -m alibi_surgery.kernels.compile_report [--arch 89 ...] [--bias ...] [--jobs N]``.
 
 Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/96/128, fp32/fp16/bf16, with and
-without statistics), both backward kernels (dK/dV and dQ) for the same head dims and dtypes, each with BLOOM's bias
+without statistics), both backward passes (dK/dV and dQ) and the delta kernel for the same head dims and dtypes, each with BLOOM's bias
 and with Falcon-RW's bf16-rounded one (the constexpr ``ALIBI_BF16``, variant ``alibi-bf16``; ``softmax_scale`` and
 ``bias_scale`` are runtime values and compile nothing), and the AdamW kernel's variants (fp32, bf16 rounded to
 nearest or stochastically, bf16/fp16 with an fp32 master copy; each with and without a gradient scale) for
@@ -45,8 +45,10 @@ def adamw_configs(archs=ARCHS):
 
 
 def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
-    """(arch, head_dim, dtype, which, alibi_bf16) for both backward kernels."""
-    return list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq"), biases))
+    """(arch, head_dim, dtype, which, alibi_bf16) for both backward passes, and the delta kernel (which has no
+    bias variant)."""
+    passes = list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq"), biases))
+    return passes + list(itertools.product(archs, head_dims, DTYPES, ("delta",), (False,)))
 
 
 def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
@@ -81,7 +83,7 @@ def format_table(results: list[CompileResult]) -> str:
         c = r.config
         if "HEAD_DIM" in c:
             stats = ("yes" if c["WITH_STATS"] else "no") if "WITH_STATS" in c else "-"
-            d, tile = c["HEAD_DIM"], f"{c['BLOCK_M']}x{c['BLOCK_N']}"
+            d, tile = c["HEAD_DIM"], f"{c['BLOCK_M']}x{c.get('BLOCK_N', '-')}"
         else:
             d, stats, tile = "-", "-", f"{c['BLOCK']}v{c['VEC']}"
         tile += f"/w{c['num_warps']}s{c['num_stages']}"

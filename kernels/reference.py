@@ -2,7 +2,9 @@
 
 It runs the kernel's algorithm (online softmax over key blocks, padding as a per-key bias, the causal mask only on
 diagonal tiles, centred entropy accumulator, first-token score recomputed from q and the position-0 key) with
-torch ops, in natural-log units, on ``[block_q, block_k]`` tiles batched over (batch, head). Memory is
+torch ops, in base-2 units as the kernel (``s2 = s * log2 e``, ``exp2``), on ``[block_q, block_k]`` tiles batched
+over (batch, head). The log-sum-exp it returns is the kernel's ``lse2``: base 2, +inf on padded query rows, so the
+two implementations' forward and backward halves can be paired either way. Memory is
 O(block_q * block_k * B * H): no T x T matrix is built. Low-precision inputs are upcast per tile; accumulation is fp32.
 Masking is additive with -1e30, as in the kernel, so rows with no visible key stay finite.
 A padded query row (position -1) outputs exactly 0, as in the kernel, and its backward gives it no gradient.
@@ -14,52 +16,74 @@ from __future__ import annotations
 
 import torch
 
-from .alibi import alibi_bias, first_real_key, resolve_softmax_scale
+import math
+
+from .alibi import AttentionOptions, alibi_bias, first_real_key, resolve_softmax_scale
 
 __all__ = ["alibi_attention_blocked", "alibi_attention_blocked_bwd"]
 
 MASKED = -1.0e30  # additive mask, as in the kernel: finite, so 0 * (s - m) never makes a NaN
+LOG2E = 1.4426950408889634
 
 
-def _masked_bias(slopes, key_pos, bias_scale, alibi_bf16) -> torch.Tensor:
-    """Per-key bias ``[B, H, 1, Tk]``: the ALiBi bias of real keys, the mask value for padded ones."""
-    bias = alibi_bias(slopes, key_pos, bias_scale, alibi_bf16)
-    return torch.where((key_pos >= 0)[:, None, :], bias, MASKED)[:, :, None, :]
+ORIGIN_ROWS = 128  # as the kernels' ``_bias_origin``
 
 
-def alibi_attention_blocked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_pos: torch.Tensor,
-    slopes: torch.Tensor,
-    *,
-    with_stats: bool = False,
-    exclude_first_query: bool = False,
-    normalize_entropy: bool = False,
-    softmax_scale: float | None = None,
-    bias_scale: float = 1.0,
-    alibi_bf16: bool = False,
-    block_q: int = 128,
-    block_k: int = 128,
-):
-    """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`."""
+class _Bias:
+    """Base-2 ALiBi bias tiles as the kernels build them: ``slope * (pos_j - origin_i)`` with each query row's
+    origin (a position near its own, shared by groups of ORIGIN_ROWS rows: softmax ignores a per-row constant, and
+    small scores keep fp32 precise at long T), the mask value on padded keys. Falcon's bf16-rounded bias
+    (``alibi_bf16``) is absolute (origin 0)."""
+
+    def __init__(self, slopes, key_pos, first_key, shift, opts: AttentionOptions):
+        self.key_pos, self.first_key, self.shift, self.bf16 = key_pos, first_key, shift, opts.alibi_bf16
+        slopes = slopes.to(device=key_pos.device, dtype=torch.float32)
+        if self.bf16:
+            self.absolute = alibi_bias(slopes, key_pos, opts.bias_scale, True)[:, :, None, :] * LOG2E
+        else:
+            self.slope2 = (slopes * float(opts.bias_scale) * LOG2E)[None, :, None, None]  # [1, H, 1, 1]
+
+    def origin(self, q0: int, q1: int) -> torch.Tensor:
+        """``[B, 1, q1 - q0, 1]`` int64 origins of query rows [q0, q1)."""
+        rows = torch.arange(q0, q1, device=self.key_pos.device)
+        origin = (rows // ORIGIN_ROWS * ORIGIN_ROWS + self.shift)[None, :] - self.first_key[:, None]
+        return (origin * (not self.bf16))[:, None, :, None]
+
+    def tile(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        """``[B, H, q1 - q0, k1 - k0]`` (or broadcastable) bias of query rows [q0, q1) against keys [k0, k1)."""
+        pos = self.key_pos[:, None, None, k0:k1]
+        bias = self.absolute[..., k0:k1] if self.bf16 else self.slope2 * (pos - self.origin(q0, q1)).float()
+        return torch.where(pos >= 0, bias, MASKED)
+
+    def first_key_bias(self, q0: int, q1: int) -> torch.Tensor:
+        """``[B, H, q1 - q0]`` bias of position 0 (0 under ``alibi_bf16``)."""
+        if self.bf16:
+            return torch.zeros(1, 1, 1, device=self.key_pos.device)
+        return (self.slope2 * -self.origin(q0, q1).float())[..., 0]
+
+
+def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
+                            slopes: torch.Tensor, *, kstart: torch.Tensor | None = None, block_q: int = 128,
+                            block_k: int = 128, **options):
+    """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`; ``block_q``/``block_k``
+    are the tile sizes."""
+    opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
     if q_len > k_len:
         raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
     f32 = torch.float32
-    scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
+    scale = resolve_softmax_scale(head_dim, opts.softmax_scale, opts.bias_scale) * LOG2E  # base-2 units
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)
     key_ok = key_pos >= 0  # [B, Tk]
-    first_key = first_real_key(key_pos)
+    first_key = first_real_key(key_pos) if kstart is None else kstart.to(device=q.device, dtype=torch.int64)
     shift = k_len - q_len
 
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=f32)
-    stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if with_stats else None
+    stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if opts.with_stats else None
     k_lo = (int(first_key.min()) // block_k) * block_k
-    bias = _masked_bias(slopes, key_pos, bias_scale, alibi_bf16)
+    bias = _Bias(slopes, key_pos, first_key, shift, opts)
     # Key of position 0 per batch row, for the first-token score (as the kernel does: one dot per row).
     k_first = k[torch.arange(batch, device=q.device), :, first_key.clamp(max=k_len - 1)].to(f32)  # [B, H, d]
 
@@ -73,14 +97,14 @@ def alibi_attention_blocked(
         centred = torch.zeros_like(m)
         for k0 in range(k_lo, min(k_len, shift + q1), block_k):
             k1 = min(k0 + block_k, k_len)
-            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)).mul_(scale).add_(bias[..., k0:k1])
+            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)).mul_(scale).add_(bias.tile(q0, q1, k0, k1))
             if k1 - 1 > shift + q0:  # a diagonal tile: some key lies after some query row
                 s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
             m_new = torch.maximum(m, s.amax(-1))
-            alpha = torch.exp(m - m_new)
+            alpha = torch.exp2(m - m_new)
             s_centred = s - m_new[..., None]
-            p = torch.exp(s_centred)
-            if with_stats:
+            p = torch.exp2(s_centred)
+            if opts.with_stats:
                 centred = alpha * (centred + (m - m_new) * l) + (p * s_centred).sum(-1)
             l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + torch.matmul(p, v[:, :, k0:k1].to(f32))
@@ -89,17 +113,17 @@ def alibi_attention_blocked(
         l = torch.where(l > 0, l, 1.0)  # query blocks left of every real key iterate nothing
         row_ok = key_ok[:, rows][:, None, :, None]  # [B, 1, bq, 1]: a padded query row outputs exactly 0
         out[:, q0:q1] = torch.where(row_ok, acc / l[..., None], 0.0).transpose(1, 2).to(q.dtype)
-        lse[:, :, q0:q1] = m + torch.log(l)
+        lse[:, :, q0:q1] = torch.where(row_ok[..., 0], m + torch.log2(l), math.inf)
 
-        if with_stats:
+        if opts.with_stats:
             qpos = key_pos[:, rows][:, None, :]  # [B, 1, bq]
             counted = qpos >= 0
-            if exclude_first_query:
+            if opts.exclude_first_query:
                 counted = counted & (qpos > 0)
-            s_first = torch.matmul(qb, k_first[..., None]).squeeze(-1) * scale  # position 0: no bias
-            p0 = torch.exp((s_first - m).clamp_max(0.0)) / l
-            ent = torch.log(l) - centred / l
-            if normalize_entropy:
+            s_first = torch.matmul(qb, k_first[..., None]).squeeze(-1) * scale + bias.first_key_bias(q0, q1)
+            p0 = torch.exp2((s_first - m).clamp_max(0.0)) / l
+            ent = (torch.log2(l) - centred / l) * math.log(2.0)
+            if opts.normalize_entropy:
                 n_visible = (qpos + 1).to(f32).clamp_min(2.0)
                 ent = torch.where(qpos > 0, ent / torch.log(n_visible), 0.0)
             stats[..., 0] += torch.where(counted, p0, 0.0).sum(-1)
@@ -108,59 +132,52 @@ def alibi_attention_blocked(
     return out, lse, stats
 
 
-def alibi_attention_blocked_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_pos: torch.Tensor,
-    slopes: torch.Tensor,
-    *,
-    softmax_scale: float | None = None,
-    bias_scale: float = 1.0,
-    alibi_bf16: bool = False,
-    block_q: int = 128,
-    block_k: int = 128,
-):
+def alibi_attention_blocked_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor, *,
+                                kstart: torch.Tensor | None = None, grads: tuple | None = None, block_q: int = 128,
+                                block_k: int = 128, **options):
     """Gradients (dq, dk, dv) of :func:`alibi_attention_blocked`, recomputing each probability tile from ``lse``.
 
-    ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v and the score options as in the forward. Padded query rows
-    (position -1) get no gradient and pass none on: the forward outputs the constant 0 there, so this is its exact
-    derivative.
+    ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v, ``lse`` (base 2) and the options as in the forward;
+    ``grads`` as in :func:`~.attention_bwd.alibi_attention_bwd`. Padded query rows (position -1, ``lse`` +inf) get
+    no gradient and pass none on: the forward outputs the constant 0 there, so this is its exact derivative.
     Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
     """
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
+    opts = AttentionOptions(**options)
     f32 = torch.float32
-    scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
+    scale = resolve_softmax_scale(head_dim, opts.softmax_scale, opts.bias_scale)
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)
-    key_ok = key_pos >= 0
     shift = k_len - q_len
-    bias = _masked_bias(slopes, key_pos, bias_scale, alibi_bf16)
-    row_ok = key_ok[:, shift:][:, None, :]  # [B, 1, q_len]: real query rows
+    first_key = first_real_key(key_pos) if kstart is None else kstart.to(device=q.device, dtype=torch.int64)
+    bias = _Bias(slopes, key_pos, first_key, shift, opts)
     do = do.to(f32).transpose(1, 2)  # [B, H, q_len, d]
     delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij
     dq = torch.zeros(batch, n_head, q_len, head_dim, device=q.device, dtype=f32)
     dk = torch.zeros(batch, n_head, k_len, head_dim, device=q.device, dtype=f32)
     dv = torch.zeros_like(dk)
-    k_lo = (int(first_real_key(key_pos).min()) // block_k) * block_k
+    k_lo = (int(first_key.min()) // block_k) * block_k
 
     for q0 in range(0, q_len, block_q):
         q1 = min(q0 + block_q, q_len)
         rows = torch.arange(q0, q1, device=q.device) + shift
         qb, dob = q[:, :, q0:q1].to(f32), do[:, :, q0:q1]
-        lse_b, delta_b, ok_b = lse[:, :, q0:q1, None], delta[:, :, q0:q1, None], row_ok[..., q0:q1, None]
+        lse_b, delta_b = lse[:, :, q0:q1, None], delta[:, :, q0:q1, None]
         for k0 in range(k_lo, min(k_len, shift + q1), block_k):
             k1 = min(k0 + block_k, k_len)
             kb, vb = k[:, :, k0:k1].to(f32), v[:, :, k0:k1].to(f32)
-            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).add_(bias[..., k0:k1])
+            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale * LOG2E).add_(bias.tile(q0, q1, k0, k1))
             if k1 - 1 > shift + q0:
                 s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
-            p = torch.where(ok_b, torch.exp(s - lse_b), 0.0)
+            p = torch.exp2(s - lse_b)  # lse +inf on padded rows: exactly 0
             dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
             ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta_b)
             dq[:, :, q0:q1] += torch.matmul(ds, kb)
             dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
-    return (dq * scale).to(q.dtype), (dk * scale).to(q.dtype), dv.to(q.dtype)
+    result = (dq * scale).to(q.dtype), (dk * scale).to(q.dtype), dv.to(q.dtype)
+    if grads is None:
+        return result
+    for target, got in zip(grads, result):
+        target.copy_(got)
+    return grads

@@ -15,14 +15,15 @@ import warnings
 import torch
 
 from ..errors import UsageError
-from ..kernels import alibi_attention_blocked, alibi_attention_fwd
-from ..kernels.autograd import alibi_attention_train
-from ..kernels.attention_fwd import SUPPORTED_HEAD_DIMS, interpreting, kernel_supports
+from ..kernels import ops
+from ..kernels.alibi import AttentionOptions
+from ..kernels.attention_fwd import SUPPORTED_HEAD_DIMS, interpreting, kernel_positions, kernel_supports
 
 BACKENDS = ("auto", "triton", "torch", "eager")
 _needs = f"the triton backend needs head_dim to be {SUPPORTED_HEAD_DIMS}"
 
-__all__ = ["BACKENDS", "check_backend", "check_triton_head_dim", "resolve_backend", "alibi_attention"]
+__all__ = ["BACKENDS", "check_backend", "check_triton_head_dim", "resolve_backend", "run_attention",
+           "run_attention_packed"]
 
 
 def check_backend(backend: str) -> str:
@@ -58,22 +59,36 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
-def alibi_attention(q, k, v, key_pos, slopes, backend: str, *, softmax_scale: float | None = None,
-                    bias_scale: float = 1.0, alibi_bf16: bool = False, **stats_options):
-    """Run fused ALiBi attention with a concrete backend (``triton`` or ``torch``); see ``alibi_attention_fwd``.
+def run_attention(q, k, v, key_pos, slopes, backend: str, *, kstart=None, **options):
+    """Fused ALiBi attention with a concrete backend (``triton`` or ``torch``), differentiable in q, k, v.
 
-    The scores are ``softmax_scale * q.k + bias_scale * R(R(slope) * R(pos))`` (``softmax_scale`` None: 1/sqrt(d);
-    R rounds to bfloat16 when ``alibi_bf16``, Falcon-RW's bias, else is the identity): BLOOM by default, MPT with its
-    ``softmax_scale``, Falcon-RW with ``alibi_bf16=True, bias_scale=softmax_scale=1/sqrt(d)``.
-    Returns ``(out, lse, stats)``. When autograd records (q, k or v requires grad) the call goes through
-    :class:`~alibi_surgery.kernels.autograd.AlibiAttention` and ``lse`` is None (it is kept for the backward).
+    q ``[B, H, Tq, d]``, k and v ``[B, H, Tk, d]`` (the kernels' convention; any strides with a unit stride on d),
+    ``key_pos`` int32 ``[B, Tk]``, ``kstart`` its first real keys (computed when None), ``options`` the
+    :class:`~alibi_surgery.kernels.alibi.AttentionOptions`. The scores are ``softmax_scale * q.k + bias_scale *
+    R(R(slope) * R(pos))`` (``softmax_scale`` None: 1/sqrt(d); R rounds to bfloat16 when ``alibi_bf16``,
+    Falcon-RW's bias): BLOOM by default, MPT with its ``softmax_scale``, Falcon-RW with ``alibi_bf16=True,
+    bias_scale=softmax_scale=1/sqrt(d)``. Returns ``(out [B, Tq, H, d], lse2, stats or None)``; gradients come
+    back contiguous in ``[B, T, H, d]`` (as ``[B, H, T, d]`` views).
     """
+    return _call(ops.attention, (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), key_pos, kstart, slopes,
+                 backend, options)
+
+
+def run_attention_packed(qkv, layout: str, key_pos, slopes, backend: str, *, kstart=None, **options):
+    """:func:`run_attention` over one packed tensor (``layout`` ``"interleaved"``: ``[B, T, H, 3, d]``,
+    ``"blocked"``: ``[B, T, 3, H, d]``); its gradient is one contiguous tensor of ``qkv``'s shape."""
+    if layout not in ops.LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(ops.LAYOUTS)}, got {layout!r}")
+    return _call(ops.attention_packed, (qkv, layout), key_pos, kstart, slopes, backend, options)
+
+
+def _call(op, inputs, key_pos, kstart, slopes, backend, options):
     if backend not in ("triton", "torch"):
-        raise ValueError(f"alibi_attention needs the triton or torch backend, got {backend!r}")
-    score_options = dict(softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, stats = alibi_attention_train(q, k, v, key_pos, slopes, backend, **score_options, **stats_options)
-        return out, None, stats
-    if backend == "triton":
-        return alibi_attention_fwd(q, k, v, key_pos, slopes, **score_options, **stats_options)
-    return alibi_attention_blocked(q, k, v, key_pos, slopes, **score_options, **stats_options)
+        raise ValueError(f"fused attention needs the triton or torch backend, got {backend!r}")
+    o = AttentionOptions(**options)
+    flags = (bool(o.with_stats), bool(o.exclude_first_query), bool(o.normalize_entropy),
+             None if o.softmax_scale is None else float(o.softmax_scale), float(o.bias_scale), bool(o.alibi_bf16))
+    device = inputs[0].device
+    key_pos, kstart = kernel_positions(key_pos, kstart, device)
+    out, lse, stats = op(*inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend, *flags)
+    return out, lse, (stats if o.with_stats else None)

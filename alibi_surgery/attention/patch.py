@@ -7,8 +7,9 @@ module's ``__dict__`` as it was. Parameters and buffers are never added, so ``st
 are unchanged. ``patch_bloom`` / ``unpatch_bloom`` are the same functions under their first names.
 
 A patched forward keeps its family's contract (projections, cache update, output projection) and calls
-:func:`fused_attention` for the attention itself: key validity comes from the mask the model passes, ALiBi positions
-from the family's rule, slopes and scales from the adapter. It falls back to the family's own forward, for that call
+:func:`fused_attention` for the attention itself, on the packed QKV projection when there is no cached past (one
+gradient buffer in the projection's layout): key validity comes from the mask the model passes, ALiBi positions from
+the family's rule (computed once per model forward, :func:`attention_keys`), slopes and scales from the adapter. It falls back to the family's own forward, for that call
 only, when ``output_attentions=True`` (with a warning) or when attention dropout is active (:func:`eager_fallback`);
 a family whose own eager attention is wrong (Falcon) refuses instead. Padded query rows get an attention output of 0
 (the fused kernels' convention; see docs/training.md for the loss).
@@ -25,16 +26,18 @@ import dataclasses
 import functools
 import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..kernels.alibi import first_real_key
 from ..kernels.attention_fwd import interpreting
-from .backends import alibi_attention, check_backend, check_triton_head_dim, resolve_backend
+from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
-           "head_stats", "fused_attention", "eager_fallback", "key_validity", "patch_state"]
+           "head_stats", "fused_attention", "eager_fallback", "key_validity", "attention_keys", "patch_state"]
 
 _STATE = "_alibi_surgery_patch"
 
@@ -50,7 +53,7 @@ class _PatchState:
     maps: bool = False  # output_attentions of the enclosing block's call (families whose blocks keep it to themselves)
     hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
-    resolved: dict = dataclasses.field(default_factory=dict)  # resolve_backend's answers, shared by all layers
+    shared: dict = dataclasses.field(default_factory=dict)  # resolved backends, the last keys: shared by all layers
 
 
 @dataclasses.dataclass
@@ -87,7 +90,7 @@ def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
     family, attns = attention_modules(model, family)
     if backend == "triton":
         check_triton_head_dim(family.attention_shape(attns[0])[1])
-    resolved = {}
+    shared = {}
     forward = family.patched_forward()
     for layer, attn in enumerate(attns):
         state = attn.__dict__.get(_STATE)
@@ -96,7 +99,7 @@ def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
             continue
         had = "forward" in attn.__dict__
         attn.__dict__[_STATE] = _PatchState(backend, family, layer, had, attn.__dict__.get("forward"),
-                                            resolved=resolved)
+                                            shared=shared)
         attn.forward = types.MethodType(forward, attn)
     if family.block_keeps_output_attentions:  # read the flag off each block's call (MPT)
         block_class = family.block_class()
@@ -173,15 +176,43 @@ def head_stats(model: nn.Module, *, exclude_first_query: bool = False, normalize
                 a.__dict__[_STATE].sink = None
 
 
-def key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor:
+def key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device,
+                 bool_masks_out: bool = False) -> torch.Tensor:
     """[batch, k_len] bool: which keys are real tokens, read off the last query row of a 4D mask (additive float,
-    or bool with True = attend), whose last query row sees every real key; None means every key is real."""
+    or bool with True = attend, or True = masked when ``bool_masks_out``, MPT's convention), whose last query row
+    sees every real key; None means every key is real."""
     if mask is None:
         return torch.ones(batch, k_len, dtype=torch.bool, device=device)
     last = mask[:, 0, -1, :k_len]
     if last.dtype == torch.bool:
-        return last
+        return ~last if bool_masks_out else last
     return last > torch.finfo(last.dtype).min / 2
+
+
+def attention_keys(module: nn.Module, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device,
+                   bool_masks_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key_pos, kstart)`` of one patched module's call: int32 ALiBi positions ``[batch, k_len]`` (the family's
+    rule, -1 for padding) and each row's first real key ``[batch]``.
+
+    Every layer of one model forward gets the same mask object, so the answer is computed by the first layer and
+    reused by the others (a cache shared by the model's modules, keyed on the mask's identity, held by weak
+    reference, and its version). Tensors are made outside inference mode, so that a later training step may save
+    them. Under ``torch.compile`` nothing is cached: the compiler sees plain tensor code."""
+    state: _PatchState = module.__dict__[_STATE]
+    family = state.family
+    if torch.compiler.is_compiling():
+        key_pos = family.key_positions(key_validity(mask, batch, k_len, device, bool_masks_out))
+        return key_pos, first_real_key(key_pos).to(torch.int32)
+    key = (None if mask is None else (-1 if mask.is_inference() else mask._version), batch, k_len, device,
+           bool_masks_out)
+    hit = state.shared.get("keys")
+    if hit is not None and hit[0]() is mask and hit[1] == key:
+        return hit[2]
+    with torch.inference_mode(False):
+        key_pos = family.key_positions(key_validity(mask, batch, k_len, device, bool_masks_out))
+        kstart = first_real_key(key_pos).to(torch.int32)
+    state.shared["keys"] = ((lambda: None) if mask is None else weakref.ref(mask), key, (key_pos, kstart))
+    return key_pos, kstart
 
 
 def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool):
@@ -203,28 +234,47 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
     return state.old_forward if state.had_forward else type(module).forward.__get__(module)
 
 
-def fused_attention(module: nn.Module, query, key, value, valid: torch.Tensor) -> torch.Tensor:
-    """Fused ALiBi attention of one patched module: q ``[B, H, Tq, d]``, k/v ``[B, H, Tk, d]`` (any strides with a
-    unit stride on d), ``valid`` bool ``[B, Tk]`` key validity. Returns the context ``[B, Tq, H, d]`` and adds the
-    head statistics to the active :func:`head_stats` sink."""
+def fused_attention(module: nn.Module, qkv, attention_mask: torch.Tensor | None, *, layout: str | None = None,
+                    bool_masks_out: bool = False) -> torch.Tensor:
+    """Fused ALiBi attention of one patched module; returns the context ``[B, Tq, H, d]`` and adds the head
+    statistics to the active :func:`head_stats` sink.
+
+    ``qkv`` is either one packed tensor of ``layout`` (``"interleaved"`` ``[B, T, H, 3, d]``, ``"blocked"``
+    ``[B, T, 3, H, d]``; no KV cache: its gradient is written once, in its own layout) or a ``(query, key, value)``
+    tuple of ``[B, H, T, d]`` views with a unit stride on d (after a cache update). ``attention_mask`` is the 4D mask
+    the model passes (see :func:`key_validity`)."""
     state: _PatchState = module.__dict__[_STATE]
     family = state.family
+    query = qkv[0] if layout is None else qkv
     device = query.device
+    batch = query.shape[0]
     head_dim = query.shape[-1]
-    resolve_key = (state.backend, device, interpreting())  # every input of resolve_backend but the fixed head_dim
-    backend = state.resolved.get(resolve_key)
-    if backend is None:
-        backend = state.resolved[resolve_key] = resolve_backend(state.backend, device, head_dim)
-    cache_key = (device, torch.is_inference_mode_enabled())  # an inference tensor must never reach autograd
-    slopes = state.slopes.get(cache_key)
-    if slopes is None:
-        slopes = state.slopes[cache_key] = family.module_slopes(module).to(device)
-    key_pos = family.key_positions(valid)
+    k_len = qkv[1].shape[2] if layout is None else qkv.shape[1]
+    backend = _resolved(state, device, head_dim)
+    slopes = state.slopes.get(device)
+    if slopes is None and torch.compiler.is_compiling():
+        slopes = family.module_slopes(module).to(device=device, dtype=torch.float32)
+    elif slopes is None:
+        with torch.inference_mode(False):  # never an inference tensor: a later training step saves it
+            slopes = state.slopes[device] = family.module_slopes(module).to(device=device, dtype=torch.float32)
+    key_pos, kstart = attention_keys(module, attention_mask, batch, k_len, device, bool_masks_out)
     sink = state.sink
-    context, _, stats = alibi_attention(
-        query, key, value, key_pos, slopes, backend, with_stats=sink is not None,
-        exclude_first_query=bool(sink and sink.exclude_first_query),
-        normalize_entropy=bool(sink and sink.normalize_entropy), **family.kernel_options(module))
+    options = dict(kstart=kstart, with_stats=sink is not None,
+                   exclude_first_query=bool(sink and sink.exclude_first_query),
+                   normalize_entropy=bool(sink and sink.normalize_entropy), **family.kernel_options(module))
+    if layout is None:
+        context, _, stats = run_attention(*qkv, key_pos, slopes, backend, **options)
+    else:
+        context, _, stats = run_attention_packed(qkv, layout, key_pos, slopes, backend, **options)
     if sink is not None:
         sink.add(state.layer, stats)
     return context
+
+
+def _resolved(state: "_PatchState", device: torch.device, head_dim: int) -> str:
+    """The concrete backend of a patched module on ``device``, resolved once per (backend, device) for the model."""
+    resolve_key = (state.backend, device, interpreting())  # every input of resolve_backend but the fixed head_dim
+    backend = state.shared.get(resolve_key)
+    if backend is None:
+        backend = state.shared[resolve_key] = resolve_backend(state.backend, device, head_dim)
+    return backend

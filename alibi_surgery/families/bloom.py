@@ -57,18 +57,22 @@ class Bloom(Family):
 
 def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                      output_attentions=False, **kwargs):
-    from ..attention.patch import eager_fallback, fused_attention, key_validity
+    from ..attention.patch import eager_fallback, fused_attention
 
     eager = eager_fallback(self, output_attentions, self.training and self.attention_dropout.p > 0)
     if eager is not None:
         return eager(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
                      output_attentions=output_attentions, **kwargs)
     batch, q_len, _ = hidden_states.shape
-    query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, d] views, no copies
-    if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-    valid = key_validity(attention_mask, batch, key.shape[2], hidden_states.device)
-    context = fused_attention(self, query, key, value, valid).reshape(batch, q_len, self.hidden_size)
+    fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)
+    qkv = fused
+    if layer_past is not None:  # [B, H, T, d] views of the fused output, as BloomAttention._reshape makes them
+        key, value = layer_past.update(fused[..., 1, :].transpose(1, 2), fused[..., 2, :].transpose(1, 2),
+                                       self.layer_idx)
+        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
+            qkv = (fused[..., 0, :].transpose(1, 2), key, value)
+    layout = "interleaved" if qkv is fused else None
+    context = fused_attention(self, qkv, attention_mask, layout=layout).reshape(batch, q_len, self.hidden_size)
     if self.pretraining_tp > 1 and self.slow_but_exact:
         width = self.hidden_size / self.pretraining_tp
         output = torch.zeros_like(context)

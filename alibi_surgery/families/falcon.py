@@ -139,7 +139,7 @@ def _block_class():
 
 def _patched_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
                      use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
-    from ..attention.patch import eager_fallback, fused_attention, key_validity, patch_state
+    from ..attention.patch import eager_fallback, fused_attention, patch_state
 
     dropout_on = self.training and self.attention_dropout.p > 0
     if (patch_state(self).backend == "eager" or dropout_on) and not output_attentions \
@@ -151,12 +151,16 @@ def _patched_forward(self, hidden_states, alibi, attention_mask, position_ids=No
                      use_cache=use_cache, output_attentions=output_attentions,
                      position_embeddings=position_embeddings, **kwargs)
     batch, q_len, _ = hidden_states.shape
-    # [B, T, H, d] views of the interleaved fused output -> [B, H, T, d] views (unit stride on d), no copies
-    query, key, value = (t.transpose(1, 2) for t in self._split_heads(self.query_key_value(hidden_states)))
+    fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)  # _split_heads
+    qkv = fused
     if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-    valid = key_validity(attention_mask, batch, key.shape[2], hidden_states.device)
-    context = fused_attention(self, query, key, value, valid).reshape(batch, q_len, self.num_heads * self.head_dim)
+        key, value = layer_past.update(fused[..., 1, :].transpose(1, 2), fused[..., 2, :].transpose(1, 2),
+                                       self.layer_idx)
+        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
+            qkv = (fused[..., 0, :].transpose(1, 2), key, value)
+    layout = "interleaved" if qkv is fused else None
+    context = fused_attention(self, qkv, attention_mask, layout=layout)
+    context = context.reshape(batch, q_len, self.num_heads * self.head_dim)
     return self.dense(context), None
 
 

@@ -123,7 +123,7 @@ class Mpt(Family):
 def _patched_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
     """MptAttention.forward with the fused kernels; accepts the cache as ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (earlier 5.x). Returns ``(attn_output, None)``: the attention maps are not computed."""
-    from ..attention.patch import eager_fallback, fused_attention, key_validity
+    from ..attention.patch import eager_fallback, fused_attention
 
     for alias in ("past_key_values", "past_key_value"):  # the cache's name before transformers 5.2x
         cache = kwargs.pop(alias, None) if cache is None else cache
@@ -136,14 +136,15 @@ def _patched_forward(self, hidden_states, position_bias=None, cache=None, attent
     mixed = self.Wqkv(hidden_states)
     if self.clip_qkv:
         mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-    query, key, value = (t.reshape(batch, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-                         for t in mixed.chunk(3, dim=2))
+    fused = mixed.view(batch, q_len, 3, self.n_heads, self.head_dim)  # the chunks of Wqkv: the blocked layout
+    qkv = fused
     if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = ~attention_mask  # MPT's bool masks say True = masked; key_validity reads True = attend
-    valid = key_validity(attention_mask, batch, key.shape[2], hidden_states.device)
-    context = fused_attention(self, query, key, value, valid).reshape(batch, q_len, self.hidden_size)
+        key, value = cache.update(fused[:, :, 1].transpose(1, 2), fused[:, :, 2].transpose(1, 2), self.layer_idx)
+        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
+            qkv = (fused[:, :, 0].transpose(1, 2), key, value)
+    # MPT's bool masks say True = masked
+    context = fused_attention(self, qkv, attention_mask, layout="blocked" if qkv is fused else None,
+                              bool_masks_out=True).reshape(batch, q_len, self.hidden_size)
     return self.out_proj(context), None
 
 

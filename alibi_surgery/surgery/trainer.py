@@ -48,7 +48,7 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
     with torch.no_grad():
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i:i + batch_size].to(model.device)
-            hidden = base(ids).last_hidden_state
+            hidden = base(ids, use_cache=False).last_hidden_state
             n = ids.numel() - ids.shape[0]
             total += float(chunked_lm_loss(hidden, model.get_output_embeddings().weight.detach(), ids)) * n
             count += n
@@ -205,7 +205,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 batches = list(run.micro_batches(epoch, step_in_epoch))
                 for ids in batches:
                     ids = ids.to(model.device)
-                    hidden = family_for(model.config).base_model(model)(ids).last_hidden_state
+                    hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
                     loss = chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
                     if not torch.isfinite(loss):
                         last = newest_checkpoint(run.ckpt_dir)

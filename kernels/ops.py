@@ -1,0 +1,168 @@
+"""The attention kernels as torch custom operators, with autograd: what models, the public API and
+``torch.compile`` call.
+
+Four operators in the ``alibi_surgery`` namespace, each with a fake (meta) implementation, so that
+``torch.compile(fullgraph=True)`` traces through them as single nodes:
+
+* ``attention(q, k, v, ...) -> (out, lse2, stats)`` with q ``[B, Tq, H, D]``, k and v ``[B, Tk, H, D]``
+  (FlashAttention's layout, any strides with a unit stride on D) and ``out`` ``[B, Tq, H, D]``;
+* ``attention_packed(qkv, layout, ...)`` over one packed tensor: ``layout="interleaved"`` is ``[B, T, H, 3, D]``
+  (BLOOM's and Falcon-RW's fused QKV), ``"blocked"`` is ``[B, T, 3, H, D]`` (MPT's ``Wqkv``);
+* their backward operators, which return gradients in the inputs' own layout: contiguous ``[B, T, H, D]`` for
+  q, k, v, and one contiguous ``dqkv`` for the packed operator, written once by the kernels (no ``select_backward``
+  buffers, no layout copy in ``AccumulateGrad``).
+
+``impl`` is ``"triton"`` (the kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (the blocked
+twins). ``key_pos`` (int32 ``[B, Tk]``, -1 for padding) and ``kstart`` (int32 ``[B]``, each row's first real key)
+are computed once per model forward by the caller. ``stats`` is float32 ``[B, H, 3]`` (sum of first-token mass,
+sum of entropy, row count) with ``with_stats``, else an empty tensor; it and ``lse2`` get no gradient.
+Only q, k, v (or qkv), the output and the fp32 log-sum-exp are saved for the backward (O(T * H * D)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention_bwd import alibi_attention_bwd
+from .attention_fwd import alibi_attention_fwd
+from .reference import alibi_attention_blocked, alibi_attention_blocked_bwd
+
+__all__ = ["attention", "attention_packed", "LAYOUTS", "unpack"]
+
+_IMPLS = {"triton": (alibi_attention_fwd, alibi_attention_bwd),
+          "torch": (alibi_attention_blocked, alibi_attention_blocked_bwd)}
+LAYOUTS = {"interleaved": 3, "blocked": 2}  # packed layout -> the axis that holds (q, k, v)
+
+
+def unpack(qkv: Tensor, layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, k, v)`` as ``[B, T, H, D]`` views of a packed tensor of ``layout``."""
+    return qkv.unbind(LAYOUTS[layout])
+
+
+def _heads_first(*tensors: Tensor) -> list[Tensor]:
+    """``[B, T, H, D]`` -> the kernels' ``[B, H, T, D]`` views."""
+    return [t.transpose(1, 2) for t in tensors]
+
+
+def _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
+             softmax_scale, bias_scale, alibi_bf16):
+    fwd, _ = _IMPLS[impl]
+    out, lse, stats = fwd(*_heads_first(q, k, v), key_pos, slopes, kstart=kstart, with_stats=with_stats,
+                          exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy,
+                          softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
+    return out, lse, (stats if stats is not None else lse.new_empty(0))
+
+
+def _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads):
+    """Run the backward into ``grads`` (``[B, T, H, D]`` buffers)."""
+    _, bwd = _IMPLS[impl]
+    bwd(do, *_heads_first(q, k, v), out, lse, key_pos, slopes, kstart=kstart, grads=_heads_first(*grads),
+        softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
+
+
+def _fake_forward(q, key_pos, with_stats):
+    batch, q_len, n_head, head_dim = q.shape
+    out = q.new_empty(batch, q_len, n_head, head_dim)
+    lse = q.new_empty(batch, n_head, q_len, dtype=torch.float32)
+    return out, lse, q.new_empty((batch, n_head, 3) if with_stats else (0,), dtype=torch.float32)
+
+
+# --- separate q, k, v ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("alibi_surgery::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
+              with_stats: bool, exclude_first_query: bool, normalize_entropy: bool, softmax_scale: float | None,
+              bias_scale: float, alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
+                    softmax_scale, bias_scale, alibi_bf16)
+
+
+@attention.register_fake
+def _(q, k, v, key_pos, kstart, slopes, impl, with_stats, *args):
+    return _fake_forward(q, key_pos, with_stats)
+
+
+@torch.library.custom_op("alibi_surgery::attention_backward", mutates_args=())
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_pos: Tensor,
+                       kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None, bias_scale: float,
+                       alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads)
+    return grads
+
+
+@attention_backward.register_fake
+def _(do, q, k, v, *args):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16 = inputs
+    out, lse, stats = output
+    ctx.mark_non_differentiable(lse, stats)
+    ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
+    ctx.save_for_backward(q, k, v, out, lse, key_pos, kstart, slopes)
+    ctx.options = (impl, softmax_scale, bias_scale, alibi_bf16)
+
+
+def _attention_grad(ctx, d_out, _d_lse, _d_stats):
+    if d_out is None:  # the output was not used
+        return (None,) * 13
+    q, k, v, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
+    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options)
+    return dq, dk, dv, *([None] * 10)
+
+
+attention.register_autograd(_attention_grad, setup_context=_setup)
+
+
+# --- one packed qkv tensor -----------------------------------------------------------------------------------------
+
+@torch.library.custom_op("alibi_surgery::attention_packed", mutates_args=())
+def attention_packed(qkv: Tensor, layout: str, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
+                     with_stats: bool, exclude_first_query: bool, normalize_entropy: bool,
+                     softmax_scale: float | None, bias_scale: float, alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(*unpack(qkv, layout), key_pos, kstart, slopes, impl, with_stats, exclude_first_query,
+                    normalize_entropy, softmax_scale, bias_scale, alibi_bf16)
+
+
+@attention_packed.register_fake
+def _(qkv, layout, key_pos, kstart, slopes, impl, with_stats, *args):
+    return _fake_forward(unpack(qkv, layout)[0], key_pos, with_stats)
+
+
+@torch.library.custom_op("alibi_surgery::attention_packed_backward", mutates_args=())
+def attention_packed_backward(do: Tensor, qkv: Tensor, layout: str, out: Tensor, lse: Tensor, key_pos: Tensor,
+                              kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None,
+                              bias_scale: float, alibi_bf16: bool) -> Tensor:
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward(do, *unpack(qkv, layout), out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
+              alibi_bf16, unpack(dqkv, layout))
+    return dqkv
+
+
+@attention_packed_backward.register_fake
+def _(do, qkv, *args):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, layout, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16 = inputs
+    out, lse, stats = output
+    ctx.mark_non_differentiable(lse, stats)
+    ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
+    ctx.save_for_backward(qkv, out, lse, key_pos, kstart, slopes)
+    ctx.options = (layout, impl, softmax_scale, bias_scale, alibi_bf16)
+
+
+def _packed_grad(ctx, d_out, _d_lse, _d_stats):
+    if d_out is None:
+        return (None,) * 12
+    qkv, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
+    layout, *options = ctx.options
+    dqkv = attention_packed_backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options)
+    return dqkv, *([None] * 11)
+
+
+attention_packed.register_autograd(_packed_grad, setup_context=_setup_packed)
