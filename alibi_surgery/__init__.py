@@ -1,6 +1,9 @@
 """alibi-surgery: diagnose and repair collapsed attention heads in ALiBi transformers (BLOOM, MPT, Falcon-RW).
 
 Public API:
+    alibi_attention, alibi_attention_qkvpacked
+                                            causal ALiBi attention in FlashAttention's layout (torch custom
+                                            operators: torch.compile traces them), with optional head statistics
     patch / unpatch / patched               swap fused ALiBi attention into a loaded model of any registered family,
                                             reversibly (``patch_bloom`` / ``unpatch_bloom``: the same functions)
     diagnose -> HeadReport                  per-head first-token mass, entropy and class, without T x T matrices
@@ -16,6 +19,7 @@ tree is described in docs/architecture.md.
 """
 
 from .analysis.compare import compare
+from .attention.functional import AttentionStats, alibi_attention, alibi_attention_qkvpacked
 from .analysis.comparison import Comparison
 from .diagnosis.diagnose import diagnose
 from .errors import UsageError
@@ -31,4 +35,5 @@ from .surgery.slices import HeadSlices
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
            "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
-           "RepairSettings", "compare", "Comparison"]
+           "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked",
+           "AttentionStats"]

@@ -1,0 +1,122 @@
+"""The drop-in functional API: ``alibi_attention`` and ``alibi_attention_qkvpacked``.
+
+FlashAttention's layout and conventions, with ALiBi as BLOOM defines it::
+
+    out = alibi_attention(q, k, v)                                  # q [B, Tq, H, D], k, v [B, Tk, H, D]
+    out = flash_attn_func(q, k, v, causal=True, alibi_slopes=s)     # the same attention, FlashAttention's way
+
+Causal with the last query row aligned to the last key (``Tq < Tk`` is a chunk after a prefix; ``Tq = 1`` is a
+decode step). ``attention_mask`` ``[B, Tk]`` marks real tokens with 1: padded keys are never attended, key positions
+count real tokens only (the first real token has position 0, as BLOOM's ``build_alibi_tensor``), and a padded query
+row outputs 0. Both functions are torch custom operators underneath (:mod:`alibi_surgery.kernels.ops`), so
+``torch.compile(fullgraph=True)`` traces them without a graph break, and they are differentiable in q, k, v (or
+qkv), with gradients in the inputs' own layout.
+
+Limits: one key/value head per query head (no grouped-query attention); no dropout; the triton backend needs a
+head_dim that is a multiple of 16 up to 128 (``auto`` takes the torch backend otherwise); fp32, fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..errors import UsageError
+from ..kernels.alibi import alibi_slopes, first_real_key, key_positions
+from .backends import resolve_backend, run_attention, run_attention_packed
+
+__all__ = ["alibi_attention", "alibi_attention_qkvpacked", "AttentionStats"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class AttentionStats(NamedTuple):
+    """Per-head sums over the valid query rows of each batch row, float32 ``[B, H]`` each: first-token mass (the
+    attention on each row's first real key), entropy (natural log) and the number of rows summed. Divide by
+    ``rows`` for means."""
+
+    first_token_mass: torch.Tensor
+    entropy: torch.Tensor
+    rows: torch.Tensor
+
+
+def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                    slopes: torch.Tensor | None = None, softmax_scale: float | None = None,
+                    return_stats: bool = False, backend: str = "auto"):
+    """Causal ALiBi attention of q ``[B, Tq, H, D]`` over k, v ``[B, Tk, H, D]`` (``Tq <= Tk``).
+
+    Args:
+        attention_mask: ``[B, Tk]``, 1 (or True) for real tokens; None: every token is real.
+        slopes: float ``[H]``; None: BLOOM's schedule for H heads.
+        softmax_scale: the scores' scale; None: ``1 / sqrt(D)``.
+        return_stats: also return :class:`AttentionStats`.
+        backend: ``auto`` (triton on CUDA, torch elsewhere), ``triton`` or ``torch``.
+    Returns:
+        ``out`` ``[B, Tq, H, D]`` in q's dtype, or ``(out, AttentionStats)``.
+    """
+    batch, _, n_head, head_dim = _check(q, "q")
+    k_len = _check(k, "k", (batch, None, n_head, head_dim))[1]
+    _check(v, "v", (batch, k_len, n_head, head_dim))
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise UsageError("q, k and v must share one dtype and one device")
+    if q.shape[1] > k_len:
+        raise UsageError(f"q has more rows ({q.shape[1]}) than k and v ({k_len}); causal attention needs Tq <= Tk")
+    key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, k_len, n_head, head_dim, slopes, backend,
+                                                q.device)
+    out, _, stats = run_attention(*(t.transpose(1, 2) for t in (q, k, v)), key_pos, slopes, backend, kstart=kstart,
+                                  with_stats=return_stats, softmax_scale=softmax_scale)
+    return (out, _stats(stats)) if return_stats else out
+
+
+def alibi_attention_qkvpacked(qkv: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                              slopes: torch.Tensor | None = None, softmax_scale: float | None = None,
+                              return_stats: bool = False, backend: str = "auto"):
+    """:func:`alibi_attention` of one packed ``qkv`` ``[B, T, H, 3, D]`` (BLOOM's fused QKV, viewed); its gradient
+    is one contiguous tensor of that shape."""
+    if qkv.dim() != 5 or qkv.shape[3] != 3:
+        raise UsageError(f"qkv must be [batch, seq, heads, 3, head_dim], got shape {list(qkv.shape)}")
+    batch, seq, n_head, _, head_dim = qkv.shape
+    _check(qkv[:, :, :, 0], "qkv")
+    key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, seq, n_head, head_dim, slopes, backend,
+                                                qkv.device)
+    out, _, stats = run_attention_packed(qkv, "interleaved", key_pos, slopes, backend, kstart=kstart,
+                                         with_stats=return_stats, softmax_scale=softmax_scale)
+    return (out, _stats(stats)) if return_stats else out
+
+
+def _check(t: torch.Tensor, name: str, shape: tuple | None = None) -> tuple:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise UsageError(f"{name} must be a 4D tensor [batch, seq, heads, head_dim], got "
+                         f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise UsageError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if shape is not None and any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = ["Tk" if w is None else w for w in shape]
+        raise UsageError(f"{name} must be [batch, Tk, heads, head_dim] = {want}, got {list(t.shape)}")
+    if t.stride(-1) != 1:
+        raise UsageError(f"{name} must have a unit stride on head_dim (call .contiguous())")
+    return tuple(t.shape)
+
+
+def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
+    """``(key_pos, kstart, slopes, concrete backend)`` of one call, after checking mask and slopes."""
+    if backend == "eager":
+        raise UsageError("alibi_attention takes backend auto, triton or torch")
+    backend = resolve_backend(backend, device, head_dim)
+    if mask is None:
+        valid = torch.ones(batch, k_len, dtype=torch.bool, device=device)
+    else:
+        if tuple(mask.shape) != (batch, k_len):
+            raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
+        valid = mask.to(device=device) != 0
+    if slopes is None:
+        slopes = alibi_slopes(n_head, device)
+    elif tuple(slopes.shape) != (n_head,):
+        raise UsageError(f"slopes must be [heads] = [{n_head}], got {list(slopes.shape)}")
+    key_pos = key_positions(valid)
+    return key_pos, first_real_key(key_pos).to(torch.int32), slopes.to(device=device, dtype=torch.float32), backend
+
+
+def _stats(stats: torch.Tensor) -> AttentionStats:
+    return AttentionStats(stats[..., 0], stats[..., 1], stats[..., 2])

@@ -1,0 +1,128 @@
+"""The drop-in API ``alibi_attention`` / ``alibi_attention_qkvpacked`` against a dense float64 reference, its
+one-line refusals, and ``torch.compile(fullgraph=True)`` on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alibi_surgery
+from alibi_surgery import AttentionStats, UsageError, alibi_attention, alibi_attention_qkvpacked
+from alibi_surgery.kernels import alibi_slopes
+from helpers import BACKENDS, left_padded_mask
+
+
+def dense(q, k, v, mask=None, slopes=None, scale=None):
+    """float64 causal ALiBi attention, FlashAttention layout, BLOOM's positions; ``(out, probs [B, H, Tq, Tk])``."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    batch, n_head, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    mask = torch.ones(batch, k_len) if mask is None else mask
+    valid = mask.bool()
+    pos = (mask.cumsum(-1) - 1).double()
+    slopes = alibi_slopes(n_head) if slopes is None else slopes
+    s = q @ k.transpose(-1, -2) * (scale or head_dim ** -0.5) + slopes.double()[None, :, None, None] * pos[:, None, None]
+    rows = torch.arange(q_len)[:, None] + k_len - q_len
+    visible = valid[:, None, None, :] & (torch.arange(k_len)[None, :] <= rows)[None, None]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    real_rows = valid[:, k_len - q_len:][:, None, :, None]
+    return ((p @ v) * real_rows).transpose(1, 2), p * real_rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,k_len,n_head,head_dim", [(97, 97, 3, 80), (1, 33, 6, 64), (5, 40, 12, 16)])
+def test_matches_dense_reference_with_gradients(backend, q_len, k_len, n_head, head_dim):
+    torch.manual_seed(q_len + n_head)
+    q = torch.randn(2, q_len, n_head, head_dim, requires_grad=True)
+    k, v = (torch.randn(2, k_len, n_head, head_dim, requires_grad=True) for _ in range(2))
+    mask = left_padded_mask(2, k_len, [0, min(7, k_len - 1)])
+    out, stats = alibi_attention(q, k, v, attention_mask=mask, return_stats=True, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, p = dense(*ref_inputs, mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    upstream = torch.randn_like(ref)
+    (out.double() * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for ours, theirs in zip((q, k, v), ref_inputs):
+        assert ours.grad.is_contiguous()
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=5e-5 * theirs.grad.abs().max(), rtol=0)
+    # statistics: sums over real query rows of p[first real key] and of -sum p ln p
+    real = (mask[:, k_len - q_len:] > 0)[:, None, :].double()  # [B, 1, Tq]
+    first = (mask.cumsum(-1) == 1).double().argmax(-1)
+    p0 = p[torch.arange(2), :, :, first]  # [B, H, Tq]
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    assert isinstance(stats, AttentionStats)
+    torch.testing.assert_close(stats.rows.double(), real.sum(-1).expand(2, n_head))
+    torch.testing.assert_close(stats.first_token_mass.double(), (p0 * real).sum(-1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.entropy.double(), (entropy * real).sum(-1), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_equals_separate_and_options_reach_the_scores(backend):
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 21, 4, 3, 32, requires_grad=True)
+    slopes, scale = torch.tensor([0.3, 0.0, 1.0, 0.01]), 0.05
+    mask = left_padded_mask(2, 21, [4, 0])
+    packed = alibi_attention_qkvpacked(qkv, attention_mask=mask, slopes=slopes, softmax_scale=scale, backend=backend)
+    (packed * packed).sum().backward()
+    leaf = qkv.detach().clone().requires_grad_()
+    separate = alibi_attention(*leaf.unbind(3), attention_mask=mask, slopes=slopes, softmax_scale=scale,
+                               backend=backend)
+    (separate * separate).sum().backward()
+    torch.testing.assert_close(packed, separate, rtol=0, atol=0)
+    assert qkv.grad.is_contiguous() and qkv.grad.shape == qkv.shape
+    torch.testing.assert_close(qkv.grad, leaf.grad, rtol=1e-6, atol=1e-7)
+    ref, _ = dense(*qkv.detach().unbind(3), mask, slopes, scale)
+    torch.testing.assert_close(packed.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q: alibi_attention(q, q[:, :, :2], q), "k must be"),
+    (lambda q: alibi_attention(q, q, q.double()), "float32, float16 or bfloat16"),
+    (lambda q: alibi_attention(q, q[:, :3], q[:, :3]), "more rows"),
+    (lambda q: alibi_attention(q[0], q[0], q[0]), "4D tensor"),
+    (lambda q: alibi_attention(q, q, q, attention_mask=torch.ones(2, 5)), "attention_mask must be"),
+    (lambda q: alibi_attention(q, q, q, slopes=torch.ones(3)), "slopes must be"),
+    (lambda q: alibi_attention(q, q, q, backend="eager"), "backend"),
+    (lambda q: alibi_attention(q, q, q, backend="cuda"), "unknown backend"),
+    (lambda q: alibi_attention(q, q, q, softmax_scale=-1.0), "softmax_scale"),
+    (lambda q: alibi_attention_qkvpacked(q), "qkv must be"),
+    (lambda q: alibi_attention(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2)), "unit stride"),
+])
+def test_bad_input_is_refused_in_one_line(call, message):
+    q = torch.randn(2, 4, 4, 4)
+    with pytest.raises((UsageError, ValueError), match=message) as info:
+        call(q)
+    assert "\n" not in str(info.value)
+
+
+def _loss(q, k, v, qkv, mask):
+    out, stats = alibi_attention(q * 1.5, k, v, attention_mask=mask, return_stats=True)
+    packed = alibi_attention_qkvpacked(qkv, attention_mask=mask)
+    return (out.square().sum() + packed.sin().sum()), stats.entropy
+
+
+def test_torch_compile_fullgraph_equals_eager_forward_and_backward():
+    torch.manual_seed(2)
+    mask = left_padded_mask(2, 13, [0, 4])
+    leaves = [torch.randn(2, 13, 3, 16, requires_grad=True) for _ in range(3)]
+    leaves.append(torch.randn(2, 13, 3, 3, 16, requires_grad=True))
+    explained = torch._dynamo.explain(_loss)(*leaves, mask)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    loss, entropy = torch.compile(_loss, fullgraph=True)(*leaves, mask)  # inductor on CPU
+    loss.backward()
+    compiled_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    eager_loss, eager_entropy = _loss(*leaves, mask)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, eager_entropy, rtol=1e-5, atol=1e-5)
+    for a, t in zip(compiled_grads, leaves):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_exported_from_the_package():
+    assert {"alibi_attention", "alibi_attention_qkvpacked", "AttentionStats"} <= set(alibi_surgery.__all__)
