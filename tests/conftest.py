@@ -20,11 +20,22 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # local soak run (HYPOTHESIS_PROFILE=long), random and with a saved example database; to spread it over cores, run
 # several processes with different --hypothesis-seed and FUZZ_EXAMPLES splitting the 1,000.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, database=None,
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 1000)), deadline=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first, so that ``-n 2`` never ends with one worker alone on a long test: ``slow`` tests, then the
+    property-based ones, then the rest, each group in collection order."""
+    def rank(item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if getattr(getattr(item, "obj", None), "is_hypothesis_test", False) else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
