@@ -6,7 +6,13 @@ BLOOM's slopes):
 * ``eager``: transformers' BLOOM attention core, as ``BloomAttention.forward`` computes it: the ALiBi tensor from
   ``build_alibi_tensor``, ``baddbmm``, an additive causal mask, softmax in fp32 cast back to the dtype, ``bmm``;
 * ``torch``: our blocked plain-torch backend (``alibi_attention_blocked`` and its backward);
-* ``triton``: our fused kernels;
+* ``triton``: our fused kernels (the custom operator over separate q, k, v);
+* ``triton-packed``: the same over one fused ``[B, T, H, 3, d]`` QKV leaf, as a patched BLOOM calls it (its
+  backward writes one dQKV);
+* ``baseline`` / ``baseline-packed``: the same two calls with the kernels of an earlier commit, loaded from the
+  directory ``$ALIBI_BASELINE`` (default ``bench/.baseline/kernels``, made by ``bench/prepare_baseline.sh REV``), in
+  the same process: the A/B of a kernel change. ``baseline-packed`` runs the earlier host side too (q, k, v as
+  ``select`` views of the fused leaf);
 * ``sdpa`` (CUDA): ``F.scaled_dot_product_attention`` with a materialised ``[B, H, T, T]`` ALiBi + causal bias;
 * ``flex`` (CUDA): compiled FlexAttention with an ALiBi ``score_mod`` and a causal ``BlockMask``.
 
@@ -27,14 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from alibi_surgery.kernels import alibi_slopes, key_positions
-from alibi_surgery.kernels.autograd import alibi_attention_train
+from alibi_surgery.attention.backends import run_attention
 from alibi_surgery.kernels.reference import alibi_attention_blocked
 
 # (heads, head_dim) of each family member's attention
 FAMILY = {"bloom-560m": (16, 64), "bloom-1b1": (16, 96), "bloom-1b7": (16, 128), "bloom-3b": (32, 80),
           "bloom-7b1": (32, 128), "bloom-176b": (112, 128)}
 SEQS = (512, 1024, 2048, 4096)
-PROVIDERS = ("eager", "torch", "triton", "sdpa", "flex")
+PROVIDERS = ("eager", "torch", "baseline", "triton", "baseline-packed", "triton-packed", "sdpa", "flex")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,28 +79,68 @@ def available(provider: str, device: str) -> bool:
 
 
 class Inputs:
-    """Random q, k, v (``[B, H, T, d]``, std 1) and an upstream gradient, the key positions and the slopes."""
+    """Random q, k, v (``[B, H, T, d]``, std 1) and an upstream gradient, the key positions and the slopes. With
+    ``packed`` the leaf is one fused ``[B, T, H, 3, d]`` tensor and q, k, v are views of it (BLOOM's layout)."""
 
-    def __init__(self, case: Case, requires_grad: bool, seed: int = 0):
+    def __init__(self, case: Case, requires_grad: bool, seed: int = 0, packed: bool = False):
         dev, dt = torch.device(case.device), DTYPES[case.dtype]
         gen = torch.Generator(device=dev).manual_seed(seed)
         shape = (case.batch, case.heads, case.seq, case.head_dim)
-        self.q, self.k, self.v = (torch.randn(shape, generator=gen, device=dev).to(dt).requires_grad_(requires_grad)
-                                  for _ in range(3))
+        self.qkv = None
+        if packed:
+            fused = (case.batch, case.seq, case.heads, 3, case.head_dim)
+            self.qkv = torch.randn(fused, generator=gen, device=dev).to(dt).requires_grad_(requires_grad)
+            self.q, self.k, self.v = (self.qkv[..., i, :].transpose(1, 2) for i in range(3))
+        else:
+            self.q, self.k, self.v = (torch.randn(shape, generator=gen, device=dev).to(dt)
+                                      .requires_grad_(requires_grad) for _ in range(3))
         self.do = torch.randn(case.batch, case.seq, case.heads, case.head_dim, generator=gen, device=dev).to(dt)
         self.mask = torch.ones(case.batch, case.seq, dtype=torch.long, device=dev)
         self.key_pos = key_positions(self.mask)
         self.slopes = alibi_slopes(case.heads, dev)
 
     def grads(self):
-        return [self.q, self.k, self.v]
+        return [self.q, self.k, self.v] if self.qkv is None else [self.qkv]
+
+
+def baseline_kernels():
+    """The earlier kernels package of ``$ALIBI_BASELINE`` (default ``bench/.baseline/kernels``), imported under
+    the name ``ab_baseline`` beside ours."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    if "ab_baseline" not in sys.modules:
+        root = Path(os.environ.get("ALIBI_BASELINE", Path(__file__).parent / ".baseline" / "kernels"))
+        if not (root / "__init__.py").is_file():
+            raise FileNotFoundError(f"no baseline kernels at {root}: run bench/prepare_baseline.sh REV")
+        spec = importlib.util.spec_from_file_location("ab_baseline", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ab_baseline"] = module
+        spec.loader.exec_module(module)
+    import importlib
+
+    return (importlib.import_module("ab_baseline.attention_fwd"), importlib.import_module("ab_baseline.autograd"))
 
 
 def make(provider: str, case: Case, x: Inputs, with_stats: bool = False):
     """The provider's callable (set-up done here, outside any timing)."""
+    if provider.startswith("baseline"):
+        fwd, autograd = baseline_kernels()
+        if torch.is_grad_enabled() and x.q.requires_grad:
+            return lambda: autograd.alibi_attention_train(x.q, x.k, x.v, x.key_pos, x.slopes, "triton",
+                                                          with_stats=with_stats)[0]
+        return lambda: fwd.alibi_attention_fwd(x.q, x.k, x.v, x.key_pos, x.slopes, with_stats=with_stats)[0]
+    if provider == "triton-packed":
+        from alibi_surgery.attention.backends import run_attention_packed
+
+        return lambda: run_attention_packed(x.qkv, "interleaved", x.key_pos, x.slopes, "triton",
+                                            with_stats=with_stats)[0]
     if provider == "triton" or (provider == "torch" and torch.is_grad_enabled() and x.q.requires_grad):
         impl = provider
-        return lambda: alibi_attention_train(x.q, x.k, x.v, x.key_pos, x.slopes, impl, with_stats=with_stats)[0]
+        return lambda: run_attention(x.q, x.k, x.v, x.key_pos, x.slopes, impl, with_stats=with_stats)[0]
     if provider == "torch":
         return lambda: alibi_attention_blocked(x.q, x.k, x.v, x.key_pos, x.slopes, with_stats=with_stats)[0]
     if with_stats:
@@ -161,7 +207,7 @@ def measure(provider: str, case: Case, backward: bool, with_stats: bool = False,
             cpu_repeats: int = 3) -> dict:
     """Time (median ms) and peak memory above the inputs of one provider on one case, as a CSV row."""
     cuda = case.device == "cuda"
-    x = Inputs(case, requires_grad=backward)
+    x = Inputs(case, requires_grad=backward, packed=provider.endswith("-packed"))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -247,6 +293,10 @@ def summary_table(rows: list[dict]) -> str:
         cells = [f"{c[p]['ms']:.3f} ms ({c[p]['tflops']:.0f})" if p in c and "ms" in c[p] else
                  c[p].get("error", "") if p in c else "" for p in provs]
         t = c.get("triton", {}).get("ms")
-        ups = ", ".join(f"{t and c[p]['ms'] / t:.2f}x {p}" for p in provs if p != "triton" and t and "ms" in c.get(p, {}))
+        ups = ", ".join(f"{t and c[p]['ms'] / t:.2f}x {p}" for p in provs
+                        if p not in ("triton", "triton-packed") and t and "ms" in c.get(p, {}))
+        old, new = (c.get(p, {}).get("ms") for p in ("baseline-packed", "triton-packed"))
+        if old and new:
+            ups += f"; packed: {old / new:.2f}x baseline-packed"
         lines.append(f"| {shape} | {seq} | {batch} | " + " | ".join(cells) + f" | {ups} |")
     return "\n".join(lines)

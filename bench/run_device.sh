@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The one-call GPU run, from the repository root: bash bench/run_device.sh [part ...]
-# Writes CSVs, logs and summary.md under $OUT when set, else bench/results. Budget: under 9 minutes on an H100 (each
-# part gets at most its own limit and never more than what is left of 520 s, so the run always ends in time).
-# Parts, in priority order (default: all):
+# Writes CSVs, logs and summary.md under $OUT when set, else bench/results. Budget: under 8 minutes on an H200 (each
+# part gets at most its own limit and never more than what is left of $DEADLINE = 440 s, so the run always ends in
+# time, start-up included). Default parts: ab check stats. Before it, on the host: bash bench/prepare_baseline.sh REV
+# (the kernels to compare against), and carry bench/.baseline to the device.
+# Parts, in priority order:
+#   ab         A/B of the kernels in one process: baseline (bench/.baseline) against ours, separate and packed QKV,
+#              forward and forward+backward, with flex, sdpa (materialised bias) and eager, 7b1 at 2048, 560m/3b
 #   check      compiled fwd/bwd/statistics kernels against float64 and eager, real family shapes (bench/gpu_check.py)
 #   attention  forward and forward+backward: triton, flex, sdpa, eager (and torch at one shape)
 #   stats      the statistics overhead of the fused forward, every family shape at T = 2048
@@ -17,8 +21,8 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export OUT=${OUT:-$PWD/bench/results}
 mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-520}
-parts=${*:-check attention stats optimizer step_sr diagnose loss step_master paper}
+DEADLINE=${DEADLINE:-440}
+parts=${*:-ab check stats}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
@@ -33,7 +37,15 @@ run() {  # run LIMIT LOG CMD...: at most LIMIT seconds and never past the deadli
 step="python3 bench/bench_train_step.py --shape bloom-7b1 --device cuda --dtype bfloat16 --seq 512 --heads 300 --cap-gib 24"
 for part in $parts; do
     case $part in
-        check) run 210 gpu_check.txt python3 bench/gpu_check.py ;;
+        ab)
+            [ -d bench/.baseline/kernels ] || echo "no bench/.baseline/kernels: baseline providers will report an error"
+            for op in fwd fwd_bwd; do
+                run 110 ab.txt python3 bench/bench_attention_$op.py --shapes bloom-7b1 --seqs 2048 \
+                    --providers baseline triton baseline-packed triton-packed flex sdpa eager
+                run 70 ab.txt python3 bench/bench_attention_$op.py --shapes bloom-560m bloom-3b --seqs 512 2048 \
+                    --providers baseline triton baseline-packed triton-packed flex sdpa
+            done ;;
+        check) run 120 gpu_check.txt python3 bench/gpu_check.py --quick ;;
         attention)
             for op in fwd fwd_bwd; do
                 run 100 attention.txt python3 bench/bench_attention_$op.py --shapes bloom-7b1 --seqs 2048 512 4096 \
