@@ -26,6 +26,7 @@ from .attention_fwd import interpreting
 
 HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BIASES = {"bloom": False, "alibi-bf16": True}  # --bias name: the kernels' ALIBI_BF16
 
 
@@ -34,9 +35,9 @@ ADAMW_MODES = ((torch.float32, False, False), (torch.bfloat16, False, False), (t
                (torch.bfloat16, True, False), (torch.float16, True, False))
 
 
-def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
+def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):
     """(arch, head_dim, dtype, with_stats, alibi_bf16) for every configuration the forward launcher can pick."""
-    return list(itertools.product(archs, head_dims, DTYPES, (False, True), biases))
+    return list(itertools.product(archs, head_dims, dtypes, (False, True), biases))
 
 
 def adamw_configs(archs=ARCHS):
@@ -44,17 +45,17 @@ def adamw_configs(archs=ARCHS):
     return [(arch, *mode, scale) for arch in archs for mode in ADAMW_MODES for scale in (False, True)]
 
 
-def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
+def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):
     """(arch, head_dim, dtype, which, alibi_bf16) for both backward passes, and the delta kernel (which has no
     bias variant)."""
-    passes = list(itertools.product(archs, head_dims, DTYPES, ("dkdv", "dq"), biases))
-    return passes + list(itertools.product(archs, head_dims, DTYPES, ("delta",), (False,)))
+    passes = list(itertools.product(archs, head_dims, dtypes, ("dkdv", "dq"), biases))
+    return passes + list(itertools.product(archs, head_dims, dtypes, ("delta",), (False,)))
 
 
-def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values())):
+def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):
     """Every (kernel, arguments) pair of the report: forward, backward, AdamW."""
-    return ([("fwd", c) for c in launcher_configs(archs, head_dims, biases)]
-            + [("bwd", c) for c in bwd_configs(archs, head_dims, biases)]
+    return ([("fwd", c) for c in launcher_configs(archs, head_dims, biases, dtypes)]
+            + [("bwd", c) for c in bwd_configs(archs, head_dims, biases, dtypes)]
             + [("adamw", c) for c in adamw_configs(archs)])
 
 
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="only these head dims")
     parser.add_argument("--bias", action="append", choices=list(BIASES),
                         help="only these attention bias variants (default: both)")
+    parser.add_argument("--dtype", action="append", choices=list(_DTYPE_NAMES),
+                        help="only these attention dtypes (default: all three)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     parser.add_argument("--json", metavar="OUT", help="also write every result as JSON")
     args = parser.parse_args(argv)
@@ -107,7 +110,9 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
     biases = tuple(BIASES[b] for b in (args.bias or BIASES))
-    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases), args.jobs)
+    dtypes = tuple(_DTYPE_NAMES[d] for d in args.dtype) if args.dtype else DTYPES
+    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases, dtypes),
+                          args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -15,7 +15,7 @@ from alibi_surgery.attention.backends import run_attention
 from alibi_surgery.kernels import alibi_slopes, key_positions
 from helpers import BACKENDS
 
-T, H, D = 2048, 2, 32
+T, H, D = 2048, 1, 32
 
 
 def _dense(q, k, v, slopes):
@@ -35,7 +35,7 @@ def _grads(fn, inputs, upstream, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_backward_error_at_2048_is_at_most_eager(backend):
     torch.manual_seed(0)
-    slopes = alibi_slopes(16)[:H]  # BLOOM's two steepest slopes: the largest biases
+    slopes = alibi_slopes(16)[:H]  # BLOOM's steepest slope (2^-0.5): the largest biases
     inputs = [torch.randn(1, H, T, D, dtype=torch.float64) for _ in range(3)]
     upstream = torch.randn(1, T, H, D, dtype=torch.float64)
     dense = lambda q, k, v: _dense(q, k, v, slopes)  # noqa: E731
