@@ -61,7 +61,7 @@ def _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scal
         softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
 
 
-def _fake_forward(q, key_pos, with_stats):
+def _fake_forward(q, with_stats):
     batch, q_len, n_head, head_dim = q.shape
     out = q.new_empty(batch, q_len, n_head, head_dim)
     lse = q.new_empty(batch, n_head, q_len, dtype=torch.float32)
@@ -80,7 +80,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, kstart: Tensor, 
 
 @attention.register_fake
 def _(q, k, v, key_pos, kstart, slopes, impl, with_stats, *args):
-    return _fake_forward(q, key_pos, with_stats)
+    return _fake_forward(q, with_stats)
 
 
 @torch.library.custom_op("alibi_surgery::attention_backward", mutates_args=())
@@ -129,7 +129,7 @@ def attention_packed(qkv: Tensor, layout: str, key_pos: Tensor, kstart: Tensor, 
 
 @attention_packed.register_fake
 def _(qkv, layout, key_pos, kstart, slopes, impl, with_stats, *args):
-    return _fake_forward(unpack(qkv, layout)[0], key_pos, with_stats)
+    return _fake_forward(unpack(qkv, layout)[0], with_stats)
 
 
 @torch.library.custom_op("alibi_surgery::attention_packed_backward", mutates_args=())

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import UsageError
 from ..kernels.alibi import first_real_key
 from ..kernels.attention_fwd import interpreting
+from ..kernels.ops import unpack
 from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
@@ -234,22 +235,26 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
     return state.old_forward if state.had_forward else type(module).forward.__get__(module)
 
 
-def fused_attention(module: nn.Module, qkv, attention_mask: torch.Tensor | None, *, layout: str | None = None,
-                    bool_masks_out: bool = False) -> torch.Tensor:
+def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attention_mask: torch.Tensor | None, *,
+                    cache=None, bool_masks_out: bool = False) -> torch.Tensor:
     """Fused ALiBi attention of one patched module; returns the context ``[B, Tq, H, d]`` and adds the head
     statistics to the active :func:`head_stats` sink.
 
-    ``qkv`` is either one packed tensor of ``layout`` (``"interleaved"`` ``[B, T, H, 3, d]``, ``"blocked"``
-    ``[B, T, 3, H, d]``; no KV cache: its gradient is written once, in its own layout) or a ``(query, key, value)``
-    tuple of ``[B, H, T, d]`` views with a unit stride on d (after a cache update). ``attention_mask`` is the 4D mask
-    the model passes (see :func:`key_validity`)."""
+    ``fused`` is the module's QKV projection output viewed in ``layout`` (``"interleaved"`` ``[B, T, H, 3, d]``,
+    ``"blocked"`` ``[B, T, 3, H, d]``). ``cache``, when given, is updated with this call's keys and values (as
+    ``[B, H, T, d]`` views, ``module.layer_idx``); attention then runs over its past too, or, when it held none, on
+    ``fused`` itself: packed, its gradient written once in its own layout. ``attention_mask`` is the 4D mask the
+    model passes (see :func:`key_validity`)."""
     state: _PatchState = module.__dict__[_STATE]
     family = state.family
-    query = qkv[0] if layout is None else qkv
-    device = query.device
-    batch = query.shape[0]
-    head_dim = query.shape[-1]
-    k_len = qkv[1].shape[2] if layout is None else qkv.shape[1]
+    query, key, value = unpack(fused, layout)  # [B, T, H, d] views
+    qkv = fused
+    if cache is not None:
+        key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), module.layer_idx)
+        if key.shape[2] != query.shape[1]:  # a cached past: attend over it (else the cache keeps its own copy)
+            qkv, layout = (query.transpose(1, 2), key, value), None
+    device, batch, head_dim = query.device, query.shape[0], query.shape[-1]
+    k_len = key.shape[2] if layout is None else query.shape[1]
     backend = _resolved(state, device, head_dim)
     slopes = state.slopes.get(device)
     if slopes is None and torch.compiler.is_compiling():

@@ -65,14 +65,8 @@ def _patched_forward(self, hidden_states, residual, alibi, attention_mask, layer
                      output_attentions=output_attentions, **kwargs)
     batch, q_len, _ = hidden_states.shape
     fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)
-    qkv = fused
-    if layer_past is not None:  # [B, H, T, d] views of the fused output, as BloomAttention._reshape makes them
-        key, value = layer_past.update(fused[..., 1, :].transpose(1, 2), fused[..., 2, :].transpose(1, 2),
-                                       self.layer_idx)
-        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
-            qkv = (fused[..., 0, :].transpose(1, 2), key, value)
-    layout = "interleaved" if qkv is fused else None
-    context = fused_attention(self, qkv, attention_mask, layout=layout).reshape(batch, q_len, self.hidden_size)
+    context = fused_attention(self, fused, "interleaved", attention_mask, cache=layer_past)
+    context = context.reshape(batch, q_len, self.hidden_size)
     if self.pretraining_tp > 1 and self.slow_but_exact:
         width = self.hidden_size / self.pretraining_tp
         output = torch.zeros_like(context)

@@ -152,14 +152,7 @@ def _patched_forward(self, hidden_states, alibi, attention_mask, position_ids=No
                      position_embeddings=position_embeddings, **kwargs)
     batch, q_len, _ = hidden_states.shape
     fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)  # _split_heads
-    qkv = fused
-    if layer_past is not None:
-        key, value = layer_past.update(fused[..., 1, :].transpose(1, 2), fused[..., 2, :].transpose(1, 2),
-                                       self.layer_idx)
-        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
-            qkv = (fused[..., 0, :].transpose(1, 2), key, value)
-    layout = "interleaved" if qkv is fused else None
-    context = fused_attention(self, qkv, attention_mask, layout=layout)
+    context = fused_attention(self, fused, "interleaved", attention_mask, cache=layer_past)
     context = context.reshape(batch, q_len, self.num_heads * self.head_dim)
     return self.dense(context), None
 

@@ -137,14 +137,9 @@ def _patched_forward(self, hidden_states, position_bias=None, cache=None, attent
     if self.clip_qkv:
         mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     fused = mixed.view(batch, q_len, 3, self.n_heads, self.head_dim)  # the chunks of Wqkv: the blocked layout
-    qkv = fused
-    if cache is not None:
-        key, value = cache.update(fused[:, :, 1].transpose(1, 2), fused[:, :, 2].transpose(1, 2), self.layer_idx)
-        if key.shape[2] != q_len:  # a cached past: attend over it (else the packed path; the cache keeps its copy)
-            qkv = (fused[:, :, 0].transpose(1, 2), key, value)
-    # MPT's bool masks say True = masked
-    context = fused_attention(self, qkv, attention_mask, layout="blocked" if qkv is fused else None,
-                              bool_masks_out=True).reshape(batch, q_len, self.hidden_size)
+    context = fused_attention(self, fused, "blocked", attention_mask, cache=cache,
+                              bool_masks_out=True)  # MPT's bool masks say True = masked
+    context = context.reshape(batch, q_len, self.hidden_size)
     return self.out_proj(context), None
 
 
