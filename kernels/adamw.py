@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import interpreting
+from .configs import cdiv, interpreting
 
 __all__ = ["SliceLayout", "adamw_step", "adamw_step_triton", "adamw_step_reference", "global_grad_norm",
            "clip_scale", "BLOCK", "NUM_WARPS", "NUM_STAGES", "MAX_VEC"]
@@ -119,7 +119,7 @@ class SliceLayout:
         self.vec = min(MAX_VEC, g & -g)  # largest power of two dividing them all
         table, block_tensor, first = [], [], 0
         for i, (addr, n_rows, row_len, stride) in enumerate(rows):
-            n_blocks = triton.cdiv(self.numels[i], block)
+            n_blocks = cdiv(self.numels[i], block)
             v = self.vec
             table.append([addr // v, row_len // v, stride // v, self.offsets[i] // v, self.numels[i] // v, first])
             block_tensor += [i] * n_blocks

@@ -19,6 +19,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .configs import block_d
+
 __all__ = ["ARCHS", "SMEM_LIMIT", "CompileResult", "aot_compile", "fwd_signature", "compile_fwd", "bwd_signature", "compile_bwd", "adamw_signature",
            "compile_adamw"]
 
@@ -117,7 +119,7 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
     from .attention_fwd import _alibi_fwd_kernel, pick_config
 
     cfg = pick_config(head_dim, dtype, arch, with_stats)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
                       UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
     sig = fwd_signature(dtype)
@@ -147,15 +149,15 @@ def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_
     launcher picks; the result is named ``_alibi_bwd_<which>``."""
     from .attention_bwd import DELTA_BLOCK, _alibi_bwd_kernel, _bwd_delta_kernel, pick_bwd_config
 
-    block_d = triton.next_power_of_2(head_dim)
+    width = block_d(head_dim)
     if which == "delta":
         kernel, num_warps, num_stages = _bwd_delta_kernel, 4, 1
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK)
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=width, BLOCK_M=DELTA_BLOCK)
     else:
         kernel = _alibi_bwd_kernel
         cfg = pick_bwd_config(head_dim, dtype, arch, alibi_bf16)[0 if which == "dkdv" else 1]
         num_warps, num_stages = cfg.num_warps, cfg.num_stages
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=width, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           DKDV=which == "dkdv", UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
     sig = bwd_signature(kernel, dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))

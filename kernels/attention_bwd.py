@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .alibi import AttentionOptions
-from .configs import BwdConfig, arch_of, pick_bwd_config
+from .configs import BwdConfig, arch_of, block_d, cdiv, pick_bwd_config
 from .attention_fwd import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _load_rows, _load_tile, _pos_bias,
                             _query_block_keys, _query_rows, _scores, _slope_terms, check_head_dim, interpreting,
                             kernel_positions, score_args)
@@ -246,11 +246,11 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, kstart: torch
     slopes, qk_scale, sm_scale = score_args(slopes, head_dim, q.device, opts)
     lse = lse.contiguous()
     interp = interpreting()
-    block_d = triton.next_power_of_2(head_dim)
+    width = block_d(head_dim)
     delta = torch.empty(batch, n_head, q_len, device=q.device, dtype=torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(q_len, DELTA_BLOCK), batch * n_head)](
+    _bwd_delta_kernel[(cdiv(q_len, DELTA_BLOCK), batch * n_head)](
         out, do, delta, out.stride(0), out.stride(2), out.stride(1), do.stride(0), do.stride(2), do.stride(1),
-        n_head, q_len, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK, num_warps=4)
+        n_head, q_len, HEAD_DIM=head_dim, BLOCK_D=width, BLOCK_M=DELTA_BLOCK, num_warps=4)
 
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
@@ -266,10 +266,10 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, kstart: torch
     args = (q, k, v, do, dq, dk, dv, lse, delta, key_pos, kstart, slopes, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], do.stride(0), do.stride(2), do.stride(1), *dq.stride()[:3], *dk.stride()[:3],
             n_head, q_len, k_len, qk_scale, sm_scale)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=interp and q.dtype == torch.bfloat16,
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=width, UPCAST=interp and q.dtype == torch.bfloat16,
                   IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16))
-    for cfg, dkdv, n_blocks in ((cfg_kv, True, triton.cdiv(k_len, cfg_kv.block_n)),
-                                (cfg_q, False, triton.cdiv(q_len, cfg_q.block_m))):
+    for cfg, dkdv, n_blocks in ((cfg_kv, True, cdiv(k_len, cfg_kv.block_n)),
+                                (cfg_q, False, cdiv(q_len, cfg_q.block_m))):
         _alibi_bwd_kernel[(n_blocks, batch * n_head)](
             *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DKDV=dkdv, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **common)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .alibi import AttentionOptions, first_real_key, resolve_softmax_scale, round_bf16
-from .configs import (SUPPORTED_HEAD_DIMS, FwdConfig, arch_of, check_head_dim, interpreting, kernel_supports,
-                      pick_config)
+from .configs import (SUPPORTED_HEAD_DIMS, FwdConfig, arch_of, block_d, cdiv, check_head_dim, interpreting,
+                      kernel_supports, pick_config)
 
 __all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args",
            "kernel_positions"]
@@ -355,7 +355,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     interp = interpreting()
     arch = None if interp else arch_of(q.device)
     cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats)
-    n_qblocks = triton.cdiv(q_len, cfg.block_m)
+    n_qblocks = cdiv(q_len, cfg.block_m)
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=store_dtype)
@@ -370,7 +370,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
         n_head, q_len, k_len, n_qblocks, qk_scale,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         WITH_STATS=opts.with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
         NORMALIZE_ENTROPY=opts.normalize_entropy, UPCAST=interp and q.dtype == torch.bfloat16,
         IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16),

@@ -12,10 +12,9 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
 
 __all__ = ["FwdConfig", "BwdConfig", "pick_config", "pick_bwd_config", "interpreting", "arch_of", "kernel_supports",
-           "check_head_dim", "SUPPORTED_HEAD_DIMS"]
+           "check_head_dim", "SUPPORTED_HEAD_DIMS", "cdiv", "block_d"]
 
 
 class FwdConfig(NamedTuple):
@@ -25,6 +24,17 @@ class FwdConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids: plain integer arithmetic on the host (``triton.cdiv`` is a constexpr
+    function since Triton 3.9, several microseconds a call in every launch)."""
+    return -(-a // b)
+
+
+def block_d(head_dim: int) -> int:
+    """The kernels' BLOCK_D: ``head_dim`` rounded up to a power of two (80 -> 128)."""
+    return 1 << (head_dim - 1).bit_length()
 
 
 def interpreting() -> bool:
@@ -40,7 +50,7 @@ def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with
     on sm_86/sm_89 for their 99 KB of shared memory. fp32 uses IEEE (FMA) dot products, whose register appetite forces small tiles. Every
     configuration returned here compiles with 0 spills on sm_80/86/89/90 (``ptxas -v``, re-checked by a unit test).
     """
-    wide = triton.next_power_of_2(head_dim) > 64
+    wide = block_d(head_dim) > 64
     if arch is None:
         return FwdConfig(64, 64, 4, 1)
     if dtype == torch.float32:
@@ -95,7 +105,7 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None = None,
     """
     if arch is None:
         return BwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1)  # big tiles: fewer interpreted steps
-    wide = triton.next_power_of_2(head_dim) > 64
+    wide = block_d(head_dim) > 64
     if dtype == torch.float32:
         return BwdConfig(16, 32, 8, 1), BwdConfig(16, 32, 8, 1)
     if arch == 90:  # timed on an H100

@@ -28,7 +28,7 @@ from .attention_bwd import alibi_attention_bwd
 from .attention_fwd import alibi_attention_fwd
 from .reference import alibi_attention_blocked, alibi_attention_blocked_bwd
 
-__all__ = ["attention", "attention_packed", "LAYOUTS", "unpack"]
+__all__ = ["attention", "attention_packed", "call", "LAYOUTS", "unpack"]
 
 _IMPLS = {"triton": (alibi_attention_fwd, alibi_attention_bwd),
           "torch": (alibi_attention_blocked, alibi_attention_blocked_bwd)}
@@ -83,13 +83,19 @@ def _(q, k, v, key_pos, kstart, slopes, impl, with_stats, *args):
     return _fake_forward(q, with_stats)
 
 
+def _attention_backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
+                        alibi_bf16):
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads)
+    return grads
+
+
 @torch.library.custom_op("alibi_surgery::attention_backward", mutates_args=())
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_pos: Tensor,
                        kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None, bias_scale: float,
                        alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
-    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads)
-    return grads
+    return _attention_backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
+                               alibi_bf16)
 
 
 @attention_backward.register_fake
@@ -106,11 +112,11 @@ def _setup(ctx, inputs, output):
     ctx.options = (impl, softmax_scale, bias_scale, alibi_bf16)
 
 
-def _attention_grad(ctx, d_out, _d_lse, _d_stats):
+def _attention_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_backward):
     if d_out is None:  # the output was not used
         return (None,) * 13
     q, k, v, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
-    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options)
+    dq, dk, dv = backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options)
     return dq, dk, dv, *([None] * 10)
 
 
@@ -132,14 +138,19 @@ def _(qkv, layout, key_pos, kstart, slopes, impl, with_stats, *args):
     return _fake_forward(unpack(qkv, layout)[0], with_stats)
 
 
-@torch.library.custom_op("alibi_surgery::attention_packed_backward", mutates_args=())
-def attention_packed_backward(do: Tensor, qkv: Tensor, layout: str, out: Tensor, lse: Tensor, key_pos: Tensor,
-                              kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None,
-                              bias_scale: float, alibi_bf16: bool) -> Tensor:
+def _packed_backward(do, qkv, layout, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16):
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _backward(do, *unpack(qkv, layout), out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
               alibi_bf16, unpack(dqkv, layout))
     return dqkv
+
+
+@torch.library.custom_op("alibi_surgery::attention_packed_backward", mutates_args=())
+def attention_packed_backward(do: Tensor, qkv: Tensor, layout: str, out: Tensor, lse: Tensor, key_pos: Tensor,
+                              kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None,
+                              bias_scale: float, alibi_bf16: bool) -> Tensor:
+    return _packed_backward(do, qkv, layout, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
+                            alibi_bf16)
 
 
 @attention_packed_backward.register_fake
@@ -156,13 +167,52 @@ def _setup_packed(ctx, inputs, output):
     ctx.options = (layout, impl, softmax_scale, bias_scale, alibi_bf16)
 
 
-def _packed_grad(ctx, d_out, _d_lse, _d_stats):
+def _packed_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_packed_backward):
     if d_out is None:
         return (None,) * 12
     qkv, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
     layout, *options = ctx.options
-    dqkv = attention_packed_backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options)
+    dqkv = backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options)
     return dqkv, *([None] * 11)
 
 
 attention_packed.register_autograd(_packed_grad, setup_context=_setup_packed)
+
+
+# --- eager calls ---------------------------------------------------------------------------------------------------
+
+def _eager_function(name, forward, setup, grad, backward):
+    """An ``autograd.Function`` with an operator's forward, ``setup_context`` and gradient (calling the plain
+    ``backward`` instead of the backward operator): the same computation without the custom-operator dispatch."""
+
+    def fwd(ctx, *inputs):
+        output = forward(*inputs)
+        if ctx is not None:
+            setup(ctx, inputs, output)
+        return output
+
+    def bwd(ctx, *grads):
+        return grad(ctx, *grads, backward=backward)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+_EAGER = {
+    attention: _eager_function("_Attention", lambda *a: _forward(*a), _setup, _attention_grad, _attention_backward),
+    attention_packed: _eager_function(
+        "_AttentionPacked", lambda qkv, layout, *a: _forward(*unpack(qkv, layout), *a), _setup_packed, _packed_grad,
+        _packed_backward),
+}
+
+
+def call(op, *inputs):
+    """``op(*inputs)`` (``attention`` or ``attention_packed``). Outside ``torch.compile`` and export the same
+    forward and backward run through an ``autograd.Function`` instead: the operator's dispatch and registered
+    autograd cost about 50 us of host time per call without gradients and 140 us with them (measured on a CPU with
+    the kernel launches stubbed out), which small shapes and decode steps pay in full on a GPU."""
+    if torch.compiler.is_compiling():
+        return op(*inputs)
+    function = _EAGER[op]
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs[:3]):
+        return function.apply(*inputs)
+    return function.forward(None, *inputs)  # nothing to differentiate: no autograd node

@@ -90,5 +90,6 @@ def _call(op, inputs, key_pos, kstart, slopes, backend, options):
              None if o.softmax_scale is None else float(o.softmax_scale), float(o.bias_scale), bool(o.alibi_bf16))
     device = inputs[0].device
     key_pos, kstart = kernel_positions(key_pos, kstart, device)
-    out, lse, stats = op(*inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend, *flags)
+    out, lse, stats = ops.call(op, *inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend,
+                               *flags)
     return out, lse, (stats if o.with_stats else None)

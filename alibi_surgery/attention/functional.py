@@ -104,18 +104,32 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
     if backend == "eager":
         raise UsageError("alibi_attention takes backend auto, triton or torch")
     backend = resolve_backend(backend, device, head_dim)
-    if mask is None:
-        valid = torch.ones(batch, k_len, dtype=torch.bool, device=device)
-    else:
-        if tuple(mask.shape) != (batch, k_len):
-            raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
-        valid = mask.to(device=device) != 0
     if slopes is None:
-        slopes = alibi_slopes(n_head, device)
+        slopes = _default_slopes(n_head, device)
     elif tuple(slopes.shape) != (n_head,):
         raise UsageError(f"slopes must be [heads] = [{n_head}], got {list(slopes.shape)}")
-    key_pos = key_positions(valid)
-    return key_pos, first_real_key(key_pos).to(torch.int32), slopes.to(device=device, dtype=torch.float32), backend
+    slopes = slopes.to(device=device, dtype=torch.float32)
+    if mask is None:  # every key real: positions 0..Tk-1, first real key 0 (two ops instead of a mask's six)
+        key_pos = torch.arange(k_len, dtype=torch.int32, device=device).expand(batch, k_len)
+        return key_pos, torch.zeros(batch, dtype=torch.int32, device=device), slopes, backend
+    if tuple(mask.shape) != (batch, k_len):
+        raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
+    key_pos = key_positions(mask.to(device=device) != 0)
+    return key_pos, first_real_key(key_pos).to(torch.int32), slopes, backend
+
+
+_SLOPES: dict = {}
+
+
+def _default_slopes(n_head: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's slopes for ``n_head`` heads on ``device``, made once per (heads, device) in eager mode: building
+    them is a host-to-device copy, which on CUDA waits for the work queued before it."""
+    if torch.compiler.is_compiling():
+        return alibi_slopes(n_head, device)
+    key = (n_head, str(device))
+    if key not in _SLOPES:
+        _SLOPES[key] = alibi_slopes(n_head, device)
+    return _SLOPES[key]
 
 
 def _stats(stats: torch.Tensor) -> AttentionStats:

@@ -4,7 +4,9 @@
   fused QKV gradient (one packed dQKV, written by the kernels, plus the small delta and nothing else; before the
   packed operator it was 6.4x: three zero-filled ``select_backward`` buffers, their sum, fp32 copies for delta);
 * an L-layer forward computes the key positions once, not L times;
-* ``torch.compile`` traces a patched model without a graph break, forward and backward.
+* ``torch.compile`` traces a patched model without a graph break, forward and backward;
+* eager calls skip the custom-operator dispatch (an ``autograd.Function`` runs the same forward and backward) and
+  give the operators' numbers exactly.
 """
 
 from __future__ import annotations
@@ -154,3 +156,30 @@ def test_patched_bloom_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled, eager_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.transformer.h[0].self_attention.query_key_value.weight.grad, eager_grad,
                                rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_eager_calls_skip_the_operator_dispatch_with_the_same_numbers(packed):
+    torch.manual_seed(0)
+    mask = left_padded_mask(2, 21, [0, 5])
+    key_pos = alibi_surgery.kernels.key_positions(mask)
+    kstart = alibi_surgery.kernels.alibi.first_real_key(key_pos).int()
+    slopes = alibi_surgery.kernels.alibi_slopes(3)
+    qkv = torch.randn(2, 21, 3, 3, 16)
+    upstream = torch.randn(2, 21, 3, 16)
+    if packed:
+        op, inputs = ops.attention_packed, (qkv, "interleaved")
+    else:
+        op, inputs = ops.attention, ops.unpack(qkv, "interleaved")
+    args = (key_pos.int(), kstart, slopes, "triton", True, False, False, None, 1.0, False)
+    results = []
+    for run in (lambda *a: ops.call(op, *a), op):  # eager dispatch, then the operator itself
+        leaves = [t.detach().clone().requires_grad_() for t in (inputs if not packed else inputs[:1])]
+        out, lse, stats = run(*leaves, *inputs[len(leaves):], *args)
+        (out * upstream).sum().backward()
+        results.append((out.grad_fn.name(), out, lse, stats, [t.grad for t in leaves]))
+    (eager_fn, *eager), (op_fn, *via_op) = results
+    assert eager_fn.startswith("_Attention") and op_fn.startswith("GeneratedBackwardFor_alibi_surgery"), (eager_fn, op_fn)
+    for a, b in zip(eager[:3] + eager[3], via_op[:3] + via_op[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
