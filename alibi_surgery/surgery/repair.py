@@ -74,10 +74,27 @@ class RepairSettings:
     seed: int = 0
     save_every_steps: int | None = None
     checkpointing: bool = True
-    stochastic_rounding: bool = False
+    stochastic_rounding: bool = False  # alias of optimizer_precision="stochastic" (check() keeps the two in step)
     diag_max_length: int | None = 128
+    optimizer_precision: str = "master"  # master, stochastic or bf16 (HeadSlicedAdamW's precision)
+    schedule: str = "default"  # default (lr_at) or paper (paper_lr)
+    reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
 
     def check(self) -> None:
+        from .optim import PRECISIONS
+        from .schedule import SCHEDULES
+
+        if self.stochastic_rounding and self.optimizer_precision == "master":
+            self.optimizer_precision = "stochastic"
+        if self.stochastic_rounding and self.optimizer_precision != "stochastic":
+            raise UsageError(f"--stochastic-rounding is --optimizer-precision stochastic; it contradicts "
+                             f"--optimizer-precision {self.optimizer_precision}")
+        self.stochastic_rounding = self.optimizer_precision == "stochastic"
+        if self.optimizer_precision not in PRECISIONS:
+            raise UsageError(f"unknown --optimizer-precision {self.optimizer_precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -205,30 +222,51 @@ def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrit
     if overwrite and not resume:
         clear_dir(out)
     source, reports, stopped = model_path, [], None
+    later = dict(options, report=None, include=None, heads="auto", band=None, layers=None)  # minus --freeze only
     for k in range(1, passes + 1):
         pass_out = out / f"pass-{k}"
         if (pass_out / "report.json").is_file():
             reports.append(json.loads(read_text(pass_out / "report.json", what="report")))
         else:
-            first = {"report": options.get("report"), "include": options.get("include")} if k == 1 else \
-                {"report": None, "include": None}
             try:
                 reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(),
-                                           **dict(options, **first)))
+                                           **(options if k == 1 else later)))
             except NothingToRepair as exc:
                 if k == 1:
                     raise
                 stopped = f"pass {k} found nothing left to repair: {exc}"
                 break
-        source = pass_out / "final"
+        _drift_vs_original(reports[-1], out / "pass-1" / "baseline.json")
+        best = reports[-1]["final_checkpoint"]  # the next pass starts from this pass's best checkpoint, as trained
+        source = pass_out / "checkpoints" / best if best else pass_out / "final"
+        last_final = pass_out / "final"
     final = out / "final"
     with staged_dir(final, "final model") as tmp:
-        shutil.copytree(source, tmp)
+        shutil.copytree(last_final, tmp)
     summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
-               "eval_ppl_before": reports[0].get("eval_ppl_before"), "passes": reports}
+               "eval_ppl_before": reports[0].get("eval_ppl_before"),
+               "learning_rates": [r.get("learning_rates", []) for r in reports], "passes": reports}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
     write_passes_markdown(out, summary)
     return summary
+
+
+def _drift_vs_original(report: dict, original_json: Path) -> None:
+    """Add to a pass's ``report`` the drift of its final model against the original model (pass 1's baseline), as
+    ``drift_vs_original``, beside ``drift_vs_previous`` (against the model the pass started from)."""
+    from ..analysis.comparison import Comparison
+
+    entry = next((c for c in report["checkpoints"] if c["checkpoint"] == report["final_checkpoint"]),
+                 report["checkpoints"][-1] if report["checkpoints"] else None)
+    if entry is None:
+        return
+    after = Comparison.from_dict(entry["comparison"])
+    plan = report["plan"]
+    original = Comparison(HeadReport.from_json(original_json), after.after,
+                          targets={int(k): v for k, v in plan["selection"].items()},
+                          zone={int(k): v for k, v in plan["zone"].items()})
+    report["drift_vs_previous"] = after.summary()["drift"]
+    report["drift_vs_original"] = original.summary()["drift"]
 
 
 def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadReport | str | None = None,
@@ -291,6 +329,10 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
                allow_empty, budget):
     """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
     layout = family_for(model.config).layout(model.config)
+    weights = next(model.parameters()).dtype
+    if settings.optimizer_precision == "bf16" and weights != torch.bfloat16:
+        raise UsageError(f"--optimizer-precision bf16 rounds every update into bfloat16 weights, but the model runs "
+                         f"in {dtype_name(weights)}: add --dtype bfloat16, or use --optimizer-precision master")
     prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)
@@ -345,7 +387,7 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
-        if plan.selection:
+        if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
             reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
     return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
                model_path)
@@ -375,7 +417,7 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
-              "checkpoints": run.history}
+              "learning_rates": run.learning_rates, "checkpoints": run.history}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)
     write_plots(run)
