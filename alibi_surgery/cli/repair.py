@@ -83,6 +83,10 @@ def run(args) -> None:
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
                               reinit=not args.no_reinit, **_training_options(args))
     settings.check()
+    if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
+        import sys
+
+        print(args.recipe_warning, file=sys.stderr)
     if args.backend not in ("auto", "triton", "torch"):
         raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
     from ..diagnosis.report import read_report
@@ -111,9 +115,8 @@ def run(args) -> None:
 
 def _training_options(args) -> dict:
     """The options --recipe presets: explicit values, else the recipe's, else RepairSettings' defaults (absent).
-    A paper recipe on weights that are not bf16 trains with the fp32 master path instead, and says so."""
-    import sys
-
+    A paper recipe on weights that are not bf16 trains with the master-copy path instead; the warning that says so
+    is left in ``args.recipe_warning`` for :func:`run` to print."""
     import torch
 
     from ..io.loading import dtype_name, parse_device, parse_dtype
@@ -129,10 +132,11 @@ def _training_options(args) -> dict:
     weights = parse_dtype(args.dtype, parse_device(args.device))
     if "optimizer_precision" not in given and weights != torch.bfloat16:
         chosen["optimizer_precision"] = "master"
-        print(f"warning: --recipe paper on {dtype_name(weights)} weights: its bf16 optimizer (bf16 moments, every "
-              f"update rounded into bf16 weights) needs bfloat16 weights, so the slices train with exact "
-              f"{dtype_name(weights)} AdamW instead (--optimizer-precision master); add --dtype bfloat16 to train "
-              f"as the paper did", file=sys.stderr)
+        args.recipe_warning = (
+            f"warning: --recipe paper on {dtype_name(weights)} weights: its bf16 optimizer (bf16 moments, every "
+            f"update rounded into bf16 weights) needs bfloat16 weights, so the slices train with exact "
+            f"{dtype_name(weights)} AdamW instead (--optimizer-precision master); add --dtype bfloat16 to train as "
+            f"the paper did")
     return chosen
 
 

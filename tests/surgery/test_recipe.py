@@ -17,7 +17,10 @@ from alibi_surgery.cli.repair import _training_options
 from alibi_surgery.surgery import trainer
 from alibi_surgery.surgery.reinit import reinit_heads
 from alibi_surgery.surgery.repair import repair
-from test_repair import PROMPTS, SELECTED, corpus, run, settings, tiny_dir  # noqa: F401 (fixtures)
+import test_repair
+from test_repair import PROMPTS, SELECTED, run, settings
+
+tiny_dir, corpus = test_repair.tiny_dir, test_repair.corpus  # the same module-scoped fixtures
 
 SICK = ("dead", "bos-sink")
 
@@ -74,24 +77,24 @@ def _args(*extra):
     return build_parser().parse_args(["repair", "m", "--out", "o", "--device", "cpu", *extra])
 
 
-def test_recipe_paper_presets_and_explicit_options_win(capsys):
+def test_recipe_paper_presets_and_explicit_options_win():
     assert _training_options(_args()) == {}
     chosen = _training_options(_args("--recipe", "paper", "--dtype", "bfloat16", "--epochs", "2", "--lr", "1e-4"))
     assert chosen == {"optimizer_precision": "bf16", "schedule": "paper", "epochs": 2, "lr": 1e-4, "batch_size": 1,
                       "grad_accum": 8, "max_grad_norm": 1.0, "seq_len": 512}
-    assert capsys.readouterr().err == ""
-    fp32 = _training_options(_args("--recipe", "paper"))
-    err = capsys.readouterr().err.strip().splitlines()
+    fp32_args = _args("--recipe", "paper")
+    fp32 = _training_options(fp32_args)
     assert fp32["optimizer_precision"] == "master" and fp32["schedule"] == "paper" and fp32["epochs"] == 15
-    assert len(err) == 1 and err[0].startswith("warning: --recipe paper on float32 weights") and "bfloat16" in err[0]
+    assert fp32_args.recipe_warning.startswith("warning: --recipe paper on float32 weights")
 
 
 def test_recipe_paper_on_a_cpu_fp32_run_is_allowed_and_says_what_it_changes(tiny_dir, tmp_path, capsys):
     assert main(["repair", str(tiny_dir), "--out", str(tmp_path / "o"), "--heads", "0:1", "--recipe", "paper",
                  "--dry-run", "--device", "cpu", "--backend", "torch", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [
-        line for line in captured.err.splitlines() if line.strip()] and "warning:" in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: --recipe paper on float32 weights") \
+        and "bfloat16" in lines[0]
     assert "L0" in captured.out and not (tmp_path / "o").exists()
 
 
