@@ -20,9 +20,10 @@ The input directory is only read. Before anything is written: the checkpoint's h
 (:mod:`~alibi_surgery.io.checkpoint`), and with ``budget`` the plan's predicted peak memory. ``OUT`` is locked for the
 run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the first. A write failure is a one-line
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
-With ``passes > 1`` each later pass starts from the previous pass's final model and targets the heads still
-collapsed, and the run stops early when a pass finds nothing left. Limits: the registered ALiBi families only; the
-corpus is read into memory.
+``passes > 1`` runs :mod:`~alibi_surgery.surgery.passes` (later passes target every head still collapsed, from the
+previous pass's best checkpoint). ``settings.reinit=False`` trains the selected heads from their current values (the
+paper's gradient-only control); ``settings.optimizer_precision`` and ``settings.schedule`` choose the paper's
+optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet
 from ..io.lock import LOCK_NAME, DirLock, lock_holder
 from ..attention.patch import patch
 from .memory_plan import predict_memory
-from .plan import NothingToRepair, Plan, make_plan, plan_shape
-from .repair_report import write_markdown, write_passes_markdown, write_plots
+from .plan import Plan, make_plan, plan_shape
+from .repair_report import write_markdown, write_plots
 from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
 from .reinit import reinit_heads
@@ -183,10 +184,11 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     """Run surgery on the model in ``model_dir`` (any registered family); results go to ``out``. Returns the report dict
     (also in ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
 
-    With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
-    targets the heads still collapsed (``include`` applies to pass 1 only); when a later pass finds nothing left to
-    repair the run stops there. ``OUT/final`` is the last pass's final model; ``OUT/report.json`` and
-    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run
+    With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's best checkpoint, with a fresh diagnosis that
+    targets every head still collapsed anywhere, minus ``freeze`` (``heads``, ``band``, ``layers``, ``include`` and
+    ``report`` apply to pass 1 only); when a later pass finds nothing left to repair the run stops there.
+    ``OUT/final`` is the last pass's final model; ``OUT/report.json`` (with ``learning_rates``, one list per pass,
+    and per pass ``drift_vs_previous`` / ``drift_vs_original``) and ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run
     (:class:`~alibi_surgery.io.lock.DirLock`). Resuming a finished run does nothing and returns its report, with
     ``already_complete`` set."""
     if passes < 1:
@@ -202,7 +204,9 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
             if done is not None:
                 return done
         try:
-            return _run_passes(model_path, out, passes, resume, overwrite, options)
+            from .passes import run_passes
+
+            return run_passes(model_path, out, passes, resume, overwrite, options)
         except (KeyboardInterrupt, WriteError) as exc:
             if not hasattr(exc, "last_checkpoint"):  # after the passes: the newest checkpoint of the last pass
                 passes_done = sorted(out.glob("pass-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
@@ -216,57 +220,6 @@ def _completed(out: Path) -> dict | None:
     if (out / "report.json").is_file() and (out / "final").is_dir():
         return dict(json.loads(read_text(out / "report.json", what="report")), already_complete=True)
     return None
-
-
-def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite: bool, options: dict) -> dict:
-    if overwrite and not resume:
-        clear_dir(out)
-    source, reports, stopped = model_path, [], None
-    later = dict(options, report=None, include=None, heads="auto", band=None, layers=None)  # minus --freeze only
-    for k in range(1, passes + 1):
-        pass_out = out / f"pass-{k}"
-        if (pass_out / "report.json").is_file():
-            reports.append(json.loads(read_text(pass_out / "report.json", what="report")))
-        else:
-            try:
-                reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(),
-                                           **(options if k == 1 else later)))
-            except NothingToRepair as exc:
-                if k == 1:
-                    raise
-                stopped = f"pass {k} found nothing left to repair: {exc}"
-                break
-        _drift_vs_original(reports[-1], out / "pass-1" / "baseline.json")
-        best = reports[-1]["final_checkpoint"]  # the next pass starts from this pass's best checkpoint, as trained
-        source = pass_out / "checkpoints" / best if best else pass_out / "final"
-        last_final = pass_out / "final"
-    final = out / "final"
-    with staged_dir(final, "final model") as tmp:
-        shutil.copytree(last_final, tmp)
-    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
-               "eval_ppl_before": reports[0].get("eval_ppl_before"),
-               "learning_rates": [r.get("learning_rates", []) for r in reports], "passes": reports}
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
-    write_passes_markdown(out, summary)
-    return summary
-
-
-def _drift_vs_original(report: dict, original_json: Path) -> None:
-    """Add to a pass's ``report`` the drift of its final model against the original model (pass 1's baseline), as
-    ``drift_vs_original``, beside ``drift_vs_previous`` (against the model the pass started from)."""
-    from ..analysis.comparison import Comparison
-
-    entry = next((c for c in report["checkpoints"] if c["checkpoint"] == report["final_checkpoint"]),
-                 report["checkpoints"][-1] if report["checkpoints"] else None)
-    if entry is None:
-        return
-    after = Comparison.from_dict(entry["comparison"])
-    plan = report["plan"]
-    original = Comparison(HeadReport.from_json(original_json), after.after,
-                          targets={int(k): v for k, v in plan["selection"].items()},
-                          zone={int(k): v for k, v in plan["zone"].items()})
-    report["drift_vs_previous"] = after.summary()["drift"]
-    report["drift_vs_original"] = original.summary()["drift"]
 
 
 def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadReport | str | None = None,
