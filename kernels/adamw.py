@@ -19,7 +19,14 @@ Parameter dtypes:
     * fp32: updated in place (a ``master`` copy is allowed but redundant);
     * bf16: with ``master`` the update runs on the fp32 master and the param gets it rounded to nearest; without,
       the param is upcast, updated in fp32 and written back rounded to nearest, or stochastically rounded;
-    * fp16: needs ``master`` (its 10-bit mantissa loses most AdamW updates).
+    * fp16: needs ``master`` (its 10-bit mantissa loses most AdamW updates);
+    * bf16 with bf16 ``exp_avg``/``exp_avg_sq`` (the constexpr ``BF16_STATE``, chosen by the moments' dtype; no
+      master, bf16 gradients): ``torch.optim.AdamW`` on bf16 parameters, the paper's optimizer. Each of torch's
+      in-place operations rounds its fp32 result to bf16 (decay, lerp, ``v * b2``, addcmul, sqrt, the division,
+      ``+ eps``, the update into the weights), and the kernel rounds at the same points, with ``lerp`` and
+      ``addcmul`` as the single fused multiply-adds torch's kernels compute. Matches torch's CPU path bit for bit in
+      the interpreter (tested: within one bf16 ulp per element per step); on a GPU, where both sides' compilers may
+      fuse differently, the same bound is expected but untested here.
 Gradients are in the params' dtype or fp32. ``grad_scale`` (a 1-element fp32 device tensor, e.g. a global-norm
 clip from :func:`clip_scale`) multiplies every gradient inside the kernel, so clipping needs no host sync.
 
@@ -310,23 +317,26 @@ def adamw_step_reference(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq,
                          beta2=0.999, eps=1e-8, weight_decay=0.01, step, grad_scale=None, stochastic_rounding=False,
                          seed=0) -> None:
     """:func:`adamw_step_triton` in plain torch, tensor by tensor, with ``torch.optim.AdamW``'s own operations
-    (fp32 matches it bit for bit; tested on CPU and CUDA). Stochastic rounding draws from a ``torch.Generator`` seeded with
+    (fp32 matches it bit for bit; tested on CPU and CUDA). With bf16 moments the operations run on the bf16 tensors
+    themselves, as torch's single-tensor path does for CPU tensors (its foreach path runs the same operations). Stochastic rounding draws from a ``torch.Generator`` seeded with
     (seed, step): the same distribution as the kernel, not the same numbers."""
     bf16_state = _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay,
                         step, grad_scale, stochastic_rounding, seed)
     s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
-    if bf16_state:
-        _bf16_state_step(layout, params, grad, exp_avg, exp_avg_sq, s, beta2, eps, weight_decay, grad_scale)
-        return
     gen = None
     if stochastic_rounding:
         gen = torch.Generator(device=layout.device)
         gen.manual_seed(_splitmix64(seed << 32 | step))  # CPU generators keep only 32 bits of a seed: mix first
     masters = layout.views(master) if master is not None else [None] * len(layout)
     for p, g, m, v, w in zip(params, layout.views(grad), layout.views(exp_avg), layout.views(exp_avg_sq), masters):
-        g = g.float()
-        if grad_scale is not None:
-            g = g * grad_scale.reshape(())
+        if bf16_state:  # torch's operations on the bf16 tensors themselves: each one rounds to bf16
+            if grad_scale is not None:
+                g = (g.float() * grad_scale.reshape(())).to(g.dtype)  # as torch's clip scales bf16 grads in place
+            w = p
+        else:
+            g = g.float()
+            if grad_scale is not None:
+                g = g * grad_scale.reshape(())
         if w is None:
             w = p if p.dtype == torch.float32 else p.float()
         if weight_decay != 0:
@@ -341,20 +351,6 @@ def adamw_step_reference(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq,
             w = torch.where(torch.isnan(w), w, bits.view(torch.float32))
         if w.data_ptr() != p.data_ptr():
             p.copy_(w)  # round to nearest (exact when stochastically rounded already)
-
-
-def _bf16_state_step(layout, params, grad, exp_avg, exp_avg_sq, s, beta2, eps, weight_decay, grad_scale) -> None:
-    """bf16 params and moments: ``torch.optim.AdamW``'s single-tensor operations on the bf16 views themselves
-    (the path torch takes for CPU tensors; its foreach path runs the same operations), so each one rounds to bf16."""
-    for p, g, m, v in zip(params, layout.views(grad), layout.views(exp_avg), layout.views(exp_avg_sq)):
-        if grad_scale is not None:
-            g = (g.float() * grad_scale.reshape(())).to(g.dtype)  # as torch's clip scales bf16 grads in place
-        if weight_decay != 0:
-            p.mul_(s["decay"])
-        m.lerp_(g, s["w1"])
-        v.mul_(beta2).addcmul_(g, g, value=s["w2"])
-        denom = (v.sqrt() / s["bc2_sqrt"]).add_(eps)
-        p.addcdiv_(m, denom, value=-s["step_size"])
 
 
 def _splitmix64(x: int) -> int:
