@@ -91,7 +91,7 @@ from alibi_surgery.kernels.aot import adamw_signature
 sig = adamw_signature(torch.bfloat16)
 attrs = {(_adamw_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if sig[a].startswith("*")}
 for vec in (4, 1):
-    c = dict(BLOCK=1024, VEC=vec, HAS_MASTER=True, HAS_SCALE=True, STOCHASTIC=False)
+    c = dict(BLOCK=1024, VEC=vec, HAS_MASTER=True, HAS_SCALE=True, STOCHASTIC=False, BF16_STATE=False)
     src = ASTSource(fn=_adamw_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 89, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     print(len(re.findall(r"(?:ld|st)[.]global[.]v4[.]b32", k.asm["ptx"])))
