@@ -11,15 +11,16 @@ from .options import add_model_options, add_output_options
 __all__ = ["add_parser", "run"]
 
 
+_DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no padding, truncated only at --max-length) "
+                "and combined by --convention: 'tokens' is exp(sum NLL / sum (T_i - 1)), the per-token figure; "
+                "'paper' is exp(sum loss_i T_i / sum T_i), the paper's (loss_i the mean next-token loss of text i, "
+                "T_i its token count). A blank line, or a line of fewer than 2 tokens, is refused. With --text, "
+                "repair's held-out figure: the file packed into --seq-len rows (both conventions agree there).")
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "perplexity", help="perplexity of one or more models over a prompts file (each line alone) or a packed text",
-        description="With --prompts-file, every line is one text, scored alone (no padding, truncated only at "
-                    "--max-length) and combined by --convention: 'tokens' is exp(sum NLL / sum (T_i - 1)), the "
-                    "per-token figure; 'paper' is exp(sum loss_i T_i / sum T_i), the paper's (loss_i the mean "
-                    "next-token loss of text i, T_i its token count). A blank line, or a line of fewer than 2 "
-                    "tokens, is refused. With --text, repair's held-out figure: the file packed into --seq-len "
-                    "rows (both conventions agree there).")
+    p = sub.add_parser("perplexity", description=_DESCRIPTION,
+                       help="perplexity of one or more models over a prompts file (each line alone) or a packed text")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model directories (or cached hub ids)")
     p.add_argument("--prompts-file", metavar="FILE", help="one text per line, each scored alone")
     p.add_argument("--text", metavar="FILE", help="a text file (or .jsonl of {\"text\": ...}) packed into rows")
