@@ -17,6 +17,7 @@ from alibi_surgery.cli import main
 from alibi_surgery.errors import UsageError
 from alibi_surgery.io.loading import load_model, load_tokenizer
 from alibi_surgery.io.random_model import write_random_bloom
+from helpers import needs_triton
 
 # Byte-level tokenizer: one token per UTF-8 byte, so these are 2, 9, 22 and 57 tokens long.
 TEXTS = ["ab", "x = 1 + 2", "The lighthouse keeper.", "def merge(a, b):\n    return sorted(a + b)  # both lists!!"]
@@ -149,3 +150,11 @@ def test_texts_that_predict_nothing_are_refused(model_dir):
         prompt_perplexity(net, tok, ["abc"], convention="mean")
     with pytest.raises(UsageError, match="prompt 0 is empty"):
         prompt_perplexity(net, tok, ["  "])
+
+
+@needs_triton
+def test_the_triton_kernel_gives_the_same_figures(model_dir, reference):
+    paper, _, _ = _by_hand(reference, TEXTS[1:3])
+    net, tok = load_model(str(model_dir), device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32")
+    assert prompt_perplexity(net, tok, TEXTS[1:3], convention="paper", backend="triton").perplexity == \
+        pytest.approx(paper, rel=RTOL)
