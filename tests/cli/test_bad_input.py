@@ -154,6 +154,16 @@ def _diagnose(w: Path, tmp: Path, *extra, model: str = "model") -> list:
     return ["diagnose", str(w / model), "--json", str(tmp / "report.json"), "--quiet", *extra]
 
 
+def _ppl(w: Path, tmp: Path, *extra, lines=("first text to score", "second text"), model: str = "model") -> list:
+    """``perplexity`` over a prompts file of ``lines`` written into ``tmp`` (None: no --prompts-file)."""
+    source = []
+    if lines is not None:
+        (tmp / "texts.txt").write_text("".join(f"{line}\n" for line in lines))
+        source = ["--prompts-file", str(tmp / "texts.txt")]
+    return ["perplexity", str(w / model), *source, "--json", str(tmp / "ppl.json"), "--device", "cpu", "--quiet",
+            *extra]
+
+
 def _not_empty(tmp: Path) -> Path:
     out = tmp / "busy"
     out.mkdir()
@@ -242,6 +252,19 @@ CASES = {
                                       "is not a diagnosis report"),
     "random-model under a file": (lambda w, t: ["random-model", str(_under_a_file(t))],
                                   "a-file is a file, not a directory"),
+    "perplexity: unknown --convention": (lambda w, t: _ppl(w, t, "--convention", "mean"),
+                                         "unknown convention 'mean'; choose one of tokens, paper"),
+    "perplexity: both --prompts-file and --text": (lambda w, t: _ppl(w, t, "--text", str(w / "corpus" / "doc.txt")),
+                                                   "give exactly one of --prompts-file"),
+    "perplexity: neither --prompts-file nor --text": (lambda w, t: _ppl(w, t, lines=None),
+                                                      "give exactly one of --prompts-file"),
+    "perplexity: a blank line in the prompts file": (lambda w, t: _ppl(w, t, lines=("one text", "", "another")),
+                                                     "line 2 is blank"),
+    "perplexity: a prompt of 1 token": (lambda w, t: _ppl(w, t, lines=("one text", "x")),
+                                        "texts.txt line 2 has 1 token: it predicts nothing"),
+    "perplexity: missing model": (lambda w, t: _ppl(w, t, model="nope"), "model path does not exist"),
+    "perplexity: --seq-len with --prompts-file": (lambda w, t: _ppl(w, t, "--seq-len", "16"),
+                                                  "--seq-len applies to --text only"),
     "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
                                                            str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
