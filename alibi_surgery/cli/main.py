@@ -1,6 +1,7 @@
 """The ``alibi-surgery`` command line.
 
     alibi-surgery diagnose MODEL [--prompt TEXT ...] [--prompts-file F] [--json OUT] [--csv OUT] [--heatmap PNG]
+                           [--histogram PNG]
     alibi-surgery random-model DIR [--shape tiny|bloom-560m|...] [--layers N] [--vocab N]
     alibi-surgery repair MODEL --out DIR --corpus TEXT... [--heads auto|SPEC] [--band A-B --layers C-D] [...]
     alibi-surgery compare A B [--json OUT] [--heatmap PNG] [--table]
