@@ -182,11 +182,11 @@ def drift_over_training(run: RunDiagnoses, *, drift_threshold: float = 0.05, tre
         mask = frozen[:, h]
         series = [float(d[mask, h].abs().mean()) for d in deltas] if mask.any() else None
         fit = fitted_change(steps, series) if series else None
+        change = None if fit is None else fit[1]
         columns.append({"head": h, "n_frozen": int(mask.sum()), "mean_abs": series,
-                        "slope_per_step": None if fit is None else fit[0],
-                        "fitted_change": None if fit is None else fit[1],
+                        "slope_per_step": None if fit is None else fit[0], "fitted_change": change,
                         "last_over_first": None if not series or series[0] == 0 else series[-1] / series[0],
-                        "trend": _trend(None if fit is None else fit[1], trend_threshold) if series else "no frozen heads"})
+                        "trend": _trend(change, trend_threshold) if series else "no frozen heads"})
     matrix = [[None if a["mean_abs"] is None or b["mean_abs"] is None else pearson(a["mean_abs"], b["mean_abs"])
                for b in columns] for a in columns]
     trends = [c["trend"] for c in columns]
@@ -216,8 +216,8 @@ def format_drift(result: dict) -> str:
     """The terminal summary: one row per checkpoint, the columns' trends, undiagnosed checkpoints."""
     lines = [f"drift of {result['run_dir']} against {result['original']}: {result['n_frozen']} frozen heads of "
              f"{result['n_layer'] * result['n_head']}, {len(result['checkpoints'])} diagnosed checkpoints",
-             f"{'checkpoint':<24} {'step':>6} {'frozen mean |d|':>16} {'> ' + format(result['drift_threshold'], 'g'):>7}"
-             f" {'new (frozen)':>13} {'new (all)':>10}"]
+             f"{'checkpoint':<24} {'step':>6} {'frozen mean |d|':>16} "
+             f"{'> ' + format(result['drift_threshold'], 'g'):>7} {'new (frozen)':>13} {'new (all)':>10}"]
     for r in result["checkpoints"]:
         name = r["checkpoint"] if r["pass"] == 1 and not any(c["pass"] > 1 for c in result["checkpoints"]) \
             else f"pass-{r['pass']}/{r['checkpoint']}"

@@ -1,5 +1,6 @@
 """``alibi-surgery compare A B``: per-head change between two diagnoses (before/after surgery): recovered,
-iatrogenic, drift; ``compare STOCK A B ... --panels OUT.png``: one delta panel per condition. The work is :func:`alibi_surgery.analysis.compare.run_compare`'s."""
+iatrogenic, drift; ``compare STOCK A B ... --panels OUT.png``: one delta panel per condition. The work is
+:func:`alibi_surgery.analysis.compare.run_compare`'s."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "compare", help="compare two diagnoses (before/after surgery), or several conditions with one stock model (--panels)",
+        "compare", help="compare two diagnoses (before/after surgery), or several conditions with one stock model "
+                        "(--panels)",
         description="Per-head change in first-token mass between two diagnoses, with the heads surgery recovered, "
                     "the ones still sick, the non-targets it made sick, and drift (|delta| > threshold) per zone: "
                     "targets, in-band (the zone minus the targets) and outside. A and B are diagnosis JSON files "
-                    "(diagnose --json) or model directories, diagnosed here like diagnose does. With --panels, A is the "
-                    "stock model and B, C, ... conditions, each drawn as a delta panel against A.")
+                    "(diagnose --json) or model directories, diagnosed here like diagnose does. With --panels, A is "
+                    "the stock model and B, C, ... conditions, each drawn as a delta panel against A.")
     p.add_argument("a", metavar="A", help="before (with --panels: the stock model): a diagnosis .json or a model "
                                           "directory")
     p.add_argument("b", metavar="B", nargs="?", help="after: a diagnosis .json or a model directory")

@@ -1,5 +1,6 @@
 """``alibi-surgery drift RUN_DIR``: how the frozen heads drifted over a repair run's checkpoints, against the
-original model. The work is :mod:`alibi_surgery.analysis.drift`'s; the figures :mod:`alibi_surgery.viz.drift_figures`'s."""
+original model. The work is :mod:`alibi_surgery.analysis.drift`'s; the figures
+:mod:`alibi_surgery.viz.drift_figures`'s."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from .options import add_output_options
 __all__ = ["add_parser", "run"]
 
 
+DESCRIPTION = ("Reads every checkpoint's diagnosis from a repair output directory and reports, against the original "
+               "model: each head's delta first-token mass per checkpoint, per head-index column the mean |delta| of "
+               "its frozen heads and its trend (spreading, stable, receding), cascade counts (heads newly over the "
+               "drift threshold) and the correlation between columns' trajectories.")
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "drift", help="drift of the frozen heads over a repair run's checkpoints",
-        description="Reads every checkpoint's diagnosis from a repair output directory and reports, against the "
-                    "original model: each head's delta first-token mass per checkpoint, per head-index column the "
-                    "mean |delta| of its frozen heads and its trend (spreading, stable, receding), cascade counts "
-                    "(heads newly over the drift threshold) and the correlation between columns' trajectories.")
+    p = sub.add_parser("drift", help="drift of the frozen heads over a repair run's checkpoints",
+                       description=DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a repair --out directory (one pass or pass-1, pass-2, ...)")
     add_output_options(p, json=("OUT", "write the analysis as JSON"),
                        heatmap=("OUT.png", "write the frozen heads' drift per column over checkpoints as a heatmap"),

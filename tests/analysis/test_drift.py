@@ -33,7 +33,8 @@ def drift_run(tmp_path_factory):
 
 def _expected(run_dir):
     """Everything drift reports, from the run's own files."""
-    base = {(h["layer"], h["head"]): h["bos_mass"] for h in json.loads((run_dir / "baseline.json").read_text())["heads"]}
+    baseline = json.loads((run_dir / "baseline.json").read_text())
+    base = {(h["layer"], h["head"]): h["bos_mass"] for h in baseline["heads"]}
     plan = json.loads((run_dir / "plan.json").read_text())
     selected = {(int(layer), h) for layer, heads in plan["selection"].items() for h in heads}
     entries = [e for e in json.loads((run_dir / "report.json").read_text())["checkpoints"] if e["checkpoint"]]
@@ -109,3 +110,26 @@ def test_undiagnosed_checkpoint_and_unfinished_run(drift_run, tmp_path, capsys):
     assert [r["step"] for r in result["checkpoints"]] == [1, 2, 3, 4, 5]
     assert result["undiagnosed"] == ["step-00000009"]
     assert "have no diagnosis" in capsys.readouterr().out
+
+
+def test_passes_are_read_in_order_against_pass_one(drift_run, tmp_path):
+    """pass-1, pass-2 (here the same run twice, pass 2 selecting one more head): steps continue, every delta is
+    against pass 1's baseline, and a head selected in any pass is not frozen."""
+    run = tmp_path / "two-pass"
+    for k in (1, 2):
+        shutil.copytree(drift_run, run / f"pass-{k}", ignore=shutil.ignore_patterns("*.safetensors"))
+    plan = json.loads((run / "pass-2" / "plan.json").read_text())
+    plan["selection"] = {"0": [3]}
+    (run / "pass-2" / "plan.json").write_text(json.dumps(plan))
+    # pass 2's own baseline differs from the original: it must not be used
+    text = (run / "pass-2" / "baseline.json").read_text()
+    (run / "pass-2" / "baseline.json").write_text(text.replace('"bos_mass": 0', '"bos_mass": 1'))
+    assert main(["drift", str(run), "--json", str(tmp_path / "d.json")]) == 0
+    result = json.loads((tmp_path / "d.json").read_text())
+    _, deltas, frozen, _, _, _, _ = _expected(drift_run)
+    assert [r["global_step"] for r in result["checkpoints"]] == list(range(1, 13))
+    assert [r["pass"] for r in result["checkpoints"]] == [1] * 6 + [2] * 6
+    for row, d in zip(result["checkpoints"], deltas + deltas):
+        np.testing.assert_allclose(row["delta"], d, rtol=0, atol=1e-7)
+    assert result["selected"] == {"0": [1, 3], "1": [2]} and result["n_frozen"] == int(frozen.sum()) - 1
+    assert result["cascade"]["new_all"][6:] == [0] * 6  # nothing crosses for the first time twice
