@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
                                    "classes (dead, bos-sink, low-entropy, healthy).")
     p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
     add_output_options(p, json=("OUT", "write the report as JSON"), csv=("OUT", "write one row per head as CSV"),
-                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"))
+                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"),
+                       histogram=("OUT.png", "write the distribution of first-token mass with the class thresholds"))
     add_diagnosis_options(p)
 
 
@@ -47,8 +48,9 @@ def diagnose_each(args, models: list[str]) -> list:
 def run(args) -> None:
     from ..io.files import check_output_paths
 
-    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap},
-                                 overwrite=args.overwrite)
+    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap,
+                                  "histogram": args.histogram}, overwrite=args.overwrite,
+                                 figures=("heatmap", "histogram"))
     report = diagnose_each(args, [args.model])[0]
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"])
@@ -58,6 +60,10 @@ def run(args) -> None:
         from ..viz.heatmap import save_heatmap
 
         save_heatmap(report, outputs["heatmap"])
+    if "histogram" in outputs:
+        from ..viz.histogram import save_histogram
+
+        save_histogram(report, outputs["histogram"])
     print(report.format_summary())
     for path in outputs.values():
         print(f"wrote {path}")

@@ -31,6 +31,7 @@ __all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classi
            "metric_differences", "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
+SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
 SICK = ("dead", "bos-sink")
 
 
@@ -128,8 +129,26 @@ class HeadReport:
                 "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(),
                 "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric")}}
 
+    def class_counts_by_sink_threshold(self, sinks=SINK_SWEEP) -> dict:
+        """Class counts (as :meth:`summary`) with the sink threshold moved to each of ``sinks``, the dead and
+        low-entropy thresholds kept; keyed by the threshold as text (``"0.4"``). None for a value not below the
+        dead threshold (no such class split)."""
+        out = {}
+        for sink in sinks:
+            if not 0.0 <= sink < self.thresholds.dead:
+                out[f"{sink:g}"] = None
+                continue
+            t = dataclasses.replace(self.thresholds, sink=sink)
+            flat = [classify(float(b), float(e), t) for b, e in zip(self.bos_mass.flatten().tolist(),
+                                                                   self.entropy.flatten().tolist())]
+            out[f"{sink:g}"] = {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"),
+                                "dead": flat.count("dead"), "low_entropy": flat.count("low-entropy")}
+        return out
+
     def to_json(self, path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """:meth:`to_dict` plus ``class_counts_by_sink_threshold`` (:meth:`class_counts_by_sink_threshold`)."""
+        data = dict(self.to_dict(), class_counts_by_sink_threshold=self.class_counts_by_sink_threshold())
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def to_csv(self, path) -> None:
         buf = io.StringIO()

@@ -181,6 +181,15 @@ def _under_a_file(tmp: Path) -> Path:
     return tmp / "a-file" / "out"
 
 
+def _undiagnosed_run(w: Path, tmp: Path) -> Path:
+    """A repair output with its baseline and plan but no diagnosed checkpoint."""
+    run = tmp / "bare-run"
+    run.mkdir()
+    for name in ("baseline.json", "plan.json"):
+        shutil.copy(w / "other-run" / name, run / name)
+    return run
+
+
 # name: (argv(world, tmp), text the message must contain)
 CASES = {
     "missing model path": (lambda w, t: _diagnose(w, t, model="nope"), "does not exist"),
@@ -265,6 +274,25 @@ CASES = {
     "perplexity: missing model": (lambda w, t: _ppl(w, t, model="nope"), "model path does not exist"),
     "perplexity: --seq-len with --prompts-file": (lambda w, t: _ppl(w, t, "--seq-len", "16"),
                                                   "--seq-len applies to --text only"),
+    "drift: RUN_DIR not a repair output": (lambda w, t: ["drift", str(w / "model")], "is not a repair output"),
+    "drift: RUN_DIR missing": (lambda w, t: ["drift", str(w / "nope")], "is not a directory"),
+    "drift: run without diagnosed checkpoints": (lambda w, t: ["drift", str(_undiagnosed_run(w, t))],
+                                                 "has no diagnosed checkpoint"),
+    "drift: --json exists, no --overwrite": (lambda w, t: ["drift", str(w / "other-run"), "--json", str(_existing(t))],
+                                             "already exists"),
+    "drift: --trajectories in an unknown format": (lambda w, t: ["drift", str(w / "other-run"), "--trajectories",
+                                                                 str(t / "t.xyz")], "cannot write a figure as .xyz"),
+    "drift: negative --trend-threshold": (lambda w, t: ["drift", str(w / "other-run"), "--json", str(t / "d.json"),
+                                                        "--trend-threshold", "-1"], "--trend-threshold must be"),
+    "compare --panels with one model only": (lambda w, t: ["compare", str(w / "diagnosis-a.json"), "--panels",
+                                                           str(t / "p.png")], "at least one condition"),
+    "compare three inputs without --panels": (lambda w, t: ["compare", *[str(w / "diagnosis-a.json")] * 3],
+                                              "with --panels OUT.png"),
+    "compare --panels with --panel-scale 0": (lambda w, t: ["compare", *[str(w / "diagnosis-a.json")] * 3, "--panels",
+                                                            str(t / "p.png"), "--panel-scale", "0"],
+                                              "--panel-scale must be a finite number > 0"),
+    "diagnose --histogram exists, no --overwrite": (lambda w, t: _diagnose(w, t, "--histogram", str(_existing(t))),
+                                                    "already exists"),
     "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
                                                            str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
