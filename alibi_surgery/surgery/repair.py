@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..io.corpus import load_corpus, pack_text, read_documents
+from ..analysis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..families import family_for
@@ -375,7 +376,8 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
-              "checkpoints": run.history}
+              "checkpoints": run.history,
+              "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)
     write_plots(run)
