@@ -7,6 +7,7 @@
     alibi-surgery demo [--out DIR] [--overwrite]
     alibi-surgery family DIR... [--json OUT] [--heatmap PNG] [--markdown OUT.md] [--stream]
     alibi-surgery plan-memory MODEL|SHAPE [--heads N|auto] [--seq-len T] [--batch-size B] [--budget 24GiB]
+    alibi-surgery generate MODEL... --prompts-file F --out DIR [--temperature 0.7] [--top-p 0.92] [--seed 42]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written; a
 write failure (a full disk, a file-size limit) with one line naming the path and exit status 1; Ctrl-C with status
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, demo, diagnose, family, plan_memory, random_model, repair
+from . import compare, demo, diagnose, family, generate, plan_memory, random_model, repair
 from .console import resume_hint, setup_console
 from ..errors import UsageError, WriteError
 
@@ -28,7 +29,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Every command, in the order ``--help`` lists them: its module has ``add_parser(sub)`` and ``run(args)``.
 COMMANDS = {"diagnose": diagnose, "random-model": random_model, "repair": repair, "compare": compare, "demo": demo,
-            "family": family, "plan-memory": plan_memory}
+            "family": family, "plan-memory": plan_memory, "generate": generate}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
