@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.corpus import load_corpus, pack_text, read_documents
+from ..io.corpus import corpus_documents, load_corpus, pack_text
 from ..analysis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
@@ -330,7 +330,8 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
     chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
     eval_chunks = None
     if eval_text is not None:
-        eval_chunks = pack_text(read_documents(eval_text, what="--eval-text"), tokenizer, settings.seq_len,
+        eval_chunks = pack_text(corpus_documents(eval_text, what="--eval-text", walk=False)[0], tokenizer,
+                                settings.seq_len,
                                 what="--eval-text")
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
