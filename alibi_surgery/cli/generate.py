@@ -103,7 +103,7 @@ def run(args) -> None:
     from ..attention.patch import patch
     from ..io.files import atomic_write_text, filling
     from ..io.loading import load_model, resolve_model_dir
-    from ..io.lock import DirLock
+    from ..io.lock import LOCK_NAME, DirLock
     from ..surgery.repair import check_out_dir, clear_dir
 
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -114,8 +114,10 @@ def run(args) -> None:
     prompts = _prompts(args)
     paths = [resolve_model_dir(m) for m in args.models]
     out = None
-    for path in paths:
-        out = check_out_dir(args.out, path, resume=False, overwrite=args.overwrite)
+    for path in paths:  # the input, a run in progress, writability (the emptiness rule follows)
+        out = check_out_dir(args.out, path, resume=False, overwrite=True)
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} is not empty: pass --overwrite to replace what it holds")
     names = output_names(args.models)
     results = []
     with DirLock(out):
