@@ -28,8 +28,10 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..io.loading import parse_device, parse_dtype, resolve_model_dir
     from ..diagnosis.report import Thresholds
     from ..diagnosis.stream import diagnose_path
+    from ..analysis.dormancy import check_threshold
 
     check_backend(args.backend)
+    check_threshold(args.dormancy_threshold)
     try:
         thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
     except ValueError as exc:
@@ -39,7 +41,7 @@ def diagnose_each(args, models: list[str]) -> list:
         resolve_model_dir(model)
     options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
-                   thresholds=thresholds, progress=not args.quiet)
+                   thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold)
     device = parse_device(args.device)
     return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
                           announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]

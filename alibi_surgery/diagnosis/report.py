@@ -32,6 +32,7 @@ __all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classi
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
+TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (analysis/dormancy.py)
 SICK = ("dead", "bos-sink")
 
 
@@ -125,9 +126,10 @@ class HeadReport:
                  for layer in range(self.n_layer) for h in range(self.n_head)]
         metric = dict(self.metadata.get("metric", {}))
         metric["thresholds"] = dataclasses.asdict(self.thresholds)
+        top = {k: self.metadata[k] for k in TOP_LEVEL if k in self.metadata}
         return {"model": self.metadata.get("model"), "n_layer": self.n_layer, "n_head": self.n_head,
-                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(),
-                "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric")}}
+                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(), **top,
+                "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric", *TOP_LEVEL)}}
 
     def class_counts_by_sink_threshold(self, sinks=SINK_SWEEP) -> dict:
         """Class counts (as :meth:`summary`) with the sink threshold moved to each of ``sinks``, the dead and
@@ -168,7 +170,8 @@ class HeadReport:
             ent[h["layer"], h["head"]] = h["entropy"]
         metric = dict(data.get("metric") or {})
         thresholds = Thresholds(**metric.pop("thresholds", {}))
-        metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric)
+        metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric,
+                        **{k: data[k] for k in TOP_LEVEL if k in data})
         return cls(bos, ent, data["n_tokens"], thresholds, metadata)
 
     @classmethod

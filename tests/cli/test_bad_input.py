@@ -108,6 +108,12 @@ def world(tmp_path_factory):
     (corpus / "short.txt").write_text("alpha beta")
     (corpus / "blank.txt").write_text("  \n\n \n")
     (root / "prompts-empty.txt").write_text("\n   \n")
+    (root / "prompts.txt").write_text("the lighthouse keeper climbed\n")
+    import datasets
+
+    docs = datasets.Dataset.from_dict({"text": [(corpus / "doc.txt").read_text()]})
+    docs.save_to_disk(str(root / "saved-dataset"))
+    datasets.DatasetDict({"train": docs, "test": docs}).save_to_disk(str(root / "saved-dataset-dict"))
 
     # A complete surgery checkpoint of another (3-layer) model, for --resume.
     other = write_random_bloom(root / "other-model", "tiny", n_layer=3, seed=2)
@@ -162,6 +168,17 @@ def _ppl(w: Path, tmp: Path, *extra, lines=("first text to score", "second text"
         source = ["--prompts-file", str(tmp / "texts.txt")]
     return ["perplexity", str(w / model), *source, "--json", str(tmp / "ppl.json"), "--device", "cpu", "--quiet",
             *extra]
+
+
+def _bare_corpus(args: list, corpus: str) -> list:
+    """``args`` of :func:`_repair` with ``--corpus`` given as typed, not under the world's corpus directory."""
+    args[args.index("--corpus") + 1] = corpus
+    return args
+
+
+def _generate(w: Path, tmp: Path, *extra, out=None) -> list:
+    return ["generate", str(w / "model"), "--out", str(out or tmp / "gen"), "--prompts-file", str(w / "prompts.txt"),
+            "--device", "cpu", "--backend", "torch", "--max-new-tokens", "2", "--quiet", *extra]
 
 
 def _not_empty(tmp: Path) -> Path:
@@ -293,6 +310,27 @@ CASES = {
                                               "--panel-scale must be a finite number > 0"),
     "diagnose --histogram exists, no --overwrite": (lambda w, t: _diagnose(w, t, "--histogram", str(_existing(t))),
                                                     "already exists"),
+    "--text-field the dataset lacks": (lambda w, t: _repair(w, t, "--text-field", "body",
+                                                             corpus="../saved-dataset"),
+                                       "has no column 'body' (columns: text); choose one with --text-field"),
+    "--split the dataset lacks": (lambda w, t: _repair(w, t, "--split", "validation", corpus="../saved-dataset-dict"),
+                                  "has no split 'validation' (splits: train, test)"),
+    "--split on a single dataset": (lambda w, t: _repair(w, t, "--split", "train", corpus="../saved-dataset"),
+                                    "is a single dataset, without splits"),
+    "dataset id not in the local cache": (lambda w, t: _bare_corpus(_repair(w, t), "no-user/no-such-corpus"),
+                                          "nor is a dataset of that name in the local Hugging Face cache"),
+    "--dormancy-threshold negative": (lambda w, t: _diagnose(w, t, "--dormancy-threshold", "-0.1"),
+                                      "--dormancy-threshold must be >= 0"),
+    "generate without prompts": (lambda w, t: ["generate", str(w / "model"), "--out", str(t / "gen")], "no prompts"),
+    "generate with --top-p 0": (lambda w, t: _generate(w, t, "--top-p", "0"), "--top-p must be in (0, 1]"),
+    "generate with a negative --temperature": (lambda w, t: _generate(w, t, "--temperature", "-1"),
+                                               "--temperature must be >= 0"),
+    "generate with --max-new-tokens 0": (lambda w, t: _generate(w, t, "--max-new-tokens", "0"),
+                                         "--max-new-tokens must be >= 1"),
+    "generate into a non-empty --out": (lambda w, t: _generate(w, t, out=_not_empty(t)), "is not empty"),
+    "generate with a blank --prompt": (lambda w, t: _generate(w, t, "--prompt", " "), "prompt 0 is empty"),
+    "generate --backend eager": (lambda w, t: _generate(w, t, "--backend", "eager"),
+                                 "--backend must be auto, triton or torch for generate"),
     "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
                                                            str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
