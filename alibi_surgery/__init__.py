@@ -12,6 +12,8 @@ Public API:
     chunked_lm_loss                         LM-head cross-entropy without the [tokens, vocab] logits
     plan / repair / compare                 surgery as the CLI runs it: the plan (dry run), the full procedure, and
                                             a before/after comparison of two diagnoses or models
+    prompt_perplexity / packed_perplexity   perplexity of an in-memory model over texts each scored alone
+      -> Perplexity                         (conventions ``tokens`` and ``paper``), or over packed rows as repair
 
 ``alibi_surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are
 ``alibi_surgery.surgery.plan``, ``alibi_surgery.surgery.repair`` and ``alibi_surgery.analysis.compare``. The package
@@ -21,6 +23,7 @@ tree is described in docs/architecture.md.
 from .analysis.compare import compare
 from .attention.functional import AttentionStats, alibi_attention, alibi_attention_qkvpacked
 from .analysis.comparison import Comparison
+from .analysis.perplexity import Perplexity, packed_perplexity, prompt_perplexity
 from .diagnosis.diagnose import diagnose
 from .errors import UsageError
 from .surgery.loss import chunked_lm_loss
@@ -36,4 +39,4 @@ __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
            "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
            "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked",
-           "AttentionStats"]
+           "AttentionStats", "prompt_perplexity", "packed_perplexity", "Perplexity"]

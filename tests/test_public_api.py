@@ -9,8 +9,10 @@ import alibi_surgery
 
 PUBLIC = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport",
           "Thresholds", "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
-          "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked", "AttentionStats"]
-COMMANDS = ["diagnose", "random-model", "repair", "compare", "demo", "family", "plan-memory"]
+          "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked", "AttentionStats",
+          "prompt_perplexity", "packed_perplexity", "Perplexity"]
+COMMANDS = ["diagnose", "random-model", "repair", "compare", "demo", "family", "plan-memory", "perplexity", "drift",
+            "generate"]
 
 
 def test_all_is_pinned_and_every_name_resolves():

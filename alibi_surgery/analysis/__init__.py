@@ -1,2 +1,3 @@
 """Reading diagnoses against each other: :class:`~alibi_surgery.analysis.comparison.Comparison` and ``compare()``
-(before/after, targets, zone, drift), and the cross-scale table of several checkpoints (``scale_table``)."""
+(before/after, targets, zone, drift), the cross-scale table of several checkpoints (``scale_table``), several
+conditions against one stock model (``panels``) and drift over a repair run's checkpoints (``drift``)."""

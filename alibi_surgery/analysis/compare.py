@@ -2,6 +2,9 @@
 
     alibi-surgery compare A B [--targets SPEC] [--zone SPEC] [--plan PLAN.json] [--json OUT] [--heatmap OUT.png]
                               [--table] [--drift-threshold T] [--force]
+    alibi-surgery compare STOCK A B ... --panels OUT.png [--panel-scale 0.4] [--annotate-threshold 0.15] [--json OUT]
+
+(several conditions: :mod:`alibi_surgery.analysis.panels`; ``--json`` then writes the panels' numbers)
 
 ``A`` and ``B`` are each a :class:`~alibi_surgery.diagnosis.report.HeadReport`, a diagnosis JSON (``diagnose
 --json``) or a model directory of any registered family, which is then diagnosed here with the same options as
@@ -243,8 +246,24 @@ def parse_selection_spec(specs, what: str = "--targets") -> HeadSpec | None:
 
 def run_compare(args) -> None:
     """The ``compare`` command: check outputs and options, compare, write the files, then print the summary."""
-    outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap}, overwrite=args.overwrite,
-                                 inputs={"A": args.a, "B": args.b})
+    inputs = [x for x in (args.a, args.b, *(getattr(args, "more", None) or [])) if x is not None]
+    panels = getattr(args, "panels", None)
+    if len(inputs) < 2:
+        raise UsageError("compare needs two inputs (A B), or with --panels a stock model and at least one condition "
+                         "(STOCK A ...)" if panels else "compare needs two inputs: A (before) and B (after)")
+    if len(inputs) > 2 and not panels:
+        raise UsageError(f"{len(inputs)} inputs given: compare takes two (A B), or a stock model and several "
+                         f"conditions with --panels OUT.png")
+    if len(inputs) > 2 and (args.heatmap or args.table):
+        raise UsageError(f"--{'heatmap' if args.heatmap else 'table'} shows one pair: with several conditions use "
+                         f"--panels (and --json)")
+    outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap, "panels": panels},
+                                 overwrite=args.overwrite, figures=("heatmap", "panels"),
+                                 inputs={chr(ord("A") + i): x for i, x in enumerate(inputs[:26])})
+    if panels:
+        from .panels import check_panel_options
+
+        check_panel_options(args.panel_scale, args.annotate_threshold)
     if args.table_rows < 0:
         raise UsageError(f"--table-rows must be >= 0, got {args.table_rows}")
     if not math.isfinite(args.drift_threshold) or args.drift_threshold < 0:
@@ -270,22 +289,50 @@ def run_compare(args) -> None:
     zone_spec = parse_selection_spec(args.zone or ([plan] if plan else None), "--zone")
     prompts = read_prompts(getattr(args, "prompt", None), getattr(args, "prompts_file", None))
 
-    sources = [_resolve_source(args.a, "A"), _resolve_source(args.b, "B")]
+    sources = [_resolve_source(x, chr(ord("A") + i) if i < 26 else f"input {i + 1}") for i, x in enumerate(inputs)]
     shape = next((s.shape for s in sources if s.shape), None)
     if shape is None and (target_spec or zone_spec):
         raise UsageError(f"cannot read the number of layers and heads from {args.a}'s config.json")
     targets = target_spec.resolve(*shape, what="targets") if target_spec else None
     zone = zone_spec.resolve(*shape, what="zone") if zone_spec else None
-    inputs = [s.report if s.report is not None else s.model for s in sources]
-    comparison = compare(*inputs, targets=targets, zone=zone, drift_threshold=args.drift_threshold,
-                         force=args.force, device=args.device, dtype=args.dtype, backend=args.backend,
-                         batch_size=args.batch_size, max_length=args.max_length, prompts=prompts,
-                         exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
-                         progress=not args.quiet)
+    given = [s.report if s.report is not None else s.model for s in sources]
+    options = dict(targets=targets, zone=zone, drift_threshold=args.drift_threshold, force=args.force,
+                   device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
+                   max_length=args.max_length, prompts=prompts, exclude_first_query=args.exclude_first_query,
+                   normalize_entropy=args.normalize_entropy, progress=not args.quiet)
+    if len(given) > 2:
+        from .panels import compare_many
+
+        comparisons = compare_many(given[0], given[1:], **options)
+    else:
+        comparisons = [compare(*given, **options)]
+    comparison = comparisons[0]
+    panel_data = None
+    if panels:
+        from .panels import panels_dict
+
+        panel_data = panels_dict(comparisons, inputs[1:], scale=args.panel_scale,
+                                 annotate_threshold=args.annotate_threshold)
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
-        comparison.to_json(outputs["json"])
+        if len(comparisons) > 1:
+            from .panels import write_panels_json
+
+            write_panels_json(panel_data, outputs["json"])
+        else:
+            comparison.to_json(outputs["json"])
     if "heatmap" in outputs:
         save_delta_heatmap(comparison, outputs["heatmap"])
+    if "panels" in outputs:
+        from ..viz.panel_figures import save_panels
+
+        save_panels(panel_data, outputs["panels"])
+    if len(comparisons) > 1:
+        from .panels import format_panels
+
+        print(format_panels(panel_data))
+        for path in outputs.values():
+            print(f"wrote {path}")
+        return
     print(comparison.format_summary())
     if args.table:
         print(comparison.format_table(max_rows=args.table_rows or None))

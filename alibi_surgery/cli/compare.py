@@ -1,5 +1,6 @@
 """``alibi-surgery compare A B``: per-head change between two diagnoses (before/after surgery): recovered,
-iatrogenic, drift. The work is :func:`alibi_surgery.analysis.compare.run_compare`'s."""
+iatrogenic, drift; ``compare STOCK A B ... --panels OUT.png``: one delta panel per condition. The work is
+:func:`alibi_surgery.analysis.compare.run_compare`'s."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "compare", help="compare two diagnoses (before/after surgery): recovered, iatrogenic, drift",
+        "compare", help="compare two diagnoses (before/after surgery), or several conditions with one stock model "
+                        "(--panels)",
         description="Per-head change in first-token mass between two diagnoses, with the heads surgery recovered, "
                     "the ones still sick, the non-targets it made sick, and drift (|delta| > threshold) per zone: "
                     "targets, in-band (the zone minus the targets) and outside. A and B are diagnosis JSON files "
-                    "(diagnose --json) or model directories, diagnosed here like diagnose does.")
-    p.add_argument("a", metavar="A", help="before: a diagnosis .json or a model directory")
-    p.add_argument("b", metavar="B", help="after: a diagnosis .json or a model directory")
+                    "(diagnose --json) or model directories, diagnosed here like diagnose does. With --panels, A is "
+                    "the stock model and B, C, ... conditions, each drawn as a delta panel against A.")
+    p.add_argument("a", metavar="A", help="before (with --panels: the stock model): a diagnosis .json or a model "
+                                          "directory")
+    p.add_argument("b", metavar="B", nargs="?", help="after: a diagnosis .json or a model directory")
+    p.add_argument("more", metavar="C", nargs="*",
+                   help="with --panels, more conditions compared with A (each a diagnosis .json or a model directory)")
     p.add_argument("--targets", action="append", metavar="SPEC",
                    help="heads re-initialised by surgery: LAYERS:HEADS such as 5-22:9-15 (';'-separated groups, "
                         "'*' for all, repeatable) or a JSON file {layer: [heads]}")
@@ -29,6 +35,13 @@ def add_parser(sub) -> None:
                    help="|delta bos_mass| above this counts as drift (0.05)")
     add_output_options(p, json=("OUT", "write the comparison as JSON"),
                        heatmap=("OUT.png", "write a layer x head heatmap of delta first-token mass"))
+    p.add_argument("--panels", metavar="OUT.png",
+                   help="write one delta panel per condition (B, C, ...) against A on one fixed colour scale, heads "
+                        "over --annotate-threshold labelled, a statistics box per panel")
+    p.add_argument("--panel-scale", type=float, default=0.4, metavar="S",
+                   help="the panels' colour scale runs from -S to +S (0.4)")
+    p.add_argument("--annotate-threshold", type=float, default=0.15, metavar="T",
+                   help="label heads whose |delta| exceeds this on the panels (0.15)")
     p.add_argument("--table", action="store_true", help="print the per-head table, largest |delta| first")
     p.add_argument("--table-rows", type=int, default=30, metavar="N",
                    help="rows of the --table output (default 30; 0 = every head)")

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
                                    "classes (dead, bos-sink, low-entropy, healthy).")
     p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
     add_output_options(p, json=("OUT", "write the report as JSON"), csv=("OUT", "write one row per head as CSV"),
-                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"))
+                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"),
+                       histogram=("OUT.png", "write the distribution of first-token mass with the class thresholds"))
     add_diagnosis_options(p)
 
 
@@ -27,8 +28,10 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..io.loading import parse_device, parse_dtype, resolve_model_dir
     from ..diagnosis.report import Thresholds
     from ..diagnosis.stream import diagnose_path
+    from ..analysis.dormancy import check_threshold
 
     check_backend(args.backend)
+    check_threshold(args.dormancy_threshold)
     try:
         thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
     except ValueError as exc:
@@ -38,7 +41,7 @@ def diagnose_each(args, models: list[str]) -> list:
         resolve_model_dir(model)
     options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
-                   thresholds=thresholds, progress=not args.quiet)
+                   thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold)
     device = parse_device(args.device)
     return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
                           announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]
@@ -47,8 +50,9 @@ def diagnose_each(args, models: list[str]) -> list:
 def run(args) -> None:
     from ..io.files import check_output_paths
 
-    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap},
-                                 overwrite=args.overwrite)
+    outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap,
+                                  "histogram": args.histogram}, overwrite=args.overwrite,
+                                 figures=("heatmap", "histogram"))
     report = diagnose_each(args, [args.model])[0]
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"])
@@ -58,6 +62,10 @@ def run(args) -> None:
         from ..viz.heatmap import save_heatmap
 
         save_heatmap(report, outputs["heatmap"])
+    if "histogram" in outputs:
+        from ..viz.histogram import save_histogram
+
+        save_histogram(report, outputs["histogram"])
     print(report.format_summary())
     for path in outputs.values():
         print(f"wrote {path}")

@@ -1,12 +1,17 @@
 """The ``alibi-surgery`` command line.
 
     alibi-surgery diagnose MODEL [--prompt TEXT ...] [--prompts-file F] [--json OUT] [--csv OUT] [--heatmap PNG]
+                           [--histogram PNG]
     alibi-surgery random-model DIR [--shape tiny|bloom-560m|...] [--layers N] [--vocab N]
     alibi-surgery repair MODEL --out DIR --corpus TEXT... [--heads auto|SPEC] [--band A-B --layers C-D] [...]
     alibi-surgery compare A B [--json OUT] [--heatmap PNG] [--table]
+    alibi-surgery compare STOCK A B ... --panels OUT.png [--panel-scale 0.4] [--annotate-threshold 0.15]
     alibi-surgery demo [--out DIR] [--overwrite]
     alibi-surgery family DIR... [--json OUT] [--heatmap PNG] [--markdown OUT.md] [--stream]
     alibi-surgery plan-memory MODEL|SHAPE [--heads N|auto] [--seq-len T] [--batch-size B] [--budget 24GiB]
+    alibi-surgery perplexity MODEL... (--prompts-file F | --text F) [--convention tokens|paper] [--json OUT]
+    alibi-surgery drift RUN_DIR [--json OUT] [--heatmap PNG] [--trajectories PNG]
+    alibi-surgery generate MODEL... --prompts-file F --out DIR [--temperature 0.7] [--top-p 0.92] [--seed 42]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written; a
 write failure (a full disk, a file-size limit) with one line naming the path and exit status 1; Ctrl-C with status
@@ -20,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, demo, diagnose, family, plan_memory, random_model, repair
+from . import compare, demo, diagnose, drift, family, generate, perplexity, plan_memory, random_model, repair
 from .console import resume_hint, setup_console
 from ..errors import UsageError, WriteError
 
@@ -28,7 +33,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Every command, in the order ``--help`` lists them: its module has ``add_parser(sub)`` and ``run(args)``.
 COMMANDS = {"diagnose": diagnose, "random-model": random_model, "repair": repair, "compare": compare, "demo": demo,
-            "family": family, "plan-memory": plan_memory}
+            "family": family, "plan-memory": plan_memory, "perplexity": perplexity, "drift": drift,
+            "generate": generate}
 
 
 class _HelpFormatter(argparse.HelpFormatter):

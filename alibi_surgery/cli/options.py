@@ -43,6 +43,8 @@ def add_diagnosis_options(p) -> None:
     p.add_argument("--stream", action="store_true",
                    help="read and run one block at a time from the safetensors files (one block in memory); "
                         "chosen automatically when the whole model would not fit in free memory")
+    p.add_argument("--dormancy-threshold", type=float, default=0.01,
+                   help="an MLP neuron with ||up row|| x ||down column|| below this is dormant (0.01)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
     p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
+    p.add_argument("--text-field", default="text", help="the column holding the documents, for --corpus and "
+                   "--eval-text datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids)")
+    p.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
     g = p.add_argument_group("plan")
     g.add_argument("--heads", default="auto", help="'auto' (dead and bos-sink heads) or a list like '5:14,15;6:9-15'")
     g.add_argument("--from-report", metavar="JSON", help="plan from this diagnosis instead of a fresh one")
@@ -99,7 +102,12 @@ def run(args) -> None:
     if args.prompts_file:
         args.prompt = []
         prompts = prompts_from_args(args)
-    result = repair(args.model, args.out, corpus=args.corpus, eval_text=args.eval_text, report=from_report,
+    from ..io.corpus import CorpusSpec
+
+    spec = dict(text_field=args.text_field, split=args.split)
+    corpus = CorpusSpec(tuple(args.corpus), **spec) if args.corpus else None
+    eval_text = CorpusSpec((args.eval_text,), **spec) if args.eval_text else None
+    result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, report=from_report,
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
                     backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,

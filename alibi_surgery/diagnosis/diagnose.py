@@ -26,6 +26,7 @@ from ..attention.backends import check_backend, resolve_backend
 from ..errors import UsageError
 from ..io.loading import dtype_name
 from ..attention.patch import attention_modules, head_stats, patched
+from ..analysis.dormancy import DEFAULT_THRESHOLD, model_dormancy
 from .report import HeadReport, Thresholds
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
@@ -164,9 +165,12 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
 
 def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
              backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
-             thresholds: Thresholds = Thresholds(), progress: bool = False) -> HeadReport:
-    """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``."""
+             thresholds: Thresholds = Thresholds(), progress: bool = False,
+             dormancy_threshold: float = DEFAULT_THRESHOLD) -> HeadReport:
+    """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``; the
+    report also holds the MLP dormancy (:mod:`~alibi_surgery.analysis.dormancy`) at ``dormancy_threshold``."""
     prompts = check_options(prompts, backend, batch_size, max_length)
+    dormancy = model_dormancy(model, dormancy_threshold)
     family, attns = attention_modules(model)
     base = family.base_model(model)
     n_layer = len(attns)
@@ -198,4 +202,4 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         sums = sink.sums
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
-                        thresholds=thresholds, family=family.name, **options)
+                        thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, **options)

@@ -69,17 +69,24 @@ DEFAULT_PROMPTS = (
 )
 
 
-def read_prompts(prompts=None, prompts_file=None) -> list[str] | None:
+def read_prompts(prompts=None, prompts_file=None, *, blank_lines: str = "skip") -> list[str] | None:
     """``prompts`` (strings) plus the non-blank lines of ``prompts_file``; None when both are empty. The file is
     UTF-8 (a byte-order mark is dropped, so it never reaches the first prompt) and splits on ``\\n`` and ``\\r\\n``
     only: a form feed or U+2028 inside a line stays in that prompt. Empty prompts, a missing, unreadable, non-UTF-8
-    or empty file, and a directory are one-line errors."""
+    or empty file, and a directory are one-line errors; so is a blank line with ``blank_lines="error"`` (where each
+    line is one text to score), which ``"skip"`` (the default) drops."""
     from ..errors import UsageError
     from ..io.files import read_lines
 
     out = list(prompts or [])
     if prompts_file:
-        lines = [line for line in read_lines(prompts_file, what="prompts file") if line.strip()]
+        lines = read_lines(prompts_file, what="prompts file")
+        if blank_lines == "error":
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    raise UsageError(f"prompts file {prompts_file}: line {n} is blank (each line is one text to "
+                                     f"score; remove it)")
+        lines = [line for line in lines if line.strip()]
         if not lines:
             raise UsageError(f"prompts file is empty: {prompts_file}")
         out += lines

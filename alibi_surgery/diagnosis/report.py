@@ -31,6 +31,8 @@ __all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classi
            "metric_differences", "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
+SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
+TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (analysis/dormancy.py)
 SICK = ("dead", "bos-sink")
 
 
@@ -124,12 +126,31 @@ class HeadReport:
                  for layer in range(self.n_layer) for h in range(self.n_head)]
         metric = dict(self.metadata.get("metric", {}))
         metric["thresholds"] = dataclasses.asdict(self.thresholds)
+        top = {k: self.metadata[k] for k in TOP_LEVEL if k in self.metadata}
         return {"model": self.metadata.get("model"), "n_layer": self.n_layer, "n_head": self.n_head,
-                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(),
-                "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric")}}
+                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(), **top,
+                "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric", *TOP_LEVEL)}}
+
+    def class_counts_by_sink_threshold(self, sinks=SINK_SWEEP) -> dict:
+        """Class counts (as :meth:`summary`) with the sink threshold moved to each of ``sinks``, the dead and
+        low-entropy thresholds kept; keyed by the threshold as text (``"0.4"``). None for a value not below the
+        dead threshold (no such class split)."""
+        out = {}
+        for sink in sinks:
+            if not 0.0 <= sink < self.thresholds.dead:
+                out[f"{sink:g}"] = None
+                continue
+            t = dataclasses.replace(self.thresholds, sink=sink)
+            flat = [classify(float(b), float(e), t) for b, e in zip(self.bos_mass.flatten().tolist(),
+                                                                   self.entropy.flatten().tolist())]
+            out[f"{sink:g}"] = {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"),
+                                "dead": flat.count("dead"), "low_entropy": flat.count("low-entropy")}
+        return out
 
     def to_json(self, path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """:meth:`to_dict` plus ``class_counts_by_sink_threshold`` (:meth:`class_counts_by_sink_threshold`)."""
+        data = dict(self.to_dict(), class_counts_by_sink_threshold=self.class_counts_by_sink_threshold())
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def to_csv(self, path) -> None:
         buf = io.StringIO()
@@ -149,7 +170,8 @@ class HeadReport:
             ent[h["layer"], h["head"]] = h["entropy"]
         metric = dict(data.get("metric") or {})
         thresholds = Thresholds(**metric.pop("thresholds", {}))
-        metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric)
+        metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric,
+                        **{k: data[k] for k in TOP_LEVEL if k in data})
         return cls(bos, ent, data["n_tokens"], thresholds, metadata)
 
     @classmethod

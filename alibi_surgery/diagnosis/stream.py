@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention.backends import resolve_backend
+from ..analysis.dormancy import DEFAULT_THRESHOLD, DormancyCounter
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from ..errors import UsageError
 from ..io.checkpoint import check_finite, verify_checkpoint
@@ -124,7 +125,8 @@ class _Tensors:
 def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
                       backend: str = "auto", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       exclude_first_query: bool = False, normalize_entropy: bool = False,
-                      thresholds: Thresholds = Thresholds(), progress: bool = False) -> HeadReport:
+                      thresholds: Thresholds = Thresholds(), progress: bool = False,
+                      dormancy_threshold: float = DEFAULT_THRESHOLD) -> HeadReport:
     """Diagnose a checkpoint block by block (see the module docstring). ``dtype``: the compute dtype
     (default: float32 on CPU, bfloat16 on CUDA); weights are converted to it block by block."""
     prompts = check_options(prompts, backend, batch_size, max_length)
@@ -138,6 +140,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
     concrete = resolve_backend(backend, device, head_dim=layout.head_dim)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     tensors = _Tensors(ckpt, device, dtype)
+    dormancy = DormancyCounter(dormancy_threshold)
     with torch.inference_mode():
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
         hidden, inputs = [], []
@@ -154,6 +157,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             block.load_state_dict({k.split(".", 2)[2]: v for k, v in weights.items()}, assign=True)
             block.eval()
             del weights
+            dormancy.add(*family.mlp_weights(block))
             with patched(block, concrete), head_stats(block, **options) as sink:
                 for i, (args, kwargs) in enumerate(inputs):
                     out = block(hidden[i], *args, **kwargs)
@@ -161,7 +165,8 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             sums[layer] = sink.sums[0]
             del block
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
-                        max_length=max_length, thresholds=thresholds, streamed=True, family=family.name, **options)
+                        max_length=max_length, thresholds=thresholds, streamed=True, family=family.name,
+                        mlp_dormancy=dormancy.result(), **options)
 
 
 def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,

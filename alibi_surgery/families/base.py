@@ -12,7 +12,8 @@ An adapter says, for its family:
   how key positions follow from the attention mask (:meth:`Family.kernel_options`, :meth:`Family.key_positions`);
 * how to install the fused attention (:meth:`Family.patched_forward`, a function set as an instance-level
   ``forward`` by :mod:`alibi_surgery.attention.patch`) and how to run one block alone for streamed diagnosis
-  (:meth:`Family.embed`, :meth:`Family.block_inputs`).
+  (:meth:`Family.embed`, :meth:`Family.block_inputs`);
+* where each block's MLP up and down projections are (:meth:`Family.mlp_weights`, for the dormancy figure).
 
 Adding a family is one subclass in its own module plus one line in the registry; docs/architecture.md walks
 through it.
@@ -58,6 +59,8 @@ class Family:
     classes: tuple[str, str, str, str] = ("", "", "", "")  # config, causal LM, attention and block class names in
     # transformers.models.<name>.modeling_<name>
     layers_field: str = ""  # the config field holding the layer count
+    mlp_names: tuple[str, str] = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # the MLP's up and down linears,
+    # as module paths inside one block (BLOOM's and Falcon's names)
 
     # --- configs -------------------------------------------------------------------------------------------
     def refusal(self, config: dict) -> str | None:
@@ -122,6 +125,17 @@ class Family:
         """Checkpoint tensor names (without ``prefix``) of block ``layer``'s parameters, each of the form
         ``<blocks>.<layer>.<name inside the block>``."""
         return [f"{self.blocks}.{layer}.{name}" for name, _ in block.named_parameters()]
+
+    def mlp_weights(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up [n_neurons, hidden], down [hidden, n_neurons])``: the weights of one block's MLP projections
+        (neuron i is up row i and down column i)."""
+        up, down = (block.get_submodule(name).weight for name in self.mlp_names)
+        return up, down
+
+    def mlp_tensor_names(self, layer: int) -> tuple[str, str]:
+        """Checkpoint tensor names (without ``prefix``) of block ``layer``'s up and down weights."""
+        up, down = (f"{self.blocks}.{layer}.{name}.weight" for name in self.mlp_names)
+        return up, down
 
     # --- attention semantics ------------------------------------------------------------------------------------
     def attention_shape(self, attn: nn.Module) -> tuple[int, int]:

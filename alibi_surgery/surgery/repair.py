@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from ..io.corpus import load_corpus, pack_text, read_documents
+from ..io.corpus import corpus_documents, load_corpus, pack_text
+from ..analysis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..families import family_for
@@ -324,7 +325,8 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
     chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
     eval_chunks = None
     if eval_text is not None:
-        eval_chunks = pack_text(read_documents(eval_text, what="--eval-text"), tokenizer, settings.seq_len,
+        eval_chunks = pack_text(corpus_documents(eval_text, what="--eval-text", walk=False)[0], tokenizer,
+                                settings.seq_len,
                                 what="--eval-text")
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
@@ -370,7 +372,8 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
-              "learning_rates": run.learning_rates, "checkpoints": run.history}
+              "learning_rates": run.learning_rates, "checkpoints": run.history,
+              "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)
     write_plots(run)

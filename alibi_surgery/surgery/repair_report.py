@@ -12,11 +12,19 @@ from ..viz.comparison_figures import save_delta_heatmap
 from ..viz.heatmap import save_heatmap
 from ..io.files import atomic_savefig, atomic_write_text
 
-__all__ = ["write_markdown", "write_plots", "write_passes_markdown", "format_ppl"]
+__all__ = ["write_markdown", "write_plots", "write_passes_markdown", "format_ppl", "format_dormancy"]
 
 
 def format_ppl(x) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def format_dormancy(dormancy: dict) -> str:
+    """One line: the share of dormant MLP neurons before and after surgery (report.json's ``mlp_dormancy``)."""
+    before, after = dormancy["before"], dormancy["after"]
+    share = lambda d: f"{100 * d['total']:.2f}% ({sum(d['dormant'])}/{sum(d['neurons'])})"  # noqa: E731
+    return (f"MLP dormancy (neurons with ||up row|| x ||down column|| < {before['threshold']:g}): {share(before)} "
+            f"before surgery, {share(after)} after.")
 
 
 def write_markdown(run, report: dict) -> None:
@@ -38,6 +46,8 @@ def write_markdown(run, report: dict) -> None:
         worst = [f"{z}: L{w['layer']}H{w['head']} {w['delta']:+.3f}" for z in ("target", "in-band", "outside")
                  if (w := last[z]["worst"]) is not None]
         lines += ["", "Largest change of first-token mass at the last checkpoint, per zone: " + "; ".join(worst) + "."]
+    if "mlp_dormancy" in report:
+        lines += ["", format_dormancy(report["mlp_dormancy"])]
     lines += ["", "Drift counts heads whose first-token mass moved by more than 0.05 from the baseline diagnosis.",
               "Plots: `before.png`, `after.png`, `delta.png`, `trajectory.png`.", ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))

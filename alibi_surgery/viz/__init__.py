@@ -1,1 +1,2 @@
-"""Figures: layer x head heatmaps and comparison panels, written atomically (``io.files.atomic_savefig``)."""
+"""Figures: layer x head heatmaps, comparison and Δ panels, drift over training, the first-token mass histogram;
+written atomically (``io.files.atomic_savefig``)."""

@@ -108,6 +108,12 @@ def world(tmp_path_factory):
     (corpus / "short.txt").write_text("alpha beta")
     (corpus / "blank.txt").write_text("  \n\n \n")
     (root / "prompts-empty.txt").write_text("\n   \n")
+    (root / "prompts.txt").write_text("the lighthouse keeper climbed\n")
+    import datasets
+
+    docs = datasets.Dataset.from_dict({"text": [(corpus / "doc.txt").read_text()]})
+    docs.save_to_disk(str(root / "saved-dataset"))
+    datasets.DatasetDict({"train": docs, "test": docs}).save_to_disk(str(root / "saved-dataset-dict"))
 
     # A complete surgery checkpoint of another (3-layer) model, for --resume.
     other = write_random_bloom(root / "other-model", "tiny", n_layer=3, seed=2)
@@ -154,6 +160,27 @@ def _diagnose(w: Path, tmp: Path, *extra, model: str = "model") -> list:
     return ["diagnose", str(w / model), "--json", str(tmp / "report.json"), "--quiet", *extra]
 
 
+def _ppl(w: Path, tmp: Path, *extra, lines=("first text to score", "second text"), model: str = "model") -> list:
+    """``perplexity`` over a prompts file of ``lines`` written into ``tmp`` (None: no --prompts-file)."""
+    source = []
+    if lines is not None:
+        (tmp / "texts.txt").write_text("".join(f"{line}\n" for line in lines))
+        source = ["--prompts-file", str(tmp / "texts.txt")]
+    return ["perplexity", str(w / model), *source, "--json", str(tmp / "ppl.json"), "--device", "cpu", "--quiet",
+            *extra]
+
+
+def _bare_corpus(args: list, corpus: str) -> list:
+    """``args`` of :func:`_repair` with ``--corpus`` given as typed, not under the world's corpus directory."""
+    args[args.index("--corpus") + 1] = corpus
+    return args
+
+
+def _generate(w: Path, tmp: Path, *extra, out=None) -> list:
+    return ["generate", str(w / "model"), "--out", str(out or tmp / "gen"), "--prompts-file", str(w / "prompts.txt"),
+            "--device", "cpu", "--backend", "torch", "--max-new-tokens", "2", "--quiet", *extra]
+
+
 def _not_empty(tmp: Path) -> Path:
     out = tmp / "busy"
     out.mkdir()
@@ -169,6 +196,15 @@ def _existing(tmp: Path) -> Path:
 def _under_a_file(tmp: Path) -> Path:
     (tmp / "a-file").write_text("x")
     return tmp / "a-file" / "out"
+
+
+def _undiagnosed_run(w: Path, tmp: Path) -> Path:
+    """A repair output with its baseline and plan but no diagnosed checkpoint."""
+    run = tmp / "bare-run"
+    run.mkdir()
+    for name in ("baseline.json", "plan.json"):
+        shutil.copy(w / "other-run" / name, run / name)
+    return run
 
 
 # name: (argv(world, tmp), text the message must contain)
@@ -253,6 +289,59 @@ CASES = {
                                            "--lr must be >= 0"),
     "random-model under a file": (lambda w, t: ["random-model", str(_under_a_file(t))],
                                   "a-file is a file, not a directory"),
+    "perplexity: unknown --convention": (lambda w, t: _ppl(w, t, "--convention", "mean"),
+                                         "unknown convention 'mean'; choose one of tokens, paper"),
+    "perplexity: both --prompts-file and --text": (lambda w, t: _ppl(w, t, "--text", str(w / "corpus" / "doc.txt")),
+                                                   "give exactly one of --prompts-file"),
+    "perplexity: neither --prompts-file nor --text": (lambda w, t: _ppl(w, t, lines=None),
+                                                      "give exactly one of --prompts-file"),
+    "perplexity: a blank line in the prompts file": (lambda w, t: _ppl(w, t, lines=("one text", "", "another")),
+                                                     "line 2 is blank"),
+    "perplexity: a prompt of 1 token": (lambda w, t: _ppl(w, t, lines=("one text", "x")),
+                                        "texts.txt line 2 has 1 token: it predicts nothing"),
+    "perplexity: missing model": (lambda w, t: _ppl(w, t, model="nope"), "model path does not exist"),
+    "perplexity: --seq-len with --prompts-file": (lambda w, t: _ppl(w, t, "--seq-len", "16"),
+                                                  "--seq-len applies to --text only"),
+    "drift: RUN_DIR not a repair output": (lambda w, t: ["drift", str(w / "model")], "is not a repair output"),
+    "drift: RUN_DIR missing": (lambda w, t: ["drift", str(w / "nope")], "is not a directory"),
+    "drift: run without diagnosed checkpoints": (lambda w, t: ["drift", str(_undiagnosed_run(w, t))],
+                                                 "has no diagnosed checkpoint"),
+    "drift: --json exists, no --overwrite": (lambda w, t: ["drift", str(w / "other-run"), "--json", str(_existing(t))],
+                                             "already exists"),
+    "drift: --trajectories in an unknown format": (lambda w, t: ["drift", str(w / "other-run"), "--trajectories",
+                                                                 str(t / "t.xyz")], "cannot write a figure as .xyz"),
+    "drift: negative --trend-threshold": (lambda w, t: ["drift", str(w / "other-run"), "--json", str(t / "d.json"),
+                                                        "--trend-threshold", "-1"], "--trend-threshold must be"),
+    "compare --panels with one model only": (lambda w, t: ["compare", str(w / "diagnosis-a.json"), "--panels",
+                                                           str(t / "p.png")], "at least one condition"),
+    "compare three inputs without --panels": (lambda w, t: ["compare", *[str(w / "diagnosis-a.json")] * 3],
+                                              "with --panels OUT.png"),
+    "compare --panels with --panel-scale 0": (lambda w, t: ["compare", *[str(w / "diagnosis-a.json")] * 3, "--panels",
+                                                            str(t / "p.png"), "--panel-scale", "0"],
+                                              "--panel-scale must be a finite number > 0"),
+    "diagnose --histogram exists, no --overwrite": (lambda w, t: _diagnose(w, t, "--histogram", str(_existing(t))),
+                                                    "already exists"),
+    "--text-field the dataset lacks": (lambda w, t: _repair(w, t, "--text-field", "body",
+                                                             corpus="../saved-dataset"),
+                                       "has no column 'body' (columns: text); choose one with --text-field"),
+    "--split the dataset lacks": (lambda w, t: _repair(w, t, "--split", "validation", corpus="../saved-dataset-dict"),
+                                  "has no split 'validation' (splits: train, test)"),
+    "--split on a single dataset": (lambda w, t: _repair(w, t, "--split", "train", corpus="../saved-dataset"),
+                                    "is a single dataset, without splits"),
+    "dataset id not in the local cache": (lambda w, t: _bare_corpus(_repair(w, t), "no-user/no-such-corpus"),
+                                          "nor is a dataset of that name in the local Hugging Face cache"),
+    "--dormancy-threshold negative": (lambda w, t: _diagnose(w, t, "--dormancy-threshold", "-0.1"),
+                                      "--dormancy-threshold must be >= 0"),
+    "generate without prompts": (lambda w, t: ["generate", str(w / "model"), "--out", str(t / "gen")], "no prompts"),
+    "generate with --top-p 0": (lambda w, t: _generate(w, t, "--top-p", "0"), "--top-p must be in (0, 1]"),
+    "generate with a negative --temperature": (lambda w, t: _generate(w, t, "--temperature", "-1"),
+                                               "--temperature must be >= 0"),
+    "generate with --max-new-tokens 0": (lambda w, t: _generate(w, t, "--max-new-tokens", "0"),
+                                         "--max-new-tokens must be >= 1"),
+    "generate into a non-empty --out": (lambda w, t: _generate(w, t, out=_not_empty(t)), "is not empty"),
+    "generate with a blank --prompt": (lambda w, t: _generate(w, t, "--prompt", " "), "prompt 0 is empty"),
+    "generate --backend eager": (lambda w, t: _generate(w, t, "--backend", "eager"),
+                                 "--backend must be auto, triton or torch for generate"),
     "compare across different prompt sets": (lambda w, t: ["compare", str(w / "diagnosis-a.json"),
                                                            str(w / "diagnosis-b.json")], "the prompt sets differ"),
 }
