@@ -297,7 +297,8 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
     memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
-                            stochastic_rounding=settings.stochastic_rounding)
+                            stochastic_rounding=settings.stochastic_rounding,
+                            bf16_moments=settings.optimizer_precision == "bf16")
     check_budget(memory, budget, model.device)
     return baseline, plan, memory
 

@@ -147,3 +147,14 @@ def test_pass_two_targets_every_head_still_collapsed(tiny_dir, corpus, tmp_path)
         assert set(rep["drift_vs_original"]) == set(rep["drift_vs_previous"]) >= {"in-band", "outside", "all"}
     assert first["drift_vs_original"] == first["drift_vs_previous"]
     assert len(summary["learning_rates"]) == 2 and all(summary["learning_rates"])
+
+
+def test_planned_optimizer_memory_of_bf16_precision_is_the_real_state(tiny_dir):
+    from alibi_surgery import HeadSlicedAdamW, HeadSlices
+    from alibi_surgery.surgery.repair import RepairSettings, plan_surgery
+
+    plan = plan_surgery(tiny_dir, heads="0:1;1:2,3", device="cpu", dtype="bfloat16", backend="torch",
+                        prompts=PROMPTS, progress=False, settings=RepairSettings(optimizer_precision="bf16"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    opt = HeadSlicedAdamW(HeadSlices(model, SELECTED), lr=5e-5, precision="bf16")
+    assert plan.memory["master"] == 0 and plan.memory["optimizer"] == opt.state_bytes
