@@ -19,7 +19,14 @@ Parameter dtypes:
     * fp32: updated in place (a ``master`` copy is allowed but redundant);
     * bf16: with ``master`` the update runs on the fp32 master and the param gets it rounded to nearest; without,
       the param is upcast, updated in fp32 and written back rounded to nearest, or stochastically rounded;
-    * fp16: needs ``master`` (its 10-bit mantissa loses most AdamW updates).
+    * fp16: needs ``master`` (its 10-bit mantissa loses most AdamW updates);
+    * bf16 with bf16 ``exp_avg``/``exp_avg_sq`` (the constexpr ``BF16_STATE``, chosen by the moments' dtype; no
+      master, bf16 gradients): ``torch.optim.AdamW`` on bf16 parameters, the paper's optimizer. Each of torch's
+      in-place operations rounds its fp32 result to bf16 (decay, lerp, ``v * b2``, addcmul, sqrt, the division,
+      ``+ eps``, the update into the weights), and the kernel rounds at the same points, with ``lerp`` and
+      ``addcmul`` as the single fused multiply-adds torch's kernels compute. Matches torch's CPU path bit for bit in
+      the interpreter (tested: within one bf16 ulp per element per step); on a GPU, where both sides' compilers may
+      fuse differently, the same bound is expected but untested here.
 Gradients are in the params' dtype or fp32. ``grad_scale`` (a 1-element fp32 device tensor, e.g. a global-norm
 clip from :func:`clip_scale`) multiplies every gradient inside the kernel, so clipping needs no host sync.
 
@@ -165,12 +172,21 @@ def _interleave(a, b) -> bool:
     return a[2] <= c and c + b[2] <= s
 
 
+@triton.jit
+def _rne_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 (ties to even), still as fp32; NaN passes through. Done on the bit
+    pattern, so it is the same on GPUs and in the interpreter (whose own fp32 -> bf16 cast truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
 @triton.jit(do_not_specialize=["seed", "step"])
 def _adamw_kernel(
     P, G, M, V, MASTER, SCALE, TABLE, BLOCK_TENSOR,
     decay, w1, beta2, w2, step_size, bc2_sqrt, eps, seed, step,
     BLOCK: tl.constexpr, VEC: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
+    STOCHASTIC: tl.constexpr, BF16_STATE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     row = TABLE + tl.load(BLOCK_TENSOR + pid).to(tl.int64) * 6
@@ -191,33 +207,44 @@ def _adamw_kernel(
     g = tl.load(G + f_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(SCALE)
-    m = tl.load(M + f_off, mask=ok, other=0.0)
-    v = tl.load(V + f_off, mask=ok, other=0.0)
+    m = tl.load(M + f_off, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(V + f_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_MASTER:
         w = tl.load(MASTER + f_off, mask=ok, other=0.0)
     else:
         w = tl.load(P + p_off, mask=ok, other=0.0).to(tl.float32)
 
-    w = w * decay
-    m = m + w1 * (g - m)  # lerp(m, g, w1), in the form torch evaluates it for w1 < 0.5
-    v = v * beta2 + (w2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    w = w - tl.div_rn(step_size * m, denom)
-    tl.store(M + f_off, m, mask=ok)
-    tl.store(V + f_off, v, mask=ok)
+    if BF16_STATE:  # torch.optim.AdamW on bf16 tensors: each of its in-place operations rounds to bf16
+        if HAS_SCALE:
+            g = _rne_bf16(g)  # torch's clip scales the bf16 gradients in place
+        w = _rne_bf16(w * decay)
+        m = _rne_bf16(tl.fma(w1, g - m, m))  # lerp as torch's kernels run it: one fused multiply-add
+        v = _rne_bf16(tl.fma(w2 * g, g, _rne_bf16(v * beta2)))  # addcmul, fused as torch's CPU kernel runs it
+        denom = _rne_bf16(_rne_bf16(tl.div_rn(_rne_bf16(tl.sqrt_rn(v)), bc2_sqrt)) + eps)
+        w = w - tl.div_rn(step_size * m, denom)  # rounded with the store below
+        tl.store(M + f_off, m.to(tl.bfloat16), mask=ok)  # exact: m and v hold bf16 values
+        tl.store(V + f_off, v.to(tl.bfloat16), mask=ok)
+    else:
+        w = w * decay
+        m = m + w1 * (g - m)  # lerp(m, g, w1), in the form torch evaluates it for w1 < 0.5
+        v = v * beta2 + (w2 * g) * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        w = w - tl.div_rn(step_size * m, denom)
+        tl.store(M + f_off, m, mask=ok)
+        tl.store(V + f_off, v, mask=ok)
 
     if HAS_MASTER:
         tl.store(MASTER + f_off, w, mask=ok)
     if P.dtype.element_ty == tl.bfloat16:
         # Round on the fp32 bit pattern (add, then drop the low half), so the cast below is exact: the same
-        # round-to-nearest-even on GPUs and in the interpreter (whose own fp32 -> bf16 cast truncates).
-        bits = w.to(tl.uint32, bitcast=True)
+        # rounding on GPUs and in the interpreter (whose own fp32 -> bf16 cast truncates).
         if STOCHASTIC:
+            bits = w.to(tl.uint32, bitcast=True)
             key = (seed.to(tl.uint64) << 32) | step.to(tl.uint64)
             add = tl.randint(key, f_off.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF
+            w = tl.where(w == w, (bits + add) & 0xFFFF0000, bits).to(tl.float32, bitcast=True)  # NaN passes
         else:
-            add = 0x7FFF + ((bits >> 16) & 1)
-        w = tl.where(w == w, (bits + add) & 0xFFFF0000, bits).to(tl.float32, bitcast=True)  # NaN passes through
+            w = _rne_bf16(w)
     tl.store(P + p_off, w.to(P.dtype.element_ty), mask=ok)
 
 
@@ -230,11 +257,17 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, step) -> dict:
 
 
 def _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay, step,
-           grad_scale, stochastic_rounding, seed) -> None:
+           grad_scale, stochastic_rounding, seed) -> bool:
+    """Validate one step's arguments; returns whether the moments are bf16 (the bf16-state variant)."""
     layout.check_params(params)
     n, dev = layout.numel, layout.device
-    for name, t, dtypes in (("grad", grad, (layout.dtype, torch.float32)), ("exp_avg", exp_avg, (torch.float32,)),
-                            ("exp_avg_sq", exp_avg_sq, (torch.float32,)), ("master", master, (torch.float32,))):
+    bf16_state = exp_avg.dtype == torch.bfloat16
+    state = (torch.bfloat16,) if bf16_state else (torch.float32,)
+    if bf16_state and (layout.dtype != torch.bfloat16 or master is not None or stochastic_rounding):
+        raise ValueError("bf16 moments go with bfloat16 params rounded to nearest, without a master copy")
+    for name, t, dtypes in (("grad", grad, state if bf16_state else (layout.dtype, torch.float32)),
+                            ("exp_avg", exp_avg, state), ("exp_avg_sq", exp_avg_sq, state),
+                            ("master", master, (torch.float32,))):
         if t is None and name == "master":
             continue
         if t.dim() != 1 or t.numel() != n or not t.is_contiguous():
@@ -253,6 +286,7 @@ def _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, 
                          f"({beta1}, {beta2})")
     if not (isinstance(step, int) and 1 <= step <= _I32_MAX and isinstance(seed, int) and 0 <= seed <= _I32_MAX):
         raise ValueError(f"step must be an int in [1, 2**31) and seed an int in [0, 2**31), got {step}, {seed}")
+    return bf16_state
 
 
 def adamw_step_triton(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq, master=None, *, lr, beta1=0.9,
@@ -267,14 +301,14 @@ def adamw_step_triton(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq, ma
         step: the 1-based step number after this update (bias corrections). grad_scale: None or a 1-element fp32
             device tensor multiplied into the gradients. stochastic_rounding / seed: see the module docstring.
     """
-    _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay, step,
-           grad_scale, stochastic_rounding, seed)
+    bf16_state = _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay,
+                        step, grad_scale, stochastic_rounding, seed)
     _adamw_kernel[(layout.n_blocks,)](
         params[layout.base_index], grad, exp_avg, exp_avg_sq, exp_avg if master is None else master,
         exp_avg if grad_scale is None else grad_scale, layout.table, layout.block_tensor,
         **_scalars(lr, beta1, beta2, eps, weight_decay, step), seed=seed, step=step,
         BLOCK=layout.block, VEC=layout.vec, HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None,
-        STOCHASTIC=bool(stochastic_rounding), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        STOCHASTIC=bool(stochastic_rounding), BF16_STATE=bf16_state, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
 
@@ -283,10 +317,11 @@ def adamw_step_reference(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq,
                          beta2=0.999, eps=1e-8, weight_decay=0.01, step, grad_scale=None, stochastic_rounding=False,
                          seed=0) -> None:
     """:func:`adamw_step_triton` in plain torch, tensor by tensor, with ``torch.optim.AdamW``'s own operations
-    (fp32 matches it bit for bit; tested on CPU and CUDA). Stochastic rounding draws from a ``torch.Generator`` seeded with
+    (fp32 matches it bit for bit; tested on CPU and CUDA). With bf16 moments the operations run on the bf16 tensors
+    themselves, as torch's single-tensor path does for CPU tensors (its foreach path runs the same operations). Stochastic rounding draws from a ``torch.Generator`` seeded with
     (seed, step): the same distribution as the kernel, not the same numbers."""
-    _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay, step,
-           grad_scale, stochastic_rounding, seed)
+    bf16_state = _check(layout, params, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay,
+                        step, grad_scale, stochastic_rounding, seed)
     s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
     gen = None
     if stochastic_rounding:
@@ -294,9 +329,14 @@ def adamw_step_reference(layout: SliceLayout, params, grad, exp_avg, exp_avg_sq,
         gen.manual_seed(_splitmix64(seed << 32 | step))  # CPU generators keep only 32 bits of a seed: mix first
     masters = layout.views(master) if master is not None else [None] * len(layout)
     for p, g, m, v, w in zip(params, layout.views(grad), layout.views(exp_avg), layout.views(exp_avg_sq), masters):
-        g = g.float()
-        if grad_scale is not None:
-            g = g * grad_scale.reshape(())
+        if bf16_state:  # torch's operations on the bf16 tensors themselves: each one rounds to bf16
+            if grad_scale is not None:
+                g = (g.float() * grad_scale.reshape(())).to(g.dtype)  # as torch's clip scales bf16 grads in place
+            w = p
+        else:
+            g = g.float()
+            if grad_scale is not None:
+                g = g * grad_scale.reshape(())
         if w is None:
             w = p if p.dtype == torch.float32 else p.float()
         if weight_decay != 0:

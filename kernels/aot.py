@@ -166,26 +166,30 @@ def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_
                                variant=_bias_variant(alibi_bf16))
 
 
-def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> dict:
-    """Runtime-argument types of ``_adamw_kernel`` for params of ``dtype`` and gradients of ``grad_dtype``."""
+def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None, bf16_state: bool = False) -> dict:
+    """Runtime-argument types of ``_adamw_kernel`` for params of ``dtype``, gradients of ``grad_dtype`` and fp32
+    moments (bf16 with ``bf16_state``)."""
     from .adamw import _adamw_kernel
 
-    pointers = dict(P=_TRITON_TYPE[dtype], G=_TRITON_TYPE[grad_dtype or dtype], M="fp32", V="fp32", MASTER="fp32",
+    state = "bf16" if bf16_state else "fp32"
+    pointers = dict(P=_TRITON_TYPE[dtype], G=_TRITON_TYPE[grad_dtype or dtype], M=state, V=state, MASTER="fp32",
                     SCALE="fp32", TABLE="i64", BLOCK_TENSOR="i32")
     return {name: "*" + pointers[name] if name in pointers else "i32" if name in ("seed", "step") else "fp32"
             for name in _adamw_kernel.arg_names if name in pointers or not name.isupper()}
 
 
 def compile_adamw(arch: int, dtype: torch.dtype, master: bool = False, stochastic: bool = False,
-                  grad_scale: bool = False, vec: int | None = None) -> CompileResult:
-    """Compile the AdamW kernel as the launcher runs it for params (and gradients) of ``dtype``. ``vec`` defaults
-    to the widest vector, which every BLOOM head-slice layout gets (its sizes are multiples of 16)."""
+                  grad_scale: bool = False, vec: int | None = None, bf16_state: bool = False) -> CompileResult:
+    """Compile the AdamW kernel as the launcher runs it for params (and gradients) of ``dtype``; ``bf16_state``:
+    bf16 moments (the paper's optimizer). ``vec`` defaults to the widest vector, which every BLOOM head-slice
+    layout gets (its sizes are multiples of 16)."""
     from .adamw import BLOCK, MAX_VEC, NUM_STAGES, NUM_WARPS, _adamw_kernel
 
     constexprs = dict(BLOCK=BLOCK, VEC=vec or MAX_VEC, HAS_MASTER=master, HAS_SCALE=grad_scale,
-                      STOCHASTIC=stochastic)
-    sig = adamw_signature(dtype)
+                      STOCHASTIC=stochastic, BF16_STATE=bf16_state)
+    sig = adamw_signature(dtype, bf16_state=bf16_state)
     divisible = tuple(a for a in sig if sig[a].startswith("*"))
     result = aot_compile(_adamw_kernel, sig, constexprs, arch, NUM_WARPS, NUM_STAGES, divisible)
-    variant = "+".join([n for n, on in (("master", master), ("sr", stochastic), ("scale", grad_scale)) if on]) or "plain"
+    variant = "+".join([n for n, on in (("master", master), ("sr", stochastic), ("bf16m", bf16_state),
+                                        ("scale", grad_scale)) if on]) or "plain"
     return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=variant)

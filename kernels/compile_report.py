@@ -4,7 +4,8 @@ Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/9
 without statistics), both backward passes (dK/dV and dQ) and the delta kernel for the same head dims and dtypes, each with BLOOM's bias
 and with Falcon-RW's bf16-rounded one (the constexpr ``ALIBI_BF16``, variant ``alibi-bf16``; ``softmax_scale`` and
 ``bias_scale`` are runtime values and compile nothing), and the AdamW kernel's variants (fp32, bf16 rounded to
-nearest or stochastically, bf16/fp16 with an fp32 master copy; each with and without a gradient scale) for
+nearest or stochastically, bf16/fp16 with an fp32 master copy, bf16 with bf16 moments (the paper's optimizer);
+each with and without a gradient scale) for
 sm_80/86/89/90 without a GPU, and prints registers, spills and shared memory against each architecture's per-block
 limit. Exit status 1 if any configuration spills or exceeds shared memory.
 """
@@ -30,9 +31,10 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 BIASES = {"bloom": False, "alibi-bf16": True}  # --bias name: the kernels' ALIBI_BF16
 
 
-# (param dtype, master copy, stochastic rounding) of each AdamW parameter mode
-ADAMW_MODES = ((torch.float32, False, False), (torch.bfloat16, False, False), (torch.bfloat16, False, True),
-               (torch.bfloat16, True, False), (torch.float16, True, False))
+# (param dtype, master copy, stochastic rounding, bf16 moments) of each AdamW parameter mode
+ADAMW_MODES = ((torch.float32, False, False, False), (torch.bfloat16, False, False, False),
+               (torch.bfloat16, False, True, False), (torch.bfloat16, True, False, False),
+               (torch.float16, True, False, False), (torch.bfloat16, False, False, True))
 
 
 def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):
@@ -41,8 +43,9 @@ def launcher_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.value
 
 
 def adamw_configs(archs=ARCHS):
-    """(arch, dtype, master, stochastic, grad_scale) for every AdamW variant."""
-    return [(arch, *mode, scale) for arch in archs for mode in ADAMW_MODES for scale in (False, True)]
+    """(arch, dtype, master, stochastic, grad_scale, vec, bf16_state) for every AdamW variant."""
+    return [(arch, *mode[:3], scale, None, mode[3]) for arch in archs for mode in ADAMW_MODES
+            for scale in (False, True)]
 
 
 def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):

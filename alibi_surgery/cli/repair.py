@@ -11,9 +11,16 @@ from .options import add_model_options, prompts_from_args
 __all__ = ["add_parser", "run"]
 
 
+# --recipe paper: the paper's training settings (RepairSettings fields); each is also its own option
+PAPER_RECIPE = {"optimizer_precision": "bf16", "schedule": "paper", "epochs": 15, "lr": 5e-5, "batch_size": 1,
+                "grad_accum": 8, "max_grad_norm": 1.0, "seq_len": 512}
+
+
 def add_parser(sub) -> None:
+    from ..surgery.optim import PRECISIONS
     from ..surgery.repair import RepairSettings
     from ..surgery.reinit import INITS
+    from ..surgery.schedule import SCHEDULES
 
     d = RepairSettings()
     p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
@@ -37,21 +44,31 @@ def add_parser(sub) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory, then stop")
     g.add_argument("--budget", metavar="SIZE", help="refuse up front a plan whose predicted peak memory exceeds "
                                                     "this, e.g. 24GiB (see plan-memory)")
-    t = p.add_argument_group("training")
-    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    t = p.add_argument_group("training (defaults: ours; --recipe paper sets the paper's, explicit options win)")
+    t.add_argument("--recipe", metavar="paper", help="the paper's recipe: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in PAPER_RECIPE.items()) + "; a checkpoint every epoch")
+    t.add_argument("--seq-len", type=int, help=f"tokens per training sequence (default {d.seq_len})")
+    t.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
+    t.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g}; 0 trains nothing)")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the corpus")
+    t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up "
+                                                                  "(--schedule default)")
+    t.add_argument("--schedule", metavar="|".join(SCHEDULES), help="default: linear warm-up over --warmup, cosine to 0; "
+                                                         "paper: the paper's LambdaLR (first step at lr 0)")
+    t.add_argument("--epochs", type=int, help=f"passes over the corpus (default {d.epochs})")
     t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
-    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm")
+    t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default {d.max_grad_norm})")
     t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
+    t.add_argument("--no-reinit", action="store_true", help="train the selected heads from their current values "
+                                                            "(the paper's gradient-only control)")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of the re-initialisation and the data order")
     t.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
     t.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
-    t.add_argument("--stochastic-rounding", action="store_true", help="bf16 without an fp32 master copy")
+    t.add_argument("--optimizer-precision", metavar="|".join(PRECISIONS),
+                   help="master: fp32 master copy of bf16/fp16 slices (default); stochastic: bf16, stochastically "
+                        "rounded; bf16: bf16 moments, updates rounded into bf16 weights (the paper's)")
+    t.add_argument("--stochastic-rounding", action="store_true", help="same as --optimizer-precision stochastic")
     p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
     add_model_options(p, backends="auto, triton or torch")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
@@ -64,11 +81,15 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from ..surgery.repair import RepairSettings, repair
 
-    settings = RepairSettings(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                              lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, epochs=args.epochs,
-                              patience=args.patience, max_grad_norm=args.max_grad_norm, init=args.init,
-                              seed=args.seed, save_every_steps=args.save_every_steps,
-                              checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding)
+    settings = RepairSettings(weight_decay=args.weight_decay, warmup=args.warmup, patience=args.patience,
+                              init=args.init, seed=args.seed, save_every_steps=args.save_every_steps,
+                              checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
+                              reinit=not args.no_reinit, **_training_options(args))
+    settings.check()
+    if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
+        import sys
+
+        print(args.recipe_warning, file=sys.stderr)
     if args.backend not in ("auto", "triton", "torch"):
         raise UsageError(f"--backend must be auto, triton or torch for repair, got {args.backend!r}")
     from ..diagnosis.report import read_report
@@ -98,6 +119,33 @@ def run(args) -> None:
         print(Plan.from_dict(result).format(memory))
         return
     _print_result(result, Path(args.out))
+
+
+def _training_options(args) -> dict:
+    """The options --recipe presets: explicit values, else the recipe's, else RepairSettings' defaults (absent).
+    A paper recipe on weights that are not bf16 trains with the master-copy path instead; the warning that says so
+    is left in ``args.recipe_warning`` for :func:`run` to print."""
+    import torch
+
+    from ..io.loading import dtype_name, parse_device, parse_dtype
+
+    if args.recipe not in (None, "paper"):
+        raise UsageError(f"unknown --recipe {args.recipe!r}; the one recipe is 'paper'")
+    given = {k: getattr(args, k) for k in PAPER_RECIPE if getattr(args, k) is not None}
+    if args.stochastic_rounding and "optimizer_precision" not in given:
+        given["optimizer_precision"] = "stochastic"
+    if args.recipe != "paper":
+        return given
+    chosen = {**PAPER_RECIPE, **given}
+    weights = parse_dtype(args.dtype, parse_device(args.device))
+    if "optimizer_precision" not in given and weights != torch.bfloat16:
+        chosen["optimizer_precision"] = "master"
+        args.recipe_warning = (
+            f"warning: --recipe paper on {dtype_name(weights)} weights: its bf16 optimizer (bf16 moments, every "
+            f"update rounded into bf16 weights) needs bfloat16 weights, so the slices train with exact "
+            f"{dtype_name(weights)} AdamW instead (--optimizer-precision master); add --dtype bfloat16 to train as "
+            f"the paper did")
+    return chosen
 
 
 def _print_result(result: dict, out: Path) -> None:

@@ -202,7 +202,7 @@ def _dtype_bytes(dtype) -> tuple[str, int]:
 
 
 def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: int, n_params_total: int,
-                   stochastic_rounding: bool = False) -> dict:
+                   stochastic_rounding: bool = False, bf16_moments: bool = False) -> dict:
     """Predicted peak device memory of one surgery step, in bytes, by part.
 
     With ``N = plan.trainable_params`` trained elements, ``w`` bytes per weight element (4 for float32, 2 for
@@ -211,8 +211,9 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
 
     * ``weights``     = P * w (the whole model, resident);
     * ``grads``       = N * w (``HeadSlices``' flat slice-gradient buffer, in the weights' dtype);
-    * ``moments``     = N * 8 (AdamW ``exp_avg`` and ``exp_avg_sq``, fp32);
-    * ``master``      = N * 4 for bfloat16/float16 weights unless ``stochastic_rounding``, else 0;
+    * ``moments``     = N * 8 (AdamW ``exp_avg`` and ``exp_avg_sq``, fp32), N * 4 with ``bf16_moments`` (the
+      paper's optimizer, ``--optimizer-precision bf16``);
+    * ``master``      = N * 4 for bfloat16/float16 weights unless ``stochastic_rounding`` or ``bf16_moments``, else 0;
     * ``optimizer``   = moments + master;
     * ``activations`` = (n_layer - L0 + 1 + 16) * B*T*h * w: non-reentrant gradient checkpointing keeps each
       recorded block's input, plus the final hidden state, plus one block recomputed during backward
@@ -235,6 +236,8 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
             raise UsageError(f"{label} must be a positive integer, got {v!r}")
     if stochastic_rounding and name != "bfloat16":
         raise UsageError(f"stochastic rounding is for bfloat16 weights, not {name}")
+    if bf16_moments and (name != "bfloat16" or stochastic_rounding):
+        raise UsageError(f"bf16 moments are for bfloat16 weights rounded to nearest, not {name}")
     n = plan.trainable_params
     tokens_hidden = batch * seq_len * plan.hidden * w
     lowest = min(plan.selection) if plan.selection else plan.n_layer
@@ -243,15 +246,15 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
     out = {
         "weights": n_params_total * w,
         "grads": n * w,
-        "moments": n * 8,
-        "master": n * 4 if w == 2 and not stochastic_rounding else 0,
+        "moments": n * (4 if bf16_moments else 8),
+        "master": n * 4 if w == 2 and not (stochastic_rounding or bf16_moments) else 0,
         "activations": (recorded + 1 + BLOCK_WORKING_SET) * tokens_hidden if recorded else 0,
         "loss_chunk": chunk * vocab * (4 + (w if w != 4 else 0)) + tokens_hidden if recorded else 0,
     }
     out["optimizer"] = out["moments"] + out["master"]
     out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"] + out["loss_chunk"]
     out.update(dtype=name, trainable_params=n, chunk_tokens=chunk, stochastic_rounding=bool(stochastic_rounding),
-               seq_len=seq_len, batch=batch)
+               bf16_moments=bool(bf16_moments), seq_len=seq_len, batch=batch)
     return out
 
 
@@ -261,7 +264,8 @@ def format_memory(mem: dict) -> str:
         return format_bytes(mem[key])
 
     opt = f"AdamW m+v {g('moments')}" + (f" + fp32 master {g('master')}" if mem["master"] else
-                                          " (stochastic rounding, no master)" if mem["stochastic_rounding"] else "")
+                                          " (stochastic rounding, no master)" if mem["stochastic_rounding"] else
+                                          " (bf16, no master)" if mem.get("bf16_moments") else "")
     return (f"  predicted peak memory: {g('total')} ({mem['dtype']}, batch {mem['batch']} x {mem['seq_len']} "
             f"tokens, gradient checkpointing)\n"
             f"    = weights {g('weights')} + slice grads {g('grads')} + {opt}\n"

@@ -6,10 +6,19 @@ master copy), never the whole matrices. One step is one launch of the multi-tens
 same maths), preceded, when ``max_grad_norm`` is set, by one fp32 norm over the flat gradient buffer whose clip
 factor the kernel reads on the device (no host synchronisation).
 
-Low-precision slices: by default an fp32 master copy carries the updates and the model's bf16/fp16 weights receive
-it rounded to nearest. With ``stochastic_rounding=True`` (bf16 only) there is no master copy: each update is
-rounded to one of the two neighbouring bf16 values with probability proportional to proximity, which keeps small
-updates unbiased in expectation and saves 4 bytes per trained element (2.3 GiB for 300 heads of bloom-7b1).
+Low-precision slices, ``precision`` (:data:`PRECISIONS`):
+
+* ``"master"`` (the default): an fp32 master copy carries the updates and the model's bf16/fp16 weights receive it
+  rounded to nearest;
+* ``"stochastic"`` (bf16 only; also ``stochastic_rounding=True``): no master copy; each update is rounded to one of
+  the two neighbouring bf16 values with probability proportional to proximity, which keeps small updates unbiased in
+  expectation and saves 4 bytes per trained element (2.3 GiB for 300 heads of bloom-7b1);
+* ``"bf16"`` (bf16 only): the paper's optimizer, ``torch.optim.AdamW`` on bf16 parameters: both moments are bf16
+  and every operation of the update rounds to bf16, the last one straight into the weights, so an update smaller
+  than half a bf16 ulp of the weight is lost (at lr 5e-5 most single updates of a freshly re-initialised row are).
+  4 bytes of state per element. The torch path runs torch's own operations on the slices (bit-identical to
+  ``torch.optim.AdamW`` with gradient masks); the Triton kernel rounds at the same points (within one bf16 ulp).
+  The gradient-norm clip is computed in fp32 over the slices, where torch's ``clip_grad_norm_`` sums bf16 norms.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from ..errors import UsageError
 from ..kernels.adamw import SliceLayout, adamw_step, clip_scale, global_grad_norm
 from .slices import HeadSlices
 
-__all__ = ["HeadSlicedAdamW"]
+__all__ = ["HeadSlicedAdamW", "PRECISIONS"]
 
-_HYPER = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "stochastic_rounding", "seed")
+PRECISIONS = ("master", "stochastic", "bf16")
+_HYPER = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "stochastic_rounding", "seed", "precision")
 
 
 class HeadSlicedAdamW:
@@ -35,31 +45,45 @@ class HeadSlicedAdamW:
             or the ``lr`` attribute), e.g. from a schedule, without recompiling anything.
         max_grad_norm: clip the global L2 norm of all slice gradients to this value (None: no clipping).
         master_weights: keep an fp32 master copy (default: yes for bf16/fp16 slices unless stochastic rounding).
-        stochastic_rounding: bf16 slices without a master copy, stochastically rounded (see the module docstring).
+        stochastic_rounding: bf16 slices without a master copy, stochastically rounded (``precision="stochastic"``).
         seed: stochastic-rounding seed; each step draws fresh numbers from (seed, step).
         backend: ``"triton"`` or ``"torch"``; default Triton on CUDA or under the interpreter, torch otherwise.
+        precision: ``"master"``, ``"stochastic"`` or ``"bf16"`` (see the module docstring); default ``"stochastic"``
+            when ``stochastic_rounding`` else ``"master"``. fp32 slices train in fp32 whatever it says, except
+            ``"bf16"``, which needs bf16 slices.
     """
 
     def __init__(self, slices: HeadSlices, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, max_grad_norm: float | None = None, master_weights: bool | None = None,
-                 stochastic_rounding: bool = False, seed: int = 0, backend: str | None = None):
+                 stochastic_rounding: bool = False, seed: int = 0, backend: str | None = None,
+                 precision: str | None = None):
         if not isinstance(slices, HeadSlices):
             raise UsageError(f"HeadSlicedAdamW needs a HeadSlices, got {type(slices).__name__}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise UsageError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        precision = precision or ("stochastic" if stochastic_rounding else "master")
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown optimizer precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if stochastic_rounding and precision != "stochastic":
+            raise UsageError(f"stochastic_rounding is optimizer precision 'stochastic', not {precision!r}")
+        stochastic_rounding = precision == "stochastic"
+        bf16_state = precision == "bf16"
+        if bf16_state and (slices.dtype != torch.bfloat16 or master_weights):
+            raise UsageError(f"optimizer precision 'bf16' needs bf16 slices without a master copy, got {slices.dtype}")
         low = slices.dtype in (torch.bfloat16, torch.float16)
         if master_weights is None:
-            master_weights = low and not stochastic_rounding
+            master_weights = low and not stochastic_rounding and not bf16_state
         if master_weights and stochastic_rounding:
             raise UsageError("stochastic_rounding replaces the master copy: do not ask for both")
-        self.slices = slices
+        self.slices, self.precision = slices, precision
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
         self.max_grad_norm, self.stochastic_rounding, self.seed = max_grad_norm, bool(stochastic_rounding), int(seed)
         self.backend = backend
         self.layout = SliceLayout(slices.tensors)
         device, n = slices.grad.device, slices.numel
-        self.exp_avg = torch.zeros(n, dtype=torch.float32, device=device)
-        self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=device)
+        state_dtype = torch.bfloat16 if bf16_state else torch.float32
+        self.exp_avg = torch.zeros(n, dtype=state_dtype, device=device)
+        self.exp_avg_sq = torch.zeros(n, dtype=state_dtype, device=device)
         self.master = None
         if master_weights and slices.dtype != torch.float32:
             self.master = torch.empty(n, dtype=torch.float32, device=device)
@@ -119,16 +143,19 @@ class HeadSlicedAdamW:
             raise UsageError("optimizer state was saved for a different head selection or model shape")
         if (state["master"] is None) != (self.master is None):
             raise UsageError("optimizer state and this optimizer disagree on keeping an fp32 master copy")
+        if state["exp_avg"].dtype != self.exp_avg.dtype:
+            raise UsageError("optimizer state and this optimizer disagree on the optimizer precision")
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         if self.master is not None:
             self.master.copy_(state["master"])
         self.step_count = int(state["step"])
         for k in _HYPER:
-            setattr(self, k, tuple(state[k]) if k == "betas" else state[k])
+            if k in state:  # a state saved before "precision" existed keeps this optimizer's (checked above)
+                setattr(self, k, tuple(state[k]) if k == "betas" else state[k])
         self._check_hyper()
 
     def __repr__(self) -> str:
         return (f"HeadSlicedAdamW(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
                 f"step={self.step_count}, state={self.state_bytes / 2**20:.1f} MiB, "
-                f"{'master' if self.master is not None else 'stochastic' if self.stochastic_rounding else 'direct'})")
+                f"{'master' if self.master is not None else 'direct' if self.precision == 'master' else self.precision})")

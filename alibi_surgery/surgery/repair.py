@@ -20,9 +20,10 @@ The input directory is only read. Before anything is written: the checkpoint's h
 (:mod:`~alibi_surgery.io.checkpoint`), and with ``budget`` the plan's predicted peak memory. ``OUT`` is locked for the
 run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the first. A write failure is a one-line
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
-With ``passes > 1`` each later pass starts from the previous pass's final model and targets the heads still
-collapsed, and the run stops early when a pass finds nothing left. Limits: the registered ALiBi families only; the
-corpus is read into memory.
+``passes > 1`` runs :mod:`~alibi_surgery.surgery.passes` (later passes target every head still collapsed, from the
+previous pass's best checkpoint). ``settings.reinit=False`` trains the selected heads from their current values (the
+paper's gradient-only control); ``settings.optimizer_precision`` and ``settings.schedule`` choose the paper's
+optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet
 from ..io.lock import LOCK_NAME, DirLock, lock_holder
 from ..attention.patch import patch
 from .memory_plan import predict_memory
-from .plan import NothingToRepair, Plan, make_plan, plan_shape
-from .repair_report import write_markdown, write_passes_markdown, write_plots
+from .plan import Plan, make_plan, plan_shape
+from .repair_report import write_markdown, write_plots
 from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
 from .reinit import reinit_heads
@@ -75,10 +76,27 @@ class RepairSettings:
     seed: int = 0
     save_every_steps: int | None = None
     checkpointing: bool = True
-    stochastic_rounding: bool = False
+    stochastic_rounding: bool = False  # alias of optimizer_precision="stochastic" (check() keeps the two in step)
     diag_max_length: int | None = 128
+    optimizer_precision: str = "master"  # master, stochastic or bf16 (HeadSlicedAdamW's precision)
+    schedule: str = "default"  # default (lr_at) or paper (paper_lr)
+    reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
 
     def check(self) -> None:
+        from .optim import PRECISIONS
+        from .schedule import SCHEDULES
+
+        if self.stochastic_rounding and self.optimizer_precision == "master":
+            self.optimizer_precision = "stochastic"
+        if self.stochastic_rounding and self.optimizer_precision != "stochastic":
+            raise UsageError(f"--stochastic-rounding is --optimizer-precision stochastic; it contradicts "
+                             f"--optimizer-precision {self.optimizer_precision}")
+        self.stochastic_rounding = self.optimizer_precision == "stochastic"
+        if self.optimizer_precision not in PRECISIONS:
+            raise UsageError(f"unknown --optimizer-precision {self.optimizer_precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -167,10 +185,11 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     """Run surgery on the model in ``model_dir`` (any registered family); results go to ``out``. Returns the report dict
     (also in ``OUT/report.json``), or the plan dict when ``dry_run``. ``options`` are those of :func:`repair_pass`.
 
-    With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's final model, with a fresh diagnosis that
-    targets the heads still collapsed (``include`` applies to pass 1 only); when a later pass finds nothing left to
-    repair the run stops there. ``OUT/final`` is the last pass's final model; ``OUT/report.json`` and
-    ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run
+    With ``passes > 1``, pass k runs in ``OUT/pass-k`` on pass k-1's best checkpoint, with a fresh diagnosis that
+    targets every head still collapsed anywhere, minus ``freeze`` (``heads``, ``band``, ``layers``, ``include`` and
+    ``report`` apply to pass 1 only); when a later pass finds nothing left to repair the run stops there.
+    ``OUT/final`` is the last pass's final model; ``OUT/report.json`` (with ``learning_rates``, one list per pass,
+    and per pass ``drift_vs_previous`` / ``drift_vs_original``) and ``OUT/report.md`` summarise the passes. ``OUT`` is locked for the whole run
     (:class:`~alibi_surgery.io.lock.DirLock`). Resuming a finished run does nothing and returns its report, with
     ``already_complete`` set."""
     if passes < 1:
@@ -186,7 +205,9 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
             if done is not None:
                 return done
         try:
-            return _run_passes(model_path, out, passes, resume, overwrite, options)
+            from .passes import run_passes
+
+            return run_passes(model_path, out, passes, resume, overwrite, options)
         except (KeyboardInterrupt, WriteError) as exc:
             if not hasattr(exc, "last_checkpoint"):  # after the passes: the newest checkpoint of the last pass
                 passes_done = sorted(out.glob("pass-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
@@ -200,36 +221,6 @@ def _completed(out: Path) -> dict | None:
     if (out / "report.json").is_file() and (out / "final").is_dir():
         return dict(json.loads(read_text(out / "report.json", what="report")), already_complete=True)
     return None
-
-
-def _run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite: bool, options: dict) -> dict:
-    if overwrite and not resume:
-        clear_dir(out)
-    source, reports, stopped = model_path, [], None
-    for k in range(1, passes + 1):
-        pass_out = out / f"pass-{k}"
-        if (pass_out / "report.json").is_file():
-            reports.append(json.loads(read_text(pass_out / "report.json", what="report")))
-        else:
-            first = {"report": options.get("report"), "include": options.get("include")} if k == 1 else \
-                {"report": None, "include": None}
-            try:
-                reports.append(repair_pass(source, pass_out, resume=resume and pass_out.exists(),
-                                           **dict(options, **first)))
-            except NothingToRepair as exc:
-                if k == 1:
-                    raise
-                stopped = f"pass {k} found nothing left to repair: {exc}"
-                break
-        source = pass_out / "final"
-    final = out / "final"
-    with staged_dir(final, "final model") as tmp:
-        shutil.copytree(source, tmp)
-    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
-               "eval_ppl_before": reports[0].get("eval_ppl_before"), "passes": reports}
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
-    write_passes_markdown(out, summary)
-    return summary
 
 
 def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadReport | str | None = None,
@@ -292,6 +283,10 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
                allow_empty, budget):
     """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
     layout = family_for(model.config).layout(model.config)
+    weights = next(model.parameters()).dtype
+    if settings.optimizer_precision == "bf16" and weights != torch.bfloat16:
+        raise UsageError(f"--optimizer-precision bf16 rounds every update into bfloat16 weights, but the model runs "
+                         f"in {dtype_name(weights)}: add --dtype bfloat16, or use --optimizer-precision master")
     prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)
@@ -302,7 +297,8 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
     memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
-                            stochastic_rounding=settings.stochastic_rounding)
+                            stochastic_rounding=settings.stochastic_rounding,
+                            bf16_moments=settings.optimizer_precision == "bf16")
     check_budget(memory, budget, model.device)
     return baseline, plan, memory
 
@@ -347,7 +343,7 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
-        if plan.selection:
+        if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
             reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
     return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
                model_path)
@@ -377,7 +373,7 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
-              "checkpoints": run.history,
+              "learning_rates": run.learning_rates, "checkpoints": run.history,
               "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)

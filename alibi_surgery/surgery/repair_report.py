@@ -82,13 +82,19 @@ def write_plots(run) -> None:
     atomic_savefig(fig, run.out / "trajectory.png", dpi=110)
 
 
+def _drift(drift: dict | None) -> str:
+    if not drift or not drift["all"]["n"]:
+        return "-"
+    return f"{drift['all']['count']}/{drift['all']['n']}, {drift['all']['mean_abs']:.3f}"
+
+
 def write_passes_markdown(out: Path, summary: dict) -> None:
     """OUT/report.md of a multi-pass run: one row per pass, with links to each pass's own report."""
     lines = ["# Surgery report", "", f"- input: `{summary['input']}`", f"- final model: `{summary['final']}`",
              f"- passes run: {len(summary['passes'])} of {summary['passes_asked']}"
              + (f" ({summary['stopped']})" if summary.get("stopped") else ""), "",
              "| pass | targeted | recovered | still sick | iatrogenic | held-out ppl before | held-out ppl after | "
-             "report |", "|---|---|---|---|---|---|---|---|"]
+             "drift vs previous pass | drift vs original | report |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, rep in enumerate(summary["passes"], 1):
         targeted = sum(len(h) for h in rep["plan"]["selection"].values())
         best = next((c for c in rep["checkpoints"] if c["checkpoint"] == rep["final_checkpoint"]),
@@ -96,6 +102,10 @@ def write_passes_markdown(out: Path, summary: dict) -> None:
         last = rep["checkpoints"][-1] if rep["checkpoints"] else {}
         lines.append(f"| {k} | {targeted} | {last.get('recovered', '-')} | {last.get('still_sick', '-')} | "
                      f"{last.get('iatrogenic', '-')} | {format_ppl(rep.get('eval_ppl_before'))} | "
-                     f"{format_ppl(best.get('eval_ppl'))} | [pass-{k}/report.md](pass-{k}/report.md) |")
-    lines += ["", "Each pass re-diagnoses the previous pass's final model and targets the heads still collapsed.", ""]
+                     f"{format_ppl(best.get('eval_ppl'))} | {_drift(rep.get('drift_vs_previous'))} | "
+                     f"{_drift(rep.get('drift_vs_original'))} | [pass-{k}/report.md](pass-{k}/report.md) |")
+    lines += ["", "Pass 1 follows the plan options; every later pass starts from the previous pass's best checkpoint "
+              "and targets every head still collapsed, anywhere (minus --freeze). Drift: heads of every zone with "
+              "|Δ first-token mass| > 0.05 (count/n, mean |Δ|), of the pass's best checkpoint against the model the "
+              "pass started from and against the original model.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))

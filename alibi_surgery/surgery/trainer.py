@@ -29,7 +29,7 @@ from ..io.loading import quiet_transformers
 from .loss import causal_lm_labels, chunked_lm_loss
 from .optim import HeadSlicedAdamW
 from .plan import Plan
-from .schedule import lr_at
+from .schedule import lr_at, surgery_lr
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
@@ -79,6 +79,7 @@ class Run:
         self.steps_per_epoch = math.ceil(n_micro / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.history: list[dict] = []
+        self.learning_rates: list[float] = []  # the lr of every optimizer step so far, in order
         self.latest: tuple[HeadReport, Comparison] | None = None
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Run:
                                                         k not in ("exp_avg", "exp_avg_sq", "master")},
                     "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
                     "settings": dataclasses.asdict(self.s), "model": config_key(self.model.config),
-                    "history": self.history}
+                    "history": self.history, "learning_rates": self.learning_rates}
             atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
         return final
 
@@ -179,7 +180,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
     s, model = run.s, run.model
     slices = HeadSlices(model, run.plan.selection)
     opt = HeadSlicedAdamW(slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
-                          stochastic_rounding=s.stochastic_rounding, seed=s.seed)
+                          precision=s.optimizer_precision, seed=s.seed)
     position = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     best = {"eval_ppl": None, "checkpoint": None, "stale": 0}
     if resume_from is not None:
@@ -192,6 +193,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
         opt.load_state_dict(state)
         position = meta["position"]
         run.history = meta["history"]
+        run.learning_rates = meta.get("learning_rates", [])
         best = position.get("best", best)
     model.train()
     if s.checkpointing:
@@ -215,7 +217,9 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     _test_pause("train", position["step"] + 1)
                     window_loss += float(loss.detach())
                     window_n += 1
-                opt.step(lr=lr_at(position["step"] + 1, run.total_steps, s.lr, s.warmup))
+                lr = surgery_lr(s.schedule, position["step"] + 1, run.total_steps, s.lr, s.warmup)
+                opt.step(lr=lr)
+                run.learning_rates.append(lr)
                 opt.zero_grad()
                 position = {"step": position["step"] + 1, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
                 bar.update(1)

@@ -276,6 +276,17 @@ CASES = {
                                     f"is in use by another run (pid {os.getpid()}"),
     "--from-report not a diagnosis": (lambda w, t: _repair(w, t, "--from-report", str(w / "model" / "config.json")),
                                       "is not a diagnosis report"),
+    "--optimizer-precision bf16 on float32 weights": (
+        lambda w, t: _repair(w, t, "--optimizer-precision", "bf16"), "rounds every update into bfloat16 weights"),
+    "unknown --optimizer-precision": (lambda w, t: _repair(w, t, "--optimizer-precision", "fp8"),
+                                      "unknown --optimizer-precision 'fp8'"),
+    "--stochastic-rounding with --optimizer-precision bf16": (
+        lambda w, t: _repair(w, t, "--stochastic-rounding", "--optimizer-precision", "bf16", "--dtype", "bfloat16"),
+        "contradicts --optimizer-precision bf16"),
+    "unknown --schedule": (lambda w, t: _repair(w, t, "--schedule", "linear"), "unknown --schedule 'linear'"),
+    "unknown --recipe": (lambda w, t: _repair(w, t, "--recipe", "ours"), "unknown --recipe 'ours'"),
+    "negative --lr under --recipe paper": (lambda w, t: _repair(w, t, "--recipe", "paper", "--lr", "-1"),
+                                           "--lr must be >= 0"),
     "random-model under a file": (lambda w, t: ["random-model", str(_under_a_file(t))],
                                   "a-file is a file, not a directory"),
     "perplexity: unknown --convention": (lambda w, t: _ppl(w, t, "--convention", "mean"),

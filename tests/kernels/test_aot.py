@@ -34,7 +34,7 @@ def test_every_kernel_configuration_compiles_without_spills(arch, tmp_path):
     assert len(forward) == 3 * 2 * 2  # head dims x dtypes x statistics on/off
     backward = [r for r in results if r["kernel"].startswith("_alibi_bwd_")]
     assert len(backward) == 3 * 2 * 3  # head dims x dtypes x (dK/dV pass, dQ pass, delta kernel)
-    assert len(results) - len(forward) - len(backward) == 5 * 2  # AdamW: parameter modes x gradient scale on/off
+    assert len(results) - len(forward) - len(backward) == 6 * 2  # AdamW: parameter modes x gradient scale on/off
     bad = [r for r in results if not r["ok"]]
     assert not bad and proc.returncode == 0, proc.stdout
     assert all(r["registers"] > 0 and r["shared_bytes"] <= r["smem_limit"] for r in results)
@@ -91,7 +91,7 @@ from alibi_surgery.kernels.aot import adamw_signature
 sig = adamw_signature(torch.bfloat16)
 attrs = {(_adamw_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if sig[a].startswith("*")}
 for vec in (4, 1):
-    c = dict(BLOCK=1024, VEC=vec, HAS_MASTER=True, HAS_SCALE=True, STOCHASTIC=False)
+    c = dict(BLOCK=1024, VEC=vec, HAS_MASTER=True, HAS_SCALE=True, STOCHASTIC=False, BF16_STATE=False)
     src = ASTSource(fn=_adamw_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 89, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     print(len(re.findall(r"(?:ld|st)[.]global[.]v4[.]b32", k.asm["ptx"])))

@@ -48,3 +48,16 @@ def test_same_numbers_as_the_formulas_it_replaced():
             if step:
                 assert lr_at(step, total, base, frac) == _surgery_formula(step, total, base, frac)
             assert pretrain_lr(step, total, base, n_warm) == _pretrain_formula(step, total, base, n_warm)
+
+
+def test_paper_schedule_closed_form():
+    from alibi_surgery.surgery.schedule import paper_lr, surgery_lr
+
+    assert paper_lr(0, 40, 1.0) == 0.0  # the first optimizer step runs at lr 0
+    assert paper_lr(5, 40, 1.0) == 0.5 and paper_lr(10, 40, 1.0) == 1.0  # W = 40 // 4 = 10
+    assert paper_lr(25, 40, 1.0) == pytest.approx(0.5, abs=1e-15)  # half-way down the cosine
+    assert paper_lr(50, 1000, 2.0) == 1.0  # W = min(100, 250) = 100
+    assert paper_lr(0, 3, 1.0) == 1.0  # fewer than 4 steps: no warm-up
+    assert surgery_lr("paper", 1, 40, 1.0, 0.3) == 0.0 and surgery_lr("default", 1, 40, 1.0, 0.0) == lr_at(1, 40, 1.0, 0.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        surgery_lr("linear", 1, 40, 1.0, 0.1)
