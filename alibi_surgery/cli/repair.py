@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
     p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
+    p.add_argument("--eval-prompts", metavar="FILE", help="held-out texts, one per line, each scored alone at every "
+                                                          "checkpoint (picks final/ when there is no --eval-text)")
+    p.add_argument("--eval-convention", default="tokens", help="how --eval-prompts' losses combine: tokens "
+                                                               "(per predicted token) or paper (the paper's)")
     p.add_argument("--text-field", default="text", help="the column holding the documents, for --corpus and "
                    "--eval-text datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids)")
     p.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
@@ -84,7 +88,8 @@ def run(args) -> None:
     settings = RepairSettings(weight_decay=args.weight_decay, warmup=args.warmup, patience=args.patience,
                               init=args.init, seed=args.seed, save_every_steps=args.save_every_steps,
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
-                              reinit=not args.no_reinit, **_training_options(args))
+                              reinit=not args.no_reinit, eval_convention=args.eval_convention,
+                              **_training_options(args))
     settings.check()
     if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
         import sys
@@ -107,7 +112,11 @@ def run(args) -> None:
     spec = dict(text_field=args.text_field, split=args.split)
     corpus = CorpusSpec(tuple(args.corpus), **spec) if args.corpus else None
     eval_text = CorpusSpec((args.eval_text,), **spec) if args.eval_text else None
-    result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, report=from_report,
+    from ..analysis.perplexity import read_texts
+
+    eval_prompts = read_texts(args.eval_prompts) if args.eval_prompts else None
+    result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, eval_prompts=eval_prompts,
+                    report=from_report,
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
                     backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,
@@ -156,9 +165,11 @@ def _print_result(result: dict, out: Path) -> None:
     best = next((c for c in last["checkpoints"] if c["checkpoint"] == last["final_checkpoint"]), None)
     if result.get("stopped"):
         print(f"stopped after pass {len(result['passes'])}: {result['stopped']}")
-    if result.get("eval_ppl_before") is not None:
-        print(f"held-out perplexity: {format_ppl(result['eval_ppl_before'])} before surgery -> "
-              f"{format_ppl(best and best['eval_ppl'])} after ({last['final_checkpoint'] or 'no training'})")
+    for key, label in (("eval_ppl", "held-out perplexity"), ("eval_prompts_ppl", "held-out prompts perplexity")):
+        before = result.get(f"{key}_before")
+        if before is not None:
+            print(f"{label}: {format_ppl(before)} before surgery -> {format_ppl(best and best.get(key))} after "
+                  f"({last['final_checkpoint'] or 'no training'})")
     if result.get("already_complete"):
         print(f"nothing to resume: {out} holds a finished run ({result['final']}, {out / 'report.md'})")
     else:

@@ -54,6 +54,7 @@ def run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite
         shutil.copytree(last_final, tmp)
     summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
                "eval_ppl_before": reports[0].get("eval_ppl_before"),
+               "eval_prompts_ppl_before": reports[0].get("eval_prompts_ppl_before"),
                "learning_rates": [r.get("learning_rates", []) for r in reports], "passes": reports}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
     write_passes_markdown(out, summary)

@@ -54,7 +54,8 @@ from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
 from .reinit import reinit_heads
 from .trainer import (OPT_FILE, STATE_FILE, Run, config_key, enable_checkpointing, lr_at, newest_checkpoint,
-                      perplexity, train)
+                      perplexity, prompts_perplexity, train)
+from ..analysis.perplexity import encode_texts
 
 __all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget",
            "lr_at", "enable_checkpointing"]
@@ -81,6 +82,7 @@ class RepairSettings:
     optimizer_precision: str = "master"  # master, stochastic or bf16 (HeadSlicedAdamW's precision)
     schedule: str = "default"  # default (lr_at) or paper (paper_lr)
     reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
+    eval_convention: str = "tokens"  # how --eval-prompts' per-text losses combine (analysis.perplexity)
 
     def check(self) -> None:
         from .optim import PRECISIONS
@@ -95,6 +97,8 @@ class RepairSettings:
         if self.optimizer_precision not in PRECISIONS:
             raise UsageError(f"unknown --optimizer-precision {self.optimizer_precision!r}; choose one of "
                              f"{', '.join(PRECISIONS)}")
+        if self.eval_convention not in ("tokens", "paper"):
+            raise UsageError(f"unknown --eval-convention {self.eval_convention!r}; choose one of tokens, paper")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("seq_len", "batch_size", "grad_accum"):
@@ -223,7 +227,8 @@ def _completed(out: Path) -> dict | None:
     return None
 
 
-def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadReport | str | None = None,
+def repair_pass(model_dir, out, *, corpus=None, eval_text=None, eval_prompts=None,
+                report: HeadReport | str | None = None,
                 heads: str | None = "auto", band: str | None = None, layers: str | None = None,
                 freeze: str | None = None, include: str | None = None, settings: RepairSettings | None = None,
                 device: str | None = None, dtype: str | None = None, backend: str = "auto", prompts=None,
@@ -234,7 +239,9 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
     predicted peak (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is
     written. ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the
     pass runs; a write failure or an interrupt carries ``last_checkpoint`` (see
-    :func:`~alibi_surgery.errors.mark_resumable`).
+    :func:`~alibi_surgery.errors.mark_resumable`). ``eval_prompts``: held-out texts, each scored alone at every
+    checkpoint (:mod:`alibi_surgery.analysis.perplexity`, ``settings.eval_convention``, truncated at
+    ``settings.seq_len``); with no ``eval_text`` their perplexity picks ``OUT/final``.
     """
     settings = settings or RepairSettings()
     settings.check()
@@ -250,8 +257,8 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, report: HeadRepo
         if done is not None:
             return done
         try:
-            run = _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include,
-                           settings, device, dtype, backend, prompts, resume_from, meta, overwrite or resume,
+            run = _prepare(model_path, out, corpus, (eval_text, eval_prompts), report, heads, band, layers, freeze,
+                           include, settings, device, dtype, backend, prompts, resume_from, meta, overwrite or resume,
                            progress, allow_empty, budget)
             if run.total_steps == 0 or not run.plan.selection:
                 run.best = {"checkpoint": None}
@@ -313,11 +320,12 @@ def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, se
     return dict(plan.to_dict(), memory=memory)
 
 
-def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, freeze, include, settings, device,
+def _prepare(model_path, out, corpus, held_out, report, heads, band, layers, freeze, include, settings, device,
              dtype, backend, prompts, resume_from, meta, clear, progress, allow_empty, budget) -> Run:
     """Everything before training: inputs checked, model loaded (from ``resume_from`` when given), plan made (or
     read back from ``meta``), OUT emptied (``clear``) and its first files written, the selected heads
-    re-initialised."""
+    re-initialised. ``held_out``: ``(eval_text, eval_prompts)``."""
+    eval_text, eval_prompts = held_out
     prompts = list(prompts or DEFAULT_PROMPTS)
     model, tokenizer = load_model(str(resume_from or model_path), dtype=dtype, device=device)
     patch(model, backend)
@@ -329,6 +337,9 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
         eval_chunks = pack_text(corpus_documents(eval_text, what="--eval-text", walk=False)[0], tokenizer,
                                 settings.seq_len,
                                 what="--eval-text")
+    eval_ids = None
+    if eval_prompts is not None:
+        eval_ids = encode_texts(tokenizer, eval_prompts, settings.seq_len, name=lambda i: f"--eval-prompts line {i + 1}")
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
         baseline = HeadReport.from_json(out / "baseline.json")
@@ -336,17 +347,19 @@ def _prepare(model_path, out, corpus, eval_text, report, heads, band, layers, fr
         baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
                                        backend, prompts, progress, allow_empty, budget)
         ppl_before = perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
+        prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, backend)
         if clear:
             clear_dir(out)
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
-             "eval_ppl_before": ppl_before, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+             "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
         if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
             reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
     return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
-               model_path)
+               model_path, eval_prompts=eval_ids)
 
 
 def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
@@ -372,7 +385,8 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     started = json.loads(read_text(out / "run.json", what="run record"))
     report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
-              "eval_ppl_before": started.get("eval_ppl_before"), "plan": run.plan.to_dict(),
+              "eval_ppl_before": started.get("eval_ppl_before"),
+              "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),
               "learning_rates": run.learning_rates, "checkpoints": run.history,
               "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")

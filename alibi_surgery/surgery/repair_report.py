@@ -32,14 +32,21 @@ def write_markdown(run, report: dict) -> None:
     lines = ["# Surgery report", "", f"- input: `{report['input']}`", f"- final model: `{report['final']}` "
              f"(from {report['final_checkpoint'] or 'the re-initialised model, no training'})",
              f"- targeted heads: {run.plan.n_heads}",
-             f"- held-out perplexity before surgery: {format_ppl(report.get('eval_ppl_before'))}", "",
-             "| step | epoch | train ppl | held-out ppl | recovered | still sick | iatrogenic | "
-             "in-band drift (count/n, mean abs Δ) | outside drift |", "|---|---|---|---|---|---|---|---|---|"]
+             f"- held-out perplexity before surgery: {format_ppl(report.get('eval_ppl_before'))}"]
+    prompts = report.get("eval_prompts_ppl_before") is not None
+    if prompts:
+        conv = run.s.eval_convention
+        lines.append(f"- held-out prompts perplexity ({conv} convention) before surgery: "
+                     f"{format_ppl(report['eval_prompts_ppl_before'])}")
+    lines += ["", "| step | epoch | train ppl | held-out ppl | " + ("prompts ppl | " if prompts else "")
+              + "recovered | still sick | iatrogenic | in-band drift (count/n, mean abs Δ) | outside drift |",
+              "|---" * (10 if prompts else 9) + "|"]
     for e in report["checkpoints"]:
         drift = e["comparison"]["summary"]["drift"]
         zone = lambda z: "-" if not drift[z]["n"] else f"{drift[z]['count']}/{drift[z]['n']}, {drift[z]['mean_abs']:.3f}"  # noqa: E731
+        cell = f"{format_ppl(e.get('eval_prompts_ppl'))} | " if prompts else ""
         lines.append(f"| {e['step']} | {e['epoch']} | {format_ppl(e['train_ppl'])} | {format_ppl(e['eval_ppl'])} | "
-                     f"{e['recovered']} | {e['still_sick']} | {e['iatrogenic']} | {zone('in-band')} | "
+                     f"{cell}{e['recovered']} | {e['still_sick']} | {e['iatrogenic']} | {zone('in-band')} | "
                      f"{zone('outside')} |")
     if report["checkpoints"]:
         last = report["checkpoints"][-1]["comparison"]["summary"]["drift"]

@@ -33,7 +33,7 @@ from .schedule import lr_at, surgery_lr
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
-__all__ = ["Run", "train", "lr_at", "perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
+__all__ = ["Run", "train", "lr_at", "perplexity", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
            "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
 
 CKPT_PREFIX = "step-"
@@ -62,12 +62,30 @@ def config_key(config) -> dict:
             "vocab_size": layout.vocab}
 
 
+def prompts_perplexity(model, encoded, convention: str, backend: str) -> float | None:
+    """Perplexity of ``model`` over held-out texts (token-id lists), each scored alone and combined by
+    ``convention`` (:mod:`alibi_surgery.analysis.perplexity`); None without texts."""
+    if encoded is None:
+        return None
+    from ..analysis.perplexity import combine, score_texts
+
+    return combine(score_texts(model, encoded, backend=backend), convention)
+
+
+def held_out(entry: dict) -> float | None:
+    """The held-out figure that picks the best checkpoint: the packed ``--eval-text`` perplexity, else the
+    ``--eval-prompts`` one, else None."""
+    return entry["eval_ppl"] if entry["eval_ppl"] is not None else entry.get("eval_prompts_ppl")
+
+
 class Run:
     """One pass: state shared by training, checkpointing and re-diagnosis."""
 
     def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, settings, out: Path,
-                 chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path):
+                 chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path, *,
+                 eval_prompts=None):
         self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
+        self.eval_prompts = eval_prompts  # token ids of the --eval-prompts texts, or None
         self.s, self.out, self.chunks, self.eval_chunks = settings, out, chunks, eval_chunks
         self.backend, self.prompts, self.progress, self.model_dir = backend, prompts, progress, model_dir
         self.ckpt_dir = out / "checkpoints"
@@ -136,8 +154,10 @@ class Run:
         eval_ppl = perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
             else None
         self.model.train()
+        prompts_ppl = prompts_perplexity(self.model, self.eval_prompts, self.s.eval_convention, self.backend)
         entry = {"step": step, "epoch": round(epoch, 4), "checkpoint": None if ckpt is None else ckpt.name,
-                 "train_ppl": train_ppl, "eval_ppl": eval_ppl, "comparison": cmp.to_dict(),
+                 "train_ppl": train_ppl, "eval_ppl": eval_ppl, "eval_prompts_ppl": prompts_ppl,
+                 "comparison": cmp.to_dict(),
                  "recovered": len(_flat(cmp.recovered())), "still_sick": len(_flat(cmp.still_sick())),
                  "iatrogenic": len(_flat(cmp.iatrogenic()))}
         self.history.append(entry)
@@ -182,7 +202,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
     opt = HeadSlicedAdamW(slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
                           precision=s.optimizer_precision, seed=s.seed)
     position = {"step": 0, "epoch": 0, "step_in_epoch": 0}
-    best = {"eval_ppl": None, "checkpoint": None, "stale": 0}
+    best = {"eval_ppl": None, "checkpoint": None, "stale": 0}  # eval_ppl: the held_out() figure of the best
     if resume_from is not None:
         meta = json.loads((resume_from / STATE_FILE).read_text())
         tensors = load_file(str(resume_from / OPT_FILE))
@@ -231,13 +251,13 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     train_ppl = math.exp(window_loss / window_n) if window_n else None
                     window_loss, window_n = 0.0, 0
                     entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
-                    improved = entry["eval_ppl"] is not None and (best["eval_ppl"] is None
-                                                                  or entry["eval_ppl"] < best["eval_ppl"])
+                    score = held_out(entry)
+                    improved = score is not None and (best["eval_ppl"] is None or score < best["eval_ppl"])
                     name = f"{CKPT_PREFIX}{position['step']:08d}"
                     entry["checkpoint"] = name
                     if improved:
-                        best = {"eval_ppl": entry["eval_ppl"], "checkpoint": name, "stale": 0}
-                    elif epoch_end and entry["eval_ppl"] is not None:
+                        best = {"eval_ppl": score, "checkpoint": name, "stale": 0}
+                    elif epoch_end and score is not None:
                         best = dict(best, stale=best["stale"] + 1)
                     position["best"] = best
                     run.save(slices, opt, position)

@@ -156,6 +156,12 @@ def _repair(w: Path, tmp: Path, *extra, model: str = "model", out=None, corpus="
             "--heads", "0:1", "--device", "cpu", "--backend", "torch", "--seq-len", "16", "--quiet", *extra]
 
 
+def _lines(tmp: Path, *lines: str) -> Path:
+    """A text file of ``lines`` in ``tmp``."""
+    (tmp / "lines.txt").write_text("".join(f"{line}\n" for line in lines))
+    return tmp / "lines.txt"
+
+
 def _diagnose(w: Path, tmp: Path, *extra, model: str = "model") -> list:
     return ["diagnose", str(w / model), "--json", str(tmp / "report.json"), "--quiet", *extra]
 
@@ -266,6 +272,13 @@ CASES = {
     "Latin-1 corpus file": (lambda w, t: _repair(w, t, corpus="latin1.txt"), "not UTF-8 text"),
     "--eval-text is a directory": (lambda w, t: _repair(w, t, "--eval-text", str(w / "prompts-dir")),
                                    "--eval-text is a directory"),
+    "--eval-prompts with a blank line": (lambda w, t: _repair(w, t, "--eval-prompts", str(_lines(t, "a text", "",
+                                                                                                 "more"))),
+                                         "line 2 is blank"),
+    "--eval-prompts with a 1-token line": (lambda w, t: _repair(w, t, "--eval-prompts", str(_lines(t, "a text", "x"))),
+                                           "--eval-prompts line 2 has 1 token: it predicts nothing"),
+    "unknown --eval-convention": (lambda w, t: _repair(w, t, "--eval-convention", "mean"),
+                                  "unknown --eval-convention 'mean'; choose one of tokens, paper"),
     "--json and --csv name one file": (lambda w, t: _diagnose(w, t, "--csv", str(t / "report.json")),
                                        "--json and --csv name the same file"),
     "--heatmap in an unknown format": (lambda w, t: _diagnose(w, t, "--heatmap", str(t / "heads.xyz")),
