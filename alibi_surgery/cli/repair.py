@@ -51,18 +51,18 @@ def add_parser(sub) -> None:
     t = p.add_argument_group("training (defaults: ours; --recipe paper sets the paper's, explicit options win)")
     t.add_argument("--recipe", metavar="paper", help="the paper's recipe: " + ", ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in PAPER_RECIPE.items()) + "; a checkpoint every epoch")
-    t.add_argument("--seq-len", type=int, help=f"tokens per training sequence (default {d.seq_len})")
-    t.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
-    t.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g}; 0 trains nothing)")
+    t.add_argument("--seq-len", type=int, help=f"tokens per training sequence (default: {d.seq_len})")
+    t.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default: {d.batch_size})")
+    t.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {d.grad_accum})")
+    t.add_argument("--lr", type=float, help=f"peak learning rate; 0 trains nothing (default: {d.lr:g})")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps in linear warm-up "
                                                                   "(--schedule default)")
     t.add_argument("--schedule", metavar="|".join(SCHEDULES), help="default: linear warm-up over --warmup, cosine to 0; "
                                                          "paper: the paper's LambdaLR (first step at lr 0)")
-    t.add_argument("--epochs", type=int, help=f"passes over the corpus (default {d.epochs})")
+    t.add_argument("--epochs", type=int, help=f"passes over the corpus (default: {d.epochs})")
     t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
-    t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default {d.max_grad_norm})")
+    t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {d.max_grad_norm})")
     t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
     t.add_argument("--no-reinit", action="store_true", help="train the selected heads from their current values "
                                                             "(the paper's gradient-only control)")
