@@ -104,7 +104,7 @@ def run(args) -> None:
     from ..io.files import atomic_write_text, filling
     from ..io.loading import load_model, resolve_model_dir
     from ..io.lock import LOCK_NAME, DirLock
-    from ..surgery.repair import check_out_dir, clear_dir
+    from ..io.outdir import check_out_dir, clear_dir
 
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed).check()

@@ -139,7 +139,7 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
     """Diagnose, plan, repair, re-diagnose and compare the demo model; everything goes to ``out``. Returns the
     summary dict (also ``OUT/summary.json``)."""
     from ..io.lock import DirLock
-    from ..surgery.repair import check_out_dir, clear_dir
+    from ..io.outdir import check_out_dir, clear_dir
 
     t0 = time.perf_counter()
     src = model_dir()

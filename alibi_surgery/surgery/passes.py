@@ -19,7 +19,8 @@ from ..analysis.comparison import Comparison
 from ..diagnosis.report import HeadReport
 from ..io.files import atomic_write_text, read_text, staged_dir
 from .plan import NothingToRepair
-from .repair import clear_dir, repair_pass
+from ..io.outdir import clear_dir
+from .repair import repair_pass
 from .repair_report import write_passes_markdown
 
 __all__ = ["run_passes"]

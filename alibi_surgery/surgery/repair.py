@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -42,10 +41,11 @@ from ..analysis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..families import family_for
-from ..io.files import atomic_write_text, read_text, staged_dir, writing
+from ..io.files import atomic_write_text, read_text, staged_dir
 from ..io.checkpoint import cast_checkpoint, stored_dtype
 from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet_transformers, resolve_model_dir
-from ..io.lock import LOCK_NAME, DirLock, lock_holder
+from ..io.lock import DirLock
+from ..io.outdir import check_out_dir, clear_dir
 from ..attention.patch import patch
 from .memory_plan import predict_memory
 from .plan import Plan, make_plan, plan_shape
@@ -97,8 +97,11 @@ class RepairSettings:
         if self.optimizer_precision not in PRECISIONS:
             raise UsageError(f"unknown --optimizer-precision {self.optimizer_precision!r}; choose one of "
                              f"{', '.join(PRECISIONS)}")
-        if self.eval_convention not in ("tokens", "paper"):
-            raise UsageError(f"unknown --eval-convention {self.eval_convention!r}; choose one of tokens, paper")
+        from ..analysis.perplexity import CONVENTIONS
+
+        if self.eval_convention not in CONVENTIONS:
+            raise UsageError(f"unknown --eval-convention {self.eval_convention!r}; choose one of "
+                             f"{', '.join(CONVENTIONS)}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("seq_len", "batch_size", "grad_accum"):
@@ -114,40 +117,6 @@ class RepairSettings:
             raise UsageError(f"--patience must be >= 1, got {self.patience}")
         if self.save_every_steps is not None and self.save_every_steps < 1:
             raise UsageError(f"--save-every-steps must be >= 1, got {self.save_every_steps}")
-
-
-def check_out_dir(out, model_dir: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Refuse an OUT that is the input or inside it, exists non-empty (unless resume/overwrite), or is unwritable."""
-    out = Path(out).resolve()
-    model_dir = Path(model_dir).resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise UsageError(f"--out {out} is the input model directory or inside it: the input is never written to")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    holder = lock_holder(out)
-    if holder is not None:
-        raise UsageError(f"--out {out} is in use by another run ({holder}); wait for it to finish or choose another "
-                         f"directory")
-    if out.exists() and _contents(out) and not (resume or overwrite):
-        raise UsageError(f"--out {out} is not empty: pass --resume to continue or --overwrite to start again")
-    parent = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not parent.is_dir():
-        raise UsageError(f"--out {out} is not writable: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out} is not writable: no write permission on {parent}")
-    return out
-
-
-def _contents(directory: Path) -> list[Path]:
-    """What ``directory`` holds, less the lock file."""
-    return [p for p in directory.iterdir() if p.name != LOCK_NAME]
-
-
-def clear_dir(directory: Path) -> None:
-    """Empty ``directory`` for a fresh start (--overwrite), keeping the lock this run holds on it."""
-    with writing(directory, "directory"):
-        for p in _contents(directory):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def check_budget(memory: dict, budget: int | None, device: torch.device) -> None:
@@ -281,9 +250,19 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
     if meta["model"] != expected:
         raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
-    if meta["settings"] != dataclasses.asdict(settings):
+    if not same_settings(meta["settings"], settings):
         raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
     return resume_from, meta
+
+
+def same_settings(saved: dict, settings: RepairSettings) -> bool:
+    """Whether a checkpoint's recorded settings are ``settings``, both normalised by :meth:`RepairSettings.check`;
+    options added since the checkpoint was written take their defaults (an older run still resumes)."""
+    names = {f.name for f in dataclasses.fields(RepairSettings)}
+    then = RepairSettings(**{k: v for k, v in saved.items() if k in names})
+    then.check()
+    settings.check()
+    return dataclasses.asdict(then) == dataclasses.asdict(settings)
 
 
 def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend, prompts, progress,

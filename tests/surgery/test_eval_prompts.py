@@ -53,3 +53,19 @@ def test_eval_prompts_are_scored_at_every_checkpoint_and_pick_final(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["checkpoints"][0]["eval_prompts_ppl"] == figures[0]
     assert "prompts ppl" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_run_recorded_before_newer_options_still_resumes_with_the_same_settings():
+    """Checkpoints written before --optimizer-precision, --schedule, --no-reinit and --eval-convention existed hold
+    no such keys: they take their defaults, and the old stochastic_rounding flag means stochastic precision."""
+    import dataclasses
+
+    from alibi_surgery.surgery.repair import same_settings
+
+    new_keys = ("optimizer_precision", "schedule", "reinit", "eval_convention")
+    old = {k: v for k, v in dataclasses.asdict(RepairSettings(seq_len=16)).items() if k not in new_keys}
+    assert same_settings(old, RepairSettings(seq_len=16))
+    assert not same_settings(old, RepairSettings(seq_len=32))
+    assert not same_settings(old, RepairSettings(seq_len=16, schedule="paper"))
+    assert same_settings(dict(old, stochastic_rounding=True), RepairSettings(seq_len=16, optimizer_precision="stochastic"))
+    assert not same_settings(dict(old, stochastic_rounding=True), RepairSettings(seq_len=16))
