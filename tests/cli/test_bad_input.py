@@ -245,7 +245,7 @@ CASES = {
     "corpus shorter than one chunk": (lambda w, t: _repair(w, t, corpus="short.txt"), "too short"),
     "--out equal to the input": (lambda w, t: _repair(w, t, out=w / "model"), "is the input model directory"),
     "--out inside the input": (lambda w, t: _repair(w, t, out=w / "model" / "surgery"),
-                               "is the input model directory or inside it"),
+                               "is the input model directory, inside it or holds it"),
     "--out under a file (unwritable)": (lambda w, t: _repair(w, t, out=_under_a_file(t)),
                                         "a-file is a file, not a directory"),
     "--out not empty, no --overwrite": (lambda w, t: _repair(w, t, out=_not_empty(t)), "is not empty"),
