@@ -54,6 +54,7 @@ class _PatchState:
     maps: bool = False  # output_attentions of the enclosing block's call (families whose blocks keep it to themselves)
     hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
+    extremes: object = None  # an active diagnosis.extremes.ExtremeSink (attention_extremes), fed by fused_attention
     shared: dict = dataclasses.field(default_factory=dict)  # resolved backends, the last keys: shared by all layers
 
 
@@ -230,7 +231,7 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
         if state.backend != "eager":
             warnings.warn(f"output_attentions=True: this call runs {state.family.name}'s eager attention",
                           stacklevel=4)
-    if state.sink is not None:
+    if state.sink is not None or state.extremes is not None:
         raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
     return state.old_forward if state.had_forward else type(module).forward.__get__(module)
 
@@ -238,7 +239,8 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
 def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attention_mask: torch.Tensor | None, *,
                     cache=None, bool_masks_out: bool = False) -> torch.Tensor:
     """Fused ALiBi attention of one patched module; returns the context ``[B, Tq, H, d]`` and adds the head
-    statistics to the active :func:`head_stats` sink.
+    statistics to the active :func:`head_stats` sink (and the extreme-token metrics to an active
+    :func:`~alibi_surgery.diagnosis.extremes.attention_extremes` sink).
 
     ``fused`` is the module's QKV projection output viewed in ``layout`` (``"interleaved"`` ``[B, T, H, 3, d]``,
     ``"blocked"`` ``[B, T, 3, H, d]``). ``cache``, when given, is updated with this call's keys and values (as
@@ -273,6 +275,10 @@ def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attenti
         context, _, stats = run_attention_packed(qkv, layout, key_pos, slopes, backend, **options)
     if sink is not None:
         sink.add(state.layer, stats)
+    if state.extremes is not None:  # value_ratio, output_norm (diagnosis/extremes.py); value [B, Tk, H, d]
+        key_valid = key_pos >= 0
+        state.extremes.add_attention(state.layer, value if cache is None else value.transpose(1, 2), key_valid,
+                                     context, family.out(module).weight, key_valid[:, k_len - query.shape[1]:])
     return context
 
 

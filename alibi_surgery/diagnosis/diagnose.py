@@ -4,6 +4,8 @@ Prompts are tokenised with left padding and run through the base model only (no 
 ``triton`` or ``torch`` backend the statistics come out of the fused attention pass; with ``eager`` they are
 computed the paper's way, from ``output_attentions`` (T x T per head and layer: the reference, and the memory
 baseline). Statistics are token-weighted: sums over every valid query row of every prompt, divided by the row count.
+The extreme-token metrics (:mod:`~alibi_surgery.diagnosis.extremes`) come along: ``residual_peak`` from the blocks'
+inputs with every backend, ``value_ratio`` and ``output_norm`` from the fused pass only (absent with ``eager``).
 
 The report records what was measured, so that two reports can be checked to be comparable: a fingerprint of each
 prompt's token ids (after truncation to ``max_length``) and of the whole set, ``max_length`` and the metric variant.
@@ -27,6 +29,8 @@ from ..errors import UsageError
 from ..io.loading import dtype_name
 from ..attention.patch import attention_modules, head_stats, patched
 from ..analysis.dormancy import DEFAULT_THRESHOLD, model_dormancy
+from .extremes import (DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction,
+                       residual_hooks)
 from .report import HeadReport, Thresholds
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
@@ -139,9 +143,11 @@ def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds) -> None:
 
 
 def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
-                 max_length, thresholds, **extra) -> HeadReport:
+                 max_length, thresholds, extremes: ExtremeSink | None = None,
+                 dormant_fraction: float = DEFAULT_DORMANT_FRACTION, **extra) -> HeadReport:
     """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows) and the
-    token ids ``encoded`` they were measured on; warns (one line) when the prompts are too short to classify."""
+    token ids ``encoded`` they were measured on, plus what ``extremes`` saw; warns (one line) when the prompts are too
+    short to classify."""
     rows = sums[..., 2].clamp_min(1.0)
     lengths = [len(e) for e in encoded]
     each, whole = prompt_fingerprints(encoded)
@@ -160,16 +166,25 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
         "uniform_bos_mass": uniform, **extra,
     }
     n_tokens = sum(lengths)
-    return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata)
+    seen_attention = extremes is not None and extremes.seen_attention
+    seen_residual = extremes is not None and extremes.seen_residual
+    return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata,
+                      value_ratio=extremes.value_ratio if seen_attention else None,
+                      output_norm=extremes.output_norm if seen_attention else None,
+                      residual_peak=extremes.residual_peak if seen_residual else None,
+                      dormant_fraction=dormant_fraction)
 
 
 def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
              backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
              thresholds: Thresholds = Thresholds(), progress: bool = False,
-             dormancy_threshold: float = DEFAULT_THRESHOLD) -> HeadReport:
+             dormancy_threshold: float = DEFAULT_THRESHOLD,
+             dormant_fraction: float = DEFAULT_DORMANT_FRACTION) -> HeadReport:
     """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``; the
-    report also holds the MLP dormancy (:mod:`~alibi_surgery.analysis.dormancy`) at ``dormancy_threshold``."""
+    report also holds the MLP dormancy (:mod:`~alibi_surgery.analysis.dormancy`) at ``dormancy_threshold`` and the
+    extreme-token metrics, heads flagged dormant at ``dormant_fraction`` of their layer's median output norm."""
     prompts = check_options(prompts, backend, batch_size, max_length)
+    check_dormant_fraction(dormant_fraction)
     dormancy = model_dormancy(model, dormancy_threshold)
     family, attns = attention_modules(model)
     base = family.base_model(model)
@@ -184,13 +199,17 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
     sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
+    extremes = ExtremeSink(n_layer, n_head)
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         sink = None
+        feed = stack.enter_context(residual_hooks(base, extremes, family=family))
         if concrete != "eager":
             stack.enter_context(patched(base, concrete))
             sink = stack.enter_context(head_stats(base, **options))
+            stack.enter_context(attention_extremes(base, extremes))
         stream = padded_batches(tokenizer, encoded, batches, param.device)
         for ids, mask in tqdm(stream, total=len(batches), desc="diagnose", unit="batch", disable=not progress):
+            feed.mask = mask
             if concrete == "eager":
                 out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
                 for layer, probs in enumerate(out.attentions):
@@ -202,4 +221,5 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         sums = sink.sums
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
-                        thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, **options)
+                        thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, extremes=extremes,
+                        dormant_fraction=dormant_fraction, **options)

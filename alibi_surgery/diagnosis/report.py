@@ -9,6 +9,12 @@ Classes (defaults from Schallon 2026; every threshold is configurable through :c
 
 "Sick" (collapsed) means dead or bos-sink.
 
+Beside the classes, and without changing them, a report may hold the extreme-token metrics
+(:mod:`~alibi_surgery.diagnosis.extremes`): ``value_ratio`` and ``output_norm`` per head, ``residual_peak`` per
+layer, and the ``dormant`` flag derived from ``output_norm`` at ``dormant_fraction``. Each is None when it was not
+measured (reports written before them; ``value_ratio``/``output_norm`` with the eager backend); NaN where nothing was
+counted (written as JSON null).
+
 :func:`measurement_differences` says, in one place, whether two reports measured the same thing (prompt set, its
 truncation, metric variant): before/after comparisons refuse or note what it lists.
 """
@@ -26,6 +32,7 @@ import torch
 
 from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
+from .extremes import DEFAULT_DORMANT_FRACTION, dormant_heads
 
 __all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classify", "collapse_band",
            "metric_differences", "measurement_differences", "check_same_measurement"]
@@ -83,13 +90,18 @@ def collapse_band(sick: list[list[bool]]) -> tuple[int, int] | None:
 
 @dataclasses.dataclass
 class HeadReport:
-    """Diagnosis of every head of one model. ``bos_mass``/``entropy`` are float32 ``[n_layer, n_head]``."""
+    """Diagnosis of every head of one model. ``bos_mass``/``entropy`` (and ``value_ratio``/``output_norm`` when
+    measured) are float32 ``[n_layer, n_head]``, ``residual_peak`` float32 ``[n_layer]``."""
 
     bos_mass: torch.Tensor
     entropy: torch.Tensor
     n_tokens: int
     thresholds: Thresholds = Thresholds()
     metadata: dict = dataclasses.field(default_factory=dict)
+    value_ratio: torch.Tensor | None = None
+    output_norm: torch.Tensor | None = None
+    residual_peak: torch.Tensor | None = None
+    dormant_fraction: float = DEFAULT_DORMANT_FRACTION
 
     @property
     def n_layer(self) -> int:
@@ -109,6 +121,11 @@ class HeadReport:
         return {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"), "dead": flat.count("dead"),
                 "low_entropy": flat.count("low-entropy")}
 
+    @property
+    def dormant(self) -> list[list[bool]] | None:
+        """Per head: output norm below ``dormant_fraction`` x its layer's median head; None when not measured."""
+        return None if self.output_norm is None else dormant_heads(self.output_norm, self.dormant_fraction).tolist()
+
     def sick_mask(self) -> list[list[bool]]:
         return [[c in SICK for c in row] for row in self.classes]
 
@@ -127,6 +144,18 @@ class HeadReport:
         metric = dict(self.metadata.get("metric", {}))
         metric["thresholds"] = dataclasses.asdict(self.thresholds)
         top = {k: self.metadata[k] for k in TOP_LEVEL if k in self.metadata}
+        dormant = self.dormant
+        for entry in heads:
+            at = entry["layer"], entry["head"]
+            if self.value_ratio is not None:
+                entry["value_ratio"] = _number(self.value_ratio[at])
+            if self.output_norm is not None:
+                entry["output_norm"] = _number(self.output_norm[at])
+                entry["dormant"] = dormant[at[0]][at[1]]
+        if self.output_norm is not None:
+            metric["dormant_fraction"] = self.dormant_fraction
+        if self.residual_peak is not None:
+            top["residual_peak"] = [_number(x) for x in self.residual_peak]
         return {"model": self.metadata.get("model"), "n_layer": self.n_layer, "n_head": self.n_head,
                 "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(), **top,
                 "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric", *TOP_LEVEL)}}
@@ -153,11 +182,19 @@ class HeadReport:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def to_csv(self, path) -> None:
+        """One row per head; the extreme-token columns (``value_ratio``, ``output_norm``, ``dormant``, and
+        ``residual_peak``: the layer's value on each of its heads) only when measured, empty where NaN."""
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["layer", "head", "bos_mass", "entropy", "class"])
-        for h in self.to_dict()["heads"]:
-            writer.writerow([h["layer"], h["head"], f"{h['bos_mass']:.6f}", f"{h['entropy']:.6f}", h["class"]])
+        data = self.to_dict()
+        extra = [k for k in ("value_ratio", "output_norm", "dormant") if k in data["heads"][0]]
+        peak = data.get("residual_peak")
+        writer.writerow(["layer", "head", "bos_mass", "entropy", "class", *extra]
+                        + (["residual_peak"] if peak is not None else []))
+        for h in data["heads"]:
+            row = [h["layer"], h["head"], f"{h['bos_mass']:.6f}", f"{h['entropy']:.6f}", h["class"]]
+            row += [_cell(h[k]) for k in extra] + ([_cell(peak[h["layer"]])] if peak is not None else [])
+            writer.writerow(row)
         atomic_write_text(path, buf.getvalue())
 
     @classmethod
@@ -165,14 +202,22 @@ class HeadReport:
         """The inverse of :meth:`to_dict`."""
         bos = torch.zeros(data["n_layer"], data["n_head"])
         ent = torch.zeros_like(bos)
+        extremes = {k: torch.full_like(bos, torch.nan) for k in ("value_ratio", "output_norm")
+                    if any(k in h for h in data["heads"])}  # absent in reports written before them
         for h in data["heads"]:
             bos[h["layer"], h["head"]] = h["bos_mass"]
             ent[h["layer"], h["head"]] = h["entropy"]
+            for k, grid in extremes.items():
+                grid[h["layer"], h["head"]] = _from_number(h.get(k))
         metric = dict(data.get("metric") or {})
         thresholds = Thresholds(**metric.pop("thresholds", {}))
+        fraction = float(metric.pop("dormant_fraction", DEFAULT_DORMANT_FRACTION))
         metadata = dict(data.get("metadata") or {}, model=data.get("model"), metric=metric,
                         **{k: data[k] for k in TOP_LEVEL if k in data})
-        return cls(bos, ent, data["n_tokens"], thresholds, metadata)
+        peak = data.get("residual_peak")
+        peak = None if peak is None else torch.tensor([_from_number(x) for x in peak], dtype=torch.float32)
+        return cls(bos, ent, data["n_tokens"], thresholds, metadata, extremes.get("value_ratio"),
+                   extremes.get("output_norm"), peak, fraction)
 
     @classmethod
     def from_json(cls, path) -> "HeadReport":
@@ -192,7 +237,32 @@ class HeadReport:
         lines.append("  collapsed per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
         band = self.band()
         lines.append("  collapse band: " + ("none" if band is None else f"H{band[0]}-H{band[1]}"))
+        if self.output_norm is not None:
+            n = sum(map(sum, self.dormant))
+            lines.append(f"  dormant (output norm < {self.dormant_fraction:g} x layer median): {n}/{total}")
+        if self.value_ratio is not None:
+            lines.append(f"  value_ratio median {self.value_ratio.nanmedian().item():.3g}, "
+                         f"min {self.value_ratio.nan_to_num(torch.inf).min().item():.3g}")
+        if self.residual_peak is not None and not self.residual_peak.isnan().all():
+            top = int(self.residual_peak.nan_to_num(-torch.inf).argmax())
+            lines.append(f"  residual_peak max {self.residual_peak[top].item():.3g} at L{top}")
         return "\n".join(lines)
+
+
+def _number(x) -> float | None:
+    """A JSON number: None for NaN."""
+    x = float(x)
+    return None if x != x else x
+
+
+def _from_number(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _cell(x) -> str:
+    if isinstance(x, bool):
+        return str(x).lower()
+    return "" if x is None else f"{x:.6f}"
 
 
 METRIC_VARIANTS = ("exclude_first_query", "normalize_entropy")

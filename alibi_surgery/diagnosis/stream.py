@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..io.checkpoint import check_finite, verify_checkpoint
 from ..io.loading import dtype_name, load_config, resolve_model_dir
 from ..attention.patch import head_stats, patched
+from .extremes import DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction
 from .report import HeadReport, Thresholds
 
 __all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes",
@@ -126,10 +127,13 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
                       backend: str = "auto", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       exclude_first_query: bool = False, normalize_entropy: bool = False,
                       thresholds: Thresholds = Thresholds(), progress: bool = False,
-                      dormancy_threshold: float = DEFAULT_THRESHOLD) -> HeadReport:
+                      dormancy_threshold: float = DEFAULT_THRESHOLD,
+                      dormant_fraction: float = DEFAULT_DORMANT_FRACTION) -> HeadReport:
     """Diagnose a checkpoint block by block (see the module docstring). ``dtype``: the compute dtype
-    (default: float32 on CPU, bfloat16 on CUDA); weights are converted to it block by block."""
+    (default: float32 on CPU, bfloat16 on CUDA); weights are converted to it block by block. The extreme-token
+    metrics are measured too: each block's residual input is the hidden states fed to it."""
     prompts = check_options(prompts, backend, batch_size, max_length)
+    check_dormant_fraction(dormant_fraction)
     if backend == "eager":
         raise UsageError("streamed diagnosis needs a fused backend (triton or torch), not eager")
     device = torch.device(device)
@@ -143,11 +147,13 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
     dormancy = DormancyCounter(dormancy_threshold)
     with torch.inference_mode():
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
-        hidden, inputs = [], []
+        hidden, inputs, masks = [], [], []
         for ids, mask in padded_batches(tokenizer, encoded, batches, device):
             hidden.append(family.embed(tensors, ids, config, device, dtype))
             inputs.append(family.block_inputs(mask, config, dtype))
+            masks.append(mask.bool())
         sums = torch.zeros(layout.n_layer, layout.n_head, 3, dtype=torch.float64)
+        extremes = ExtremeSink(layout.n_layer, layout.n_head)
         for layer in tqdm(range(layout.n_layer), desc="diagnose (streamed)", unit="block", disable=not progress):
             with torch.device("meta"):
                 block = family.block_class()(config, layer_idx=layer)
@@ -158,15 +164,20 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             block.eval()
             del weights
             dormancy.add(*family.mlp_weights(block))
-            with patched(block, concrete), head_stats(block, **options) as sink:
+            block_extremes = ExtremeSink(1, layout.n_head)
+            with patched(block, concrete), head_stats(block, **options) as sink, \
+                    attention_extremes(block, block_extremes):
                 for i, (args, kwargs) in enumerate(inputs):
+                    block_extremes.add_residual(0, hidden[i], masks[i])
                     out = block(hidden[i], *args, **kwargs)
                     hidden[i] = out[0] if isinstance(out, tuple) else out
             sums[layer] = sink.sums[0]
+            extremes.merge(layer, block_extremes)
             del block
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
                         max_length=max_length, thresholds=thresholds, streamed=True, family=family.name,
-                        mlp_dormancy=dormancy.result(), **options)
+                        mlp_dormancy=dormancy.result(), extremes=extremes, dormant_fraction=dormant_fraction,
+                        **options)
 
 
 def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,

@@ -104,6 +104,16 @@ class Family:
         cls = self.attention_class()
         return [m for m in model.modules() if isinstance(m, cls)]
 
+    def decoder_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder blocks of ``model`` (a causal LM, a base model or one block) in layer order: the base model's
+        ``blocks`` list when it has one, else the modules of :meth:`block_class`. A family whose blocks are of other
+        classes overrides it."""
+        found = getattr(self.base_model(model), self.blocks, None)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+        cls = self.block_class()
+        return [m for m in model.modules() if isinstance(m, cls)]
+
     def qkv(self, attn: nn.Module) -> nn.Linear:
         return getattr(attn, self.qkv_name)
 
