@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
                                    "classes (dead, bos-sink, low-entropy, healthy).")
     p.add_argument("model", help="local Hugging Face model directory (config, safetensors, tokenizer) or cached hub id")
     add_output_options(p, json=("OUT", "write the report as JSON"), csv=("OUT", "write one row per head as CSV"),
-                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass"),
+                       heatmap=("OUT.png", "write a layer x head heatmap of first-token mass, and beside it "
+                                           "OUT.extremes.png: value_ratio, output_norm (dormant heads) and "
+                                           "residual_peak"),
                        histogram=("OUT.png", "write the distribution of first-token mass with the class thresholds"))
     add_diagnosis_options(p)
 
@@ -29,9 +31,11 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..diagnosis.report import Thresholds
     from ..diagnosis.stream import diagnose_path
     from ..analysis.dormancy import check_threshold
+    from ..diagnosis.extremes import check_dormant_fraction
 
     check_backend(args.backend)
     check_threshold(args.dormancy_threshold)
+    check_dormant_fraction(args.dormant_fraction)
     try:
         thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
     except ValueError as exc:
@@ -41,7 +45,8 @@ def diagnose_each(args, models: list[str]) -> list:
         resolve_model_dir(model)
     options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
-                   thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold)
+                   thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold,
+                   dormant_fraction=args.dormant_fraction)
     device = parse_device(args.device)
     return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
                           announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]
@@ -49,10 +54,12 @@ def diagnose_each(args, models: list[str]) -> list:
 
 def run(args) -> None:
     from ..io.files import check_output_paths
+    from ..viz.extremes import companion_path
 
+    extremes = companion_path(args.heatmap) if args.heatmap else None  # the extreme-token figure beside it
     outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap,
-                                  "histogram": args.histogram}, overwrite=args.overwrite,
-                                 figures=("heatmap", "histogram"))
+                                  "heatmap (extremes)": extremes, "histogram": args.histogram},
+                                 overwrite=args.overwrite, figures=("heatmap", "heatmap (extremes)", "histogram"))
     report = diagnose_each(args, [args.model])[0]
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"])
@@ -62,6 +69,10 @@ def run(args) -> None:
         from ..viz.heatmap import save_heatmap
 
         save_heatmap(report, outputs["heatmap"])
+    if "heatmap (extremes)" in outputs:
+        from ..viz.extremes import save_extremes
+
+        save_extremes(report, outputs["heatmap (extremes)"])
     if "histogram" in outputs:
         from ..viz.histogram import save_histogram
 

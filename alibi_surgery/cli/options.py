@@ -45,6 +45,9 @@ def add_diagnosis_options(p) -> None:
                         "chosen automatically when the whole model would not fit in free memory")
     p.add_argument("--dormancy-threshold", type=float, default=0.01,
                    help="an MLP neuron with ||up row|| x ||down column|| below this is dormant (0.01)")
+    p.add_argument("--dormant-fraction", type=float, default=0.1,
+                   help="a head whose output norm is below this fraction of its layer's median head is flagged "
+                        "dormant (0.1; docs/metrics.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -199,6 +199,12 @@ def _existing(tmp: Path) -> Path:
     return tmp / "old.csv"
 
 
+def _companion(tmp: Path) -> str:
+    """A --heatmap path whose extreme-token figure (OUT.extremes.png) already exists."""
+    (tmp / "h.extremes.png").write_text("mine")
+    return str(tmp / "h.png")
+
+
 def _under_a_file(tmp: Path) -> Path:
     (tmp / "a-file").write_text("x")
     return tmp / "a-file" / "out"
@@ -349,6 +355,12 @@ CASES = {
                                           "nor is a dataset of that name in the local Hugging Face cache"),
     "--dormancy-threshold negative": (lambda w, t: _diagnose(w, t, "--dormancy-threshold", "-0.1"),
                                       "--dormancy-threshold must be >= 0"),
+    "--dormant-fraction 0": (lambda w, t: _diagnose(w, t, "--dormant-fraction", "0"),
+                             "--dormant-fraction must be in (0, 1]"),
+    "--dormant-fraction above 1": (lambda w, t: _diagnose(w, t, "--dormant-fraction", "1.5"),
+                                   "--dormant-fraction must be in (0, 1]"),
+    "diagnose --heatmap whose extremes figure exists": (lambda w, t: _diagnose(w, t, "--heatmap", _companion(t)),
+                                                        "--heatmap (extremes) file already exists"),
     "generate without prompts": (lambda w, t: ["generate", str(w / "model"), "--out", str(t / "gen")], "no prompts"),
     "generate with --top-p 0": (lambda w, t: _generate(w, t, "--top-p", "0"), "--top-p must be in (0, 1]"),
     "generate with a negative --temperature": (lambda w, t: _generate(w, t, "--temperature", "-1"),

@@ -37,6 +37,10 @@ def test_diagnose_writes_json_csv_heatmap(model_dir, tmp_path, capsys):
     assert data["metadata"]["prompt_tokens"] == [24, 9] and data["n_tokens"] == 33
     assert (out / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "d.csv").read_text().splitlines()) == 9
+    assert (out / "d.extremes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # value_ratio, output_norm, peaks
+    assert len(data["residual_peak"]) == 2 and {"value_ratio", "output_norm", "dormant"} <= set(data["heads"][0])
+    assert "dormant (output norm < 0.1 x layer median)" in text
+    assert (out / "d.csv").read_text().splitlines()[0].endswith(",value_ratio,output_norm,dormant,residual_peak")
 
 
 def test_default_prompts_and_prompts_file(model_dir, tmp_path, capsys):
