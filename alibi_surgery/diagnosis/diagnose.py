@@ -142,6 +142,9 @@ def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds) -> None:
                       f"raise --max-length or use longer prompts", stacklevel=3)
 
 
+_RATIO = "per prompt ||first token's {0}|| / mean over its other valid tokens, mean over prompts weighted by tokens"
+
+
 def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
                  max_length, thresholds, extremes: ExtremeSink | None = None,
                  dormant_fraction: float = DEFAULT_DORMANT_FRACTION, **extra) -> HeadReport:
@@ -168,6 +171,11 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
     n_tokens = sum(lengths)
     seen_attention = extremes is not None and extremes.seen_attention
     seen_residual = extremes is not None and extremes.seen_residual
+    if seen_attention:
+        metadata["metric"].update(value_ratio=_RATIO.format("value vector"),
+                                  output_norm="mean over valid query rows of ||W_O[:, head cols] . o_head|| (no bias)")
+    if seen_residual:
+        metadata["metric"]["residual_peak"] = _RATIO.format("residual-stream input")
     return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata,
                       value_ratio=extremes.value_ratio if seen_attention else None,
                       output_norm=extremes.output_norm if seen_attention else None,
