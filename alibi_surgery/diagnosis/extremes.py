@@ -29,6 +29,8 @@ import functools
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 __all__ = ["ExtremeSink", "DEFAULT_DORMANT_FRACTION", "dormant_heads", "check_dormant_fraction", "first_token_ratio",
            "attention_extremes", "residual_hooks", "ResidualFeed"]
 
@@ -37,8 +39,6 @@ DEFAULT_DORMANT_FRACTION = 0.1  # docs/metrics.md says why
 
 def check_dormant_fraction(fraction: float) -> float:
     """``fraction`` if it lies in (0, 1], else a one-line UsageError (NaN refused too)."""
-    from ..errors import UsageError
-
     if not 0.0 < fraction <= 1.0:
         raise UsageError(f"--dormant-fraction must be in (0, 1], got {fraction}")
     return float(fraction)
@@ -62,7 +62,7 @@ def first_token_ratio(norms: torch.Tensor, valid: torch.Tensor) -> tuple[torch.T
     count = valid.sum(-1)  # n_p
     first = valid.int().argmax(-1)
     extra = (1,) * (norms.dim() - 2)
-    mask = valid.view(*valid.shape, *extra).to(norms.dtype)
+    mask = valid.reshape(*valid.shape, *extra).to(norms.dtype)
     first_norm = norms[torch.arange(norms.shape[0], device=norms.device), first]  # [B, ...]
     others = (norms * mask).sum(1) - first_norm
     counted = count >= 2

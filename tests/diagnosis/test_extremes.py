@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alibi_surgery import HeadReport, diagnose
-from alibi_surgery.diagnosis.extremes import ExtremeSink, dormant_heads
+from alibi_surgery.diagnosis.extremes import ExtremeSink, dormant_heads, residual_hooks
 from alibi_surgery.diagnosis.report import read_report
 from alibi_surgery.diagnosis.stream import diagnose_streamed
 from alibi_surgery.io.random_model import byte_tokenizer
+from alibi_surgery.viz.extremes import companion_path
 from family_cases import CASES, HEAD_DIM, HIDDEN, N_HEAD
 from helpers import BACKENDS
 
@@ -233,3 +234,25 @@ def test_an_old_json_without_the_fields_loads(tmp_path):
     assert torch.equal(old.bos_mass, _report().bos_mass) and "dormant" not in old.format_summary()
     old.to_csv(tmp_path / "old.csv")
     assert (tmp_path / "old.csv").read_text().splitlines()[0] == "layer,head,bos_mass,entropy,class"
+
+
+def test_residual_hooks_need_the_batch_mask_and_are_removed():
+    case = CASES[0]
+    model = build(case)
+    sink = ExtremeSink(2, N_HEAD)
+    ids = torch.tensor([[5, 6, 7]])
+    with residual_hooks(model, sink) as feed:
+        with pytest.raises(RuntimeError, match="set feed.mask"):
+            model(input_ids=ids)
+        feed.mask = torch.ones(1, 3, dtype=torch.long)
+        model(input_ids=ids)
+    assert sink.seen_residual and not sink.seen_attention and not sink.residual_peak.isnan().any()
+    before = sink.resid_sum.clone()
+    model(input_ids=ids)  # the hooks are gone
+    assert torch.equal(sink.resid_sum, before)
+
+
+def test_the_extremes_figure_sits_beside_the_heatmap(tmp_path):
+    assert companion_path(tmp_path / "h.png") == tmp_path / "h.extremes.png"
+    assert companion_path(tmp_path / "h.svg") == tmp_path / "h.extremes.svg"
+    assert companion_path(tmp_path / "h") == tmp_path / "h.extremes.png"
