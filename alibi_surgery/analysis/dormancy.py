@@ -61,14 +61,18 @@ class DormancyCounter:
                 "total": sum(self.dormant) / total if total else 0.0}
 
 
-def model_dormancy(model, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Dormancy of a loaded model (causal LM or base model) of a registered family."""
+def model_dormancy(model, threshold: float = DEFAULT_THRESHOLD) -> dict | None:
+    """Dormancy of a loaded model (causal LM or base model) of a registered family; None when its adapter finds no
+    MLP up/down projections (a mixture-of-experts block, say)."""
     from ..families import family_of_module
 
     family = family_of_module(model)
     counter = DormancyCounter(threshold)
-    for block in getattr(family.base_model(model), family.blocks):
-        counter.add(*family.mlp_weights(block))
+    try:
+        for block in family.decoder_blocks(model):
+            counter.add(*family.mlp_weights(block))
+    except LookupError:
+        return None
     return counter.result()
 
 

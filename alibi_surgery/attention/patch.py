@@ -102,7 +102,9 @@ def patch(model: nn.Module, backend: str = "auto", *, family=None) -> nn.Module:
         had = "forward" in attn.__dict__
         attn.__dict__[_STATE] = _PatchState(backend, family, layer, had, attn.__dict__.get("forward"),
                                             shared=shared)
-        attn.forward = types.MethodType(forward, attn)
+        if forward is not None:
+            attn.forward = types.MethodType(forward, attn)
+    family.on_patch(model, attns[0].__dict__[_STATE].shared)
     if family.block_keeps_output_attentions:  # read the flag off each block's call (MPT)
         block_class = family.block_class()
         for block in [m for m in model.modules() if isinstance(m, block_class)]:
@@ -120,7 +122,11 @@ def _note_maps(state: "_PatchState", block, args, kwargs) -> None:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every attention module of ``model`` exactly as it was before :func:`patch`."""
-    for attn in attention_modules(model)[1]:
+    family, attns = attention_modules(model)
+    first = attns[0].__dict__.get(_STATE)
+    if first is not None:
+        family.on_unpatch(model, first.shared)
+    for attn in attns:
         state = attn.__dict__.pop(_STATE, None)
         if state is None:
             continue
@@ -128,7 +134,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             state.hook.remove()
         if state.had_forward:
             attn.forward = state.old_forward
-        else:
+        elif "forward" in attn.__dict__:
             del attn.forward
     return model
 
@@ -278,7 +284,7 @@ def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attenti
     if state.extremes is not None:  # value_ratio, output_norm (diagnosis/extremes.py); value [B, Tk, H, d]
         key_valid = key_pos >= 0
         state.extremes.add_attention(state.layer, value if cache is None else value.transpose(1, 2), key_valid,
-                                     context, family.out(module).weight, key_valid[:, k_len - query.shape[1]:])
+                                     context, family.out_weight(module), key_valid[:, k_len - query.shape[1]:])
     return context
 
 

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=default)
     for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
         p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--family", default="bloom", choices=["bloom", "llama"],
+                   help="llama: the same shape with rotary positions instead of ALiBi (a comparison model)")
     p.add_argument("--device")
     p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     from ..io.loading import DTYPES
 
     a = build_parser().parse_args(argv)
+    if a.family != "bloom" and (a.install or a.backend != "eager"):
+        raise SystemExit("error: --family llama trains with the stock attention and is never installed as the demo")
     result = pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
                       hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
                       weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,

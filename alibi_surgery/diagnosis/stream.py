@@ -140,6 +140,8 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = CheckpointIndex(model_dir)
     config, family = ckpt.config, ckpt.family
+    if family.interface:
+        raise UsageError(f"streamed diagnosis covers the ALiBi families only, not {family.name}: load the model whole")
     layout = family.layout(config)
     concrete = resolve_backend(backend, device, head_dim=layout.head_dim)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
@@ -187,8 +189,13 @@ def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dty
     from .diagnose import diagnose
     from ..io.loading import load_model, load_tokenizer
 
-    config = CheckpointIndex(model).config
-    if stream or should_stream(config, dtype, device):
+    index = CheckpointIndex(model)
+    config = index.config
+    if index.family.interface:  # no block runner for these: always loaded whole
+        if stream:
+            raise UsageError(f"streamed diagnosis covers the ALiBi families only; {model} is a {index.family.name} "
+                             f"model: drop --stream to load it whole")
+    elif stream or should_stream(config, dtype, device):
         if not stream and announce is not None:
             announce(f"streaming block by block: {model} needs {model_bytes(config, dtype) / 2**30:.1f} GiB in "
                      f"{str(dtype).replace('torch.', '')}, more than the free memory on {device}")

@@ -11,9 +11,11 @@ from ..errors import UsageError
 from .base import Family, HeadLayout
 from .bloom import BLOOM
 from .falcon import FALCON
+from .interface import interface_family, interface_refusal
 from .mpt import MPT
 
-__all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "family_of_module", "family_names"]
+__all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "family_of_module", "family_names",
+           "check_surgery"]
 
 FAMILIES: dict[str, Family] = {fam.name: fam for fam in (BLOOM, MPT, FALCON)}  # keyed by config.model_type
 
@@ -40,10 +42,13 @@ def family_for(config, where: str = "the model") -> Family:
     if raw.get("alibi", attn.get("alibi")):
         raise UsageError(f"{where} is a {model_type} model: it uses ALiBi, but alibi-surgery supports only the "
                          f"{family_names()} families")
+    refusal = interface_refusal(raw)
+    if refusal is None:
+        return interface_family(model_type)
     rotary = "rope_theta" in raw or "rotary_dim" in raw or "rope_scaling" in raw or model_type in _ROTARY_TYPES
     scheme = "rotary" if rotary else "learned or other"
-    raise UsageError(f"{where} is a {model_type} model without ALiBi ({scheme} position embeddings): alibi-surgery "
-                     f"needs an ALiBi family ({family_names()})")
+    raise UsageError(f"{where} is a {model_type} model without ALiBi ({scheme} position embeddings) that "
+                     f"alibi-surgery cannot diagnose: {refusal}")
 
 
 def family_of_module(module) -> Family:
@@ -56,4 +61,13 @@ def family_of_module(module) -> Family:
         cls = family.attention_class()
         if any(isinstance(m, cls) for m in module.modules()):
             return family
+    if config is not None and getattr(config, "model_type", None):
+        return family_for(config, type(module).__name__)
     raise UsageError(f"{type(module).__name__} is not a model of a supported family ({family_names()})")
+
+
+def check_surgery(family: Family) -> Family:
+    """``family``, or a UsageError (one line) when surgery on it is out of scope."""
+    if family.surgery_refusal:
+        raise UsageError(family.surgery_refusal)
+    return family

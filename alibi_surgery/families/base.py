@@ -61,6 +61,8 @@ class Family:
     layers_field: str = ""  # the config field holding the layer count
     mlp_names: tuple[str, str] = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # the MLP's up and down linears,
     # as module paths inside one block (BLOOM's and Falcon's names)
+    interface = False  # True: a model routed through transformers' attention interface (diagnosis only)
+    surgery_refusal: str | None = None  # why surgery is refused on this family (one line), or None
 
     # --- configs -------------------------------------------------------------------------------------------
     def refusal(self, config: dict) -> str | None:
@@ -120,6 +122,10 @@ class Family:
     def out(self, attn: nn.Module) -> nn.Linear:
         return getattr(attn, self.out_name)
 
+    def out_weight(self, attn: nn.Module) -> torch.Tensor:
+        """The output projection's weight as ``[hidden, n_head * head_dim]`` (column block h reads head h)."""
+        return self.out(attn).weight
+
     def qkv_rows(self, head: int, layout: HeadLayout) -> list[tuple[int, int]]:
         """Row ranges ``[start, stop)`` of the fused QKV weight (and bias) that belong to ``head``, in q, k, v order.
         Default: one range, for families that interleave q, k, v per head (``[H, 3, d]`` rows, BLOOM and Falcon)."""
@@ -178,6 +184,14 @@ class Family:
         from ..kernels import key_positions
 
         return key_positions(valid)
+
+    def on_patch(self, model: nn.Module, shared: dict) -> None:
+        """Called once by :func:`~alibi_surgery.attention.patch.patch` after the modules got their patch state
+        (``shared`` is the state the model's modules share); families that patch by other means than instance
+        forwards act here."""
+
+    def on_unpatch(self, model: nn.Module, shared: dict) -> None:
+        """Undo :meth:`on_patch` (called by :func:`~alibi_surgery.attention.patch.unpatch`)."""
 
     def patched_forward(self) -> Callable:
         """The function installed as the attention modules' instance-level ``forward`` (``self`` is the module); it

@@ -32,7 +32,7 @@ from .loading import DTYPES, dtype_name, safetensors_code
 __all__ = ["TensorEntry", "verify_checkpoint", "read_header", "check_finite", "stored_dtype", "cast_checkpoint",
            "PREFIX"]
 
-PREFIX = "transformer."  # the causal LM's names for BLOOM, MPT and Falcon; a bare base-model save has none
+PREFIX = "transformer."  # the causal LM's names for BLOOM, MPT and Falcon (Family.prefix); a base-model save has none
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 # safetensors code -> floating dtype, from the one dtype table (float64 too: a checkpoint may hold it)
 _FLOAT_DTYPES = {safetensors_code(d): d for d in (*DTYPES.values(), torch.float64)}
@@ -116,7 +116,10 @@ def expected_shapes(config) -> dict[str, tuple]:
 def verify_checkpoint(model_dir, config) -> dict[str, TensorEntry]:
     """Check every shard header of a checkpoint against ``config``; returns base-model tensor name (no prefix)
     -> :class:`TensorEntry`. Reads headers only."""
+    from ..families import family_for
+
     model_dir = Path(model_dir)
+    prefix = family_for(config).prefix
     weight_map = _shards(model_dir)
     headers: dict[str, dict] = {}
     entries: dict[str, TensorEntry] = {}
@@ -128,7 +131,7 @@ def verify_checkpoint(model_dir, config) -> dict[str, TensorEntry]:
             headers[shard] = read_header(file)
         if stored not in headers[shard]:
             raise UsageError(f"{file}: tensor {stored} named in the index is not in the file")
-        name = stored[len(PREFIX):] if stored.startswith(PREFIX) else stored
+        name = stored[len(prefix):] if stored.startswith(prefix) else stored
         entries[name] = TensorEntry(file, stored, tuple(headers[shard][stored]["shape"]))
     for name, shape in expected_shapes(config).items():
         if name not in entries:

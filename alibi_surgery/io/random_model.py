@@ -29,6 +29,14 @@ _TABLES = {
               "bloom 70 14336 112 250880"),
     "mpt": "tiny-mpt 2 128 4 512; mpt-7b 32 4096 32 50432; mpt-30b 48 7168 64 50432",
     "falcon": "tiny-falcon 2 128 4 512; falcon-rw-1b 24 2048 32 50304; falcon-rw-7b 36 4096 64 65024",
+    # models diagnosed through the attention interface (tiny shapes only; extra config fields below)
+    "llama": "tiny-llama 2 128 4 512", "mistral": "tiny-mistral 2 128 4 512", "gemma3_text": "tiny-gemma3 2 128 4 512",
+}
+_EXTRA = {  # grouped-query attention everywhere; a sliding window shorter than ordinary prompts; Gemma3's scaling
+    "tiny-llama": dict(num_key_value_heads=2, intermediate_size=256),
+    "tiny-mistral": dict(num_key_value_heads=2, intermediate_size=256, sliding_window=8),
+    "tiny-gemma3": dict(num_key_value_heads=2, intermediate_size=256, head_dim=32, sliding_window=8,
+                        query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"]),
 }
 SHAPES = {name: (family, *map(int, dims)) for family, table in _TABLES.items()
           for name, *dims in (row.split() for row in table.split(";"))}
@@ -36,12 +44,9 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
 def _family(name: str):
-    from ..families import FAMILIES
+    from ..families import FAMILIES, interface_family
 
-    for family in FAMILIES.values():
-        if family.name == name:
-            return family
-    raise UsageError(f"the {name} family is not registered")
+    return FAMILIES.get(name) or interface_family(name)
 
 
 def shape_config(shape: str = "tiny", *, n_layer: int | None = None, vocab_size: int | None = None):
@@ -53,8 +58,11 @@ def shape_config(shape: str = "tiny", *, n_layer: int | None = None, vocab_size:
     vocab = vocab_size or vocab
     if vocab < 256 + len(SPECIALS):
         raise UsageError(f"vocab_size must be >= {256 + len(SPECIALS)} to hold the byte tokenizer")
+    extra = dict(_EXTRA.get(shape, {}))
+    if n_layer and "layer_types" in extra:
+        extra["layer_types"] = (extra["layer_types"] * n_layer)[:n_layer]
     return _family(family).make_config(n_layer=n_layer or layers, hidden=hidden, n_head=heads, vocab=vocab,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=3, **extra)
 
 
 bloom_config = shape_config
@@ -94,7 +102,7 @@ def write_random_model(out_dir, shape: str = "tiny", *, n_layer: int | None = No
         out.mkdir(parents=True, exist_ok=True)
     with filling(out), quiet_transformers():
         model.save_pretrained(out, max_shard_size=max_shard_size)
-        byte_tokenizer().save_pretrained(out)
+        byte_tokenizer(add_bos=family_for(config).interface).save_pretrained(out)  # LLaMA-style: <s> first
     return out
 
 
@@ -185,7 +193,7 @@ def write_sharded_random_model(out_dir, shape: str = "tiny", *, n_layer: int | N
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     with quiet_transformers():
         config.save_pretrained(out)
-        byte_tokenizer().save_pretrained(out)
+        byte_tokenizer(add_bos=_family(SHAPES[shape][0]).interface).save_pretrained(out)
     return out
 
 

@@ -61,9 +61,12 @@ def load_config(model: str):
     ``mpt-7b``, ``falcon-rw-1b`` ...) or a checkpoint directory."""
     if model in SHAPES:
         return model, shape_config(model)
+    from ..families import check_surgery, family_for
     from ..io.loading import load_config as read_config
 
-    return model, read_config(model)
+    config = read_config(model)
+    check_surgery(family_for(config, model))
+    return model, config
 
 
 def heads_for(name: str, config, heads: str) -> int:

@@ -167,7 +167,7 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"--passes must be >= 1, got {passes}")
-    model_path = resolve_model_dir(str(model_dir))
+    model_path = _repairable(model_dir)
     if dry_run or passes == 1:
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
@@ -187,6 +187,15 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
                 mark_resumable(exc, next(filter(None, (newest_checkpoint(p / "checkpoints") for p in passes_done)),
                                          None))
             raise
+
+
+def _repairable(model_dir) -> Path:
+    """The model directory, after checking that its family allows surgery (one-line UsageError otherwise)."""
+    from ..families import check_surgery, family_for
+
+    model_path = resolve_model_dir(str(model_dir))
+    check_surgery(family_for(load_config(str(model_path)), str(model_dir)))
+    return model_path
 
 
 def _completed(out: Path) -> dict | None:
@@ -214,7 +223,7 @@ def repair_pass(model_dir, out, *, corpus=None, eval_text=None, eval_prompts=Non
     """
     settings = settings or RepairSettings()
     settings.check()
-    model_path = resolve_model_dir(str(model_dir))
+    model_path = _repairable(model_dir)
     final_dtype = parse_dtype(save_dtype, torch.device("cpu")) if save_dtype else stored_dtype(model_path)
     if dry_run:
         return _plan_pass(model_path, Path(out), report, heads, band, layers, freeze, include, settings, device,

@@ -78,9 +78,15 @@ def world(tmp_path_factory):
     assert len(shards) > 1
     shards[-1].unlink()
 
-    from transformers import FalconConfig, GPT2Config, GPT2LMHeadModel, MptConfig
+    from transformers import FalconConfig, Gemma2Config, GPTNeoConfig, GPTNeoForCausalLM, MptConfig
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(root / "gpt2")
+    GPTNeoForCausalLM(GPTNeoConfig(num_layers=2, attention_types=[[["global", "local"], 1]], hidden_size=32,
+                                   num_heads=2, vocab_size=300)).save_pretrained(root / "gpt-neo")
+    Gemma2Config(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=16, intermediate_size=64).save_pretrained(root / "gemma2")
+    from alibi_surgery.io.random_model import write_random_model
+
+    write_random_model(root / "llama", "tiny-llama", n_layer=1)
     falcon = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=300)
     FalconConfig(**falcon, alibi=False).save_pretrained(root / "falcon")  # rotary: FalconConfig's default
     FalconConfig(**falcon, alibi=True, multi_query=True).save_pretrained(root / "falcon-multi-query")
@@ -222,7 +228,14 @@ def _undiagnosed_run(w: Path, tmp: Path) -> Path:
 # name: (argv(world, tmp), text the message must contain)
 CASES = {
     "missing model path": (lambda w, t: _diagnose(w, t, model="nope"), "does not exist"),
-    "GPT-2 config": (lambda w, t: _diagnose(w, t, model="gpt2"), "gpt2 model without ALiBi"),
+    "GPT-Neo (no attention interface)": (lambda w, t: _diagnose(w, t, model="gpt-neo"),
+                                         "does not route its attention through the attention interface"),
+    "Gemma2 (attention soft-capping)": (lambda w, t: _diagnose(w, t, model="gemma2"),
+                                        "soft-caps attention logits (attn_logit_softcapping: 50.0)"),
+    "surgery on an attention-interface model": (lambda w, t: _repair(w, t, model="llama"),
+                                                "surgery on llama models is not supported"),
+    "streamed diagnosis of an attention-interface model": (lambda w, t: _diagnose(w, t, "--stream", model="llama"),
+                                                           "streamed diagnosis covers the ALiBi families only"),
     "rotary Falcon": (lambda w, t: _diagnose(w, t, model="falcon"), "Falcon config uses rotary position embeddings"),
     "multi-query Falcon": (lambda w, t: _diagnose(w, t, model="falcon-multi-query"),
                            "Falcon config uses multi-query attention"),
