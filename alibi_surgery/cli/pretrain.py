@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                       weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
                       minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
                       diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
-                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype])
+                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family)
     print(json.dumps(result))
     if a.install:
         print(f"installed the demo model in {install_model(a.out)}")
