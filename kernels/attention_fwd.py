@@ -13,6 +13,17 @@ constexpr ``ALIBI_BF16``, with ``bias_scale`` read from ``SLOPES[n_head]``: the 
 ``pos_j`` comes from ``key_positions`` (cumsum of the attention mask, -1 for padded keys). The query row i of a
 q_len-long block sits at key index ``k_len - q_len + i``, so the KV-cache decode step (q_len = 1) runs through it.
 
+Two options make it plain causal attention of any causal LM (slopes 0):
+    * grouped-query attention: k and v ``[batch, Hkv, time, head_dim]`` with Hkv dividing the query heads H; the
+      program of query head h reads key/value head ``h // (H // Hkv)`` by pointer arithmetic (the runtime
+      ``n_group``; nothing is copied or expanded; Hkv = 1 is multi-query attention);
+    * a sliding window (``window``, transformers' ``sliding_window``): the row at key index r sees keys
+      ``r - window < j <= r``. The constexpr ``HAS_WINDOW`` (off: the kernel compiles as before) skips key blocks
+      wholly left of a query block's window and masks those some row's window has left (``_window_keys``). The
+      first-token mass of a row whose window no longer reaches the first real key is 0, and ``normalize_entropy``
+      divides by ln(min(pos + 1, window)).
+    Their backward is not implemented (``attention_bwd`` and the operators refuse it).
+
 Supported:
     * q, k, v as strided ``[batch, head, time, head_dim]`` views (no copies of BLOOM's fused QKV output);
     * head_dim any multiple of 16 up to 128 (non powers of two are padded with masked lanes: 80 -> 128), the limit

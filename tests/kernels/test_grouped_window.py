@@ -16,6 +16,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -48,16 +50,16 @@ VARIANTS = [{}, {"normalize_entropy": True}, {"exclude_first_query": True},
             {"exclude_first_query": True, "normalize_entropy": True}]
 
 
-def dense(q, k, v, mask2d, slopes, window, dtype):
-    """Dense causal attention in ``dtype`` (softmax in fp32, as transformers' eager attention), k and v expanded:
-    ``(out [B, Tq, Hq, d] fp32, probabilities [B, Hq, Tq, Tk] fp32)``."""
+def dense(q, k, v, mask2d, slopes, window, dtype, scale=None):
+    """Dense causal attention in ``dtype`` (softmax in fp32, as transformers' eager attention), k and v expanded,
+    scores scaled by ``scale`` (None: 1/sqrt(d)): ``(out [B, Tq, Hq, d] fp32, probabilities [B, Hq, Tq, Tk] fp32)``."""
     group = q.shape[1] // k.shape[1]
     q, k, v = (t.to(dtype) for t in (q, k, v))
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # query head h -> key/value head h // G
     q_len, k_len = q.shape[2], k.shape[2]
     pos = key_positions(mask2d).float()
-    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1]) + slopes[None, :, None, None] * pos[:, None,
-                                                                                                            None]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * scale + slopes[None, :, None, None] * pos[:, None, None]
     r = torch.arange(q_len)[:, None] + k_len - q_len  # key index of each query row (bottom-right aligned)
     j = torch.arange(k_len)[None, :]
     visible = (j <= r) & (j > r - window if window else True)
@@ -233,3 +235,46 @@ def test_heads_that_do_not_divide_are_refused():
     q, k, v, mask, slopes = problem(3, 2, 16, 3, 3, [0, 0], "zero")
     with pytest.raises(ValueError, match="dividing"):
         alibi_attention_blocked(q, k, v, key_positions(mask), slopes)
+
+
+@st.composite
+def problems(draw, long: bool):
+    """A grouped-query problem: 1-4 key/value heads, 1-4 query heads each, head_dim 16-128, 1-2 batch rows with any
+    left padding, q_len <= k_len <= 40 (130 for ``long``), any window, the scores' scale None or 0.02-0.5, BLOOM's
+    slopes or 0."""
+    n_kv, group = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    head_dim = draw(st.sampled_from([16, 32, 64, 80, 96, 128]))
+    k_len = draw(st.integers(1, 130 if long else 40))
+    q_len = draw(st.one_of(st.just(k_len), st.integers(1, k_len)))
+    pads = draw(st.lists(st.integers(0, k_len - 1), min_size=1, max_size=2))
+    window = draw(st.one_of(st.none(), st.integers(1, k_len + 2)))
+    scale = draw(st.one_of(st.none(), st.floats(0.02, 0.5)))
+    return n_kv * group, n_kv, head_dim, q_len, k_len, pads, window, scale, draw(st.booleans()), draw(st.integers(0, 99))
+
+
+def check_problem(impl, hq, hkv, d, tq, tk, pads, window, scale, bloom, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(pads), hq, tq, d, generator=gen)
+    k, v = (torch.randn(len(pads), hkv, tk, d, generator=gen) for _ in range(2))
+    mask = left_padded_mask(len(pads), tk, pads)
+    slopes = alibi_slopes(hq) if bloom else torch.zeros(hq)
+    ref_out, ref_p = dense(q, k, v, mask, slopes, window, torch.float32, scale)
+    out, _, stats = ours(impl, q, k, v, mask, slopes, window, with_stats=True, softmax_scale=scale)
+    valid = mask[:, -tq:].bool()[:, :, None, None]
+    assert ((out - ref_out).abs() * valid).max() <= 2e-5 * max(1.0, ref_out.abs().max().item())
+    ref_stats = paper_stats(ref_p, mask, window)
+    assert torch.equal(stats[..., 2], ref_stats[..., 2])
+    assert (stats - ref_stats).abs().max() <= 2e-5 * max(1.0, ref_stats.abs().max().item())
+
+
+@settings(max_examples=30)
+@given(problem=problems(long=True))
+def test_torch_twin_property(problem):
+    check_problem("torch", *problem)
+
+
+@needs_triton
+@settings(max_examples=12)
+@given(problem=problems(long=False))
+def test_triton_property(problem):
+    check_problem("triton", *problem)
