@@ -121,7 +121,7 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
     is compiled as a runtime integer (GQA's case; the JIT specialises the value 1 of multi-head attention)."""
     from .attention_fwd import _alibi_fwd_kernel, pick_config
 
-    cfg = pick_config(head_dim, dtype, arch, with_stats)
+    cfg = pick_config(head_dim, dtype, arch, with_stats, window)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
                       UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16, HAS_WINDOW=window)

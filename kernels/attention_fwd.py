@@ -237,7 +237,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
 
     interp = interpreting()
     arch = None if interp else arch_of(q.device)
-    cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats)
+    cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats, window > 0)
     n_qblocks = cdiv(q_len, cfg.block_m)
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype

@@ -60,6 +60,25 @@ for r in compile_all(items, jobs=1):
     assert all(r[2] == "0" and r[3] == "True" for r in rows), proc.stdout
 
 
+def test_window_variant_compiles_without_spills():
+    """The sliding-window forward (constexpr HAS_WINDOW: three key loops) at the configurations whose plain tiles
+    spilled with it and now take their own (sm_90 fp16/bf16 at d > 64: 8 warps; fp32 at d > 64: 1 stage), with and
+    without statistics. The CLI report (``--bias window``) compiles the variant for every target, head dim and
+    dtype."""
+    code = """
+import torch
+from alibi_surgery.kernels.compile_report import compile_all
+items = [("fwd", (90, 128, torch.bfloat16, s, False, True)) for s in (False, True)]
+items += [("fwd", (80, 80, torch.float32, s, False, True)) for s in (False, True)]
+for r in compile_all(items, jobs=1):
+    print(r.kernel, r.variant, r.spill_stores + r.spill_loads, r.ok)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == 4 and all(r[1] == "window" for r in rows), proc.stderr
+    assert all(r[2] == "0" and r[3] == "True" for r in rows), proc.stdout
+
+
 def test_the_check_sees_spills_when_there_are_some():
     """An oversized fp32 tile must be reported as spilling, or the test above proves nothing. (The dK/dV kernel
     with 32x32 IEEE tiles on 4 warps needs far more than 255 registers; it compiles in seconds.)"""
