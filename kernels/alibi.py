@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["alibi_slopes", "key_positions", "first_real_key", "resolve_softmax_scale", "round_bf16", "alibi_bias",
-           "AttentionOptions"]
+           "AttentionOptions", "resolve_window", "kv_groups", "refuse_backward"]
 
 
 class AttentionOptions(NamedTuple):
@@ -36,6 +36,8 @@ class AttentionOptions(NamedTuple):
     ``with_stats`` adds per-head (sum of first-token mass, sum of entropy, row count) over the counted query rows;
     ``exclude_first_query`` does not count the row at position 0; ``normalize_entropy`` divides each row's entropy
     by ln(visible keys). ``softmax_scale``, ``bias_scale`` and ``alibi_bf16`` are the score options above.
+    ``window`` (an int >= 1; None or 0: none) is a sliding window, transformers' ``sliding_window_causal_mask_function``:
+    the query row at key index r sees key j iff ``r - window < j <= r``; see :func:`resolve_window`. Forward only.
     An unknown name is a TypeError, as for any keyword argument."""
 
     with_stats: bool = False
@@ -44,6 +46,7 @@ class AttentionOptions(NamedTuple):
     softmax_scale: float | None = None
     bias_scale: float = 1.0
     alibi_bf16: bool = False
+    window: int | None = None
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -101,3 +104,37 @@ def alibi_bias(slopes: torch.Tensor, key_pos: torch.Tensor, bias_scale: float = 
     else:
         bias = slope * pos
     return bias if bias_scale == 1.0 else bias * float(bias_scale)
+
+
+def resolve_window(window, k_len: int) -> int:
+    """The sliding window as the implementations run it: 0 for none (None, 0, or a window of at least ``k_len`` keys,
+    which hides no key: the row at key index r <= k_len - 1 then sees every j > r - window, j >= 0), else
+    ``window``; ValueError unless None or an int >= 0."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be None or an int >= 1 (0: no window), got {window!r}")
+    return 0 if window >= k_len else window
+
+
+def kv_groups(q_shape, k_shape, v_shape) -> int:
+    """Query heads per key/value head for q ``[B, Hq, Tq, d]`` and k, v ``[B, Hkv, Tk, d]`` (grouped-query attention:
+    query head h reads key/value head ``h // (Hq // Hkv)``); ValueError unless the shapes agree and Hkv divides Hq."""
+    if len(q_shape) != 4 or len(k_shape) != 4 or tuple(v_shape) != tuple(k_shape):
+        raise ValueError(f"q [B, Hq, Tq, d] and k, v [B, Hkv, Tk, d] of one shape expected, got q {list(q_shape)}, "
+                         f"k {list(k_shape)}, v {list(v_shape)}")
+    (batch, n_head, _, head_dim), (k_batch, n_kv, _, k_dim) = q_shape, k_shape
+    if k_batch != batch or k_dim != head_dim or n_kv < 1 or n_head % n_kv:
+        raise ValueError(f"k and v must be [B, Hkv, Tk, d] with Hkv dividing q's {n_head} heads, got q "
+                         f"{list(q_shape)}, k {list(k_shape)}")
+    return n_head // n_kv
+
+
+def refuse_backward(n_head: int, n_kv: int, window) -> None:
+    """The backward is that of one key/value head per query head and no window: UsageError (one line) otherwise."""
+    if n_kv != n_head or window:
+        from alibi_surgery.errors import UsageError  # a leaf module: no import cycle
+
+        what = "grouped-query" if n_kv != n_head else "sliding-window"
+        raise UsageError(f"the backward of {what} attention is not implemented (forward only, e.g. for diagnosis): "
+                         "run it under torch.no_grad() or with inputs that do not require grad")

@@ -107,25 +107,28 @@ def fwd_signature(dtype: torch.dtype) -> dict:
     return sig
 
 
-def _bias_variant(alibi_bf16: bool) -> str:
-    """The ``variant`` of an attention result: "" for BLOOM's bias, "alibi-bf16" for Falcon-RW's rounded one."""
-    return "alibi-bf16" if alibi_bf16 else ""
+def _bias_variant(alibi_bf16: bool, window: bool = False) -> str:
+    """The ``variant`` of an attention result: "" for BLOOM's bias, "alibi-bf16" for Falcon-RW's rounded one,
+    "window" for the sliding window (with BLOOM's bias)."""
+    return "+".join(n for n, on in (("alibi-bf16", alibi_bf16), ("window", window)) if on)
 
 
 def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
-                alibi_bf16: bool = False) -> CompileResult:
+                alibi_bf16: bool = False, window: bool = False) -> CompileResult:
     """Compile the forward kernel with exactly the configuration the launcher picks on ``arch`` (``alibi_bf16``:
-    the Falcon-RW bias, constexpr ``ALIBI_BF16``; the other score options are runtime values)."""
+    the Falcon-RW bias, constexpr ``ALIBI_BF16``; ``window``: the sliding window, constexpr ``HAS_WINDOW``; the
+    other score options and grouped-query attention's group size are runtime values). The group size ``n_group``
+    is compiled as a runtime integer (GQA's case; the JIT specialises the value 1 of multi-head attention)."""
     from .attention_fwd import _alibi_fwd_kernel, pick_config
 
-    cfg = pick_config(head_dim, dtype, arch, with_stats)
+    cfg = pick_config(head_dim, dtype, arch, with_stats, window)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
-                      UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
+                      UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16, HAS_WINDOW=window)
     sig = fwd_signature(dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
-    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16))
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16, window))
 
 
 def bwd_signature(kernel, dtype: torch.dtype) -> dict:

@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .alibi import AttentionOptions
+from .alibi import AttentionOptions, refuse_backward
 from .configs import BwdConfig, arch_of, block_d, cdiv, pick_bwd_config
-from .attention_fwd import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _load_rows, _load_tile, _pos_bias,
-                            _query_block_keys, _query_rows, _scores, _slope_terms, check_head_dim, interpreting,
-                            kernel_positions, score_args)
+from .attention_fwd import check_head_dim, interpreting, kernel_positions, score_args
+from .attention_tiles import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _load_rows, _load_tile, _pos_bias,
+                              _query_block_keys, _query_rows, _scores, _slope_terms)
 
 __all__ = ["alibi_attention_bwd", "pick_bwd_config", "BwdConfig", "DELTA_BLOCK"]
 
@@ -229,7 +229,9 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, kstart: torch
 
     Args:
         do, out: ``[B, q_len, H, d]`` (``out`` and ``lse`` as the forward returned them); q, k, v, key_pos, kstart,
-            slopes and the options exactly as passed to the forward (only the score options matter here).
+            slopes and the options exactly as passed to the forward (only the score options matter here). One
+            key/value head per query head and no ``window``: the backward of grouped-query and sliding-window
+            attention is not implemented (UsageError).
         grads: optional ``(dq, dk, dv)`` buffers of q's dtype and shapes, unit stride on d, dk and dv with equal
             strides (views of one packed dQKV, say), written in place instead of allocating.
     Returns:
@@ -238,6 +240,7 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, kstart: torch
     opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
+    refuse_backward(n_head, k.shape[1], opts.window)
     check_head_dim(head_dim)
     if do.shape != out.shape or out.shape != (batch, q_len, n_head, head_dim):
         raise ValueError(f"do and out must be [B, q_len, H, d] = {[batch, q_len, n_head, head_dim]}")

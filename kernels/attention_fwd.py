@@ -13,6 +13,17 @@ constexpr ``ALIBI_BF16``, with ``bias_scale`` read from ``SLOPES[n_head]``: the 
 ``pos_j`` comes from ``key_positions`` (cumsum of the attention mask, -1 for padded keys). The query row i of a
 q_len-long block sits at key index ``k_len - q_len + i``, so the KV-cache decode step (q_len = 1) runs through it.
 
+Two options make it plain causal attention of any causal LM (slopes 0):
+    * grouped-query attention: k and v ``[batch, Hkv, time, head_dim]`` with Hkv dividing the query heads H; the
+      program of query head h reads key/value head ``h // (H // Hkv)`` by pointer arithmetic (the runtime
+      ``n_group``; nothing is copied or expanded; Hkv = 1 is multi-query attention);
+    * a sliding window (``window``, transformers' ``sliding_window``): the row at key index r sees keys
+      ``r - window < j <= r``. The constexpr ``HAS_WINDOW`` (off: the kernel compiles as before) skips key blocks
+      wholly left of a query block's window and masks those some row's window has left (``_window_keys``). The
+      first-token mass of a row whose window no longer reaches the first real key is 0, and ``normalize_entropy``
+      divides by ln(min(pos + 1, window)).
+    Their backward is not implemented (``attention_bwd`` and the operators refuse it).
+
 Supported:
     * q, k, v as strided ``[batch, head, time, head_dim]`` views (no copies of BLOOM's fused QKV output);
     * head_dim any multiple of 16 up to 128 (non powers of two are padded with masked lanes: 80 -> 128), the limit
@@ -41,160 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .alibi import AttentionOptions, first_real_key, resolve_softmax_scale, round_bf16
+from .alibi import AttentionOptions, first_real_key, kv_groups, resolve_softmax_scale, resolve_window, round_bf16
+from .attention_tiles import (LOG2E, _LN2, _ORIGIN_ROWS, _bias_origin, _dot, _first_key_score, _load_rows,
+                              _load_tile, _query_block_keys, _query_rows, _scores, _slope_terms, _window_keys)
 from .configs import (SUPPORTED_HEAD_DIMS, FwdConfig, arch_of, block_d, cdiv, check_head_dim, interpreting,
                       kernel_supports, pick_config)
 
 __all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args",
            "kernel_positions"]
-
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-_MASKED = tl.constexpr(-1.0e30)  # additive mask: finite, so 0 * (s - m) never makes a NaN
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """tl.dot, with IEEE fp32 products when IEEE (fp32 inputs), else the default (tensor cores, tf32 for fp32)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _round_bf16(x):
-    """fp32 rounded to the nearest bfloat16 (ties to even), kept in fp32. Integer arithmetic on the bits, so that
-    the GPU and the interpreter round alike; exact for every finite x (the int32 sum never overflows)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _slope_terms(SLOPES, h, n_head, ALIBI_BF16: tl.constexpr):
-    """(slope, bias scale) for :func:`_key_bias`: ``(slope * log2 e, unused)`` by default; with ALIBI_BF16 the
-    launcher stored bf16-rounded slopes and then ``bias_scale`` at ``SLOPES[n_head]``:
-    ``(slope, bias_scale * log2 e)``."""
-    if ALIBI_BF16:
-        return tl.load(SLOPES + h), tl.load(SLOPES + n_head) * _LOG2E
-    else:
-        return tl.load(SLOPES + h) * _LOG2E, 0.0
-
-
-ORIGIN_ROWS = 128  # query rows that share one bias origin (every BLOCK_M divides it)
-_ORIGIN_ROWS = tl.constexpr(ORIGIN_ROWS)
-
-
-@triton.jit
-def _bias_origin(start_m, q_shift, kstart, ALIBI_BF16: tl.constexpr):
-    """The bias origin of query rows [start_m, start_m + BLOCK_M): a position near theirs, the same for every row
-    of a group of ORIGIN_ROWS query rows, whatever the tile. Softmax is unchanged by a per-row constant, so the
-    kernels add ``slope * (pos - origin)`` instead of ``slope * pos``: scores and the log-sum-exp stay small at long
-    T, where absolute ALiBi biases of ~1e3 would cost their fp32 rounding (the fp32 2x-eager gap). Falcon's
-    bf16-rounded bias (ALIBI_BF16) is defined on absolute positions and keeps origin 0."""
-    if ALIBI_BF16:
-        return start_m * 0
-    return (start_m // _ORIGIN_ROWS) * _ORIGIN_ROWS + q_shift - kstart
-
-
-@triton.jit
-def _pos_bias(kpos, slope2, bias2, origin, ALIBI_BF16: tl.constexpr):
-    """ALiBi bias of keys at positions ``kpos`` in base-2 units, relative to ``origin`` (:func:`_bias_origin`), or
-    the mask value for padded keys (position -1). ALIBI_BF16: Falcon's rounding,
-    ``bias2 * R(slope2 * R(position))`` (see :func:`_slope_terms`)."""
-    if ALIBI_BF16:
-        return tl.where(kpos >= 0, _round_bf16(slope2 * _round_bf16(kpos.to(tl.float32))) * bias2, _MASKED)
-    return tl.where(kpos >= 0, slope2 * (kpos.to(tl.float32) - origin.to(tl.float32)), _MASKED)
-
-
-@triton.jit
-def _key_bias(pos_row, offs_n, n_ok, slope2, bias2, origin, IN_RANGE: tl.constexpr = False,
-              ALIBI_BF16: tl.constexpr = False):
-    """:func:`_pos_bias` of the keys ``offs_n`` (positions read from ``pos_row``; keys past k_len are masked).
-    IN_RANGE: every key of the block is known to be < k_len (no bounds mask)."""
-    if IN_RANGE:
-        kpos = tl.load(pos_row + offs_n)
-    else:
-        kpos = tl.load(pos_row + offs_n, mask=n_ok, other=-1)
-    return _pos_bias(kpos, slope2, bias2, origin, ALIBI_BF16)
-
-
-@triton.jit
-def _load_tile(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Load a 2-D tile, bounds-masked only on the axes whose flag is set (unmasked loads pipeline and vectorise
-    best): ROWS masks with ``row_ok[:, None]``, COLS with ``col_ok[None, :]``; masked-off lanes read 0."""
-    if ROWS and COLS:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    elif ROWS:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    elif COLS:
-        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _query_rows(n_head, q_len, k_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The query block of a program on a (query block, batch * head) grid:
-    ``(pid_bh, b, h, offs_m, offs_d, row_k, m_ok, d_ok)``, with ``row_k`` each row's key index (bottom-right
-    causal: query row i sits at key ``i + k_len - q_len``)."""
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    return (pid_bh, pid_bh // n_head, pid_bh % n_head, offs_m, offs_d, offs_m + (k_len - q_len), offs_m < q_len,
-            offs_d < HEAD_DIM)
-
-
-@triton.jit
-def _load_rows(base, offs_m, offs_d, stride_t, m_ok, d_ok, UPCAST: tl.constexpr):
-    """A ``[rows, BLOCK_D]`` tile at ``base + row * stride_t + d`` (masked-off lanes read 0), in fp32 when UPCAST."""
-    x = tl.load(base + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale, slope2, origin):
-    """Each query row's score against the first real key, in base-2 units (its position is 0: bias
-    ``slope2 * -origin``, 0 under ALIBI_BF16, whose origin is 0)."""
-    k0 = tl.load(k_base + tl.minimum(kstart, k_len - 1) * stride_kt + offs_d, mask=d_ok, other=0.0)
-    return tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], 1) * qk_scale - slope2 * origin.to(tl.float32)
-
-
-@triton.jit
-def _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks a query block visits: [lo, diag) need no causal mask, [diag, hi) do. Leading key blocks of pure
-    padding (before the first real key ``kstart``) are skipped."""
-    lo = (kstart // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(k_len, q_shift + (pid_m + 1) * BLOCK_M)
-    diag = tl.maximum(lo, ((q_shift + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)
-    return lo, diag, hi
-
-
-@triton.jit
-def _scores(q, k_base, pos_row, offs_n, offs_d, row_k, k_len, stride_kt, slope2, bias2, origin, qk_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-            IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr):
-    """``(s2, kt, n_ok)``: the base-2 scores of a query tile against the keys ``offs_n`` (bias, padding and, when
-    CAUSAL, the causal mask applied), the transposed key tile ``[BLOCK_D, BLOCK_N]``, and which keys are < k_len.
-
-    Left of the diagonal every key is < k_len, so those blocks load without a bounds mask, and head dims that fill
-    BLOCK_D need no lane mask. fp32 (IEEE) keeps both masks: its FMA dots' register budget was set with them."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE
-    MASK_N: tl.constexpr = CAUSAL or IEEE
-    n_ok = offs_n < k_len
-    bias = _key_bias(pos_row, offs_n, n_ok, slope2, bias2, origin, not MASK_N, ALIBI_BF16)
-    kt = _load_tile(k_base + offs_d[:, None] + offs_n[None, :] * stride_kt, offs_d < HEAD_DIM, n_ok, MASK_D, MASK_N)
-    if UPCAST:
-        kt = kt.to(tl.float32)
-    s2 = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
-    if CAUSAL:
-        s2 = tl.where(offs_n[None, :] <= row_k[:, None], s2, _MASKED)
-    return s2, kt, n_ok
 
 
 @triton.jit
@@ -203,8 +68,10 @@ def _fwd_block_range(
     stride_kt, stride_vt, k_len, start, stop,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
+    window=0, WINDOW: tl.constexpr = False,
 ):
-    """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks)."""
+    """Online-softmax update over key blocks [start, stop). CAUSAL masks keys past each row (the diagonal blocks),
+    WINDOW keys left of each row's sliding window."""
     d_ok = offs_d < HEAD_DIM
     MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM or IEEE  # as in _scores
     MASK_N: tl.constexpr = CAUSAL or IEEE
@@ -214,7 +81,7 @@ def _fwd_block_range(
         if UPCAST:
             v = v.to(tl.float32)
         s2, kt, n_ok = _scores(q, k_base, pos_row, offs_n, offs_d, row_k, k_len, stride_kt, slope2, bias2, origin,
-                               qk_scale, HEAD_DIM, BLOCK_D, CAUSAL, UPCAST, IEEE, ALIBI_BF16)
+                               qk_scale, HEAD_DIM, BLOCK_D, CAUSAL, UPCAST, IEEE, ALIBI_BF16, window, WINDOW)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         alpha = tl.math.exp2(m_i - m_new)
         if WITH_STATS:
@@ -237,10 +104,10 @@ def _alibi_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    n_head, q_len, k_len, n_qblocks, qk_scale,
+    n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False, HAS_WINDOW: tl.constexpr = False,
 ):
     tl.static_assert(_ORIGIN_ROWS % BLOCK_M == 0)
     pid_m = tl.program_id(0)
@@ -252,8 +119,9 @@ def _alibi_fwd_kernel(
     kstart = tl.load(KSTART + b)
     origin = _bias_origin(pid_m * BLOCK_M, q_shift, kstart, ALIBI_BF16)
     pos_row = KPOS + b * k_len
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    kv_h = h // n_group  # grouped-query attention: query heads share key/value head h // (Hq / Hkv), no copy
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -266,6 +134,13 @@ def _alibi_fwd_kernel(
         s_first = _first_key_score(q, k_base, kstart, k_len, stride_kt, offs_d, d_ok, qk_scale, slope2, origin)
 
     lo, diag, hi = _query_block_keys(kstart, q_shift, pid_m, k_len, BLOCK_M, BLOCK_N)
+    if HAS_WINDOW:  # skip key blocks wholly left of the window; mask those some row's window has left
+        lo, wend, diag = _window_keys(kstart, q_shift, pid_m, window, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i, c_i = _fwd_block_range(
+            acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
+            stride_kt, stride_vt, k_len, lo, wend,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, WITH_STATS, UPCAST, IEEE, ALIBI_BF16, window, True)
+        lo = wend
     acc, l_i, m_i, c_i = _fwd_block_range(
         acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, lo, diag,
@@ -273,7 +148,7 @@ def _alibi_fwd_kernel(
     acc, l_i, m_i, c_i = _fwd_block_range(
         acc, l_i, m_i, c_i, q, k_base, v_base, pos_row, slope2, bias2, origin, qk_scale, row_k, offs_d, offs_n0,
         stride_kt, stride_vt, k_len, diag, hi,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE, ALIBI_BF16)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, WITH_STATS, UPCAST, IEEE, ALIBI_BF16, window, HAS_WINDOW)
 
     qpos = tl.load(pos_row + row_k, mask=m_ok, other=-1)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # query blocks left of the first real key iterate nothing
@@ -291,9 +166,14 @@ def _alibi_fwd_kernel(
         if EXCLUDE_FIRST:
             counted = counted & (qpos > 0)
         p0 = tl.math.exp2(tl.minimum(s_first - m_i, 0.0)) / l_i
+        if HAS_WINDOW:  # the first real key has left the window of later rows: no mass on it
+            p0 = tl.where(kstart > row_k - window, p0, 0.0)
         ent = (tl.math.log2(l_i) - c_i / l_i) * _LN2
         if NORMALIZE_ENTROPY:
-            ent = tl.where(qpos > 0, ent / tl.log(tl.maximum((qpos + 1).to(tl.float32), 2.0)), 0.0)
+            visible = qpos + 1
+            if HAS_WINDOW:
+                visible = tl.minimum(visible, window)
+            ent = tl.where(qpos > 0, ent / tl.log(tl.maximum(visible.to(tl.float32), 2.0)), 0.0)
         base = STATS + (pid_bh * n_qblocks + pid_m) * 3
         tl.store(base + 0, tl.sum(tl.where(counted, p0, 0.0), 0))
         tl.store(base + 1, tl.sum(tl.where(counted, ent, 0.0), 0))
@@ -323,14 +203,15 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     """Launch the fused kernel.
 
     Args:
-        q: ``[B, H, q_len, d]``; k, v: ``[B, H, k_len, d]`` with ``q_len <= k_len``. Any strides with a unit stride
-            on d.
+        q: ``[B, H, q_len, d]``; k, v: ``[B, Hkv, k_len, d]`` with ``q_len <= k_len`` and Hkv dividing H (grouped-query
+            attention, Hkv = 1 multi-query: query head h reads key/value head ``h // (H // Hkv)`` in place, k and v
+            are never expanded). Any strides with a unit stride on d.
         key_pos: int32 ``[B, k_len]`` from :func:`key_positions` (-1 marks a padded key).
-        slopes: float32 ``[H]``.
+        slopes: float32 ``[H]``, one per query head (zeros: plain causal attention).
         kstart: int32 ``[B]``, :func:`first_real_key` of ``key_pos`` when the caller already has it (one per model
             forward, shared by its layers); computed here when None.
-        options: the :class:`~.alibi.AttentionOptions` (statistics and score options; defaults: BLOOM's scores,
-            no statistics).
+        options: the :class:`~.alibi.AttentionOptions` (statistics, score options, ``window``; defaults: BLOOM's
+            scores, no statistics, no window).
     Returns:
         ``(out [B, q_len, H, d] in q's dtype, lse2 [B, H, q_len] float32, stats)``: ``lse2`` is the base-2
         log-sum-exp of the base-2 scores (+inf on padded query rows), what the backward reads; stats is None or a
@@ -339,6 +220,8 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
+    n_group = kv_groups(q.shape, k.shape, v.shape)
+    window = resolve_window(opts.window, k_len)
     check_head_dim(head_dim)
     if q_len > k_len:
         raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
@@ -354,7 +237,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
 
     interp = interpreting()
     arch = None if interp else arch_of(q.device)
-    cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats)
+    cfg = pick_config(head_dim, q.dtype, arch, opts.with_stats, window > 0)
     n_qblocks = cdiv(q_len, cfg.block_m)
     # The interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): there, store fp32 and round in torch.
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
@@ -369,11 +252,11 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
-        n_head, q_len, k_len, n_qblocks, qk_scale,
+        n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window,
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         WITH_STATS=opts.with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
         NORMALIZE_ENTROPY=opts.normalize_entropy, UPCAST=interp and q.dtype == torch.bfloat16,
-        IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16),
+        IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16), HAS_WINDOW=window > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(q.dtype), lse, (stats.sum(2) if opts.with_stats else None)

@@ -3,7 +3,9 @@
 Compiles every forward-kernel configuration the launcher picks (head_dim 64/80/96/128, fp32/fp16/bf16, with and
 without statistics), both backward passes (dK/dV and dQ) and the delta kernel for the same head dims and dtypes, each with BLOOM's bias
 and with Falcon-RW's bf16-rounded one (the constexpr ``ALIBI_BF16``, variant ``alibi-bf16``; ``softmax_scale`` and
-``bias_scale`` are runtime values and compile nothing), and the AdamW kernel's variants (fp32, bf16 rounded to
+``bias_scale`` are runtime values and compile nothing), the forward with a sliding window (``--bias window``: the
+constexpr ``HAS_WINDOW`` with BLOOM's bias, variant ``window``; the window's length and grouped-query attention's
+group size are runtime values; the backward has neither), and the AdamW kernel's variants (fp32, bf16 rounded to
 nearest or stochastically, bf16/fp16 with an fp32 master copy, bf16 with bf16 moments (the paper's optimizer);
 each with and without a gradient scale) for
 sm_80/86/89/90 without a GPU, and prints registers, spills and shared memory against each architecture's per-block
@@ -29,6 +31,7 @@ HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BIASES = {"bloom": False, "alibi-bf16": True}  # --bias name: the kernels' ALIBI_BF16
+WINDOW = "window"  # --bias name of the forward's sliding-window variant (HAS_WINDOW, BLOOM's bias)
 
 
 # (param dtype, master copy, stochastic rounding, bf16 moments) of each AdamW parameter mode
@@ -55,9 +58,16 @@ def bwd_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()),
     return passes + list(itertools.product(archs, head_dims, dtypes, ("delta",), (False,)))
 
 
-def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES):
-    """Every (kernel, arguments) pair of the report: forward, backward, AdamW."""
+def window_configs(archs=ARCHS, head_dims=HEAD_DIMS, dtypes=DTYPES):
+    """(arch, head_dim, dtype, with_stats, alibi_bf16, window) of the forward's sliding-window variant."""
+    return [(*c, False, True) for c in itertools.product(archs, head_dims, dtypes, (False, True))]
+
+
+def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES, window=False):
+    """Every (kernel, arguments) pair of the report: forward (with ``window``, its sliding-window variant too),
+    backward, AdamW."""
     return ([("fwd", c) for c in launcher_configs(archs, head_dims, biases, dtypes)]
+            + [("fwd", c) for c in (window_configs(archs, head_dims, dtypes) if window else [])]
             + [("bwd", c) for c in bwd_configs(archs, head_dims, biases, dtypes)]
             + [("adamw", c) for c in adamw_configs(archs)])
 
@@ -101,8 +111,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only these architectures")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="only these head dims")
-    parser.add_argument("--bias", action="append", choices=list(BIASES),
-                        help="only these attention bias variants (default: both)")
+    parser.add_argument("--bias", action="append", choices=[*BIASES, WINDOW],
+                        help="only these attention variants: bias kinds, and the forward's sliding window "
+                             "(default: all three)")
     parser.add_argument("--dtype", action="append", choices=list(_DTYPE_NAMES),
                         help="only these attention dtypes (default: all three)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
@@ -112,10 +123,11 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
-    biases = tuple(BIASES[b] for b in (args.bias or BIASES))
+    chosen = args.bias or [*BIASES, WINDOW]
+    biases = tuple(BIASES[b] for b in chosen if b in BIASES)
     dtypes = tuple(_DTYPE_NAMES[d] for d in args.dtype) if args.dtype else DTYPES
-    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases, dtypes),
-                          args.jobs)
+    results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases, dtypes,
+                                      WINDOW in chosen), args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -42,8 +42,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with_stats: bool = False) -> FwdConfig:
-    """Tile sizes for one launch. ``arch`` is the compute capability as 80/86/89/90 (None: the interpreter).
+def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with_stats: bool = False,
+                window: bool = False) -> FwdConfig:
+    """Tile sizes for one launch. ``arch`` is the compute capability as 80/86/89/90 (None: the interpreter);
+    ``window``: the sliding-window variant (constexpr HAS_WINDOW), whose three key loops need more registers.
 
     fp16/bf16 on sm_90: the fastest spill-free tiles of a timed sweep on an H100 (``bench/tune_attention.py``,
     bf16, T = 2048, 8,192 tokens; docs/benchmarks.md). Elsewhere untimed spill-free tiles, with 2 pipeline stages
@@ -53,6 +55,11 @@ def pick_config(head_dim: int, dtype: torch.dtype, arch: int | None = None, with
     wide = block_d(head_dim) > 64
     if arch is None:
         return FwdConfig(64, 64, 4, 1)
+    if window and wide:  # untimed; the plain tiles spilled 24 bytes (sm_80 fp32) and 48-96 bytes (sm_90, 4 warps)
+        if dtype == torch.float32:
+            return FwdConfig(32, 16, 8, 1)
+        if arch == 90:
+            return FwdConfig(64, 64, 8, 3)
     if dtype == torch.float32:
         if wide and arch in (86, 89):  # 2 stages spilled 24-36 bytes at d = 80/96 once the bias took its origin
             return FwdConfig(32, 16, 8, 1)

@@ -4,8 +4,9 @@
 Four operators in the ``alibi_surgery`` namespace, each with a fake (meta) implementation, so that
 ``torch.compile(fullgraph=True)`` traces through them as single nodes:
 
-* ``attention(q, k, v, ...) -> (out, lse2, stats)`` with q ``[B, Tq, H, D]``, k and v ``[B, Tk, H, D]``
-  (FlashAttention's layout, any strides with a unit stride on D) and ``out`` ``[B, Tq, H, D]``;
+* ``attention(q, k, v, ..., window=0) -> (out, lse2, stats)`` with q ``[B, Tq, H, D]``, k and v ``[B, Tk, Hkv, D]``
+  (FlashAttention's layout, any strides with a unit stride on D; Hkv dividing H is grouped-query attention, read in
+  place) and ``out`` ``[B, Tq, H, D]``; ``window`` > 0 is a sliding window (``AttentionOptions.window``);
 * ``attention_packed(qkv, layout, ...)`` over one packed tensor: ``layout="interleaved"`` is ``[B, T, H, 3, D]``
   (BLOOM's and Falcon-RW's fused QKV), ``"blocked"`` is ``[B, T, 3, H, D]`` (MPT's ``Wqkv``);
 * their backward operators, which return gradients in the inputs' own layout: contiguous ``[B, T, H, D]`` for
@@ -17,6 +18,8 @@ twins). ``key_pos`` (int32 ``[B, Tk]``, -1 for padding) and ``kstart`` (int32 ``
 are computed once per model forward by the caller. ``stats`` is float32 ``[B, H, 3]`` (sum of first-token mass,
 sum of entropy, row count) with ``with_stats``, else an empty tensor; it and ``lse2`` get no gradient.
 Only q, k, v (or qkv), the output and the fp32 log-sum-exp are saved for the backward (O(T * H * D)).
+The backward exists for Hkv = H and no window only: a call that needs gradients otherwise raises UsageError (one
+line) before anything runs, in eager mode (:func:`call`) and when ``torch.compile`` traces the autograd setup.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .alibi import refuse_backward
 from .attention_bwd import alibi_attention_bwd
 from .attention_fwd import alibi_attention_fwd
 from .reference import alibi_attention_blocked, alibi_attention_blocked_bwd
@@ -46,11 +50,12 @@ def _heads_first(*tensors: Tensor) -> list[Tensor]:
 
 
 def _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
-             softmax_scale, bias_scale, alibi_bf16):
+             softmax_scale, bias_scale, alibi_bf16, window=0):
     fwd, _ = _IMPLS[impl]
     out, lse, stats = fwd(*_heads_first(q, k, v), key_pos, slopes, kstart=kstart, with_stats=with_stats,
                           exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy,
-                          softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
+                          softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16,
+                          window=window or None)
     return out, lse, (stats if stats is not None else lse.new_empty(0))
 
 
@@ -59,6 +64,14 @@ def _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scal
     _, bwd = _IMPLS[impl]
     bwd(do, *_heads_first(q, k, v), out, lse, key_pos, slopes, kstart=kstart, grads=_heads_first(*grads),
         softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
+
+
+def _refuse_backward(packed: bool, inputs) -> None:
+    """UsageError when a call that needs gradients has grouped key/value heads or a window (the optional last
+    input of either operator): the backward exists for neither."""
+    n_fixed = 12 if packed else 13
+    window = inputs[n_fixed] if len(inputs) > n_fixed else 0
+    refuse_backward(1, 1, window) if packed else refuse_backward(inputs[0].shape[2], inputs[1].shape[2], window)
 
 
 def _fake_forward(q, with_stats):
@@ -73,9 +86,9 @@ def _fake_forward(q, with_stats):
 @torch.library.custom_op("alibi_surgery::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
               with_stats: bool, exclude_first_query: bool, normalize_entropy: bool, softmax_scale: float | None,
-              bias_scale: float, alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+              bias_scale: float, alibi_bf16: bool, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
-                    softmax_scale, bias_scale, alibi_bf16)
+                    softmax_scale, bias_scale, alibi_bf16, window)
 
 
 @attention.register_fake
@@ -104,7 +117,9 @@ def _(do, q, k, v, *args):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16 = inputs
+    _refuse_backward(False, inputs)  # gradients are needed
+    q, k, v, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16, *_ = inputs
+    ctx.n_inputs = len(inputs)
     out, lse, stats = output
     ctx.mark_non_differentiable(lse, stats)
     ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
@@ -114,10 +129,10 @@ def _setup(ctx, inputs, output):
 
 def _attention_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_backward):
     if d_out is None:  # the output was not used
-        return (None,) * 13
+        return (None,) * ctx.n_inputs
     q, k, v, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
     dq, dk, dv = backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options)
-    return dq, dk, dv, *([None] * 10)
+    return dq, dk, dv, *([None] * (ctx.n_inputs - 3))
 
 
 attention.register_autograd(_attention_grad, setup_context=_setup)
@@ -128,9 +143,10 @@ attention.register_autograd(_attention_grad, setup_context=_setup)
 @torch.library.custom_op("alibi_surgery::attention_packed", mutates_args=())
 def attention_packed(qkv: Tensor, layout: str, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
                      with_stats: bool, exclude_first_query: bool, normalize_entropy: bool,
-                     softmax_scale: float | None, bias_scale: float, alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     softmax_scale: float | None, bias_scale: float, alibi_bf16: bool,
+                     window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(*unpack(qkv, layout), key_pos, kstart, slopes, impl, with_stats, exclude_first_query,
-                    normalize_entropy, softmax_scale, bias_scale, alibi_bf16)
+                    normalize_entropy, softmax_scale, bias_scale, alibi_bf16, window)
 
 
 @attention_packed.register_fake
@@ -159,7 +175,9 @@ def _(do, qkv, *args):
 
 
 def _setup_packed(ctx, inputs, output):
-    qkv, layout, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16 = inputs
+    _refuse_backward(True, inputs)  # gradients are needed
+    qkv, layout, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16, *_ = inputs
+    ctx.n_inputs = len(inputs)
     out, lse, stats = output
     ctx.mark_non_differentiable(lse, stats)
     ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
@@ -169,11 +187,11 @@ def _setup_packed(ctx, inputs, output):
 
 def _packed_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_packed_backward):
     if d_out is None:
-        return (None,) * 12
+        return (None,) * ctx.n_inputs
     qkv, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
     layout, *options = ctx.options
     dqkv = backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options)
-    return dqkv, *([None] * 11)
+    return dqkv, *([None] * (ctx.n_inputs - 1))
 
 
 attention_packed.register_autograd(_packed_grad, setup_context=_setup_packed)
@@ -214,5 +232,6 @@ def call(op, *inputs):
         return op(*inputs)
     function = _EAGER[op]
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs[:3]):
+        _refuse_backward(op is attention_packed, inputs)
         return function.apply(*inputs)
     return function.forward(None, *inputs)  # nothing to differentiate: no autograd node

@@ -18,7 +18,8 @@ import torch
 
 import math
 
-from .alibi import AttentionOptions, alibi_bias, first_real_key, resolve_softmax_scale
+from .alibi import (AttentionOptions, alibi_bias, first_real_key, kv_groups, refuse_backward, resolve_softmax_scale,
+                    resolve_window)
 
 __all__ = ["alibi_attention_blocked", "alibi_attention_blocked_bwd"]
 
@@ -66,10 +67,18 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                             slopes: torch.Tensor, *, kstart: torch.Tensor | None = None, block_q: int = 128,
                             block_k: int = 128, **options):
     """Same contract as :func:`alibi_surgery.kernels.attention_fwd.alibi_attention_fwd`; ``block_q``/``block_k``
-    are the tile sizes."""
+    are the tile sizes.
+
+    Grouped-query attention (k, v ``[B, Hkv, Tk, d]``, G = H // Hkv query heads per key/value head) copies no key
+    or value: each query tile is viewed as ``[B, Hkv, G * rows, d]`` (head h = g + G * kv head, the kernel's
+    ``h // G``), so one matmul against the key/value tiles as they are serves the whole group; the scores are then
+    viewed per query head for the bias, the masks and the softmax. A ``window`` skips the key tiles left of a query
+    tile's window and masks the partially covered ones, as the kernel does."""
     opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
-    k_len = k.shape[2]
+    n_kv, k_len = k.shape[1], k.shape[2]
+    group = kv_groups(q.shape, k.shape, v.shape)
+    window = resolve_window(opts.window, k_len)
     if q_len > k_len:
         raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
     f32 = torch.float32
@@ -85,21 +94,28 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     k_lo = (int(first_key.min()) // block_k) * block_k
     bias = _Bias(slopes, key_pos, first_key, shift, opts)
     # Key of position 0 per batch row, for the first-token score (as the kernel does: one dot per row).
-    k_first = k[torch.arange(batch, device=q.device), :, first_key.clamp(max=k_len - 1)].to(f32)  # [B, H, d]
+    k_first = k[torch.arange(batch, device=q.device), :, first_key.clamp(max=k_len - 1)].to(f32)  # [B, Hkv, d]
 
     for q0 in range(0, q_len, block_q):
         q1 = min(q0 + block_q, q_len)
         rows = torch.arange(q0, q1, device=q.device) + shift  # key index of each query row
-        qb = q[:, :, q0:q1].to(f32)
+        qb = q[:, :, q0:q1].to(f32).reshape(batch, n_kv, group * (q1 - q0), head_dim)  # group folded into rows
+        per_head = (batch, n_head, q1 - q0)  # a [B, Hkv, G * rows, ...] result viewed per query head
         m = torch.full((batch, n_head, q1 - q0), -1.0e30, device=q.device, dtype=f32)
         l = torch.zeros_like(m)
         acc = torch.zeros(batch, n_head, q1 - q0, head_dim, device=q.device, dtype=f32)
         centred = torch.zeros_like(m)
-        for k0 in range(k_lo, min(k_len, shift + q1), block_k):
+        # a window hides every key tile wholly left of the first row's window
+        k_start = max(k_lo, (shift + q0 - window + 1) // block_k * block_k) if window else k_lo
+        for k0 in range(k_start, min(k_len, shift + q1), block_k):
             k1 = min(k0 + block_k, k_len)
-            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)).mul_(scale).add_(bias.tile(q0, q1, k0, k1))
+            s = torch.matmul(qb, k[:, :, k0:k1].to(f32).transpose(-1, -2)).view(*per_head, k1 - k0)
+            s = s.mul_(scale).add_(bias.tile(q0, q1, k0, k1))
+            cols = torch.arange(k0, k1, device=q.device)[None, :]
             if k1 - 1 > shift + q0:  # a diagonal tile: some key lies after some query row
-                s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
+                s = s.masked_fill(cols > rows[:, None], MASKED)
+            if window and k0 <= shift + q1 - 1 - window:  # some row's window has left key k0
+                s = s.masked_fill(cols <= rows[:, None] - window, MASKED)
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp2(m - m_new)
             s_centred = s - m_new[..., None]
@@ -107,7 +123,8 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             if opts.with_stats:
                 centred = alpha * (centred + (m - m_new) * l) + (p * s_centred).sum(-1)
             l = l * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + torch.matmul(p, v[:, :, k0:k1].to(f32))
+            pv = torch.matmul(p.view(batch, n_kv, -1, k1 - k0), v[:, :, k0:k1].to(f32))
+            acc = acc * alpha[..., None] + pv.view(*per_head, head_dim)
             m = m_new
 
         l = torch.where(l > 0, l, 1.0)  # query blocks left of every real key iterate nothing
@@ -120,11 +137,13 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             counted = qpos >= 0
             if opts.exclude_first_query:
                 counted = counted & (qpos > 0)
-            s_first = torch.matmul(qb, k_first[..., None]).squeeze(-1) * scale + bias.first_key_bias(q0, q1)
+            s_first = torch.matmul(qb, k_first[..., None]).view(per_head) * scale + bias.first_key_bias(q0, q1)
             p0 = torch.exp2((s_first - m).clamp_max(0.0)) / l
+            if window:  # the first real key has left the window of later rows: no mass on it
+                p0 = torch.where(first_key[:, None, None] > rows[None, None, :] - window, p0, 0.0)
             ent = (torch.log2(l) - centred / l) * math.log(2.0)
             if opts.normalize_entropy:
-                n_visible = (qpos + 1).to(f32).clamp_min(2.0)
+                n_visible = ((qpos + 1).clamp_max(window) if window else qpos + 1).to(f32).clamp_min(2.0)
                 ent = torch.where(qpos > 0, ent / torch.log(n_visible), 0.0)
             stats[..., 0] += torch.where(counted, p0, 0.0).sum(-1)
             stats[..., 1] += torch.where(counted, ent, 0.0).sum(-1)
@@ -142,10 +161,12 @@ def alibi_attention_blocked_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     ``grads`` as in :func:`~.attention_bwd.alibi_attention_bwd`. Padded query rows (position -1, ``lse`` +inf) get
     no gradient and pass none on: the forward outputs the constant 0 there, so this is its exact derivative.
     Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
+    One key/value head per query head and no ``window`` (UsageError otherwise: not implemented).
     """
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
     opts = AttentionOptions(**options)
+    refuse_backward(n_head, k.shape[1], opts.window)
     f32 = torch.float32
     scale = resolve_softmax_scale(head_dim, opts.softmax_scale, opts.bias_scale)
     key_pos = key_pos.to(device=q.device, dtype=torch.int64)

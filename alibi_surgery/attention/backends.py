@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 
 from ..errors import UsageError
 from ..kernels import ops
-from ..kernels.alibi import AttentionOptions
+from ..kernels.alibi import AttentionOptions, resolve_window
 from ..kernels.attention_fwd import SUPPORTED_HEAD_DIMS, interpreting, kernel_positions, kernel_supports
 
 BACKENDS = ("auto", "triton", "torch", "eager")
@@ -62,13 +63,16 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
 def run_attention(q, k, v, key_pos, slopes, backend: str, *, kstart=None, **options):
     """Fused ALiBi attention with a concrete backend (``triton`` or ``torch``), differentiable in q, k, v.
 
-    q ``[B, H, Tq, d]``, k and v ``[B, H, Tk, d]`` (the kernels' convention; any strides with a unit stride on d),
-    ``key_pos`` int32 ``[B, Tk]``, ``kstart`` its first real keys (computed when None), ``options`` the
+    q ``[B, H, Tq, d]``, k and v ``[B, Hkv, Tk, d]`` (the kernels' convention; any strides with a unit stride on d;
+    Hkv dividing H is grouped-query attention, query head h reading key/value head ``h // (H // Hkv)`` without any
+    copy), ``key_pos`` int32 ``[B, Tk]``, ``kstart`` its first real keys (computed when None), ``options`` the
     :class:`~alibi_surgery.kernels.alibi.AttentionOptions`. The scores are ``softmax_scale * q.k + bias_scale *
     R(R(slope) * R(pos))`` (``softmax_scale`` None: 1/sqrt(d); R rounds to bfloat16 when ``alibi_bf16``,
     Falcon-RW's bias): BLOOM by default, MPT with its ``softmax_scale``, Falcon-RW with ``alibi_bf16=True,
-    bias_scale=softmax_scale=1/sqrt(d)``. Returns ``(out [B, Tq, H, d], lse2, stats or None)``; gradients come
-    back contiguous in ``[B, T, H, d]`` (as ``[B, H, T, d]`` views).
+    bias_scale=softmax_scale=1/sqrt(d)``; slopes of 0 give plain causal attention. ``window`` (an int >= 1) is a
+    sliding window: the row at key index r sees keys r - window < j <= r. Returns ``(out [B, Tq, H, d], lse2
+    [B, H, Tq], stats [B, H, 3] or None)``; gradients come back contiguous in ``[B, T, H, d]`` (as ``[B, H, T, d]``
+    views), for Hkv = H and no window only: a call that needs them otherwise raises UsageError (forward only).
     """
     return _call(ops.attention, (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), key_pos, kstart, slopes,
                  backend, options)
@@ -86,8 +90,10 @@ def _call(op, inputs, key_pos, kstart, slopes, backend, options):
     if backend not in ("triton", "torch"):
         raise ValueError(f"fused attention needs the triton or torch backend, got {backend!r}")
     o = AttentionOptions(**options)
+    window = resolve_window(o.window, sys.maxsize)  # checked here; the operators take 0 for none
     flags = (bool(o.with_stats), bool(o.exclude_first_query), bool(o.normalize_entropy),
-             None if o.softmax_scale is None else float(o.softmax_scale), float(o.bias_scale), bool(o.alibi_bf16))
+             None if o.softmax_scale is None else float(o.softmax_scale), float(o.bias_scale), bool(o.alibi_bf16),
+             window)
     device = inputs[0].device
     key_pos, kstart = kernel_positions(key_pos, kstart, device)
     out, lse, stats = ops.call(op, *inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend,

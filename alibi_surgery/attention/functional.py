@@ -12,8 +12,13 @@ row outputs 0. Both functions are torch custom operators underneath (:mod:`alibi
 ``torch.compile(fullgraph=True)`` traces them without a graph break, and they are differentiable in q, k, v (or
 qkv), with gradients in the inputs' own layout.
 
-Limits: one key/value head per query head (no grouped-query attention); no dropout; the triton backend needs a
-head_dim that is a multiple of 16 up to 128 (``auto`` takes the torch backend otherwise); fp32, fp16 and bf16.
+``alibi_attention`` also takes grouped-query k and v (``[B, Tk, Hkv, D]`` with Hkv dividing H: query head h reads
+key/value head ``h // (H // Hkv)`` in place, nothing is expanded) and ``window=`` (a sliding window of that many
+keys, transformers' ``sliding_window``), forward only.
+
+Limits: the backward of grouped-query and sliding-window attention is not implemented (a call that needs gradients
+raises UsageError); no dropout; the triton backend needs a head_dim that is a multiple of 16 up to 128 (``auto``
+takes the torch backend otherwise); fp32, fp16 and bf16.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ class AttentionStats(NamedTuple):
 
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                     slopes: torch.Tensor | None = None, softmax_scale: float | None = None,
-                    return_stats: bool = False, backend: str = "auto"):
-    """Causal ALiBi attention of q ``[B, Tq, H, D]`` over k, v ``[B, Tk, H, D]`` (``Tq <= Tk``).
+                    return_stats: bool = False, backend: str = "auto", window: int | None = None):
+    """Causal ALiBi attention of q ``[B, Tq, H, D]`` over k, v ``[B, Tk, Hkv, D]`` (``Tq <= Tk``; Hkv = H, or Hkv
+    dividing H: grouped-query attention, forward only).
 
     Args:
         attention_mask: ``[B, Tk]``, 1 (or True) for real tokens; None: every token is real.
@@ -52,12 +58,17 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
         softmax_scale: the scores' scale; None: ``1 / sqrt(D)``.
         return_stats: also return :class:`AttentionStats`.
         backend: ``auto`` (triton on CUDA, torch elsewhere), ``triton`` or ``torch``.
+        window: None, or a sliding window: the query at key index r sees keys r - window < j <= r (forward only).
     Returns:
         ``out`` ``[B, Tq, H, D]`` in q's dtype, or ``(out, AttentionStats)``.
     """
     batch, _, n_head, head_dim = _check(q, "q")
-    k_len = _check(k, "k", (batch, None, n_head, head_dim))[1]
-    _check(v, "v", (batch, k_len, n_head, head_dim))
+    k_len, n_kv = _check(v, "v", (batch, None, None, head_dim))[1:3]
+    _check(k, "k", (batch, k_len, n_kv, head_dim))  # k as v: [B, Tk, Hkv, D]
+    if n_head % n_kv:
+        raise UsageError(f"k and v have {n_kv} heads, which does not divide q's {n_head} (grouped-query attention)")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UsageError(f"window must be None or an int >= 1, got {window!r}")
     if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
         raise UsageError("q, k and v must share one dtype and one device")
     if q.shape[1] > k_len:
@@ -65,7 +76,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
     key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, k_len, n_head, head_dim, slopes, backend,
                                                 q.device)
     out, _, stats = run_attention(*(t.transpose(1, 2) for t in (q, k, v)), key_pos, slopes, backend, kstart=kstart,
-                                  with_stats=return_stats, softmax_scale=softmax_scale)
+                                  with_stats=return_stats, softmax_scale=softmax_scale, window=window)
     return (out, _stats(stats)) if return_stats else out
 
 
@@ -92,7 +103,7 @@ def _check(t: torch.Tensor, name: str, shape: tuple | None = None) -> tuple:
     if t.dtype not in _DTYPES:
         raise UsageError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if shape is not None and any(want is not None and got != want for got, want in zip(t.shape, shape)):
-        want = ["Tk" if w is None else w for w in shape]
+        want = [{1: "Tk", 2: "heads"}[i] if w is None else w for i, w in enumerate(shape)]
         raise UsageError(f"{name} must be [batch, Tk, heads, head_dim] = {want}, got {list(t.shape)}")
     if t.stride(-1) != 1:
         raise UsageError(f"{name} must have a unit stride on head_dim (call .contiguous())")

@@ -12,9 +12,11 @@ from alibi_surgery.kernels import alibi_slopes
 from helpers import BACKENDS, left_padded_mask
 
 
-def dense(q, k, v, mask=None, slopes=None, scale=None):
-    """float64 causal ALiBi attention, FlashAttention layout, BLOOM's positions; ``(out, probs [B, H, Tq, Tk])``."""
+def dense(q, k, v, mask=None, slopes=None, scale=None, window=None):
+    """float64 causal ALiBi attention, FlashAttention layout, BLOOM's positions; ``(out, probs [B, H, Tq, Tk])``.
+    Grouped k and v are expanded here (query head h reads head h // G); ``window``: keys r - window < j <= r."""
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
     batch, n_head, q_len, head_dim = q.shape
     k_len = k.shape[2]
     mask = torch.ones(batch, k_len) if mask is None else mask
@@ -24,6 +26,8 @@ def dense(q, k, v, mask=None, slopes=None, scale=None):
     s = q @ k.transpose(-1, -2) * (scale or head_dim ** -0.5) + slopes.double()[None, :, None, None] * pos[:, None, None]
     rows = torch.arange(q_len)[:, None] + k_len - q_len
     visible = valid[:, None, None, :] & (torch.arange(k_len)[None, :] <= rows)[None, None]
+    if window:
+        visible &= (torch.arange(k_len)[None, :] > rows - window)[None, None]
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
     real_rows = valid[:, k_len - q_len:][:, None, :, None]
     return ((p @ v) * real_rows).transpose(1, 2), p * real_rows
@@ -88,6 +92,9 @@ def test_packed_equals_separate_and_options_reach_the_scores(backend):
     (lambda q: alibi_attention(q, q, q, backend="cuda"), "unknown backend"),
     (lambda q: alibi_attention(q, q, q, softmax_scale=-1.0), "softmax_scale"),
     (lambda q: alibi_attention_qkvpacked(q), "qkv must be"),
+    (lambda q: alibi_attention(q, q[:, :, :3], q[:, :, :3]), "does not divide"),
+    (lambda q: alibi_attention(q, q, q, window=0), "window must be"),
+    (lambda q: alibi_attention(q.requires_grad_(), q[:, :, :2], q[:, :, :2]), "backward of grouped-query"),
     (lambda q: alibi_attention(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2)), "unit stride"),
 ])
 def test_bad_input_is_refused_in_one_line(call, message):
@@ -95,6 +102,22 @@ def test_bad_input_is_refused_in_one_line(call, message):
     with pytest.raises((UsageError, ValueError), match=message) as info:
         call(q)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_query_and_window_forward(backend):
+    """k and v with 2 heads for 4 query heads (and 1 head, multi-query), a window of 3 keys, left padding."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 11, 4, 16)
+    mask = left_padded_mask(2, 11, [0, 5])
+    for n_kv, window in ((2, 3), (1, None), (1, 1)):
+        k, v = (torch.randn(2, 11, n_kv, 16) for _ in range(2))
+        out, stats = alibi_attention(q, k, v, attention_mask=mask, window=window, return_stats=True, backend=backend)
+        ref, p = dense(q, k, v, mask, window=window)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        first_mass = torch.stack([p[b, :, :, first].sum(-1) for b, first in enumerate((0, 5))])  # first real keys
+        torch.testing.assert_close(stats.first_token_mass.double(), first_mass, atol=2e-5, rtol=0)
 
 
 def _loss(q, k, v, qkv, mask):

@@ -45,19 +45,36 @@ def test_falcon_bias_variant_compiles_without_spills():
     99 KB and 8-warp tiles are the tightest, every attention kernel still compiles without spills at Falcon-RW's
     head_dim 64 in bf16, and so does the fp32 dQ kernel at d = 80, whose 8-warp tile spilled with the variant (its
     launcher takes 4 warps there). The CLI report compiles the variant for every target, head dim and dtype."""
-    code = """
-import torch
-from alibi_surgery.kernels.compile_report import bwd_configs, compile_all, launcher_configs
+    _assert_spill_free("""
+from alibi_surgery.kernels.compile_report import bwd_configs, launcher_configs
 items = [("fwd", c) for c in launcher_configs((89,), (64,), (True,)) if c[2] == torch.bfloat16]
 items += [("bwd", c) for c in bwd_configs((89,), (64,), (True,)) if c[2] == torch.bfloat16 and c[3] != "delta"]
 items += [("bwd", (89, 80, torch.float32, "dq", True))]
+""", 5, "alibi-bf16")
+
+
+def _assert_spill_free(items_code: str, count: int, variant: str) -> None:
+    """Compile the ``items`` that ``items_code`` builds (in a JIT subprocess) and check that there are ``count``
+    results of ``variant``, each with 0 spills within shared memory."""
+    code = "import torch\nfrom alibi_surgery.kernels.compile_report import compile_all\n" + items_code + """
 for r in compile_all(items, jobs=1):
     print(r.kernel, r.variant, r.spill_stores + r.spill_loads, r.ok)
 """
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
     rows = [line.split() for line in proc.stdout.splitlines()]
-    assert len(rows) == 5 and all(r[1] == "alibi-bf16" for r in rows), proc.stderr
+    assert len(rows) == count and all(r[1] == variant for r in rows), proc.stderr
     assert all(r[2] == "0" and r[3] == "True" for r in rows), proc.stdout
+
+
+def test_window_variant_compiles_without_spills():
+    """The sliding-window forward (constexpr HAS_WINDOW: three key loops) at the configurations whose plain tiles
+    spilled with it and now take their own (sm_90 fp16/bf16 at d > 64: 8 warps; fp32 at d > 64: 1 stage), with and
+    without statistics. The CLI report (``--bias window``) compiles the variant for every target, head dim and
+    dtype."""
+    _assert_spill_free("""
+items = [("fwd", (90, 128, torch.bfloat16, s, False, True)) for s in (False, True)]
+items += [("fwd", (80, 80, torch.float32, s, False, True)) for s in (False, True)]
+""", 4, "window")
 
 
 def test_the_check_sees_spills_when_there_are_some():
