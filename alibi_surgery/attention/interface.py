@@ -108,8 +108,7 @@ def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
             slopes = state.slopes[device] = torch.zeros(n_head, dtype=torch.float32, device=device)
     sink = state.sink
     context, _, stats = run_attention(
-        query, key, value, key_pos, slopes, backend, kstart=kstart, softmax_scale=scaling,
-        **({} if window is None else {"window": window}),
+        query, key, value, key_pos, slopes, backend, kstart=kstart, window=window, softmax_scale=scaling,
         with_stats=sink is not None, exclude_first_query=bool(sink and sink.exclude_first_query),
         normalize_entropy=bool(sink and sink.normalize_entropy))
     if sink is not None:
