@@ -138,3 +138,19 @@ def selected_mask(name: str, shape, selection: dict, head_dim: int) -> torch.Ten
             elif parts[4] == "dense" and parts[5] == "weight":
                 mask[:, h * head_dim:(h + 1) * head_dim] = True
     return mask
+
+
+def hooked_runs(model, tokenizer, prompts, install):
+    """Run each prompt alone (no padding, no cache) through ``model`` with the forward hooks ``install(captured)``
+    registers (it returns their handles, removed after each run); yields ``(token count, captured dict)``."""
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        captured = {}
+        handles = install(captured)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        yield ids.shape[1], captured

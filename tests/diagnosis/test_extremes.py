@@ -23,7 +23,7 @@ from alibi_surgery.diagnosis.stream import diagnose_streamed
 from alibi_surgery.io.random_model import byte_tokenizer
 from alibi_surgery.viz.extremes import companion_path
 from family_cases import CASES, HEAD_DIM, HIDDEN, N_HEAD
-from helpers import BACKENDS
+from helpers import BACKENDS, hooked_runs
 
 PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 PROMPTS = ["the cat sat on the mat", "a", "a much longer prompt, with more words in it than the others",
@@ -69,17 +69,7 @@ def reference(case, model, prompts):
     out_sum = torch.zeros(n_layer, N_HEAD, dtype=torch.float64)
     resid_sum = torch.zeros(n_layer, dtype=torch.float64)
     weight = rows = 0
-    for prompt in prompts:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        n = ids.shape[1]
-        captured = {}
-        handles = _hooks(case, model, captured)
-        try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    for n, captured in hooked_runs(model, tok, prompts, lambda captured: _hooks(case, model, captured)):
         rows += n
         weight += n if n >= 2 else 0
         for layer, attn in enumerate(attns):

@@ -14,6 +14,7 @@ from alibi_surgery.attention.patch import head_stats, patched
 from alibi_surgery.errors import UsageError
 from alibi_surgery.families import family_for, family_of_module
 from alibi_surgery.io.random_model import shape_config
+from helpers import hooked_runs
 
 SHAPES = ("tiny-llama", "tiny-mistral", "tiny-gemma3")
 BACKENDS = ("torch", "triton")
@@ -224,10 +225,8 @@ def _hook_reference(model, prompts):
                                                                                           dtype=torch.float64)
     resid_sum = torch.zeros(len(layers), dtype=torch.float64)
     weight = rows = 0
-    for prompt in prompts:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        n = ids.shape[1]
-        seen, handles = {}, []
+    def install(seen):
+        handles = []
         for i, layer in enumerate(layers):
             handles.append(layer.self_attn.v_proj.register_forward_hook(
                 lambda m, a, out, i=i: seen.__setitem__(("v", i), out[0].double())))
@@ -236,12 +235,9 @@ def _hook_reference(model, prompts):
             handles.append(layer.register_forward_pre_hook(
                 lambda m, a, kw, i=i: seen.__setitem__(("res", i), (a[0] if a else kw["hidden_states"])[0].double()),
                 with_kwargs=True))
-        try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        return handles
+
+    for n, seen in hooked_runs(model, tok, prompts, install):
         rows += n
         weight += n if n >= 2 else 0
         for i, layer in enumerate(layers):
