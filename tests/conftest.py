@@ -20,7 +20,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # local soak run (HYPOTHESIS_PROFILE=long), random and with a saved example database; to spread it over cores, run
 # several processes with different --hypothesis-seed and FUZZ_EXAMPLES splitting the 1,000.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=80, derandomize=True, deadline=None, database=None,
+settings.register_profile("ci", max_examples=64, derandomize=True, deadline=None, database=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 1000)), deadline=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
