@@ -24,7 +24,6 @@ of such a step refer to the first key still visible (diagnosis runs whole prompt
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import nn
@@ -123,17 +122,11 @@ def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 def mask_structure(shared: dict, mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """``(key_pos int32 [B, Tk], kstart int32 [B], window or None)`` of one attention call's mask (None, or a
-    ``[B, 1, Tq, Tk]`` boolean or additive mask), cached in ``shared`` on the mask's identity (a weak reference)."""
-    if torch.compiler.is_compiling():
-        return _structure(mask, batch, q_len, k_len, device)
-    key = (None if mask is None else (-1 if mask.is_inference() else mask._version), batch, q_len, k_len, device)
-    hit = shared.get("interface_mask")
-    if hit is not None and hit[0]() is mask and hit[1] == key:
-        return hit[2]
-    with torch.inference_mode(False):
-        found = _structure(mask, batch, q_len, k_len, device)
-    shared["interface_mask"] = ((lambda: None) if mask is None else weakref.ref(mask), key, found)
-    return found
+    ``[B, 1, Tq, Tk]`` boolean or additive mask), once per mask object (:func:`~.patch.per_mask`)."""
+    from .patch import per_mask
+
+    return per_mask(shared, "interface_mask", mask, (batch, q_len, k_len, device),
+                    lambda: _structure(mask, batch, q_len, k_len, device))
 
 
 def _structure(mask, batch, q_len, k_len, device):

@@ -38,7 +38,8 @@ from ..kernels.ops import unpack
 from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
-           "head_stats", "fused_attention", "eager_fallback", "key_validity", "attention_keys", "patch_state"]
+           "head_stats", "fused_attention", "eager_fallback", "key_validity", "attention_keys", "patch_state",
+           "per_mask"]
 
 _STATE = "_alibi_surgery_patch"
 
@@ -200,27 +201,32 @@ def key_validity(mask: torch.Tensor | None, batch: int, k_len: int, device: torc
 def attention_keys(module: nn.Module, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device,
                    bool_masks_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(key_pos, kstart)`` of one patched module's call: int32 ALiBi positions ``[batch, k_len]`` (the family's
-    rule, -1 for padding) and each row's first real key ``[batch]``.
+    rule, -1 for padding) and each row's first real key ``[batch]``, computed once per model forward
+    (:func:`per_mask`)."""
+    family = module.__dict__[_STATE].family
 
-    Every layer of one model forward gets the same mask object, so the answer is computed by the first layer and
-    reused by the others (a cache shared by the model's modules, keyed on the mask's identity, held by weak
-    reference, and its version). Tensors are made outside inference mode, so that a later training step may save
-    them. Under ``torch.compile`` nothing is cached: the compiler sees plain tensor code."""
-    state: _PatchState = module.__dict__[_STATE]
-    family = state.family
-    if torch.compiler.is_compiling():
+    def compute():
         key_pos = family.key_positions(key_validity(mask, batch, k_len, device, bool_masks_out))
         return key_pos, first_real_key(key_pos).to(torch.int32)
-    key = (None if mask is None else (-1 if mask.is_inference() else mask._version), batch, k_len, device,
-           bool_masks_out)
-    hit = state.shared.get("keys")
+
+    return per_mask(module.__dict__[_STATE].shared, "keys", mask, (batch, k_len, device, bool_masks_out), compute)
+
+
+def per_mask(shared: dict, slot: str, mask: torch.Tensor | None, key: tuple, compute):
+    """``compute()``, cached in ``shared[slot]``: every layer of one model forward gets the same mask object, so
+    the first layer computes and the others reuse (keyed on the mask's identity, held by weak reference, its version
+    and ``key``). Computed outside inference mode, so that a later training step may save the tensors. Under
+    ``torch.compile`` nothing is cached: the compiler sees plain tensor code."""
+    if torch.compiler.is_compiling():
+        return compute()
+    key = (None if mask is None else (-1 if mask.is_inference() else mask._version), *key)
+    hit = shared.get(slot)
     if hit is not None and hit[0]() is mask and hit[1] == key:
         return hit[2]
     with torch.inference_mode(False):
-        key_pos = family.key_positions(key_validity(mask, batch, k_len, device, bool_masks_out))
-        kstart = first_real_key(key_pos).to(torch.int32)
-    state.shared["keys"] = ((lambda: None) if mask is None else weakref.ref(mask), key, (key_pos, kstart))
-    return key_pos, kstart
+        found = compute()
+    shared[slot] = ((lambda: None) if mask is None else weakref.ref(mask), key, found)
+    return found
 
 
 def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool):

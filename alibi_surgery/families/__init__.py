@@ -42,7 +42,7 @@ def family_for(config, where: str = "the model") -> Family:
     if raw.get("alibi", attn.get("alibi")):
         raise UsageError(f"{where} is a {model_type} model: it uses ALiBi, but alibi-surgery supports only the "
                          f"{family_names()} families")
-    refusal = interface_refusal(raw)
+    refusal = interface_refusal(config)
     if refusal is None:
         return interface_family(model_type)
     rotary = "rope_theta" in raw or "rotary_dim" in raw or "rope_scaling" in raw or model_type in _ROTARY_TYPES

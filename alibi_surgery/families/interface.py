@@ -33,11 +33,11 @@ _MLP_NAMES = (("mlp.up_proj", "mlp.down_proj"), ("mlp.dense_h_to_4h", "mlp.dense
               ("mlp.c_fc", "mlp.c_proj"), ("feed_forward.up_proj", "feed_forward.down_proj"), ("fc1", "fc2"))
 
 
-def _causal_lm_class(config) -> type | None:
+def _causal_lm_class(config_class: type) -> type | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
     except (KeyError, ValueError):
         return None
 
@@ -51,16 +51,17 @@ def _transformers_config(config):
     return AutoConfig.for_model(config.get("model_type") or "unknown", **raw)
 
 
-def interface_refusal(config: dict) -> str | None:
-    """Why the raw ``config.json`` dict is not a causal LM diagnosable through the attention interface (one line),
-    or None when it is."""
-    model_type = config.get("model_type") or "unknown"
-    if isinstance(config.get("text_config"), dict):
+def interface_refusal(config) -> str | None:
+    """Why ``config`` (a ``config.json`` dict or a transformers config) is not a causal LM diagnosable through the
+    attention interface (one line), or None when it is."""
+    raw = config if isinstance(config, dict) else config.to_dict()
+    model_type = raw.get("model_type") or "unknown"
+    if isinstance(raw.get("text_config"), dict):
         return (f"this {model_type} config is multimodal (it holds a text_config); alibi-surgery diagnoses the text "
                 f"model alone: save the language model as its own checkpoint")
     try:
         parsed = _transformers_config(config)
-        cls = _causal_lm_class(parsed)
+        cls = _causal_lm_class(type(parsed))
     except Exception:
         parsed = cls = None
     if cls is None:
@@ -100,7 +101,7 @@ class InterfaceFamily(Family):
         return CONFIG_MAPPING[self.name]
 
     def model_class(self) -> type:
-        return _causal_lm_class(self.config_class()())
+        return _causal_lm_class(self.config_class())
 
     def make_config(self, *, n_layer: int, hidden: int, n_head: int, vocab: int, **extra):
         return self.config_class()(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layer,
