@@ -26,12 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=float, default=default)
     p.add_argument("--family", default="bloom", choices=["bloom", "llama"],
                    help="llama: the same shape with rotary positions instead of ALiBi (a comparison model)")
+    p.add_argument("--short-context", metavar="LEN:STEPS",
+                   help="context warm-up: the first STEPS steps at LEN tokens (same tokens per step)")
     p.add_argument("--device")
     p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--install", action="store_true",
                    help="then install OUT/last as the package's demo model (alibi_surgery/demo/model)")
     return p
+
+
+def _pair(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        length, steps = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --short-context must be LEN:STEPS (two integers), got {text!r}") from None
+    return length, steps
 
 
 def main(argv=None) -> int:
@@ -47,7 +59,8 @@ def main(argv=None) -> int:
                       weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
                       minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
                       diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
-                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family)
+                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family,
+                      short_context=_pair(a.short_context))
     print(json.dumps(result))
     if a.install:
         print(f"installed the demo model in {install_model(a.out)}")

@@ -52,7 +52,8 @@ def write_checksums(directory) -> Path:
 
 def install_model(run_dir, *, target=None) -> Path:
     """Install a :mod:`alibi_surgery.demo.pretrain` run (``RUN/last`` + ``RUN/recipe.json``) as the demo model: the
-    model files, the recipe and fresh ``SHA256SUMS`` replace ``target`` (default: the package's ``demo/model``) in one
+    model files (the config's ``seq_length`` set to the recipe's context when the run did not record it), the recipe
+    and fresh ``SHA256SUMS`` replace ``target`` (default: the package's ``demo/model``) in one
     step: they are gathered in a directory beside it that then takes its place
     (:func:`~alibi_surgery.io.files.staged_dir`), so an interrupted install leaves the old model whole."""
     import shutil
@@ -70,6 +71,10 @@ def install_model(run_dir, *, target=None) -> Path:
         tmp.mkdir()
         for f in [*(Path("last") / f for f in files), Path("recipe.json")]:
             shutil.copy2(run_dir / f, tmp / f.name)
+        config = json.loads((tmp / "config.json").read_text())
+        if "seq_length" not in config:  # a run from before pre-training recorded it: the recipe's context
+            config["seq_length"] = json.loads((run_dir / "recipe.json").read_text())["seq_len"]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_checksums(tmp)
     return target
 
@@ -108,10 +113,12 @@ def load_model(*, dtype: str | None = None, device: str | None = None):
     return load_model(str(model_dir()), dtype=dtype, device=device)
 
 
-def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tuple[Path, Path]:
+def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
+                 docs: tuple[int, int] = DEMO_DOCS) -> tuple[Path, Path]:
     """Generate the demo's surgery corpus (``train.jsonl``) and held-out text (``eval.jsonl``) in ``directory``:
-    fresh bigram-recall documents, each exactly one ``seq_len`` chunk with its ``<s>`` and ``</s>``. The seed differs
-    from pre-training's, so these sequences are new to the model. Each file is written atomically."""
+    ``docs`` (training, held-out) fresh bigram-recall documents, each exactly one ``seq_len`` chunk with its ``<s>``
+    and ``</s>``. The seed differs from pre-training's, so these sequences are new to the model. Each file is written
+    atomically."""
     from ..io.files import atomic_write_text
     from .recall_data import RecallData, python_docs_text
 
@@ -122,10 +129,10 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None) -> tup
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, n in zip(("train.jsonl", "eval.jsonl"), DEMO_DOCS):
-        docs = data.texts(n, seq_len - 2, gen)
+    for name, n in zip(("train.jsonl", "eval.jsonl"), docs):
+        texts = data.texts(n, seq_len - 2, gen)
         path = directory / name
-        atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in texts))
         paths.append(path)
     return paths[0], paths[1]
 

@@ -15,7 +15,8 @@ loss, AdamW (betas 0.9/0.95), linear warm-up then cosine decay to 10% over ``--s
 model is diagnosed with the default prompts (truncated to ``--diag-max-length``, default ``--seq-len``) and the
 per-head first-token mass is logged; with ``--save-every N`` the model is saved to ``OUT/checkpoints/step-N``.
 Outputs in ``OUT``: ``log.jsonl``, ``recipe.json`` (arguments, versions, wall time), ``curves.png`` (loss and
-collapsed heads by step), ``last/`` (the final model: safetensors, config, tokenizer, ``diagnosis.json``).
+collapsed heads by step), ``last/`` (the final model: safetensors, config with the training context as
+``seq_length``, tokenizer, ``diagnosis.json``).
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
              minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None,
              diag_max_length: int | None = None, device: str | None = None, threads: int | None = None,
              seed: int = 0, backend: str = "eager", save_dtype=torch.float32, family: str = "bloom",
-             log=print) -> dict:
+             short_context: tuple[int, int] | None = None, log=print) -> dict:
     """Train and save a BLOOM in ``out`` (module docstring). ``steps`` or ``minutes`` bounds the run (the first
     reached wins). ``family`` ``"llama"`` trains a LLaMA of the same shape instead (rotary positions, SwiGLU MLP of
     width 4 x hidden, tied embeddings, one key/value head per query head): the same data without ALiBi. Returns
-    ``{"steps", "seconds", "final": <last diagnosis summary>}``."""
+    ``{"steps", "seconds", "final": <last diagnosis summary>}``. ``short_context`` ``(length, steps)``: a context
+    warm-up: the first ``steps`` steps train on sequences of ``length`` tokens, as many more of them per batch as
+    keeps the tokens per step (recall data only)."""
     from ..families import family_for
 
     from ..io.corpus import load_corpus
@@ -121,8 +124,11 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
         byte_ids = torch.tensor([tokenizer(chr(b), add_special_tokens=False)["input_ids"][0] for b in range(128)])
 
         def batch():
-            rows = byte_ids[source.sample_bytes(batch_size, seq_len - 1, gen)]
-            return torch.cat([torch.full((batch_size, 1), tokenizer.bos_token_id), rows], 1)
+            length, n = seq_len, batch_size
+            if short_context and step < short_context[1]:
+                length, n = short_context[0], batch_size * seq_len // short_context[0]
+            rows = byte_ids[source.sample_bytes(n, length - 1, gen)]
+            return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), rows], 1)
     elif data == "text":
         tokenizer = byte_tokenizer(add_bos=bos)
         if corpus is None:
@@ -137,11 +143,14 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
             return ids
     else:
         raise UsageError(f"--data must be recall or text, got {data!r}")
+    if short_context and (data != "recall" or not 2 <= short_context[0] <= seq_len):
+        raise UsageError(f"--short-context needs recall data and a length in [2, --seq-len], got {short_context}")
 
     if family not in ("bloom", "llama"):
         raise UsageError(f"--family must be bloom or llama, got {family!r}")
     adapter = family_for({"model_type": family})
     extra = {} if family == "bloom" else dict(intermediate_size=4 * hidden, tie_word_embeddings=True)
+    extra["seq_length"] = seq_len  # the training context, in config.json (diagnose warns past it)
     config = adapter.make_config(n_layer=layers, hidden=hidden, n_head=heads, vocab=len(tokenizer),
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id, **extra)
@@ -150,8 +159,9 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
         patch_bloom(model, backend)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    recipe = {"family": family, "data": data, "trigger_p": trigger_p, "bos": bos, "layers": layers, "hidden": hidden, "heads": heads,
-              "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+    recipe = {"family": family, "data": data, "trigger_p": trigger_p, "bos": bos, "layers": layers, "hidden": hidden,
+              "heads": heads, "seq_len": seq_len, "short_context": list(short_context) if short_context else None,
+              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
               "warmup": warmup, "steps": steps, "minutes": minutes, "diag_max_length": diag_len,
               "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "backend": backend,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,

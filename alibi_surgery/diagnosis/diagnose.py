@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..attention.backends import check_backend, resolve_backend
 from ..errors import UsageError
+from ..families.base import training_context
 from ..io.loading import dtype_name
 from ..attention.patch import attention_modules, head_stats, patched
 from ..analysis.dormancy import DEFAULT_THRESHOLD, model_dormancy
@@ -142,20 +143,34 @@ def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds) -> None:
                       f"raise --max-length or use longer prompts", stacklevel=3)
 
 
+def _warn_if_past_context(lengths, context: tuple[int, str] | None) -> None:
+    if context is None:
+        return
+    tokens, field = context
+    longer = sum(n > tokens for n in lengths)
+    if longer:
+        warnings.warn(f"{longer} of {len(lengths)} prompts are longer than the model's training context ({tokens} "
+                      f"tokens, config.json {field}; longest {max(lengths)}): rows past it measure the model outside "
+                      f"what it was trained on; pass --max-length {tokens} to stay inside", stacklevel=3)
+
+
 _RATIO = "per prompt ||first token's {0}|| / mean over its other valid tokens, mean over prompts weighted by tokens"
 
 
 def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
                  max_length, thresholds, extremes: ExtremeSink | None = None,
-                 dormant_fraction: float = DEFAULT_DORMANT_FRACTION, **extra) -> HeadReport:
+                 dormant_fraction: float = DEFAULT_DORMANT_FRACTION, context: tuple[int, str] | None = None,
+                 **extra) -> HeadReport:
     """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows) and the
     token ids ``encoded`` they were measured on, plus what ``extremes`` saw; warns (one line) when the prompts are too
-    short to classify."""
+    short to classify, and when one is longer than the training ``context`` the config records
+    (:func:`~alibi_surgery.families.base.training_context`)."""
     rows = sums[..., 2].clamp_min(1.0)
     lengths = [len(e) for e in encoded]
     each, whole = prompt_fingerprints(encoded)
     uniform = uniform_bos_mass(lengths, exclude_first_query)
     _warn_if_short(uniform, lengths, thresholds)
+    _warn_if_past_context(lengths, context)
     metadata = {
         "model": model_name,
         "metric": {"bos_mass": "mean attention on position 0 (the first real token)",
@@ -166,7 +181,8 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
         "dtype": dtype_name(dtype), "device": str(device), "backend": backend,
         "n_prompts": len(encoded), "prompt_tokens": lengths, "prompt_set_fingerprint": whole,
         "prompt_fingerprints": each, "rows_counted": int(sums[0, 0, 2]), "max_length": max_length,
-        "uniform_bos_mass": uniform, **extra,
+        "uniform_bos_mass": uniform,
+        "training_context": None if context is None else {"tokens": context[0], "field": context[1]}, **extra,
     }
     n_tokens = sum(lengths)
     seen_attention = extremes is not None and extremes.seen_attention
@@ -232,4 +248,4 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
                         thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, extremes=extremes,
-                        dormant_fraction=dormant_fraction, **options)
+                        dormant_fraction=dormant_fraction, context=training_context(base.config), **options)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..attention.backends import resolve_backend
 from ..analysis.dormancy import DEFAULT_THRESHOLD, DormancyCounter
+from ..families.base import training_context
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from ..errors import UsageError
 from ..io.checkpoint import check_finite, verify_checkpoint
@@ -179,7 +180,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
                         max_length=max_length, thresholds=thresholds, streamed=True, family=family.name,
                         mlp_dormancy=dormancy.result(), extremes=extremes, dormant_fraction=dormant_fraction,
-                        **options)
+                        context=training_context(config), **options)
 
 
 def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,

@@ -8,13 +8,13 @@ base model or single block. The adapter protocol is :class:`~alibi_surgery.famil
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import Family, HeadLayout
+from .base import Family, HeadLayout, training_context
 from .bloom import BLOOM
 from .falcon import FALCON
 from .interface import interface_family, interface_refusal
 from .mpt import MPT
 
-__all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "family_of_module", "family_names",
+__all__ = ["FAMILIES", "Family", "HeadLayout", "training_context", "family_for", "family_of_module", "family_names",
            "check_surgery"]
 
 FAMILIES: dict[str, Family] = {fam.name: fam for fam in (BLOOM, MPT, FALCON)}  # keyed by config.model_type

@@ -27,7 +27,24 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["Family", "HeadLayout"]
+__all__ = ["Family", "HeadLayout", "CONTEXT_KEYS", "training_context"]
+
+# Config fields that record the context a model was trained at, most specific first: ``seq_length`` (BLOOM's
+# Megatron-DeepSpeed configs and this package's pre-trained models), ``max_seq_len`` (MPT), ``n_positions`` (GPT-2,
+# OPT-style), ``max_position_embeddings`` (Falcon, Llama and most interface families).
+CONTEXT_KEYS = ("seq_length", "max_seq_len", "n_positions", "max_position_embeddings")
+
+
+def training_context(config) -> tuple[int, str] | None:
+    """``(tokens, field)``: the training context a config records (the first of :data:`CONTEXT_KEYS` set to a
+    positive integer), or None when it records none. ``config`` is a transformers config or its dict. Limits: a
+    field's value is what the checkpoint's authors wrote; for the last two it is often the position table's size,
+    which can exceed the context actually trained."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,5 +91,38 @@ def test_pretrain_smoke(tmp_path, data):
     assert (tmp_path / "pt" / "curves.png").stat().st_size > 0
     recipe = json.loads((tmp_path / "pt" / "recipe.json").read_text())
     assert recipe["steps_run"] == 6 and recipe["data"] == data
+    assert json.loads((tmp_path / "pt" / "last" / "config.json").read_text())["seq_length"] == 16
     target = install_model(tmp_path / "pt", target=tmp_path / "demo_model")
     verify_checksums(target)
+    assert json.loads((target / "config.json").read_text())["seq_length"] == 16
+
+
+def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
+    """--short-context 8:3: the first 3 batches are 8 tokens x 8 rows, then 16 x 4, every row opening with <s>; a run
+    whose config lacks seq_length gets the recipe's at install."""
+    from transformers import BloomForCausalLM
+
+    from alibi_surgery.demo import install_model
+    from alibi_surgery.demo.pretrain import pretrain
+    from alibi_surgery.io.random_model import byte_tokenizer
+
+    bos = byte_tokenizer(add_bos=True).bos_token_id
+    shapes = []
+    original = BloomForCausalLM.forward
+
+    def spy(self, input_ids=None, labels=None, **kw):
+        if labels is not None:  # training steps (the diagnoses pass no labels)
+            shapes.append((tuple(input_ids.shape), bool((input_ids[:, 0] == bos).all())))
+        return original(self, input_ids=input_ids, labels=labels, **kw)
+
+    monkeypatch.setattr(BloomForCausalLM, "forward", spy)
+    pretrain(tmp_path / "pt", layers=1, hidden=32, heads=2, seq_len=16, batch_size=4, steps=5, warmup=1,
+             diagnose_every=100, threads=1, short_context=(8, 3), log=lambda *a: None)
+    assert shapes == [((8, 8), True)] * 3 + [((4, 16), True)] * 2
+    assert json.loads((tmp_path / "pt" / "recipe.json").read_text())["short_context"] == [8, 3]
+    config = tmp_path / "pt" / "last" / "config.json"
+    data = json.loads(config.read_text())
+    del data["seq_length"]
+    config.write_text(json.dumps(data))
+    target = install_model(tmp_path / "pt", target=tmp_path / "demo_model")
+    assert json.loads((target / "config.json").read_text())["seq_length"] == 16
