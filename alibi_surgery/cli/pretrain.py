@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos", action="store_true", help="text data: open every window with <s>")
     for name, default in (("layers", 4), ("hidden", 128), ("heads", 8), ("seq-len", 32), ("batch-size", 64),
                           ("warmup", 200), ("steps", 6000), ("diagnose-every", 250), ("seed", 0), ("threads", 0),
-                          ("diag-max-length", 0), ("save-every", 0)):
+                          ("diag-max-length", 0), ("save-every", 0), ("stop-after", 0)):
         p.add_argument(f"--{name}", type=int, default=default)
     for name, default in (("lr", 5e-3), ("weight-decay", 0.0), ("trigger-p", 0.05), ("minutes", 0.0)):
         p.add_argument(f"--{name}", type=float, default=default)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                       minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
                       diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
                       seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family,
-                      short_context=_pair(a.short_context))
+                      short_context=_pair(a.short_context), stop_after=a.stop_after or None)
     print(json.dumps(result))
     if a.install:
         print(f"installed the demo model in {install_model(a.out)}")

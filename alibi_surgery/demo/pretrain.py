@@ -89,13 +89,15 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
              minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None,
              diag_max_length: int | None = None, device: str | None = None, threads: int | None = None,
              seed: int = 0, backend: str = "eager", save_dtype=torch.float32, family: str = "bloom",
-             short_context: tuple[int, int] | None = None, log=print) -> dict:
+             short_context: tuple[int, int] | None = None, stop_after: int | None = None, log=print) -> dict:
     """Train and save a BLOOM in ``out`` (module docstring). ``steps`` or ``minutes`` bounds the run (the first
     reached wins). ``family`` ``"llama"`` trains a LLaMA of the same shape instead (rotary positions, SwiGLU MLP of
     width 4 x hidden, tied embeddings, one key/value head per query head): the same data without ALiBi. Returns
     ``{"steps", "seconds", "final": <last diagnosis summary>}``. ``short_context`` ``(length, steps)``: a context
     warm-up: the first ``steps`` steps train on sequences of ``length`` tokens, as many more of them per batch as
-    keeps the tokens per step (recall data only)."""
+    keeps the tokens per step (recall data only). ``stop_after``: end the run after that many steps of the
+    ``steps``-long schedule (what a ``minutes`` budget does at an unpredictable step; with it the run repeats
+    exactly). ``recipe.json`` records the schedule's length as ``schedule_steps``."""
     from ..families import family_for
 
     from ..io.corpus import load_corpus
@@ -179,7 +181,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
         model.train()
         return rep
 
-    while step < total and time.perf_counter() - t0 < budget:
+    while step < min(total, stop_after or total) and time.perf_counter() - t0 < budget:
         if step == 20 and steps is None:  # from the measured speed, the steps the time budget allows
             total = int(budget / ((time.perf_counter() - t0) / 20))
         ids = batch().to(dev)
@@ -193,7 +195,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
         opt.step()
         step += 1
         entry = {"step": step, "loss": round(float(loss.detach()), 4)}
-        if step % diagnose_every == 0 or step == total:
+        if step % diagnose_every == 0 or step == total or step == stop_after:
             report = diagnose_now()
             entry.update(seconds=round(time.perf_counter() - t0, 1), **report.summary(),
                          bos_mass=[[round(v, 3) for v in row] for row in report.bos_mass.tolist()])
@@ -206,7 +208,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     report = report if report is not None and step % diagnose_every == 0 else diagnose_now()
     _save(model, tokenizer, out / "last", save_dtype)
     report.to_json(out / "last" / "diagnosis.json")
-    recipe.update(steps_run=step, seconds=round(seconds, 1))
+    recipe.update(steps_run=step, schedule_steps=total, stop_after=stop_after, seconds=round(seconds, 1))
     atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=1) + "\n")
     plot_curves(out / "log.jsonl", out / "curves.png")
     return {"steps": step, "seconds": seconds, "final": report.summary()}

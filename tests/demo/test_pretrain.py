@@ -98,8 +98,9 @@ def test_pretrain_smoke(tmp_path, data):
 
 
 def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
-    """--short-context 8:3: the first 3 batches are 8 tokens x 8 rows, then 16 x 4, every row opening with <s>; a run
-    whose config lacks seq_length gets the recipe's at install."""
+    """--short-context 8:3: the first 3 batches are 8 tokens x 8 rows, then 16 x 4, every row opening with <s>;
+    --stop-after ends a schedule early, repeating the full run's steps; a run whose config lacks seq_length gets the
+    recipe's at install."""
     from transformers import BloomForCausalLM
 
     from alibi_surgery.demo import install_model
@@ -119,7 +120,16 @@ def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
     pretrain(tmp_path / "pt", layers=1, hidden=32, heads=2, seq_len=16, batch_size=4, steps=5, warmup=1,
              diagnose_every=100, threads=1, short_context=(8, 3), log=lambda *a: None)
     assert shapes == [((8, 8), True)] * 3 + [((4, 16), True)] * 2
-    assert json.loads((tmp_path / "pt" / "recipe.json").read_text())["short_context"] == [8, 3]
+    recipe = json.loads((tmp_path / "pt" / "recipe.json").read_text())
+    assert recipe["short_context"] == [8, 3] and recipe["schedule_steps"] == 5 and recipe["steps_run"] == 5
+    # --stop-after: the same 5-step schedule ended after 4 steps repeats the first 4 steps of the full run exactly
+    full = [json.loads(line)["loss"] for line in (tmp_path / "pt" / "log.jsonl").read_text().splitlines()]
+    shapes.clear()
+    pretrain(tmp_path / "cut", layers=1, hidden=32, heads=2, seq_len=16, batch_size=4, steps=5, warmup=1,
+             diagnose_every=100, threads=1, short_context=(8, 3), stop_after=4, log=lambda *a: None)
+    cut = json.loads((tmp_path / "cut" / "recipe.json").read_text())
+    assert len(shapes) == 4 and cut["steps_run"] == 4 and cut["schedule_steps"] == 5 and cut["stop_after"] == 4
+    assert [json.loads(line)["loss"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()] == full[:4]
     config = tmp_path / "pt" / "last" / "config.json"
     data = json.loads(config.read_text())
     del data["seq_length"]
