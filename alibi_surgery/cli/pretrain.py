@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama: the same shape with rotary positions instead of ALiBi (a comparison model)")
     p.add_argument("--short-context", metavar="LEN:STEPS",
                    help="context warm-up: the first STEPS steps at LEN tokens (same tokens per step)")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="a second stage: start from this model's weights (e.g. an earlier run's OUT/last)")
     p.add_argument("--device")
     p.add_argument("--backend", default="eager", help="eager (stock attention), auto, torch or triton")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
                       minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
                       diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
                       seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family,
-                      short_context=_pair(a.short_context), stop_after=a.stop_after or None)
+                      short_context=_pair(a.short_context), stop_after=a.stop_after or None,
+                      init_from=a.init_from)
     print(json.dumps(result))
     if a.install:
         print(f"installed the demo model in {install_model(a.out)}")

@@ -83,13 +83,22 @@ def plot_curves(log_path, png_path) -> None:
     save_figure(fig, png_path)
 
 
+def _stage(init_from) -> dict | None:
+    """What a second stage started from: the directory and, when it has one, its run's recipe."""
+    if init_from is None:
+        return None
+    recipe = Path(init_from).parent / "recipe.json"
+    return {"path": str(init_from), "recipe": json.loads(recipe.read_text()) if recipe.is_file() else None}
+
+
 def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05, bos: bool = False,
              layers: int = 4, hidden: int = 128, heads: int = 8, seq_len: int = 32, batch_size: int = 64,
              lr: float = 5e-3, weight_decay: float = 0.0, warmup: int = 200, steps: int | None = 6000,
              minutes: float | None = None, diagnose_every: int = 250, save_every: int | None = None,
              diag_max_length: int | None = None, device: str | None = None, threads: int | None = None,
              seed: int = 0, backend: str = "eager", save_dtype=torch.float32, family: str = "bloom",
-             short_context: tuple[int, int] | None = None, stop_after: int | None = None, log=print) -> dict:
+             short_context: tuple[int, int] | None = None, stop_after: int | None = None, init_from=None,
+             log=print) -> dict:
     """Train and save a BLOOM in ``out`` (module docstring). ``steps`` or ``minutes`` bounds the run (the first
     reached wins). ``family`` ``"llama"`` trains a LLaMA of the same shape instead (rotary positions, SwiGLU MLP of
     width 4 x hidden, tied embeddings, one key/value head per query head): the same data without ALiBi. Returns
@@ -97,7 +106,9 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     warm-up: the first ``steps`` steps train on sequences of ``length`` tokens, as many more of them per batch as
     keeps the tokens per step (recall data only). ``stop_after``: end the run after that many steps of the
     ``steps``-long schedule (what a ``minutes`` budget does at an unpredictable step; with it the run repeats
-    exactly). ``recipe.json`` records the schedule's length as ``schedule_steps``."""
+    exactly). ``recipe.json`` records the schedule's length as ``schedule_steps``. ``init_from``: a second stage:
+    start from that model directory's weights (an earlier run's ``last``; its shape replaces ``layers``, ``hidden``
+    and ``heads``) with a fresh optimizer and schedule; its ``recipe.json``, when present, is kept in this run's."""
     from ..families import family_for
 
     from ..io.corpus import load_corpus
@@ -156,7 +167,15 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     config = adapter.make_config(n_layer=layers, hidden=hidden, n_head=heads, vocab=len(tokenizer),
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id, **extra)
-    model = adapter.model_class()(config).to(dev)
+    if init_from is not None:
+        model = adapter.model_class().from_pretrained(init_from, dtype=torch.float32)
+        if model.config.vocab_size != len(tokenizer) or family != "bloom":
+            raise UsageError(f"--init-from {init_from}: not a BLOOM with this byte-level tokenizer")
+        model.config.seq_length = seq_len
+        layers, hidden, heads = model.config.n_layer, model.config.hidden_size, model.config.n_head
+        model.to(dev)
+    else:
+        model = adapter.model_class()(config).to(dev)
     if backend != "eager":
         patch_bloom(model, backend)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -165,7 +184,8 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
               "heads": heads, "seq_len": seq_len, "short_context": list(short_context) if short_context else None,
               "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
               "warmup": warmup, "steps": steps, "minutes": minutes, "diag_max_length": diag_len,
-              "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "backend": backend,
+              "seed": seed, "threads": torch.get_num_threads(), "init_from": _stage(init_from), "device": str(dev),
+              "backend": backend,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": __import__("transformers").__version__},
               "machine": platform.processor() or platform.machine()}

@@ -20,13 +20,14 @@ def test_an_interrupted_demo_install_keeps_the_old_model(tmp_path, monkeypatch):
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json"):
         (run / "last" / name).write_text(f"new {name}")
-    (run / "recipe.json").write_text(json.dumps({"steps_run": 1}))
+    (run / "last" / "config.json").write_text(json.dumps({"seq_length": 8}))
+    (run / "recipe.json").write_text(json.dumps({"steps_run": 1, "seq_len": 8}))
     target = tmp_path / "model"
     demo.install_model(run, target=target)
     demo.verify_checksums(target)
     old = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    (run / "last" / "config.json").write_text("newer config")
+    (run / "last" / "config.json").write_text(json.dumps({"seq_length": 8, "newer": True}))
     copies = []
 
     def failing_copy(src, dst, **kwargs):
@@ -43,7 +44,7 @@ def test_an_interrupted_demo_install_keeps_the_old_model(tmp_path, monkeypatch):
     monkeypatch.undo()
     demo.install_model(run, target=target)
     demo.verify_checksums(target)
-    assert (target / "config.json").read_text() == "newer config"
+    assert json.loads((target / "config.json").read_text()) == {"seq_length": 8, "newer": True}
 
 
 def test_demo_corpus_and_checksums_leave_no_temporary_files(tmp_path):

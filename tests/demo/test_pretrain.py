@@ -136,3 +136,23 @@ def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
     config.write_text(json.dumps(data))
     target = install_model(tmp_path / "pt", target=tmp_path / "demo_model")
     assert json.loads((target / "config.json").read_text())["seq_length"] == 16
+
+
+def test_a_second_stage_starts_from_the_first_stages_weights(tmp_path):
+    """--init-from: a second stage at lr 0 ends with the first stage's weights exactly (it started from them, not
+    from a fresh model), its config records the new context, and its recipe keeps the first stage's."""
+    import torch
+    from transformers import BloomForCausalLM
+
+    from alibi_surgery.demo.pretrain import pretrain
+
+    kw = dict(layers=1, hidden=32, heads=2, batch_size=4, warmup=1, diagnose_every=100, threads=1, log=lambda *a: None)
+    pretrain(tmp_path / "one", seq_len=8, steps=4, **kw)
+    pretrain(tmp_path / "two", seq_len=16, steps=2, seed=1, lr=0.0, init_from=tmp_path / "one" / "last", **kw)
+    one = BloomForCausalLM.from_pretrained(tmp_path / "one" / "last")
+    two = BloomForCausalLM.from_pretrained(tmp_path / "two" / "last")
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert two.config.seq_length == 16 and one.config.seq_length == 8
+    stage = json.loads((tmp_path / "two" / "recipe.json").read_text())["init_from"]
+    assert stage["path"] == str(tmp_path / "one" / "last") and stage["recipe"]["seq_len"] == 8
