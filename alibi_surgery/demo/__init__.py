@@ -25,11 +25,12 @@ __all__ = ["model_dir", "load_model", "recipe", "write_corpus", "run_demo", "ins
 _DIR = Path(__file__).with_name("model")
 CHECKSUMS = "SHA256SUMS"
 
-# Surgery settings of the demo: the paper's optimiser and schedule, scaled to a 0.8M-parameter model and a
-# five-minute CPU budget (a larger learning rate and batch than the paper's 5e-5 and 1 x 8).
-DEMO_SETTINGS = dict(batch_size=16, grad_accum=1, lr=1e-3, epochs=8, warmup=0.1, checkpointing=False,
-                     save_every_steps=32)
-DEMO_DOCS = (1024, 128)  # training and held-out documents, one sequence each
+# Surgery settings of the demo: the paper's optimiser and schedule, scaled to a 3M-parameter model and a
+# five-minute CPU budget (a larger learning rate than the paper's 5e-5, 128-token documents as the paper's 512 are a
+# quarter of BLOOM's context).
+DEMO_SETTINGS = dict(seq_len=128, batch_size=8, grad_accum=1, lr=1e-3, epochs=4, warmup=0.1, checkpointing=False,
+                     save_every_steps=16)
+DEMO_DOCS = (256, 64)  # training and held-out documents, one sequence each
 
 
 def _sha256(path: Path) -> str:
@@ -116,14 +117,14 @@ def load_model(*, dtype: str | None = None, device: str | None = None):
 def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
                  docs: tuple[int, int] = DEMO_DOCS) -> tuple[Path, Path]:
     """Generate the demo's surgery corpus (``train.jsonl``) and held-out text (``eval.jsonl``) in ``directory``:
-    ``docs`` (training, held-out) fresh bigram-recall documents, each exactly one ``seq_len`` chunk with its ``<s>``
-    and ``</s>``. The seed differs from pre-training's, so these sequences are new to the model. Each file is written
-    atomically."""
+    ``docs`` (training, held-out) fresh bigram-recall documents, each exactly one ``seq_len`` chunk (default: the
+    demo's surgery length) with its ``<s>`` and ``</s>``. The seed differs from pre-training's, so these sequences
+    are new to the model. Each file is written atomically."""
     from ..io.files import atomic_write_text
     from .recall_data import RecallData, python_docs_text
 
     r = recipe()
-    seq_len = seq_len or r["seq_len"]
+    seq_len = seq_len or DEMO_SETTINGS["seq_len"]
     data = RecallData(python_docs_text(), trigger_p=r["trigger_p"])
     gen = torch.Generator().manual_seed(seed)
     directory = Path(directory)
@@ -135,6 +136,12 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
         atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in texts))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def trained_steps(r: dict) -> int:
+    """Pre-training steps of a recipe, its earlier stages (``init_from``) included."""
+    stage = r.get("init_from") or {}
+    return r["steps_run"] + (trained_steps(stage["recipe"]) if stage.get("recipe") else 0)
 
 
 def _fmt(x: float | None) -> str:
@@ -170,7 +177,7 @@ def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
     max_length = r["diag_max_length"]
     model, tokenizer = load_model()
 
-    log(f"demo model: {r['layers']} layers x {r['heads']} heads, trained {r['steps_run']} steps from scratch "
+    log(f"demo model: {r['layers']} layers x {r['heads']} heads, trained {trained_steps(r)} steps from scratch "
         f"(docs/demo-model.md); diagnosing with the built-in prompts, first {max_length} tokens each")
     before = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, progress=progress)
     before.metadata["model"] = "demo model"  # not the install path, in titles and summaries
@@ -180,7 +187,7 @@ def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
 
     train, held_out = write_corpus(out / "corpus", seed=seed + 1)
     del model
-    settings = RepairSettings(seq_len=r["seq_len"], diag_max_length=max_length, seed=seed,
+    settings = RepairSettings(diag_max_length=max_length, seed=seed,
                               **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
     report = repair_pass(src, out / "surgery", corpus=[train], eval_text=held_out, report=before,
                          settings=settings, progress=progress)

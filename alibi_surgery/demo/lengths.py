@@ -1,7 +1,7 @@
 """Collapse against prompt length: how many heads a diagnosis classes dead or bos-sink when the prompts are cut to
 each length from 2 tokens to the longest prompt (docs/demo-model.md's figure).
 
-    python -m alibi_surgery.demo.lengths OUT.png [NAME=MODEL_DIR ...]     # default: the demo model
+    python -m alibi_surgery.demo.lengths OUT.png [NAME=MODEL_DIR ...]   # default: the demo model; counts in OUT.png.json
 
 One forward per prompt, with transformers' eager attention probabilities (the paper's way): under causal attention
 query row ``r`` is the same whatever follows it, so the rows of one full-length run give the statistics of every

@@ -141,11 +141,13 @@ def run_jobs(jobs: list[Job], out: Path, model: Path, baseline: Path, shared: di
     return seconds
 
 
-def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[int, int] = (256, 64),
-              epochs: int = 4, save_every: int = 16, batch_size: int = 8, lr: float = 1e-3, docs_dir=None,
-              progress: bool = True, log=print) -> dict:
+def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[int, int] = (512, 64),
+              epochs: int = 4, save_every: int = 16, batch_size: int = 8, lr: float = 1e-3, seq_len: int = 128,
+              docs_dir=None, progress: bool = True, log=print) -> dict:
     """Run the five experiments (module docstring) into ``out`` and write the report; returns ``results.json``'s
-    dict. ``model``: a model directory (default: the demo testbed); its config's ``seq_length`` is the context."""
+    dict. ``model``: a model directory (default: the demo testbed); its config's ``seq_length`` is the context, at
+    which every diagnosis is made. ``seq_len``: the surgery documents' length (at most the context; the paper
+    trained bloom-1b7, context 2,048, on 512-token sequences)."""
     from ..diagnosis.diagnose import diagnose
     from ..diagnosis.prompts import DEFAULT_PROMPTS
     from ..errors import UsageError
@@ -172,12 +174,12 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
         raise UsageError(f"{model} has no collapse band at {ctx} tokens: nothing to reproduce on")
     column = healthy_column(baseline, band)
     jobs = plan_jobs(seeds, band, baseline.n_layer, column)
-    shared = dict(seq_len=ctx, diag_max_length=ctx, batch_size=batch_size, grad_accum=1, lr=lr, epochs=epochs,
-                  warmup=0.1, checkpointing=False, save_every_steps=save_every, docs=list(docs))
+    shared = dict(seq_len=min(seq_len, ctx), diag_max_length=ctx, batch_size=batch_size, grad_accum=1, lr=lr,
+                  epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every, docs=list(docs))
     log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band H{band[0]}-H{band[1]}, "
         f"{sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on {workers} workers")
     seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress, log=log)
-    results = summarise(out, baseline, jobs, seeds, band, column, model)
+    results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
     results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
                    settings={k: v for k, v in shared.items()}, context=ctx)
     write_report(results, out, docs_dir=docs_dir)
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a model directory (default: the demo testbed)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
-    p.add_argument("--docs", type=int, nargs=2, default=(256, 64), metavar=("TRAIN", "HELD_OUT"))
+    p.add_argument("--docs", type=int, nargs=2, default=(512, 64), metavar=("TRAIN", "HELD_OUT"))
+    p.add_argument("--seq-len", type=int, default=128, help="surgery document length (at most the context)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--save-every", type=int, default=16, help="optimizer steps between checkpoints")
     p.add_argument("--batch-size", type=int, default=8)
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     setup_console()
     try:
         r = reproduce(a.out, model=a.model, seeds=a.seeds, workers=a.workers, docs=tuple(a.docs), epochs=a.epochs,
-                      save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, docs_dir=a.docs_dir,
+                      save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, seq_len=a.seq_len,
+                      docs_dir=a.docs_dir,
                       progress=not a.quiet)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -144,10 +144,11 @@ def _seed(out: Path, s: int, column: int | None, stock_train: float) -> dict:
     return row
 
 
-def summarise(out: Path, baseline, jobs, seeds: int, band: tuple[int, int], column: int | None, model: Path) -> dict:
-    """Per-seed numbers and their mean/spread (module docstring); the JSON written as ``OUT/results.json``."""
-    ctx = baseline.metadata.get("max_length")
-    stock_train = _stock_train_ppl(model, out, seeds, ctx)
+def summarise(out: Path, baseline, jobs, seeds: int, band: tuple[int, int], column: int | None, model: Path,
+              seq_len: int) -> dict:
+    """Per-seed numbers and their mean/spread (module docstring); the JSON written as ``OUT/results.json``.
+    ``seq_len``: the surgery documents' length (the stock model's training perplexity is measured on them)."""
+    stock_train = _stock_train_ppl(model, out, seeds, seq_len)
     rows = [_seed(out, s, column, stock_train[s]) for s in range(seeds)]
     agg = {}
 

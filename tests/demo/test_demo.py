@@ -37,13 +37,91 @@ def test_demo_model_is_small_verified_and_loads_in_stock_transformers():
 
 def test_demo_model_has_learned_collapse_recomputed_with_eager_attention():
     """Recompute the diagnosis from transformers' own attention probabilities (the paper's way) and with our fused
-    statistics: at least 20% of heads are bos-sink or dead, and both measurements agree."""
+    statistics: at least 25% of heads are bos-sink or dead, and both measurements agree."""
     model, tokenizer = demo.load_model()
     max_length = demo.recipe()["diag_max_length"]
     eager = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, backend="eager")
     fused = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=max_length, backend="torch")
     torch.testing.assert_close(fused.bos_mass, eager.bos_mass, rtol=0, atol=1e-4)
-    assert _collapsed_share(eager.bos_mass) >= 0.20, eager.format_summary()
+    assert _collapsed_share(eager.bos_mass) >= 0.25, eager.format_summary()
+
+
+def _eager_row_mass(model, tokenizer, prompts, length):
+    """Per-row first-token mass from transformers' own attention probabilities (float64), for each prompt's first
+    ``length`` tokens: ``[n_prompts, n_layer, n_head, length]``, or fewer rows for a shorter prompt (then padded with
+    nan). Causal attention makes row r the same whatever follows it, so the rows of one run give every shorter
+    truncation."""
+    rows = []
+    for p in prompts:
+        ids = torch.tensor([tokenizer(p)["input_ids"][:length]])
+        with torch.no_grad():
+            att = model(ids, output_attentions=True).attentions
+        mass = torch.stack(att).double()[:, 0, :, :, 0]  # [L, H, T]
+        rows.append(torch.nn.functional.pad(mass, (0, length - mass.shape[-1]), value=float("nan")))
+    return torch.stack(rows)
+
+
+def _whole_prompt_mass() -> torch.Tensor:
+    """First-token mass per head over the whole built-in prompts, token-weighted, from eager probabilities."""
+    model, tokenizer = demo.load_model()
+    longest = max(len(tokenizer(p)["input_ids"]) for p in DEFAULT_PROMPTS)
+    rows = _eager_row_mass(model, tokenizer, DEFAULT_PROMPTS, longest)
+    valid = ~rows.isnan()
+    return rows.nan_to_num().sum((0, 3)) / valid.sum((0, 3))  # token-weighted over every row of every prompt
+
+
+def test_default_diagnosis_of_the_shipped_model(capsys, tmp_path):
+    """What a new user runs: `alibi-surgery diagnose DIR`, built-in prompts, no options. It equals the eager
+    recomputation over the whole prompts, warns in one line that they exceed the recorded training context, and
+    shows collapse (at least 20% here; the issue's 25% is the strict xfail below)."""
+    path = demo.model_dir()
+    context = json.loads((path / "config.json").read_text())["seq_length"]
+    assert context == demo.recipe()["seq_len"] >= 128
+    assert main(["diagnose", str(path), "--json", str(tmp_path / "d.json"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"longer than the model's training context ({context} tokens, config.json seq_length" in err
+    cli = HeadReport.from_json(tmp_path / "d.json")
+    bos = _whole_prompt_mass()
+    torch.testing.assert_close(cli.bos_mass.double(), bos, rtol=0, atol=1e-4)
+    assert _collapsed_share(bos) >= 0.20, cli.format_summary()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19, open: the default diagnosis (whole prompts, 175-477 tokens, past "
+                                       "the 128-token context) classes 15 of 64 heads (23.4%), one short of 25%")
+def test_default_diagnosis_reaches_a_quarter_collapsed():
+    assert _collapsed_share(_whole_prompt_mass()) >= 0.25
+
+
+def test_collapse_holds_at_every_prompt_length_up_to_the_training_context():
+    """Every truncation length from 32 tokens to the training context: at least 25% collapsed, from eager attention
+    probabilities; the fused diagnosis agrees at the two ends and in the middle."""
+    model, tokenizer = demo.load_model()
+    context = demo.recipe()["seq_len"]
+    rows = _eager_row_mass(model, tokenizer, DEFAULT_PROMPTS, context)
+    assert not rows.isnan().any()  # every built-in prompt is at least the context long: one length for all
+    cumulative = rows.cumsum(-1).sum(0)  # [L, H, T]: sums over prompts of rows 0..t
+    shares = {}
+    for length in range(32, context + 1):
+        bos = cumulative[..., length - 1] / (len(DEFAULT_PROMPTS) * length)
+        shares[length] = _collapsed_share(bos)
+    low = min(shares, key=shares.get)
+    assert shares[low] >= 0.25, f"{shares[low]:.3f} collapsed at {low} tokens"
+    for length in (32, (32 + context) // 2, context):
+        fused = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=length, backend="torch")
+        expected = cumulative[..., length - 1] / (len(DEFAULT_PROMPTS) * length)
+        torch.testing.assert_close(fused.bos_mass.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_collapse_by_length_agrees_with_the_fused_diagnosis():
+    """docs/demo-model.md's length curve (eager rows, one run per prompt) against the fused diagnosis at three cuts."""
+    from alibi_surgery.demo.lengths import collapse_by_length
+
+    model, tokenizer = demo.load_model()
+    curve = collapse_by_length(model, tokenizer, DEFAULT_PROMPTS)
+    assert min(curve) == 2 and max(curve) == max(len(tokenizer(p)["input_ids"]) for p in DEFAULT_PROMPTS)
+    for n in (32, demo.recipe()["seq_len"], max(curve)):
+        summary = diagnose(model, tokenizer, DEFAULT_PROMPTS, max_length=n, backend="torch").summary()
+        assert curve[n] == summary["bos_sink"] + summary["dead"], n
 
 
 def test_a_corrupt_demo_file_is_a_one_line_error(tmp_path, monkeypatch):
@@ -66,8 +144,7 @@ def test_demo_corpus_documents_are_one_chunk_each(tmp_path):
 
     _, tokenizer = demo.load_model()
     train, held_out = demo.write_corpus(tmp_path, seed=3)
-    seq_len = demo.recipe()["seq_len"]
-    chunks, _ = load_corpus([train], tokenizer, seq_len)
+    chunks, _ = load_corpus([train], tokenizer, demo.DEMO_SETTINGS["seq_len"])
     assert len(chunks) == demo.DEMO_DOCS[0]
     assert (chunks[:, 0] == tokenizer.bos_token_id).all() and (chunks[:, -1] == tokenizer.eos_token_id).all()
     assert json.loads(held_out.read_text().splitlines()[0])["text"]
