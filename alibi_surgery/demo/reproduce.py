@@ -25,7 +25,6 @@ Limits: CPU or one device for all jobs; the testbed is a 4-layer byte-level mode
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -36,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-__all__ = ["Job", "plan_jobs", "run_jobs", "reproduce", "main"]
+__all__ = ["Job", "plan_jobs", "run_jobs", "reproduce", "healthy_column", "write_corpora"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,36 +185,7 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
     return results
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--model", help="a model directory (default: the demo testbed)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
-    p.add_argument("--docs", type=int, nargs=2, default=(512, 64), metavar=("TRAIN", "HELD_OUT"))
-    p.add_argument("--seq-len", type=int, default=128, help="surgery document length (at most the context)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--save-every", type=int, default=16, help="optimizer steps between checkpoints")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--docs-dir", help="also write reproduction.md and its figures (img/) there")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    from ..cli.console import setup_console
-    from ..errors import UsageError
+if __name__ == "__main__":  # the command line lives in alibi_surgery.cli.reproduce
+    from alibi_surgery.cli.reproduce import main
 
-    setup_console()
-    try:
-        r = reproduce(a.out, model=a.model, seeds=a.seeds, workers=a.workers, docs=tuple(a.docs), epochs=a.epochs,
-                      save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, seq_len=a.seq_len,
-                      docs_dir=a.docs_dir,
-                      progress=not a.quiet)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {Path(a.out) / 'reproduction.md'} ({r['wall_seconds'] / 60:.1f} min)")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,38 @@
+"""The length curve's command line: ``python -m alibi_surgery.demo.lengths OUT.png [NAME=MODEL_DIR ...]``
+(docs/demo-model.md); the work is :mod:`alibi_surgery.demo.lengths`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    from ..demo.lengths import collapse_by_length, plot_collapse_by_length
+    from ..diagnosis.prompts import DEFAULT_PROMPTS
+    from ..families import training_context
+    from ..io.loading import load_model
+    from ..demo import model_dir
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m alibi_surgery.demo.lengths OUT.png [NAME=MODEL_DIR ...]", file=sys.stderr)
+        return 2
+    out, specs = argv[0], argv[1:] or [f"demo model={model_dir()}"]
+    curves, heads, contexts = {}, {}, {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        model, tokenizer = load_model(path, dtype="float32")
+        curves[name or path] = collapse_by_length(model, tokenizer, DEFAULT_PROMPTS)
+        heads[name or path] = model.config.n_layer * model.config.n_head
+        context = training_context(model.config)
+        contexts[name or path] = context[0] if context else None
+    plot_collapse_by_length(curves, heads, out, contexts)
+    with open(str(out) + ".json", "w") as fh:
+        json.dump({"curves": curves, "n_heads": heads, "contexts": contexts}, fh)
+    for name, curve in curves.items():
+        marks = [n for n in (32, 64, 128, 256, max(curve)) if n in curve]
+        print(name + ": " + ", ".join(f"{curve[n]} at {n}" for n in marks) + f" of {heads[name]} heads")
+    return 0
