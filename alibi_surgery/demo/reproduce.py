@@ -180,7 +180,7 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
     seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress, log=log)
     results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
     results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
-                   settings={k: v for k, v in shared.items()}, context=ctx)
+                   settings={k: v for k, v in shared.items()}, context=ctx, demo=model == model_dir())
     write_report(results, out, docs_dir=docs_dir)
     return results
 

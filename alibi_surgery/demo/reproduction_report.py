@@ -271,7 +271,8 @@ def write_report(r: dict, out: Path, *, docs_dir=None) -> None:
 def _markdown(r: dict, figures: list[str]) -> str:
     lines = ["| claim | the paper (bloom-1b7) | ours: mean (min–max over seeds) | |", "|---|---|---|---|"]
     lines += [f"| {c} | {p} | {o} | {h} |" for c, p, o, h in claim_table(r)]
-    head = (f"Testbed: `{Path(r['model']).name}`, {r['n_layer']} layers × {r['n_head']} heads, trained at "
+    name = "the demo model" if r.get("demo") else f"`{Path(r['model']).name}`"
+    head = (f"Testbed: {name}, {r['n_layer']} layers × {r['n_head']} heads, trained at "
             f"{r['context']} tokens; {r['collapsed']} heads collapsed at that length, band "
             f"H{r['band'][0]}–H{r['band'][1]}. {r['seeds']} seeds, {len(r['runs'])} runs, "
             f"{r['wall_seconds'] / 60:.1f} min on {r['workers']} worker(s). Settings: "
