@@ -20,7 +20,9 @@ checkpoint spacing, so arms compare at matched steps. The surgery settings are t
 (``--docs``, ``--epochs``, ``--save-every``); the paper's figures come from bloom-1b7 and are quoted, not rerun.
 A finished run (its ``report.json`` present) is reused, so an interrupted reproduction continues where it stopped.
 Results: ``OUT/results.json`` and ``OUT/reproduction.md`` with its figures in ``OUT/img/`` (or in ``--docs-dir``).
-Limits: CPU or one device for all jobs; the testbed is a 4-layer byte-level model, not a language model.
+``OUT`` is locked for the whole reproduction (a second one into it is refused). Limits: runs on the CPU; the
+corpora are the demo's bigram-recall data, so another ``--model`` must use the demo's byte-level tokenizer; the
+testbed is a 4-layer byte-level model, not a language model.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
     from ..errors import UsageError
     from ..families import training_context
     from ..io.loading import load_model
+    from ..io.lock import DirLock
     from . import model_dir
     from .reproduction_report import summarise, write_report
 
@@ -163,26 +166,28 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
     if context is None:
         raise UsageError(f"{model} records no training context (config.json seq_length): the diagnoses need one")
     ctx = context[0]
-    out.mkdir(parents=True, exist_ok=True)
-    baseline_path = out / "baseline.json"
-    baseline = diagnose(net, tokenizer, DEFAULT_PROMPTS, max_length=ctx)
-    baseline.to_json(baseline_path)
-    del net
-    band = baseline.band()
-    if band is None:
-        raise UsageError(f"{model} has no collapse band at {ctx} tokens: nothing to reproduce on")
-    column = healthy_column(baseline, band)
-    jobs = plan_jobs(seeds, band, baseline.n_layer, column)
-    shared = dict(seq_len=min(seq_len, ctx), diag_max_length=ctx, batch_size=batch_size, grad_accum=1, lr=lr,
-                  epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every, docs=list(docs))
-    log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band H{band[0]}-H{band[1]}, "
-        f"{sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on {workers} workers")
-    seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress, log=log)
-    results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
-    results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
-                   settings={k: v for k, v in shared.items()}, context=ctx, demo=model == model_dir())
-    write_report(results, out, docs_dir=docs_dir)
-    return results
+    with DirLock(out, "OUT"):  # one reproduction per OUT; each run also locks its own directory
+        baseline_path = out / "baseline.json"
+        baseline = diagnose(net, tokenizer, DEFAULT_PROMPTS, max_length=ctx)
+        baseline.to_json(baseline_path)
+        del net
+        band = baseline.band()
+        if band is None:
+            raise UsageError(f"{model} has no collapse band at {ctx} tokens: nothing to reproduce on")
+        column = healthy_column(baseline, band)
+        jobs = plan_jobs(seeds, band, baseline.n_layer, column)
+        shared = dict(seq_len=min(seq_len, ctx), diag_max_length=ctx, batch_size=batch_size, grad_accum=1, lr=lr,
+                      epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every, docs=list(docs))
+        log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band "
+            f"H{band[0]}-H{band[1]}, {sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on "
+            f"{workers} workers")
+        seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress,
+                           log=log)
+        results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
+        results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
+                       settings={k: v for k, v in shared.items()}, context=ctx, demo=model == model_dir())
+        write_report(results, out, docs_dir=docs_dir)
+        return results
 
 
 if __name__ == "__main__":  # the command line lives in alibi_surgery.cli.reproduce
