@@ -13,6 +13,7 @@ def main(argv=None) -> int:
     from ..demo.lengths import collapse_by_length, plot_collapse_by_length
     from ..diagnosis.prompts import DEFAULT_PROMPTS
     from ..families import training_context
+    from ..io.files import atomic_write_text
     from ..io.loading import load_model
     from ..demo import model_dir
 
@@ -30,8 +31,7 @@ def main(argv=None) -> int:
         context = training_context(model.config)
         contexts[name or path] = context[0] if context else None
     plot_collapse_by_length(curves, heads, out, contexts)
-    with open(str(out) + ".json", "w") as fh:
-        json.dump({"curves": curves, "n_heads": heads, "contexts": contexts}, fh)
+    atomic_write_text(str(out) + ".json", json.dumps({"curves": curves, "n_heads": heads, "contexts": contexts}))
     for name, curve in curves.items():
         marks = [n for n in (32, 64, 128, 256, max(curve)) if n in curve]
         print(name + ": " + ", ".join(f"{curve[n]} at {n}" for n in marks) + f" of {heads[name]} heads")

@@ -181,6 +181,8 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
         log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band "
             f"H{band[0]}-H{band[1]}, {sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on "
             f"{workers} workers")
+        for s in range(seeds):  # once, here: two workers running jobs of one seed would otherwise both write them
+            write_corpora(out / "corpus" / f"seed-{s}", s, tuple(docs), shared["seq_len"])
         seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress,
                            log=log)
         results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
