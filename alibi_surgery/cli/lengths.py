@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 __all__ = ["main"]
 
@@ -17,11 +17,13 @@ def main(argv=None) -> int:
     from ..io.loading import load_model
     from ..demo import model_dir
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: python -m alibi_surgery.demo.lengths OUT.png [NAME=MODEL_DIR ...]", file=sys.stderr)
-        return 2
-    out, specs = argv[0], argv[1:] or [f"demo model={model_dir()}"]
+    parser = argparse.ArgumentParser(prog="python -m alibi_surgery.demo.lengths",
+                                     description="Collapsed heads (bos-sink + dead) against prompt length, on the "
+                                                 "built-in prompts cut at every length: a plot and a JSON beside it.")
+    parser.add_argument("out", metavar="OUT.png", help="the plot; the numbers go to OUT.png.json")
+    parser.add_argument("models", nargs="*", metavar="NAME=MODEL_DIR", help="models to compare (default: the demo model)")
+    a = parser.parse_args(argv)
+    out, specs = a.out, a.models or [f"demo model={model_dir()}"]
     curves, heads, contexts = {}, {}, {}
     for spec in specs:
         name, _, path = spec.rpartition("=")
