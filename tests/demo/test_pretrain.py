@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from alibi_surgery.io.corpus import load_corpus, pack_text
 from alibi_surgery.errors import UsageError
@@ -118,7 +119,7 @@ def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BloomForCausalLM, "forward", spy)
     pretrain(tmp_path / "pt", layers=1, hidden=32, heads=2, seq_len=16, batch_size=4, steps=5, warmup=1,
-             diagnose_every=100, threads=1, short_context=(8, 3), log=lambda *a: None)
+             diagnose_every=100, threads=1, short_context=(8, 3), save_every=4, log=lambda *a: None)
     assert shapes == [((8, 8), True)] * 3 + [((4, 16), True)] * 2
     recipe = json.loads((tmp_path / "pt" / "recipe.json").read_text())
     assert recipe["short_context"] == [8, 3] and recipe["schedule_steps"] == 5 and recipe["steps_run"] == 5
@@ -130,6 +131,10 @@ def test_short_context_warm_up_keeps_the_tokens_per_step(tmp_path, monkeypatch):
     cut = json.loads((tmp_path / "cut" / "recipe.json").read_text())
     assert len(shapes) == 4 and cut["steps_run"] == 4 and cut["schedule_steps"] == 5 and cut["stop_after"] == 4
     assert [json.loads(line)["loss"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()] == full[:4]
+    # and it ends with the full run's step-4 checkpoint, bit for bit (the shipped model is such a checkpoint)
+    saved = load_file(tmp_path / "pt" / "checkpoints" / "step-000004" / "model.safetensors")
+    ended = load_file(tmp_path / "cut" / "last" / "model.safetensors")
+    assert saved.keys() == ended.keys() and all(torch.equal(saved[k], ended[k]) for k in saved)
     config = tmp_path / "pt" / "last" / "config.json"
     data = json.loads(config.read_text())
     del data["seq_length"]
