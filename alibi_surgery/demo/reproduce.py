@@ -105,7 +105,7 @@ def write_corpora(directory: Path, seed: int, n_docs: tuple[int, int], seq_len: 
 
 def _run_job(args: tuple) -> tuple[str, float]:
     """Run one job in a worker process (one thread); returns (name, seconds). A finished run is left as it is."""
-    job, out, model, baseline, shared, band, threads = args
+    job, out, model, baseline, shared, band, corpora, threads = args
     import torch
 
     from ..surgery.repair import RepairSettings, repair
@@ -114,8 +114,7 @@ def _run_job(args: tuple) -> tuple[str, float]:
     run_dir = out / "runs" / job.name
     if (run_dir / "report.json").is_file():
         return job.name, 0.0
-    corpora = write_corpora(out / "corpus" / f"seed-{job.seed}", job.seed, tuple(shared.pop("docs")),
-                            shared["seq_len"])
+    shared.pop("docs")  # the corpora's size, not a repair setting
     settings = RepairSettings(**dict(shared, seed=job.seed, **dict(job.settings)))
     t0 = time.perf_counter()
     repair(model, run_dir, passes=job.passes, overwrite=True, corpus=[corpora[job.corpus]],
@@ -124,15 +123,16 @@ def _run_job(args: tuple) -> tuple[str, float]:
     return job.name, time.perf_counter() - t0
 
 
-def run_jobs(jobs: list[Job], out: Path, model: Path, baseline: Path, shared: dict, band: tuple[int, int], *,
-             workers: int = 2, progress: bool = True, log=print) -> dict:
-    """Run ``jobs`` on ``workers`` processes of one thread each (spawned, so each has its own torch); returns
-    ``{name: seconds}`` (0 for a run found finished)."""
+def run_jobs(jobs: list[Job], out: Path, model: Path, baseline: Path, shared: dict, band: tuple[int, int],
+             corpora: dict[int, dict], *, workers: int = 2, progress: bool = True, log=print) -> dict:
+    """Run ``jobs`` on ``workers`` processes of one thread each (spawned, so each has its own torch); ``corpora``:
+    each seed's :func:`write_corpora` paths, written before. Returns ``{name: seconds}`` (0 for a run found
+    finished)."""
     from tqdm.auto import tqdm
 
     seconds = {}
     threads = 1 if workers > 1 else max(1, os.cpu_count() or 1)
-    tasks = [(job, out, model, baseline, dict(shared), band, threads) for job in jobs]
+    tasks = [(job, out, model, baseline, dict(shared), band, corpora[job.seed], threads) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool, \
             tqdm(total=len(jobs), desc="reproduce", unit="run", disable=not progress) as bar:
         for name, secs in pool.map(_run_job, tasks):
@@ -181,10 +181,11 @@ def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[
         log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band "
             f"H{band[0]}-H{band[1]}, {sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on "
             f"{workers} workers")
-        for s in range(seeds):  # once, here: two workers running jobs of one seed would otherwise both write them
-            write_corpora(out / "corpus" / f"seed-{s}", s, tuple(docs), shared["seq_len"])
-        seconds = run_jobs(jobs, out, model, baseline_path, shared, band, workers=workers, progress=progress,
-                           log=log)
+        # once, here: two workers running jobs of one seed would otherwise both write them
+        corpora = {s: write_corpora(out / "corpus" / f"seed-{s}", s, tuple(docs), shared["seq_len"])
+                   for s in range(seeds)}
+        seconds = run_jobs(jobs, out, model, baseline_path, shared, band, corpora, workers=workers,
+                           progress=progress, log=log)
         results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
         results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
                        settings={k: v for k, v in shared.items()}, context=ctx, demo=model == model_dir())
