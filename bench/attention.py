@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.attention.backends import run_attention
 from alibi_surgery.kernels.reference import alibi_attention_blocked
 

@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from alibi_surgery.kernels import alibi_attention_fwd, alibi_slopes, key_positions
+from alibi_surgery.kernels.attention_fwd import alibi_attention_fwd
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels.alibi import first_real_key
 from alibi_surgery.attention.backends import run_attention
 

@@ -18,9 +18,8 @@
 #   loss       chunked against full cross-entropy, hidden 4096, T = 2048
 #   step_master / paper   the capped step with an fp32 master copy / the paper's full-matrix way (expected: OOM)
 # PACK=1 leaves $OUT as summary.md and results.tgz (the device tool brings back at most 8 files).
-# Nothing is installed: the package goes on PYTHONPATH, with the kernels/ mapping the editable install would make.
+# Nothing is installed: the package goes on PYTHONPATH (alibi_surgery/kernels/__init__.py adds the kernels/ folder).
 set -u
-[ -e alibi_surgery/kernels ] || ln -s ../kernels alibi_surgery/kernels
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export OUT=${OUT:-$PWD/bench/results}
 mkdir -p "$OUT"

@@ -178,7 +178,7 @@ class Family:
     def slopes(self, n_head: int, device=None) -> torch.Tensor:
         """float32 ``[n_head]``: the slopes the kernels multiply key positions by (before ``bias_scale``). Default:
         the schedule BLOOM introduced (:func:`alibi_surgery.kernels.alibi_slopes`), which Falcon uses too."""
-        from ..kernels import alibi_slopes
+        from ..kernels.alibi import alibi_slopes
 
         return alibi_slopes(n_head, device)
 
@@ -198,7 +198,7 @@ class Family:
     def key_positions(self, valid: torch.Tensor) -> torch.Tensor:
         """int32 ``[batch, k_len]`` ALiBi positions from key validity (bool ``[batch, k_len]``); -1 = padded key.
         Default: the mask's cumsum (the first real key is 0, padding does not count), as BLOOM and Falcon do."""
-        from ..kernels import key_positions
+        from ..kernels.alibi import key_positions
 
         return key_positions(valid)
 

@@ -8,7 +8,7 @@ import torch
 
 import alibi_surgery
 from alibi_surgery import AttentionStats, UsageError, alibi_attention, alibi_attention_qkvpacked
-from alibi_surgery.kernels import alibi_slopes
+from alibi_surgery.kernels.alibi import alibi_slopes
 from helpers import BACKENDS, left_padded_mask
 
 

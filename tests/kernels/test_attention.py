@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from alibi_surgery.kernels import alibi_attention_blocked, alibi_attention_fwd, alibi_slopes, key_positions
+from alibi_surgery.kernels.reference import alibi_attention_blocked
+from alibi_surgery.kernels.attention_fwd import alibi_attention_fwd
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from helpers import BACKENDS, DTYPES, assert_tolerance, attention_case, left_padded_mask, needs_triton
 
 # Every (T, head_dim) pair and every (T, heads) and (head_dim, heads) pair appears at least once.

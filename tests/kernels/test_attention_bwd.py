@@ -11,7 +11,7 @@ import torch
 
 from alibi_surgery import patch_bloom
 from alibi_surgery.attention.backends import run_attention
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels.attention_bwd import alibi_attention_bwd
 from alibi_surgery.kernels.reference import alibi_attention_blocked, alibi_attention_blocked_bwd
 from helpers import BACKENDS, DTYPES, assert_tolerance, attention_grads, left_padded_mask, make_attention, needs_triton

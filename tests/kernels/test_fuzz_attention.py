@@ -53,7 +53,7 @@ from transformers.models.falcon.modeling_falcon import build_alibi_tensor as fal
 
 from alibi_surgery import head_stats, patch_bloom
 from alibi_surgery.attention.backends import run_attention
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels.alibi import first_real_key
 from helpers import bloom_config, causal_4d_mask, left_padded_mask, needs_triton
 

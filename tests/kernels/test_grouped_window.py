@@ -23,7 +23,10 @@ from torch.utils._pytree import tree_flatten
 
 from alibi_surgery.attention.backends import run_attention
 from alibi_surgery.errors import UsageError
-from alibi_surgery.kernels import alibi_attention_blocked, alibi_attention_fwd, alibi_slopes, key_positions, ops
+from alibi_surgery.kernels import ops
+from alibi_surgery.kernels.reference import alibi_attention_blocked
+from alibi_surgery.kernels.attention_fwd import alibi_attention_fwd
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels import attention_fwd
 from alibi_surgery.kernels.alibi import first_real_key
 from helpers import assert_tolerance, left_padded_mask, needs_triton

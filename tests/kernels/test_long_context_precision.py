@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alibi_surgery.attention.backends import run_attention
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from helpers import BACKENDS
 
 T, H, D = 2048, 1, 32

@@ -22,7 +22,7 @@ from transformers.models.bloom import modeling_bloom
 from transformers.models.falcon import modeling_falcon
 
 from alibi_surgery.attention.backends import run_attention as alibi_attention
-from alibi_surgery.kernels import alibi_slopes, key_positions
+from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels.alibi import first_real_key
 from helpers import BACKENDS, left_padded_mask
 
