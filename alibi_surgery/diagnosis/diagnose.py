@@ -231,8 +231,8 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
             stack.enter_context(patched(base, concrete))
             sink = stack.enter_context(head_stats(base, **options))
             stack.enter_context(attention_extremes(base, extremes))
-        elif family.interface:  # the model's own eager attention, the one that returns attention maps
-            stack.enter_context(patched(base, "eager"))
+        else:  # the model's own eager attention, the one that returns attention maps (Falcon >= 5.25 and
+            stack.enter_context(patched(base, "eager"))  # interface models switch implementation for it)
         stream = padded_batches(tokenizer, encoded, batches, param.device)
         for ids, mask in tqdm(stream, total=len(batches), desc="diagnose", unit="batch", disable=not progress):
             feed.mask = mask

@@ -1,6 +1,6 @@
 """Falcon-RW adapter, what is particular to it: slopes, patched logits against transformers' own FalconForCausalLM on
-its SDPA path (fp32; its eager path is wrong, see below) where bf16 rounding of the bias matters, the upstream eager
-bug and the refusals it calls for, config refusals, the QKV rows, parameter counts. Generation, head slices,
+its SDPA path (fp32; before transformers 5.25 its eager path is wrong, see below) where bf16 rounding of the bias
+matters, the upstream eager bug and the refusals it calls for (or, from 5.25, the eager fallback of output_attentions), config refusals, the QKV rows, parameter counts. Generation, head slices,
 re-initialisation and streaming are in the conformance suite.
 
 Every reference is independent of the adapter: transformers' modules (``build_alibi_tensor``, ``_split_heads``,
@@ -20,16 +20,17 @@ from alibi_surgery.attention.patch import patch, unpatch
 from alibi_surgery.diagnosis.diagnose import diagnose
 from alibi_surgery.errors import UsageError
 from alibi_surgery.families import family_for, family_of_module
-from alibi_surgery.families.falcon import FALCON
+from alibi_surgery.families.falcon import FALCON, takes_alibi
+from alibi_surgery.io.random_model import byte_tokenizer
 from helpers import left_padded_mask, needs_triton
 
 VOCAB = 200
 RW = dict(alibi=True, multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True)
 
 
-def falcon_config(n_head=3, head_dim=80, n_layer=2, **extra):
+def falcon_config(n_head=3, head_dim=80, n_layer=2, vocab=VOCAB, **extra):
     options = {**RW, **extra}
-    return FalconConfig(vocab_size=VOCAB, hidden_size=n_head * head_dim, num_hidden_layers=n_layer,
+    return FalconConfig(vocab_size=vocab, hidden_size=n_head * head_dim, num_hidden_layers=n_layer,
                         num_attention_heads=n_head, initializer_range=0.1,  # sharper attention than 0.02
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **options)
 
@@ -112,21 +113,24 @@ def test_patched_logits_equal_sdpa_triton():
     assert err <= tol, f"fp32 logits error {err:.3g}"
 
 
-def test_upstream_eager_path_adds_alibi_twice(monkeypatch):
-    """transformers' eager Falcon computes softmax((q.k + 2 alibi) / sqrt(d)); its SDPA path is right."""
+def test_eager_refusal_matches_the_installed_eager_path(monkeypatch):
+    """Up to transformers 5.24 eager Falcon computes softmax((q.k + 2 alibi) / sqrt(d)) and the adapter refuses it;
+    from 5.25 eager equals SDPA and the adapter does not refuse. Checked on whatever transformers is installed."""
     sdpa = falcon_model()
     eager = falcon_model(attn="eager")
     eager.load_state_dict(sdpa.state_dict())
     ids, mask = batch(40)
     with torch.no_grad():
-        ref, wrong = sdpa(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+        ref, theirs = sdpa(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
     real = mask.bool()
-    if (wrong - ref)[real].abs().max() <= 1e-5 * ref[real].abs().max():
-        pytest.skip("transformers' eager Falcon agrees with SDPA now: revisit Falcon.eager_refusal")
+    if (theirs - ref)[real].abs().max() <= 1e-5 * ref[real].abs().max():
+        assert not takes_alibi() and FALCON.eager_refusal() is None, "eager Falcon is right: nothing to refuse"
+        return
+    assert takes_alibi() and FALCON.eager_refusal() is not None, "eager Falcon is wrong here: it must be refused"
     scale = 1 / math.sqrt(80)
     monkeypatch.setattr(FALCON, "kernel_options",  # our kernels with the bias doubled reproduce the eager path
                         lambda attn: {"softmax_scale": scale, "bias_scale": 2 * scale, "alibi_bf16": True})
-    err, tol = logits_error(patch(sdpa, "torch"), ids, mask, wrong)
+    err, tol = logits_error(patch(sdpa, "torch"), ids, mask, theirs)
     assert err <= tol, f"eager Falcon is not the doubled bias ({err:.3g}): update the module docstring"
 
 
@@ -136,6 +140,7 @@ def one_line_refusal(call):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(not takes_alibi(), reason="transformers >= 5.25: eager Falcon is right, nothing is refused")
 def test_output_attentions_eager_backend_and_diagnose_eager_are_refused():
     model = patch(falcon_model(n_layer=1), "torch")
     ids, mask = batch(9)
@@ -148,6 +153,62 @@ def test_output_attentions_eager_backend_and_diagnose_eager_are_refused():
     with torch.no_grad():  # the eager backend on an SDPA model runs the module's own (correct) SDPA branch
         ref = unpatch(model)(ids, attention_mask=mask).logits
     assert logits_error(patch(model, "eager"), ids, mask, ref)[0] == 0.0
+
+
+def formula_probs(model, ids, mask):
+    """softmax((q.k + alibi) / sqrt(d)) per layer, with transformers' own bf16 ALiBi tensor, on q and k captured from
+    each layer's fused QKV output (``[B, T, H, 3, d]`` rows); padded query rows are left to the caller."""
+    captured = []
+    hooks = [blk.self_attention.query_key_value.register_forward_hook(lambda m, i, o: captured.append(o))
+             for blk in model.transformer.h]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    (b, t), n_head = ids.shape, model.config.num_attention_heads
+    d = model.config.hidden_size // n_head
+    alibi = build_alibi_tensor(mask, n_head, torch.float32).view(b, n_head, 1, t)
+    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    out = []
+    for fused in captured:
+        qkv = fused.view(b, t, n_head, 3, d)
+        q, k = qkv[..., 0, :].transpose(1, 2), qkv[..., 1, :].transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) + alibi) / math.sqrt(d)
+        out.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+    return out
+
+
+@pytest.mark.skipif(takes_alibi(), reason="transformers <= 5.24: eager Falcon is wrong and refused (test above)")
+def test_output_attentions_falls_back_to_eager_where_eager_is_right():
+    model = falcon_model(n_layer=2)
+    ids, mask = batch(19, pads=(0, 5))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    truth = formula_probs(model, ids, mask)
+    patch(model, "torch")
+    with pytest.warns(UserWarning, match="output_attentions=True: this call runs falcon's eager attention"):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, output_attentions=True)
+    assert model.config._attn_implementation == "sdpa", "the fallback leaves the model's implementation as it was"
+    assert len(out.attentions) == 2 and all(a is not None for a in out.attentions)
+    real = mask.bool()
+    for maps, want in zip(out.attentions, truth):
+        rows = real[:, None, :, None].expand_as(want)
+        assert (maps - want)[rows].abs().max() <= 1e-5, "eager attention maps against the formula"
+    assert (out.logits - ref)[real].abs().max() <= 1e-5 * ref[real].abs().max()
+    # the eager backend and a training call with attention dropout run the module's own forward, unrefused
+    eager = patch(falcon_model(attn="eager", n_layer=1), "eager")
+    with torch.no_grad():
+        assert torch.isfinite(eager(ids, attention_mask=mask).logits).all()
+    train = patch(falcon_model(n_layer=1, attention_dropout=0.1), "torch").train()
+    assert torch.isfinite(train(ids, attention_mask=mask).logits).all()
+    prompts = ["a prompt that is long enough", "short"]
+    model = falcon_model(n_layer=2, vocab=300)  # diagnosis from output_attentions (eager) against the fused kernels
+    via_maps, fused = (diagnose(model, byte_tokenizer(), prompts, backend=b, batch_size=2) for b in ("eager", "torch"))
+    assert torch.allclose(via_maps.bos_mass, fused.bos_mass, atol=1e-5, rtol=0)
+    assert torch.allclose(via_maps.entropy, fused.entropy, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("raw,words", [
@@ -176,9 +237,31 @@ def test_rw_configs_are_accepted():
 
 
 def _head_rows(attn, head: int) -> torch.Tensor:
-    """Rows of the fused QKV output that transformers' _split_heads hands to ``head`` (q, k, v)."""
-    index = torch.arange(attn.query_key_value.out_features, dtype=torch.float32)[None, None]
-    return torch.cat([part[0, 0, head] for part in attn._split_heads(index)]).long()
+    """Rows of the fused QKV output that transformers hands to ``head`` (q, k, v): ``_split_heads`` up to 5.24; from
+    5.25 what the module's own forward passes to the attention function, read by one call with the projection's
+    output set to the row index."""
+    index = torch.arange(attn.query_key_value.out_features, dtype=torch.float32)
+    if hasattr(attn, "_split_heads"):
+        return torch.cat([part[0, 0, head] for part in attn._split_heads(index[None, None])]).long()
+    from transformers import AttentionInterface
+
+    captured = []
+
+    def capture(module, q, k, v, mask, **kwargs):
+        captured.extend((q, k, v))
+        return torch.zeros_like(q).transpose(1, 2), None
+
+    AttentionInterface.register("capture-rows", capture)
+    before = attn.config._attn_implementation
+    attn.config._attn_implementation = "capture-rows"
+    try:
+        with torch.no_grad():
+            attn.query_key_value.weight.zero_()
+            attn.query_key_value.bias.copy_(index)
+            attn(torch.zeros(1, 1, attn.query_key_value.in_features), attention_mask=None)
+    finally:
+        attn.config._attn_implementation = before
+    return torch.cat([t[0, head, 0] for t in captured]).long()
 
 
 def test_qkv_rows_are_the_rows_split_heads_assigns():
