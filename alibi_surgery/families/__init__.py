@@ -52,11 +52,12 @@ def family_for(config, where: str = "the model") -> Family:
 
 
 def family_of_module(module) -> Family:
-    """The adapter of a loaded model, base model or block: by ``config.model_type`` when the module has a config,
-    else by the attention modules it holds."""
+    """The adapter of a loaded model, base model or block: by ``config.model_type`` when the module has a config
+    (with the same refusals as :func:`family_for`: a rotary or multi-query Falcon, an MPT option the port ignores,
+    soft-capping... are refused in one line), else by the attention modules it holds."""
     config = getattr(module, "config", None)
     if config is not None and getattr(config, "model_type", None) in FAMILIES:
-        return FAMILIES[config.model_type]
+        return family_for(config, type(module).__name__)
     for family in FAMILIES.values():
         cls = family.attention_class()
         if any(isinstance(m, cls) for m in module.modules()):
