@@ -83,12 +83,15 @@ def _patched(module: nn.Module) -> bool:
 def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function contract: returns ``(attn_output [B, Tq, Hq, D], None)``."""
+    """transformers' attention-function contract: returns ``(attn_output [B, Tq, Hq, D], None)``; with
+    ``output_attentions=True`` the module's own eager attention runs instead (:func:`_eager`) and returns its maps."""
     from .patch import _resolved, patch_state
 
     if not _patched(module):
         raise UsageError(f"the {IMPLEMENTATION!r} attention implementation runs only on a model patched with "
                          f"alibi_surgery.patch(model)")
+    if kwargs.get("output_attentions"):
+        return _eager(module, query, key, value, attention_mask, scaling, dropout, softcap, kwargs)
     if softcap:
         raise UsageError(f"attention-logit soft-capping (softcap={softcap}) is not implemented by the fused kernels")
     if dropout:
@@ -117,6 +120,30 @@ def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         state.extremes.add_attention(module.layer_idx, value.transpose(1, 2), key_valid, context,
                                      state.family.out_weight(module), key_valid[:, k_len - q_len:])
     return context, None
+
+
+def _eager(module, query, key, value, mask, scaling, dropout, softcap, kwargs):
+    """One call of the eager attention function of the module's own modeling file (``eager_attention_forward``,
+    which returns the attention maps), with a warning; the mask, built by SDPA's mask function, is made the additive
+    float mask eager attention adds to its scores (None, plain causal attention, made explicit)."""
+    import sys
+
+    from .patch import check_eager_call, patch_state
+
+    check_eager_call(patch_state(module), True)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise UsageError(f"output_attentions=True: {type(module).__module__} has no eager_attention_forward to "
+                         f"fall back to; call the model without output_attentions")
+    q_len, k_len = query.shape[2], key.shape[2]
+    if mask is None:
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        mask = (torch.arange(k_len, device=query.device)[None, :] <= rows)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min)
+    extra = {} if softcap is None else {"softcap": softcap}
+    return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **extra, **kwargs)
 
 
 def mask_structure(shared: dict, mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,

@@ -38,7 +38,7 @@ from ..kernels.ops import unpack
 from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
-           "head_stats", "fused_attention", "eager_fallback", "key_validity", "attention_keys", "patch_state",
+           "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys", "patch_state",
            "per_mask"]
 
 _STATE = "_alibi_surgery_patch"
@@ -236,16 +236,23 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
     output_attentions = output_attentions or state.maps
     if not (state.backend == "eager" or output_attentions or dropout_on):
         return None
+    check_eager_call(state, output_attentions)
+    return state.old_forward if state.had_forward else type(module).forward.__get__(module)
+
+
+def check_eager_call(state: _PatchState, output_attentions: bool) -> None:
+    """Before a patched module runs its family's own attention for one call: refuse ``output_attentions`` where that
+    attention is wrong (``Family.eager_refusal``), warn that it runs, and refuse while head statistics are being
+    collected (they come from the fused kernels only)."""
     if output_attentions:
         refusal = state.family.eager_refusal()
         if refusal:
             raise UsageError(refusal)
         if state.backend != "eager":
             warnings.warn(f"output_attentions=True: this call runs {state.family.name}'s eager attention",
-                          stacklevel=4)
+                          stacklevel=5)
     if state.sink is not None or state.extremes is not None:
         raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
-    return state.old_forward if state.had_forward else type(module).forward.__get__(module)
 
 
 def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attention_mask: torch.Tensor | None, *,

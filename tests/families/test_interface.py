@@ -273,3 +273,27 @@ def test_extreme_token_metrics_equal_the_hook_reference_on_llama(backend):
         err = ((got.double() - want).abs() / want.abs()).max().item()
         assert err < 1e-4, (name, got, want)
     assert (expected[0] - 1).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_attentions_falls_back_to_the_models_eager_attention(shape):
+    """Under the patch, ``output_attentions=True`` returns the maps of the model's own eager attention (with a
+    warning), not an empty tuple; the implementation switch stays in place and later calls run fused again."""
+    model = _model(shape)
+    ids, mask = _batch()
+    want = _eager(model, ids, mask, output_attentions=True)
+    real = mask.bool()
+    with patched(model, "torch"):
+        with pytest.warns(UserWarning, match="output_attentions=True: this call runs"):
+            with torch.no_grad():
+                got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        assert len(got.attentions) == len(want.attentions) == 2
+        for ours, theirs in zip(got.attentions, want.attentions):
+            rows = real[:, None, :, None].expand_as(theirs)
+            assert (ours - theirs)[rows].abs().max() <= 1e-6
+        assert (got.logits - want.logits)[real].abs().max() <= 1e-4
+        with head_stats(model) as sink, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert sink.sums[..., 2].sum() > 0, "a later call without maps runs the fused kernels"
+        with head_stats(model), pytest.raises(RuntimeError, match="head statistics need"), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, output_attentions=True)
