@@ -177,7 +177,7 @@ class Family:
 
     def slopes(self, n_head: int, device=None) -> torch.Tensor:
         """float32 ``[n_head]``: the slopes the kernels multiply key positions by (before ``bias_scale``). Default:
-        the schedule BLOOM introduced (:func:`alibi_surgery.kernels.alibi_slopes`), which Falcon uses too."""
+        the schedule BLOOM introduced (:func:`alibi_surgery.kernels.alibi.alibi_slopes`), which Falcon uses too."""
         from ..kernels.alibi import alibi_slopes
 
         return alibi_slopes(n_head, device)

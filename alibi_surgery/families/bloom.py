@@ -3,7 +3,7 @@
 Layout: ``transformer.h[i].self_attention`` holds ``query_key_value`` (bias), whose rows are interleaved per head as
 ``[H, 3, d]`` (head h owns rows ``[3dh, 3d(h+1))``, q then k then v), and ``dense`` (bias), whose columns
 ``[dh, d(h+1))`` read head h. Scores are ``q.k / sqrt(d) + slope_h * pos_j`` with BLOOM's slope schedule
-(:func:`alibi_surgery.kernels.alibi_slopes`) and ``pos`` the mask's cumsum (left padding does not count). The
+(:func:`alibi_surgery.kernels.alibi.alibi_slopes`) and ``pos`` the mask's cumsum (left padding does not count). The
 residual is added inside the attention module. Limits: the ``pretraining_tp > 1`` slow-but-exact output path is
 reproduced in the forward only; head slices do not route it.
 """

@@ -102,7 +102,7 @@ def test_attention_backward_writes_about_one_qkv_gradient(counter, dtype):
     ref = captured["qkv"].detach().requires_grad_()
     q, k, v = (ref.view(2, 40, 4, 3, 16)[..., i, :].transpose(1, 2) for i in range(3))
     out, _, _ = alibi_surgery.attention.backends.run_attention(
-        q, k, v, alibi_surgery.kernels.key_positions(mask), alibi_surgery.kernels.alibi_slopes(4), "triton")
+        q, k, v, alibi_surgery.kernels.alibi.key_positions(mask), alibi_surgery.kernels.alibi.alibi_slopes(4), "triton")
     (out.reshape(2, 40, 64).float() * upstream.float()).sum().backward()
     torch.testing.assert_close(grad, ref.grad, rtol=0, atol=0)
 
@@ -163,9 +163,9 @@ def test_patched_bloom_compiles_without_graph_breaks():
 def test_eager_calls_skip_the_operator_dispatch_with_the_same_numbers(packed):
     torch.manual_seed(0)
     mask = left_padded_mask(2, 21, [0, 5])
-    key_pos = alibi_surgery.kernels.key_positions(mask)
+    key_pos = alibi_surgery.kernels.alibi.key_positions(mask)
     kstart = alibi_surgery.kernels.alibi.first_real_key(key_pos).int()
-    slopes = alibi_surgery.kernels.alibi_slopes(3)
+    slopes = alibi_surgery.kernels.alibi.alibi_slopes(3)
     qkv = torch.randn(2, 21, 3, 3, 16)
     upstream = torch.randn(2, 21, 3, 16)
     if packed:
