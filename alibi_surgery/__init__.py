@@ -20,13 +20,14 @@ Public API:
 tree is described in docs/architecture.md.
 """
 
+from . import families  # first: hands the adapters' lookup to attention.patch (attention sits below families)
 from .analysis.compare import compare
 from .attention.functional import AttentionStats, alibi_attention, alibi_attention_qkvpacked
 from .analysis.comparison import Comparison
 from .analysis.perplexity import Perplexity, packed_perplexity, prompt_perplexity
 from .diagnosis.diagnose import diagnose
 from .errors import UsageError
-from .surgery.loss import chunked_lm_loss
+from .analysis.loss import chunked_lm_loss
 from .surgery.optim import HeadSlicedAdamW
 from .attention.patch import head_stats, patch, patch_bloom, patched, unpatch, unpatch_bloom
 from .diagnosis.report import HeadReport, Thresholds

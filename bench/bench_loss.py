@@ -46,7 +46,7 @@ def _one(provider: str, args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from alibi_surgery.surgery.loss import chunked_lm_loss, default_chunk_tokens
+    from alibi_surgery.analysis.loss import chunked_lm_loss, default_chunk_tokens
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)

@@ -73,7 +73,7 @@ def test_loss(benchmark, record, provider):
     from bench_loss import predicted_bytes
 
     from alibi_surgery import chunked_lm_loss
-    from alibi_surgery.surgery.loss import default_chunk_tokens
+    from alibi_surgery.analysis.loss import default_chunk_tokens
 
     tokens, hidden, vocab = 512, 1024, 250_880
     gen = torch.Generator().manual_seed(0)

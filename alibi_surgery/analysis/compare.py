@@ -11,7 +11,7 @@
 ``diagnose`` (default prompts unless ``--prompt``/``--prompts-file``). The result is a
 :class:`~alibi_surgery.analysis.comparison.Comparison` (outcomes, zones, drift). :func:`compare` refuses two
 diagnoses measured differently (prompt set, truncation: :func:`~alibi_surgery.diagnosis.report.measurement_differences`)
-unless ``force``. ``--targets`` / ``--zone`` take the head-spec grammar of :mod:`alibi_surgery.surgery.selection` or
+unless ``force``. ``--targets`` / ``--zone`` take the head-spec grammar of :mod:`alibi_surgery.diagnosis.selection` or
 a JSON file (:func:`parse_selection_spec`). The parser is :mod:`alibi_surgery.cli.compare`.
 """
 
@@ -29,8 +29,7 @@ from ..errors import UsageError
 from ..io.files import check_output_paths
 from ..diagnosis.prompts import read_prompts
 from ..diagnosis.report import METRIC_VARIANTS, HeadReport, check_same_measurement, read_report
-from ..surgery.plan import PLAN_FORMAT
-from ..surgery.selection import HeadSpec, SpecError, check_selection, parse_spec
+from ..diagnosis.selection import PLAN_FORMAT, HeadSpec, SpecError, check_selection, parse_spec
 from ..viz.comparison_figures import save_delta_heatmap
 from .comparison import KIND, Comparison, check_drift_threshold, thresholds_text
 
@@ -185,7 +184,7 @@ _SPEC_HELP = "expected LAYERS:HEADS such as 5-22:9-15, L5:H9,H12 or *:9-15"
 
 
 def _text_spec(spec: str, what: str) -> HeadSpec:
-    """One text spec in the grammar of :mod:`alibi_surgery.surgery.selection`, its errors led by ``what``."""
+    """One text spec in the grammar of :mod:`alibi_surgery.diagnosis.selection`, its errors led by ``what``."""
     try:
         return parse_spec(spec)
     except SpecError as exc:
@@ -224,10 +223,10 @@ def _json_groups(path: Path, what: str) -> list:
 
 def parse_selection_spec(specs, what: str = "--targets") -> HeadSpec | None:
     """Parse ``--targets`` / ``--zone`` values: each a head spec (the one grammar of
-    :mod:`alibi_surgery.surgery.selection`: ``5-22:9-15``, ``L5:H9,H12``, ``*:9-15``; several specs add up), or a
+    :mod:`alibi_surgery.diagnosis.selection`: ``5-22:9-15``, ``L5:H9,H12``, ``*:9-15``; several specs add up), or a
     ``.json`` file holding ``{layer: [heads]}``, an object with such a ``targets`` / ``zone`` entry (for
     ``--targets`` / ``--zone``), or a surgery plan (its ``selection`` / ``zone``). Returns a
-    :class:`~alibi_surgery.surgery.selection.HeadSpec` whose ``resolve(n_layer, n_head, what)`` gives the checked
+    :class:`~alibi_surgery.diagnosis.selection.HeadSpec` whose ``resolve(n_layer, n_head, what)`` gives the checked
     selection once the reports' shape is known, or None for no spec."""
     if specs is None:
         return None

@@ -1,6 +1,6 @@
 """Before/after comparison of two diagnoses: which heads surgery repaired, which it broke, and how far the rest drifted.
 
-Every head falls in one zone (the rule of :func:`~alibi_surgery.surgery.selection.head_zone`):
+Every head falls in one zone (the rule of :func:`~alibi_surgery.diagnosis.selection.head_zone`):
 
 * ``target``: re-initialised by surgery (``targets``);
 * ``in-band``: inside the collapse band (``zone``) but not a target (the paper's frozen in-band heads);
@@ -32,26 +32,21 @@ import torch
 
 from ..errors import UsageError
 from ..io.files import atomic_write_text
-from ..diagnosis.report import HeadReport, Thresholds, measurement_differences, metric_differences
-from ..surgery.selection import ZONES, check_head, check_selection, from_pairs, head_zone, n_selected, zone_grid
+from ..diagnosis.report import HeadReport, Thresholds, measurement_differences, metric_differences, model_name
+from ..diagnosis.selection import ZONES, check_head, check_selection, from_pairs, head_zone, n_selected, zone_grid
 
-__all__ = ["Comparison", "ZONES", "KIND", "check_drift_threshold", "model_name", "thresholds_text"]
+__all__ = ["Comparison", "ZONES", "KIND", "check_drift_threshold", "thresholds_text"]
 
 KIND = "alibi-surgery comparison"
 
 
 def _checked(selection, n_layer: int, n_head: int, what: str) -> dict[int, list[int]] | None:
-    """A targets / zone selection validated (:func:`~alibi_surgery.surgery.selection.check_selection`, empty
+    """A targets / zone selection validated (:func:`~alibi_surgery.diagnosis.selection.check_selection`, empty
     allowed), as sorted lists; None stays None."""
     if selection is None:
         return None
     return {layer: list(heads) for layer, heads in
             check_selection(selection, n_layer, n_head, what=what, allow_empty=True).items()}
-
-
-def model_name(report: HeadReport, fallback: str) -> str:
-    """The report's ``model`` metadata, or ``fallback``."""
-    return str(report.metadata.get("model") or fallback)
 
 
 @dataclasses.dataclass
@@ -102,7 +97,7 @@ class Comparison:
         return self.after.bos_mass.double() - self.before.bos_mass.double()
 
     def zone_grid(self) -> list[list[str]]:
-        """The zone of every head, ``[layer][head]`` (:func:`~alibi_surgery.surgery.selection.head_zone`)."""
+        """The zone of every head, ``[layer][head]`` (:func:`~alibi_surgery.diagnosis.selection.head_zone`)."""
         return zone_grid(self.n_layer, self.n_head, self.targets, self.zone)
 
     def zone_of(self, layer: int, head: int) -> str:

@@ -37,7 +37,7 @@ import torch
 from ..diagnosis.report import HeadReport
 from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
-from ..surgery.selection import from_pairs
+from ..diagnosis.selection import from_pairs
 
 __all__ = ["RunDiagnoses", "read_run", "drift_over_training", "pearson", "fitted_change", "KIND"]
 

@@ -21,7 +21,8 @@ import math
 
 from ..errors import UsageError
 from ..io.files import atomic_write_text
-from .comparison import Comparison, model_name
+from ..diagnosis.report import model_name
+from .comparison import Comparison
 
 __all__ = ["compare_many", "panel_stats", "panels_dict", "check_panel_options", "KIND"]
 

@@ -3,7 +3,7 @@
 ``prompt_perplexity(model, tokenizer, texts)`` tokenises every text as ``diagnose`` does (the tokenizer's own framing:
 BLOOM adds nothing, a tokenizer that prefixes ``<s>`` counts it; truncated to ``max_length`` tokens when given, never
 padded), runs each one alone through the model (batch of one: no padding can change a number) and takes its mean
-next-token loss ``loss_i`` over its ``T_i - 1`` predicted tokens, with :func:`~alibi_surgery.surgery.loss.chunked_lm_loss`
+next-token loss ``loss_i`` over its ``T_i - 1`` predicted tokens, with :func:`~alibi_surgery.analysis.loss.chunked_lm_loss`
 (float32, no ``[tokens, vocab]`` logits). The texts' figures then combine as ``convention`` says (:func:`combine`):
 
 * ``tokens`` (the default): ``exp(sum_i loss_i (T_i - 1) / sum_i (T_i - 1))``, the true per-token perplexity: every
@@ -20,7 +20,7 @@ call this on its in-memory model at every checkpoint.
 
 ``packed_perplexity`` is the held-out figure ``repair --eval-text`` reports: the text's documents tokenised, joined by
 EOS and cut into ``[n, seq_len]`` rows (:func:`~alibi_surgery.io.corpus.pack_text`), scored by
-:func:`~alibi_surgery.surgery.trainer.perplexity`. Every row has ``seq_len`` tokens, so both conventions give the same
+:func:`chunks_perplexity`. Every row has ``seq_len`` tokens, so both conventions give the same
 number there. Limits: texts are scored one at a time (no batching); nothing is cached between calls.
 """
 
@@ -135,7 +135,7 @@ def _scoring(model, backend: str):
 
 def score_texts(model, encoded, *, backend: str = "auto", progress: bool = False) -> list[TextLoss]:
     """Each token-id list's :class:`TextLoss`, run alone through ``model`` (a causal LM of a registered family)."""
-    from ..surgery.loss import chunked_lm_loss
+    from .loss import chunked_lm_loss
 
     weight = model.get_output_embeddings().weight.detach()
     out = []
@@ -157,17 +157,33 @@ def prompt_perplexity(model, tokenizer, texts, *, convention: str = "tokens", ma
     return Perplexity(_model_name(model), convention, combine(losses, convention), losses)
 
 
+def chunks_perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+    """exp(mean next-token loss) of ``model`` over packed ``[n, seq_len]`` chunks (no gradients), with the model as
+    it is (patched or not, in its current mode): the trainer's held-out figure."""
+    from ..families import family_for
+    from .loss import chunked_lm_loss
+
+    base = family_for(model.config).base_model(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(chunks), batch_size):
+            ids = chunks[i:i + batch_size].to(model.device)
+            hidden = base(ids, use_cache=False).last_hidden_state
+            n = ids.numel() - ids.shape[0]
+            total += float(chunked_lm_loss(hidden, model.get_output_embeddings().weight.detach(), ids)) * n
+            count += n
+    return math.exp(total / count)
+
+
 def packed_perplexity(model, chunks: torch.Tensor, *, batch_size: int = 1, backend: str = "auto",
                       convention: str = "tokens") -> Perplexity:
     """``repair``'s held-out perplexity of ``model`` over packed ``[n, seq_len]`` rows (from
     :func:`~alibi_surgery.io.corpus.pack_text`); equal rows make both conventions one number."""
-    from ..surgery.trainer import perplexity
-
     check_convention(convention)
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     with _scoring(model, backend):
-        ppl = perplexity(model, chunks, batch_size)
+        ppl = chunks_perplexity(model, chunks, batch_size)
     return Perplexity(_model_name(model), convention, ppl, chunks=int(chunks.shape[0]), seq_len=int(chunks.shape[1]))
 
 

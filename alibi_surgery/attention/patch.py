@@ -39,7 +39,7 @@ from .backends import check_backend, check_triton_head_dim, resolve_backend, run
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
            "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys", "patch_state",
-           "per_mask"]
+           "per_mask", "set_family_lookup"]
 
 _STATE = "_alibi_surgery_patch"
 
@@ -75,11 +75,22 @@ class HeadStatsSink:
         self.sums[layer] += stats.sum(0).to(device="cpu", dtype=torch.float64)
 
 
+_FAMILY_OF: list = []  # [family_of_module], installed by alibi_surgery.families when it is imported
+
+
+def set_family_lookup(lookup) -> None:
+    """Install ``lookup(module) -> Family``, the adapter of a model (with its refusals). The families layer sits
+    above this one (its adapters call :func:`fused_attention`), so it hands its lookup down when it is imported
+    (``alibi_surgery/families/__init__.py``) instead of being imported from here."""
+    _FAMILY_OF[:] = [lookup]
+
+
 def attention_modules(model: nn.Module, family=None) -> tuple[object, list[nn.Module]]:
     """``(family, attention modules in layer order)`` of ``model`` (a causal LM, a base model or one block)."""
-    from ..families import family_of_module
-
-    family = family or family_of_module(model)
+    if family is None:
+        if not _FAMILY_OF:
+            raise RuntimeError("no model families are registered: import alibi_surgery, not its attention package alone")
+        family = _FAMILY_OF[0](model)
     found = family.attention_modules(model)
     if not found:
         raise UsageError(f"{type(model).__name__} holds no {family.name} attention module")

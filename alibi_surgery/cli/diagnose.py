@@ -30,7 +30,7 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..io.loading import parse_device, parse_dtype, resolve_model_dir
     from ..diagnosis.report import Thresholds
     from ..diagnosis.stream import diagnose_path
-    from ..analysis.dormancy import check_threshold
+    from ..diagnosis.dormancy import check_threshold
     from ..diagnosis.extremes import check_dormant_fraction
 
     check_backend(args.backend)

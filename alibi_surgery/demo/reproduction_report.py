@@ -64,7 +64,7 @@ def _stock_train_ppl(model: Path, out: Path, seeds: int, seq_len: int) -> list[f
     """The stock model's perplexity on each seed's training corpus (packed as repair packs it)."""
     from ..io.corpus import load_corpus
     from ..io.loading import load_model
-    from ..surgery.trainer import perplexity
+    from ..analysis.perplexity import chunks_perplexity as perplexity
 
     net, tokenizer = load_model(str(model))
     net.eval()

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..families.base import training_context
 from ..io.loading import dtype_name
 from ..attention.patch import attention_modules, head_stats, patched
-from ..analysis.dormancy import DEFAULT_THRESHOLD, model_dormancy
+from .dormancy import DEFAULT_THRESHOLD, model_dormancy
 from .extremes import (DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction,
                        residual_hooks)
 from .report import HeadReport, Thresholds
@@ -205,7 +205,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
              dormancy_threshold: float = DEFAULT_THRESHOLD,
              dormant_fraction: float = DEFAULT_DORMANT_FRACTION) -> HeadReport:
     """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``; the
-    report also holds the MLP dormancy (:mod:`~alibi_surgery.analysis.dormancy`) at ``dormancy_threshold`` and the
+    report also holds the MLP dormancy (:mod:`~alibi_surgery.diagnosis.dormancy`) at ``dormancy_threshold`` and the
     extreme-token metrics, heads flagged dormant at ``dormant_fraction`` of their layer's median output norm."""
     prompts = check_options(prompts, backend, batch_size, max_length)
     check_dormant_fraction(dormant_fraction)

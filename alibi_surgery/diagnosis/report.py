@@ -34,12 +34,12 @@ from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
 from .extremes import DEFAULT_DORMANT_FRACTION, dormant_heads
 
-__all__ = ["Thresholds", "HeadReport", "read_report", "CLASSES", "SICK", "classify", "collapse_band",
+__all__ = ["Thresholds", "HeadReport", "read_report", "model_name", "CLASSES", "SICK", "classify", "collapse_band",
            "metric_differences", "measurement_differences", "check_same_measurement"]
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
-TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (analysis/dormancy.py)
+TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (diagnosis/dormancy.py)
 SICK = ("dead", "bos-sink")
 
 
@@ -354,3 +354,8 @@ def read_report(path, label: str = "report", *, not_a: tuple[str, str] | None = 
     if not report.metadata.get("model"):
         report.metadata["model"] = str(path)
     return report
+
+
+def model_name(report: HeadReport, fallback: str) -> str:
+    """The report's ``model`` metadata, or ``fallback``."""
+    return str(report.metadata.get("model") or fallback)

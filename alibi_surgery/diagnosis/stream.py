@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention.backends import resolve_backend
-from ..analysis.dormancy import DEFAULT_THRESHOLD, DormancyCounter
+from .dormancy import DEFAULT_THRESHOLD, DormancyCounter
 from ..families.base import training_context
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from ..errors import UsageError

@@ -7,6 +7,7 @@ base model or single block. The adapter protocol is :class:`~alibi_surgery.famil
 
 from __future__ import annotations
 
+from ..attention.patch import set_family_lookup
 from ..errors import UsageError
 from .base import Family, HeadLayout, training_context
 from .bloom import BLOOM
@@ -72,3 +73,6 @@ def check_surgery(family: Family) -> Family:
     if family.surgery_refusal:
         raise UsageError(family.surgery_refusal)
     return family
+
+
+set_family_lookup(family_of_module)  # patch() finds a model's adapter through it (attention sits below families)

@@ -30,7 +30,7 @@ from ..families import family_for
 from ..io.loading import DTYPES, dtype_name, parse_dtype
 from ..io.random_model import SHAPES, shape_config
 from ..diagnosis.stream import block_bytes, model_bytes
-from .loss import default_chunk_tokens
+from ..analysis.loss import default_chunk_tokens
 from .plan import Plan, meta_block, plan_shape
 
 __all__ = ["parse_bytes", "format_bytes", "load_config", "heads_for", "spread_plan", "diagnosis_memory", "plan_memory",

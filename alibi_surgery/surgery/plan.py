@@ -29,9 +29,9 @@ spec) adds heads, healthy or not, and the zone grows to hold them (the paper's H
 A head both frozen and included is an error. A plan that selects nothing is an error ("nothing to repair: ...")
 unless ``allow_empty=True``.
 
-Head specs (``heads``, ``freeze``, ``include``) follow the one grammar of :mod:`alibi_surgery.surgery.selection`
+Head specs (``heads``, ``freeze``, ``include``) follow the one grammar of :mod:`alibi_surgery.diagnosis.selection`
 (``5:14,15;6:9-15``, ``5-22:9-15``, ``*:9-15``, ``L5:H9,H12``); the zone rule is
-:func:`~alibi_surgery.surgery.selection.head_zone`.
+:func:`~alibi_surgery.diagnosis.selection.head_zone`.
 The predicted memory of a step is :func:`alibi_surgery.surgery.memory_plan.predict_memory`.
 
 Every error is a one-line :class:`~alibi_surgery.errors.UsageError`.
@@ -45,13 +45,12 @@ import json
 from ..errors import UsageError
 from ..io.files import atomic_write_text
 from ..diagnosis.report import HeadReport
-from .selection import (check_head, check_selection, check_shape, compact, format_heads, from_pairs, head_zone,
-                        n_selected, pairs, parse_heads, parse_range)
+from ..diagnosis.selection import (PLAN_FORMAT, check_head, check_selection, check_shape, compact, format_heads,
+                                   from_pairs, head_zone, n_selected, pairs, parse_heads, parse_range)
 
 __all__ = ["Plan", "NothingToRepair", "make_plan", "plan_shape", "meta_block", "SOURCES"]
 
 SOURCES = ("auto", "report", "list", "band")
-PLAN_FORMAT = "alibi-surgery-plan"
 PLAN_VERSION = 1
 
 
@@ -121,7 +120,7 @@ class Plan:
 
     def zone_of(self, layer: int, head: int) -> str:
         """``"target"`` (selected), ``"in-band"`` (frozen, inside the zone) or ``"outside"`` (the zone rule of
-        :func:`~alibi_surgery.surgery.selection.head_zone`)."""
+        :func:`~alibi_surgery.diagnosis.selection.head_zone`)."""
         check_head(layer, head, self.n_layer, self.n_head)
         return head_zone(layer, head, self.selection, self.zone)
 

@@ -15,7 +15,7 @@ import torch
 from ..errors import UsageError
 from ..families import HeadLayout
 from ..attention.patch import attention_modules
-from .selection import check_selection
+from ..diagnosis.selection import check_selection
 
 __all__ = ["INITS", "reinit_heads"]
 

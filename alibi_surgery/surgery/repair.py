@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..io.corpus import corpus_documents, load_corpus, pack_text
-from ..analysis.dormancy import checkpoint_dormancy
+from ..diagnosis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..families import family_for
@@ -54,8 +54,8 @@ from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
 from .reinit import reinit_heads
 from .trainer import (OPT_FILE, STATE_FILE, Run, config_key, enable_checkpointing, lr_at, newest_checkpoint,
-                      perplexity, prompts_perplexity, train)
-from ..analysis.perplexity import encode_texts
+                      prompts_perplexity, train)
+from ..analysis.perplexity import chunks_perplexity, encode_texts
 
 __all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget",
            "lr_at", "enable_checkpointing"]
@@ -334,7 +334,7 @@ def _prepare(model_path, out, corpus, held_out, report, heads, band, layers, fre
     else:
         baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
                                        backend, prompts, progress, allow_empty, budget)
-        ppl_before = perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
+        ppl_before = chunks_perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
         prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, backend)
         if clear:
             clear_dir(out)

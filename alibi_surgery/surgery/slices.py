@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..errors import UsageError
 from ..attention.patch import attention_modules
 from ..families import HeadLayout
-from .selection import check_selection
+from ..diagnosis.selection import check_selection
 
 __all__ = ["HeadSlices", "SliceSpec", "check_selection"]
 

@@ -26,33 +26,20 @@ from ..errors import UsageError
 from ..families import family_for
 from ..io.files import atomic_write_text, staged_dir
 from ..io.loading import quiet_transformers
-from .loss import causal_lm_labels, chunked_lm_loss
+from ..analysis.loss import causal_lm_labels, chunked_lm_loss
+from ..analysis.perplexity import chunks_perplexity
 from .optim import HeadSlicedAdamW
 from .plan import Plan
 from .schedule import lr_at, surgery_lr
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
-__all__ = ["Run", "train", "lr_at", "perplexity", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
+__all__ = ["Run", "train", "lr_at", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
            "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 OPT_FILE = "optimizer.safetensors"
-
-
-def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
-    """exp(mean next-token loss) of ``model`` over packed ``[n, seq_len]`` chunks (no gradients)."""
-    base = family_for(model.config).base_model(model)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(chunks), batch_size):
-            ids = chunks[i:i + batch_size].to(model.device)
-            hidden = base(ids, use_cache=False).last_hidden_state
-            n = ids.numel() - ids.shape[0]
-            total += float(chunked_lm_loss(hidden, model.get_output_embeddings().weight.detach(), ids)) * n
-            count += n
-    return math.exp(total / count)
 
 
 def config_key(config) -> dict:
@@ -151,7 +138,7 @@ class Run:
     def evaluate(self, step: int, epoch: float, train_ppl: float | None, ckpt: Path | None) -> dict:
         report, cmp = self.rediagnose()
         self.model.eval()
-        eval_ppl = perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
+        eval_ppl = chunks_perplexity(self.model, self.eval_chunks, self.s.batch_size) if self.eval_chunks is not None \
             else None
         self.model.train()
         prompts_ppl = prompts_perplexity(self.model, self.eval_prompts, self.s.eval_convention, self.backend)

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis.comparison import ZONES, Comparison, model_name
-from ..surgery.selection import n_selected
+from typing import TYPE_CHECKING
+
+from ..diagnosis.report import model_name
+from ..diagnosis.selection import ZONES, n_selected
 from .heatmap import save_figure
+
+if TYPE_CHECKING:  # the type only: viz sits below analysis
+    from ..analysis.comparison import Comparison
 
 __all__ = ["plot_delta_heatmap", "save_delta_heatmap", "OUTCOME_MARKS"]
 

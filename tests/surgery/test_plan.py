@@ -16,7 +16,7 @@ from alibi_surgery.families import family_for
 from alibi_surgery.io.random_model import shape_config
 from alibi_surgery.surgery.memory_plan import format_memory, predict_memory
 from alibi_surgery.surgery.plan import Plan, make_plan
-from alibi_surgery.surgery.selection import format_heads, parse_heads, parse_range
+from alibi_surgery.diagnosis.selection import format_heads, parse_heads, parse_range
 from alibi_surgery.diagnosis.report import HeadReport
 from helpers import bloom_config
 

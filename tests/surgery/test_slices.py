@@ -10,7 +10,7 @@ from transformers import BloomForCausalLM
 
 from alibi_surgery import patch_bloom
 from alibi_surgery.errors import UsageError
-from alibi_surgery.surgery.loss import causal_lm_labels
+from alibi_surgery.analysis.loss import causal_lm_labels
 from alibi_surgery.surgery.slices import HeadSlices
 from helpers import BACKENDS, DTYPES, assert_tolerance, bloom_config, left_padded_mask
 

@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import BloomForCausalLM
 
-import alibi_surgery.surgery.loss as loss_mod
-from alibi_surgery.surgery.loss import chunked_lm_loss, default_chunk_tokens
+import alibi_surgery.analysis.loss as loss_mod
+from alibi_surgery.analysis.loss import chunked_lm_loss, default_chunk_tokens
 from helpers import bloom_config, left_padded_mask
 
 VOCAB = 300
@@ -231,7 +231,7 @@ def test_errors(lm):
 
 
 def test_causal_lm_labels_mask_targets_predicted_from_padding():
-    from alibi_surgery.surgery.loss import causal_lm_labels
+    from alibi_surgery.analysis.loss import causal_lm_labels
 
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])

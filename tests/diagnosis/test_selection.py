@@ -1,4 +1,4 @@
-"""The one head-selection grammar, validator and zone rule (surgery/selection.py), and the sizes the planner takes
+"""The one head-selection grammar, validator and zone rule (diagnosis/selection.py), and the sizes the planner takes
 from the family adapter. Expected selections are written out by hand; parameter counts come from transformers'
 own models."""
 
@@ -15,7 +15,7 @@ from alibi_surgery.families import family_for
 from alibi_surgery.io.random_model import shape_config
 from alibi_surgery.surgery.memory_plan import plan_memory
 from alibi_surgery.surgery.plan import make_plan, plan_shape
-from alibi_surgery.surgery.selection import (HeadOutOfRange, check_head, check_selection, head_zone, parse_heads,
+from alibi_surgery.diagnosis.selection import (HeadOutOfRange, check_head, check_selection, head_zone, parse_heads,
                                              parse_spec, zone_grid)
 from alibi_surgery.surgery.slices import HeadSlices
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from alibi_surgery.analysis.dormancy import checkpoint_dormancy, model_dormancy
+from alibi_surgery.diagnosis.dormancy import checkpoint_dormancy, model_dormancy
 from alibi_surgery.cli.main import main
 from alibi_surgery.io.random_model import write_random_model
 
