@@ -54,7 +54,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
 
     Args:
         attention_mask: ``[B, Tk]``, 1 (or True) for real tokens; None: every token is real.
-        slopes: float ``[H]``; None: BLOOM's schedule for H heads.
+        slopes: float ``[H]``, or ``[B, H]`` (per batch row, as FlashAttention's ``alibi_slopes``), on q's device;
+            None: BLOOM's schedule for H heads.
         softmax_scale: the scores' scale; None: ``1 / sqrt(D)``.
         return_stats: also return :class:`AttentionStats`.
         backend: ``auto`` (triton on CUDA, torch elsewhere), ``triton`` or ``torch``.
@@ -115,11 +116,7 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
     if backend == "eager":
         raise UsageError("alibi_attention takes backend auto, triton or torch")
     backend = resolve_backend(backend, device, head_dim)
-    if slopes is None:
-        slopes = _default_slopes(n_head, device)
-    elif tuple(slopes.shape) != (n_head,):
-        raise UsageError(f"slopes must be [heads] = [{n_head}], got {list(slopes.shape)}")
-    slopes = slopes.to(device=device, dtype=torch.float32)
+    slopes = _default_slopes(n_head, device) if slopes is None else _check_slopes(slopes, batch, n_head, device)
     if mask is None:  # every key real: positions 0..Tk-1, first real key 0 (two ops instead of a mask's six)
         key_pos = torch.arange(k_len, dtype=torch.int32, device=device).expand(batch, k_len)
         return key_pos, torch.zeros(batch, dtype=torch.int32, device=device), slopes, backend
@@ -127,6 +124,21 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
         raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
     key_pos = key_positions(mask.to(device=device) != 0)
     return key_pos, first_real_key(key_pos).to(torch.int32), slopes, backend
+
+
+def _check_slopes(slopes, batch: int, n_head: int, device: torch.device) -> torch.Tensor:
+    """``slopes`` as float32, after checking it is a floating-point ``[heads]`` or ``[batch, heads]`` tensor on the
+    inputs' device (FlashAttention's ``alibi_slopes``: ``(nheads,)`` or ``(batch, nheads)``)."""
+    if not isinstance(slopes, torch.Tensor):
+        raise UsageError(f"slopes must be a tensor [heads] or [batch, heads], got {type(slopes).__name__}")
+    if tuple(slopes.shape) not in ((n_head,), (batch, n_head)):
+        raise UsageError(f"slopes must be [heads] = [{n_head}] or [batch, heads] = [{batch}, {n_head}], got "
+                         f"{list(slopes.shape)}")
+    if not slopes.dtype.is_floating_point:
+        raise UsageError(f"slopes must be a floating-point tensor (float32 is exact), got {slopes.dtype}")
+    if slopes.device != device:
+        raise UsageError(f"slopes must be on the inputs' device ({device}), got {slopes.device}")
+    return slopes.to(torch.float32)
 
 
 _SLOPES: dict = {}
