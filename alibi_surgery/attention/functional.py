@@ -2,13 +2,32 @@
 
 FlashAttention's layout and conventions, with ALiBi as BLOOM defines it::
 
-    out = alibi_attention(q, k, v)                                  # q [B, Tq, H, D], k, v [B, Tk, H, D]
+    out = alibi_attention(q, k, v, slopes=s)                        # q [B, Tq, H, D], k, v [B, Tk, H, D]
     out = flash_attn_func(q, k, v, causal=True, alibi_slopes=s)     # the same attention, FlashAttention's way
 
-Causal with the last query row aligned to the last key (``Tq < Tk`` is a chunk after a prefix; ``Tq = 1`` is a
-decode step). ``attention_mask`` ``[B, Tk]`` marks real tokens with 1: padded keys are never attended, key positions
-count real tokens only (the first real token has position 0, as BLOOM's ``build_alibi_tensor``), and a padded query
-row outputs 0. Both functions are torch custom operators underneath (:mod:`alibi_surgery.kernels.ops`), so
+``slopes`` is ``[H]`` or ``[B, H]`` (per batch row), as ``alibi_slopes`` takes ``(nheads,)`` or ``(batch, nheads)``,
+forward and backward, on both backends (None: BLOOM's slopes for H heads; FlashAttention's default is no ALiBi).
+
+Alignment against ``flash_attn_func`` (``Tq <= Tk``, no padding): the same attention, checked in
+tests/attention/test_dropin_parity.py against a float64 reference written from FlashAttention's definition.
+
+* Causal with the last query row aligned to the last key (FlashAttention's bottom-right corner): query row i sits
+  at key index ``i + Tk - Tq`` and sees keys ``j <= i + Tk - Tq``. ``Tq < Tk`` is a chunk after a prefix, ``Tq = 1``
+  a decode step; ``Tq > Tk`` is refused (FlashAttention would leave the first rows with no key).
+* The bias: FlashAttention adds ``-slope * |i + Tk - Tq - j|`` (relative distance); here ``slope * pos_j`` with
+  ``pos_j`` the key's position (BLOOM's ``build_alibi_tensor``). On the keys a causal row sees the two differ by
+  ``slope * (i + Tk - Tq)``, a per-row constant, which softmax ignores: the outputs and gradients are the same.
+
+Left padding against ``flash_attn_varlen_func``: ``flash_attn_func`` takes no padding mask; FlashAttention packs
+sequences of different lengths instead (varlen, ``cu_seqlens``). Here ``attention_mask`` ``[B, Tk]`` marks real
+tokens with 1, padding on the left: padded keys are never attended, key positions count real tokens only (the
+first real token has position 0), and the query rows are the last Tq tokens of each row. Each row's real rows then
+equal that sequence alone, unpadded, with its own ``Tk`` (real keys) and ``Tq`` (real queries) aligned as above,
+which is what varlen computes for it. A padded query row outputs 0 and gets no gradient (FlashAttention-2's
+convention in transformers; varlen has no such row). These conventions are stated and tested for left padding, the
+layout of batched generation; whatever the mask, the query rows are the last Tq columns of it.
+
+Both functions are torch custom operators underneath (:mod:`alibi_surgery.kernels.ops`), so
 ``torch.compile(fullgraph=True)`` traces them without a graph break, and they are differentiable in q, k, v (or
 qkv), with gradients in the inputs' own layout.
 
@@ -17,8 +36,9 @@ key/value head ``h // (H // Hkv)`` in place, nothing is expanded) and ``window=`
 keys, transformers' ``sliding_window``), forward only.
 
 Limits: the backward of grouped-query and sliding-window attention is not implemented (a call that needs gradients
-raises UsageError); no dropout; the triton backend needs a head_dim that is a multiple of 16 up to 128 (``auto``
-takes the torch backend otherwise); fp32, fp16 and bf16.
+raises UsageError); no dropout, no ``window_size`` pairs, no ``softcap``, no gradient for the slopes; the triton
+backend needs a head_dim that is a multiple of 16 up to 128 (``auto`` takes the torch backend otherwise); fp32,
+fp16 and bf16. Refusals are one-line UsageErrors that name the Python argument (``slopes``, ``backend='torch'``).
 """
 
 from __future__ import annotations
