@@ -95,9 +95,10 @@ def round_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def alibi_bias(slopes: torch.Tensor, key_pos: torch.Tensor, bias_scale: float = 1.0,
                alibi_bf16: bool = False) -> torch.Tensor:
-    """float32 ALiBi bias ``[B, H, k_len]`` of the module docstring from slopes ``[H]`` and positions ``[B, k_len]``
-    (padded keys, position -1, get an arbitrary finite value: every caller masks them)."""
-    slope = slopes.to(device=key_pos.device, dtype=torch.float32)[None, :, None]
+    """float32 ALiBi bias ``[B, H, k_len]`` of the module docstring from slopes ``[H]`` (or per batch row, ``[B, H]``)
+    and positions ``[B, k_len]`` (padded keys, position -1, get an arbitrary finite value: every caller masks them)."""
+    slope = slopes.to(device=key_pos.device, dtype=torch.float32)
+    slope = slope.reshape(-1, slope.shape[-1], 1)  # [1 or B, H, 1]
     pos = key_pos.to(torch.float32)[:, None, :]
     if alibi_bf16:
         bias = round_bf16(round_bf16(slope) * round_bf16(pos))

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .alibi import AttentionOptions, refuse_backward
 from .configs import BwdConfig, arch_of, block_d, cdiv, pick_bwd_config
-from .attention_fwd import check_head_dim, interpreting, kernel_positions, score_args
+from .attention_fwd import check_head_dim, interpreting, kernel_positions, score_args, slopes_batch_stride
 from .attention_tiles import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _load_rows, _load_tile, _pos_bias,
                               _query_block_keys, _query_rows, _scores, _slope_terms)
 
@@ -84,7 +84,7 @@ def _dkdv_program(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPOS, KSTART, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
-    n_head, q_len, k_len, qk_scale, sm_scale,
+    n_head, q_len, k_len, qk_scale, sm_scale, slope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
@@ -99,7 +99,7 @@ def _dkdv_program(
     d_ok = offs_d < HEAD_DIM
     q_shift = k_len - q_len
 
-    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)
+    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
     kpos = tl.load(KPOS + b * k_len + offs_n, mask=n_ok, other=-1)
     kstart = tl.load(KSTART + b)
     # Hoisted out of the query loop: the bias relative to the key block's own origin (start_n - kstart), small and
@@ -164,7 +164,7 @@ def _dq_program(
     Q, K, V, DO, DQ, LSE, DELTA, KPOS, KSTART, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    n_head, q_len, k_len, qk_scale, sm_scale,
+    n_head, q_len, k_len, qk_scale, sm_scale, slope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
@@ -174,7 +174,7 @@ def _dq_program(
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dot, m_ok, d_ok, UPCAST)
     lse2 = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_ok, other=0.0)
-    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)
+    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     k_base = K + b * stride_kb + h * stride_kh
@@ -199,7 +199,7 @@ def _alibi_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KPOS, KSTART, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt,
-    n_head, q_len, k_len, qk_scale, sm_scale,
+    n_head, q_len, k_len, qk_scale, sm_scale, slope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DKDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False,
 ):
@@ -210,14 +210,14 @@ def _alibi_bwd_kernel(
         _dkdv_program(Q, K, V, DO, DK, DV, LSE, DELTA, KPOS, KSTART, SLOPES,
                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                       stride_vt, stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
-                      n_head, q_len, k_len, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, IEEE,
-                      ALIBI_BF16)
+                      n_head, q_len, k_len, qk_scale, sm_scale, slope_stride, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                      UPCAST, IEEE, ALIBI_BF16)
     else:
         _dq_program(Q, K, V, DO, DQ, LSE, DELTA, KPOS, KSTART, SLOPES,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                     stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-                    n_head, q_len, k_len, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, IEEE,
-                    ALIBI_BF16)
+                    n_head, q_len, k_len, qk_scale, sm_scale, slope_stride, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                    UPCAST, IEEE, ALIBI_BF16)
 
 
 DELTA_BLOCK = 64  # rows per program of the delta kernel (4 warps; it streams O and dO once)
@@ -268,7 +268,7 @@ def alibi_attention_bwd(do, q, k, v, out, lse, key_pos, slopes, *, kstart: torch
     cfg_kv, cfg_q = pick_bwd_config(head_dim, q.dtype, None if interp else arch_of(q.device), bool(opts.alibi_bf16))
     args = (q, k, v, do, dq, dk, dv, lse, delta, key_pos, kstart, slopes, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], do.stride(0), do.stride(2), do.stride(1), *dq.stride()[:3], *dk.stride()[:3],
-            n_head, q_len, k_len, qk_scale, sm_scale)
+            n_head, q_len, k_len, qk_scale, sm_scale, slopes_batch_stride(slopes))
     common = dict(HEAD_DIM=head_dim, BLOCK_D=width, UPCAST=interp and q.dtype == torch.bfloat16,
                   IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16))
     for cfg, dkdv, n_blocks in ((cfg_kv, True, cdiv(k_len, cfg_kv.block_n)),

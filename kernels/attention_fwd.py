@@ -59,7 +59,7 @@ from .configs import (SUPPORTED_HEAD_DIMS, FwdConfig, arch_of, block_d, cdiv, ch
                       kernel_supports, pick_config)
 
 __all__ = ["alibi_attention_fwd", "pick_config", "FwdConfig", "kernel_supports", "SUPPORTED_HEAD_DIMS", "score_args",
-           "kernel_positions"]
+           "slopes_batch_stride", "kernel_positions"]
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _alibi_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window,
+    n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window, slope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False, HAS_WINDOW: tl.constexpr = False,
@@ -115,7 +115,8 @@ def _alibi_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     q_shift = k_len - q_len
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, m_ok, d_ok, UPCAST)
-    slope2, bias2 = _slope_terms(SLOPES, h, n_head, ALIBI_BF16)  # base-2 units throughout: s2 = s * log2(e)
+    # base-2 units throughout: s2 = s * log2(e); slope_stride 0 for slopes shared by the batch, H for [B, H]
+    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
     kstart = tl.load(KSTART + b)
     origin = _bias_origin(pid_m * BLOCK_M, q_shift, kstart, ALIBI_BF16)
     pos_row = KPOS + b * k_len
@@ -186,16 +187,24 @@ def score_args(slopes: torch.Tensor, head_dim: int, device, opts: AttentionOptio
 
     SLOPES is float32 ``[H]``: the slopes times ``bias_scale`` (the default path's kernel is unchanged); with
     ``alibi_bf16`` it is ``[H + 1]``: the bf16-rounded slopes, then ``bias_scale`` (see ``_slope_terms``).
-    ``sm_scale`` is the scores' scale, ``qk_scale`` the same in base-2 units."""
+    ``sm_scale`` is the scores' scale, ``qk_scale`` the same in base-2 units. Per-batch slopes ``[B, H]`` give
+    ``[B, H]`` (``[B, H + 1]``), each row laid out as above: see :func:`slopes_batch_stride`."""
     softmax_scale, bias_scale, alibi_bf16 = opts.softmax_scale, opts.bias_scale, opts.alibi_bf16
     sm_scale = resolve_softmax_scale(head_dim, softmax_scale, bias_scale)
     qk_scale = LOG2E / math.sqrt(head_dim) if softmax_scale is None else LOG2E * sm_scale
     slopes = slopes.to(device=device, dtype=torch.float32)
     if alibi_bf16:
-        slopes = torch.cat([round_bf16(slopes), slopes.new_tensor([float(bias_scale)])])
+        slopes = torch.cat([round_bf16(slopes), slopes.new_full((*slopes.shape[:-1], 1), float(bias_scale))], -1)
     elif bias_scale != 1.0:
         slopes = slopes * float(bias_scale)
     return slopes.contiguous(), qk_scale, sm_scale
+
+
+def slopes_batch_stride(slopes: torch.Tensor) -> int:
+    """The kernels' ``slope_stride`` for SLOPES from :func:`score_args`: a program of batch row b reads its slopes
+    at ``SLOPES + b * slope_stride``, so one ``[H]`` vector shared by the batch has stride 0 and per-batch slopes
+    ``[B, H]`` (FlashAttention's ``alibi_slopes`` of shape ``(batch, nheads)``) their row stride."""
+    return slopes.stride(0) if slopes.dim() == 2 else 0
 
 
 def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
@@ -207,7 +216,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
             attention, Hkv = 1 multi-query: query head h reads key/value head ``h // (H // Hkv)`` in place, k and v
             are never expanded). Any strides with a unit stride on d.
         key_pos: int32 ``[B, k_len]`` from :func:`key_positions` (-1 marks a padded key).
-        slopes: float32 ``[H]``, one per query head (zeros: plain causal attention).
+        slopes: float32 ``[H]``, one per query head (zeros: plain causal attention), or ``[B, H]``, per batch row.
         kstart: int32 ``[B]``, :func:`first_real_key` of ``key_pos`` when the caller already has it (one per model
             forward, shared by its layers); computed here when None.
         options: the :class:`~.alibi.AttentionOptions` (statistics, score options, ``window``; defaults: BLOOM's
@@ -252,7 +261,7 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
-        n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window,
+        n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window, slopes_batch_stride(slopes),
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         WITH_STATS=opts.with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
         NORMALIZE_ENTROPY=opts.normalize_entropy, UPCAST=interp and q.dtype == torch.bfloat16,

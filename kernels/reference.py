@@ -42,7 +42,8 @@ class _Bias:
         if self.bf16:
             self.absolute = alibi_bias(slopes, key_pos, opts.bias_scale, True)[:, :, None, :] * LOG2E
         else:
-            self.slope2 = (slopes * float(opts.bias_scale) * LOG2E)[None, :, None, None]  # [1, H, 1, 1]
+            slope2 = slopes * float(opts.bias_scale) * LOG2E  # [H] or per batch row [B, H]
+            self.slope2 = slope2.reshape(-1, slopes.shape[-1], 1, 1)  # [1 or B, H, 1, 1]
 
     def origin(self, q0: int, q1: int) -> torch.Tensor:
         """``[B, 1, q1 - q0, 1]`` int64 origins of query rows [q0, q1)."""

@@ -119,7 +119,7 @@ def _scoring(model, backend: str):
 
     family, attns = attention_modules(model)
     if backend == "eager" and family.eager_refusal():
-        raise UsageError(f"--backend eager: {family.eager_refusal()}")
+        raise UsageError(f"backend='eager': {family.eager_refusal()}")
     base = family.base_model(model)
     device = next(base.parameters()).device
     concrete = "eager" if backend == "eager" else \

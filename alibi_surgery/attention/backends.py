@@ -36,7 +36,7 @@ def check_backend(backend: str) -> str:
 def check_triton_head_dim(head_dim: int) -> None:
     """UsageError (one line) when the triton backend cannot run a model with this head_dim."""
     if kernel_supports(head_dim) is not None:
-        raise UsageError(f"{_needs}; this model has head_dim {head_dim}; use --backend torch")
+        raise UsageError(f"{_needs}; this model has head_dim {head_dim}; use backend='torch'")
 
 
 def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
@@ -56,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not interpreting():
-        raise UsageError(f"the triton backend needs a CUDA device (got {device.type}); use --backend torch on CPU")
+        raise UsageError(f"the triton backend needs a CUDA device (got {device.type}); use backend='torch' on CPU")
     return backend
 
 

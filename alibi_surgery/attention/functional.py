@@ -2,13 +2,32 @@
 
 FlashAttention's layout and conventions, with ALiBi as BLOOM defines it::
 
-    out = alibi_attention(q, k, v)                                  # q [B, Tq, H, D], k, v [B, Tk, H, D]
+    out = alibi_attention(q, k, v, slopes=s)                        # q [B, Tq, H, D], k, v [B, Tk, H, D]
     out = flash_attn_func(q, k, v, causal=True, alibi_slopes=s)     # the same attention, FlashAttention's way
 
-Causal with the last query row aligned to the last key (``Tq < Tk`` is a chunk after a prefix; ``Tq = 1`` is a
-decode step). ``attention_mask`` ``[B, Tk]`` marks real tokens with 1: padded keys are never attended, key positions
-count real tokens only (the first real token has position 0, as BLOOM's ``build_alibi_tensor``), and a padded query
-row outputs 0. Both functions are torch custom operators underneath (:mod:`alibi_surgery.kernels.ops`), so
+``slopes`` is ``[H]`` or ``[B, H]`` (per batch row), as ``alibi_slopes`` takes ``(nheads,)`` or ``(batch, nheads)``,
+forward and backward, on both backends (None: BLOOM's slopes for H heads; FlashAttention's default is no ALiBi).
+
+Alignment against ``flash_attn_func`` (``Tq <= Tk``, no padding): the same attention, checked in
+tests/attention/test_dropin_parity.py against a float64 reference written from FlashAttention's definition.
+
+* Causal with the last query row aligned to the last key (FlashAttention's bottom-right corner): query row i sits
+  at key index ``i + Tk - Tq`` and sees keys ``j <= i + Tk - Tq``. ``Tq < Tk`` is a chunk after a prefix, ``Tq = 1``
+  a decode step; ``Tq > Tk`` is refused (FlashAttention would leave the first rows with no key).
+* The bias: FlashAttention adds ``-slope * |i + Tk - Tq - j|`` (relative distance); here ``slope * pos_j`` with
+  ``pos_j`` the key's position (BLOOM's ``build_alibi_tensor``). On the keys a causal row sees the two differ by
+  ``slope * (i + Tk - Tq)``, a per-row constant, which softmax ignores: the outputs and gradients are the same.
+
+Left padding against ``flash_attn_varlen_func``: ``flash_attn_func`` takes no padding mask; FlashAttention packs
+sequences of different lengths instead (varlen, ``cu_seqlens``). Here ``attention_mask`` ``[B, Tk]`` marks real
+tokens with 1, padding on the left: padded keys are never attended, key positions count real tokens only (the
+first real token has position 0), and the query rows are the last Tq tokens of each row. Each row's real rows then
+equal that sequence alone, unpadded, with its own ``Tk`` (real keys) and ``Tq`` (real queries) aligned as above,
+which is what varlen computes for it. A padded query row outputs 0 and gets no gradient (FlashAttention-2's
+convention in transformers; varlen has no such row). These conventions are stated and tested for left padding, the
+layout of batched generation; whatever the mask, the query rows are the last Tq columns of it.
+
+Both functions are torch custom operators underneath (:mod:`alibi_surgery.kernels.ops`), so
 ``torch.compile(fullgraph=True)`` traces them without a graph break, and they are differentiable in q, k, v (or
 qkv), with gradients in the inputs' own layout.
 
@@ -17,8 +36,9 @@ key/value head ``h // (H // Hkv)`` in place, nothing is expanded) and ``window=`
 keys, transformers' ``sliding_window``), forward only.
 
 Limits: the backward of grouped-query and sliding-window attention is not implemented (a call that needs gradients
-raises UsageError); no dropout; the triton backend needs a head_dim that is a multiple of 16 up to 128 (``auto``
-takes the torch backend otherwise); fp32, fp16 and bf16.
+raises UsageError); no dropout, no ``window_size`` pairs, no ``softcap``, no gradient for the slopes; the triton
+backend needs a head_dim that is a multiple of 16 up to 128 (``auto`` takes the torch backend otherwise); fp32,
+fp16 and bf16. Refusals are one-line UsageErrors that name the Python argument (``slopes``, ``backend='torch'``).
 """
 
 from __future__ import annotations
@@ -54,7 +74,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
 
     Args:
         attention_mask: ``[B, Tk]``, 1 (or True) for real tokens; None: every token is real.
-        slopes: float ``[H]``; None: BLOOM's schedule for H heads.
+        slopes: float ``[H]``, or ``[B, H]`` (per batch row, as FlashAttention's ``alibi_slopes``), on q's device;
+            None: BLOOM's schedule for H heads.
         softmax_scale: the scores' scale; None: ``1 / sqrt(D)``.
         return_stats: also return :class:`AttentionStats`.
         backend: ``auto`` (triton on CUDA, torch elsewhere), ``triton`` or ``torch``.
@@ -115,11 +136,7 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
     if backend == "eager":
         raise UsageError("alibi_attention takes backend auto, triton or torch")
     backend = resolve_backend(backend, device, head_dim)
-    if slopes is None:
-        slopes = _default_slopes(n_head, device)
-    elif tuple(slopes.shape) != (n_head,):
-        raise UsageError(f"slopes must be [heads] = [{n_head}], got {list(slopes.shape)}")
-    slopes = slopes.to(device=device, dtype=torch.float32)
+    slopes = _default_slopes(n_head, device) if slopes is None else _check_slopes(slopes, batch, n_head, device)
     if mask is None:  # every key real: positions 0..Tk-1, first real key 0 (two ops instead of a mask's six)
         key_pos = torch.arange(k_len, dtype=torch.int32, device=device).expand(batch, k_len)
         return key_pos, torch.zeros(batch, dtype=torch.int32, device=device), slopes, backend
@@ -127,6 +144,21 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
         raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
     key_pos = key_positions(mask.to(device=device) != 0)
     return key_pos, first_real_key(key_pos).to(torch.int32), slopes, backend
+
+
+def _check_slopes(slopes, batch: int, n_head: int, device: torch.device) -> torch.Tensor:
+    """``slopes`` as float32, after checking it is a floating-point ``[heads]`` or ``[batch, heads]`` tensor on the
+    inputs' device (FlashAttention's ``alibi_slopes``: ``(nheads,)`` or ``(batch, nheads)``)."""
+    if not isinstance(slopes, torch.Tensor):
+        raise UsageError(f"slopes must be a tensor [heads] or [batch, heads], got {type(slopes).__name__}")
+    if tuple(slopes.shape) not in ((n_head,), (batch, n_head)):
+        raise UsageError(f"slopes must be [heads] = [{n_head}] or [batch, heads] = [{batch}, {n_head}], got "
+                         f"{list(slopes.shape)}")
+    if not slopes.dtype.is_floating_point:
+        raise UsageError(f"slopes must be a floating-point tensor (float32 is exact), got {slopes.dtype}")
+    if slopes.device != device:
+        raise UsageError(f"slopes must be on the inputs' device ({device}), got {slopes.device}")
+    return slopes.to(torch.float32)
 
 
 _SLOPES: dict = {}

@@ -11,17 +11,23 @@
 
 :func:`resume_hint` turns the ``last_checkpoint`` a stopped ``repair`` carries into the text that names it and the
 exact ``--resume`` command.
+
+:func:`flag_wording` is the one rule by which the command line words the library's errors: the library names its
+Python arguments as ``name=value`` (``use backend='torch'``), the CLI prints each one that is an option of the
+command as that option (``use --backend torch``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shlex
 import signal
 import sys
 import warnings
 
-__all__ = ["setup_console", "resume_hint"]
+__all__ = ["setup_console", "resume_hint", "flag_wording"]
 
 
 class _PipeSafe:
@@ -69,6 +75,30 @@ def resume_hint(exc: BaseException, argv: list[str]) -> str:
     where = f"the last complete checkpoint is {exc.last_checkpoint}" if exc.last_checkpoint else \
         "no checkpoint was complete yet"
     return f"; {where}; continue with: {command}"
+
+
+# a Python argument as library messages name it: ``name=value``, value a literal (quoted or not)
+_ARGUMENT = re.compile(r"(?<![\w.=-])([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()\[\]]+)")
+
+
+def flag_wording(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with each ``name=value`` whose ``--name`` (underscores as dashes) is an option of ``parser``
+    written as that option: ``--name value`` (quotes dropped), or ``--name`` alone for a switch given True.
+    Anything else is left as it is, so a message reads the same from Python and, in the CLI's words, from the
+    command line."""
+    actions = parser._option_string_actions
+
+    def flag(match: re.Match) -> str:
+        option, value = "--" + match.group(1).replace("_", "-"), match.group(2)
+        if option not in actions:
+            return match.group(0)
+        if actions[option].nargs == 0:  # a switch: store_true and the like
+            return option if value == "True" else match.group(0)
+        if value[:1] in ("'", '"'):
+            value = value[1:-1]
+        return f"{option} {value}"
+
+    return _ARGUMENT.sub(flag, message)
 
 
 def setup_console() -> None:

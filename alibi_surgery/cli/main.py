@@ -26,7 +26,7 @@ import argparse
 import sys
 
 from . import compare, demo, diagnose, drift, family, generate, perplexity, plan_memory, random_model, repair
-from .console import resume_hint, setup_console
+from .console import flag_wording, resume_hint, setup_console
 from ..errors import UsageError, WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def _quiet_transformers() -> None:
     """Our own progress bar and one-line errors only: no transformers warnings or loading bars on the terminal."""
     from transformers.utils import logging as hf_logging
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, WriteError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}{resume_hint(exc, argv)}", file=sys.stderr)
+        message = flag_wording(str(exc), _command_parser(parser, args.command))  # the library's words as flags
+        print(f"error: {message}{resume_hint(exc, argv)}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt as exc:
         if args.debug:

@@ -32,16 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..demo.reproduce import reproduce
     from ..errors import UsageError
-    from .console import setup_console
+    from .console import flag_wording, setup_console
 
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     setup_console()
     try:
         r = reproduce(a.out, model=a.model, seeds=a.seeds, workers=a.workers, docs=tuple(a.docs), epochs=a.epochs,
                       save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, seq_len=a.seq_len,
                       docs_dir=a.docs_dir, progress=not a.quiet)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {flag_wording(str(exc), parser)}", file=sys.stderr)
         return 2
     print(f"wrote {Path(a.out) / 'reproduction.md'} ({r['wall_seconds'] / 60:.1f} min)")
     return 0

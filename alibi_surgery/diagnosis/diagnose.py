@@ -216,7 +216,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
     n_head, head_dim = family.attention_shape(attns[0])
     param = next(base.parameters())
     if backend == "eager" and family.eager_refusal():
-        raise UsageError(f"--backend eager: {family.eager_refusal()}")
+        raise UsageError(f"backend='eager': {family.eager_refusal()}")
     concrete = "eager" if backend == "eager" else resolve_backend(backend, param.device, head_dim=head_dim)
 
     with _left_padding(tokenizer):

@@ -28,7 +28,7 @@ DEFAULT_THRESHOLD = 0.01
 
 def check_threshold(threshold: float) -> float:
     if not threshold >= 0:  # also refuses NaN
-        raise UsageError(f"--dormancy-threshold must be >= 0, got {threshold}")
+        raise UsageError(f"dormancy_threshold={threshold}: must be >= 0")
     return float(threshold)
 
 

@@ -40,7 +40,7 @@ DEFAULT_DORMANT_FRACTION = 0.1  # docs/metrics.md says why
 def check_dormant_fraction(fraction: float) -> float:
     """``fraction`` if it lies in (0, 1], else a one-line UsageError (NaN refused too)."""
     if not 0.0 < fraction <= 1.0:
-        raise UsageError(f"--dormant-fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"dormant_fraction={fraction}: must be in (0, 1]")
     return float(fraction)
 
 

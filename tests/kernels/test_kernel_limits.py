@@ -36,7 +36,7 @@ def test_triton_refuses_unsupported_head_dim(head_dim, device):
     with pytest.raises(UsageError) as err:
         resolve_backend("triton", device, head_dim=head_dim)
     message = str(err.value)
-    assert f"this model has head_dim {head_dim}" in message and "use --backend torch" in message
+    assert f"this model has head_dim {head_dim}" in message and "use backend='torch'" in message and "--" not in message
     assert "\n" not in message
 
 
@@ -59,7 +59,7 @@ def _head_dim_40_model() -> BloomForCausalLM:
 
 def test_patch_refuses_triton_up_front_and_leaves_the_model_alone():
     model = _head_dim_40_model()
-    with pytest.raises(UsageError, match="this model has head_dim 40; use --backend torch"):
+    with pytest.raises(UsageError, match="this model has head_dim 40; use backend='torch'"):
         patch_bloom(model, "triton")
     assert all("forward" not in block.self_attention.__dict__ for block in model.transformer.h)
 
