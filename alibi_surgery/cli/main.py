@@ -69,11 +69,16 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
 
 
 def _quiet_transformers() -> None:
-    """Our own progress bar and one-line errors only: no transformers warnings or loading bars on the terminal."""
+    """Our own progress bar and one-line errors only: no transformers warnings or loading bars on the terminal, and
+    none from Hugging Face's kernels package (transformers >= 5.25 imports it; offline, as every command here runs,
+    it warns that it skips a publisher trust check each time a modeling module registers its hub kernels)."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

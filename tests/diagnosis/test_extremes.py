@@ -128,7 +128,10 @@ def test_streamed_diagnosis_equals_the_hook_reference(case_model, tmp_path):
 def test_eager_backend_gives_residual_peak_only(case_model):
     case, model, expected = case_model
     if case.id == "falcon":
-        pytest.skip("diagnose refuses --backend eager for Falcon")
+        from alibi_surgery.families.falcon import takes_alibi
+
+        if takes_alibi():
+            pytest.skip("transformers <= 5.24: diagnose refuses --backend eager for Falcon")
     report = diagnose(model, byte_tokenizer(), PROMPTS, backend="eager", batch_size=3)
     assert report.value_ratio is None and report.output_norm is None and report.dormant is None
     assert ((report.residual_peak.double() - expected[2]).abs() / expected[2]).max() < 1e-4
