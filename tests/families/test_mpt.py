@@ -8,6 +8,7 @@ Every reference is independent of the adapter: transformers' modules, or the blo
 
 from __future__ import annotations
 
+import inspect
 
 import pytest
 import torch
@@ -86,9 +87,10 @@ def test_patched_attention_decodes_with_the_cache_under_either_name(name):
     bias = build_mpt_alibi_tensor(N_HEAD, 128)  # what MptModel passes
     causal = torch.ones(9, 9, dtype=torch.bool).triu(1)[None, None]  # MPT's bool mask: True = masked
     out = {}
+    own = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"  # <= 5.24
     for run in ("eager", "patched"):
         cache = DynamicCache()
-        kw = {"cache": cache} if run == "eager" else {name: cache}
+        kw = {own: cache} if run == "eager" else {name: cache}
         if run == "patched":
             patch(attn, "torch")
         with torch.no_grad():
