@@ -45,7 +45,7 @@ def test_eager_refusal_and_thresholds_name_the_arguments(monkeypatch):
     if not takes_alibi():  # transformers >= 5.25: eager Falcon is right and not refused; the wording is the point
         monkeypatch.setattr(FALCON, "eager_refusal", lambda: "transformers' Falcon attention adds the ALiBi bias twice")
     message = _refusal(lambda: packed_perplexity(falcon, torch.randint(0, 50, (1, 8)), backend="eager"))
-    assert message.startswith("backend='eager': transformers' Falcon attention adds the ALiBi bias twice")
+    assert message.startswith("backend='eager': transformers' Falcon attention") and "adds the ALiBi bias twice" in message
     assert _refusal(lambda: check_threshold(-0.5)) == "dormancy_threshold=-0.5: must be >= 0"
     assert _refusal(lambda: check_dormant_fraction(2.0)) == "dormant_fraction=2.0: must be in (0, 1]"
 
