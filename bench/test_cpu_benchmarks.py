@@ -106,6 +106,18 @@ def test_diagnose(benchmark, record, provider):
     record("diagnose", dict(row, vocab=4096), ms_key="build_and_diagnose_seconds", scale=1.0)
 
 
+def test_diagnose_ratio(benchmark, record):
+    """The issue's CPU goal, diagnose with the torch backend at most 0.7x eager ``output_attentions``: bloom-560m
+    shape at T = 2048, both in this process, interleaved (a few minutes on 2 cores; no assertion, it prints)."""
+    from bench_diagnose import same_process_ratio
+
+    row = {}
+    benchmark.pedantic(lambda: row.update(same_process_ratio("bloom-560m", 2048, rounds=2)), rounds=1, iterations=1)
+    print(f"\nbloom-560m T=2048 diagnose torch/eager time {row['ratio']:.3f} (medians {row['torch_seconds']:.2f} s / "
+          f"{row['eager_seconds']:.2f} s; rounds: eager {row['eager_rounds']}, torch {row['torch_rounds']})")
+    record("diagnose_ratio", row, ms_key="bench_seconds", scale=1.0)
+
+
 def test_train_step(benchmark, record):
     from types import SimpleNamespace
 
