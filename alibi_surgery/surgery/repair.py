@@ -163,6 +163,7 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"passes={passes}: must be >= 1")
+    (options.get("settings") or RepairSettings()).check()  # the cheap checks first: before the model is read
     model_path = _repairable(model_dir)
     if dry_run or passes == 1:
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)

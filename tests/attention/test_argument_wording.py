@@ -11,7 +11,7 @@ from alibi_surgery.attention import backends
 from alibi_surgery.cli.console import flag_wording
 from alibi_surgery.cli.main import _command_parser, build_parser
 from alibi_surgery.diagnosis.extremes import check_dormant_fraction
-from alibi_surgery.analysis.dormancy import check_threshold
+from alibi_surgery.diagnosis.dormancy import check_threshold
 
 
 def _refusal(call) -> str:
