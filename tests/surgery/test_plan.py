@@ -351,7 +351,7 @@ def test_allow_empty_gives_a_no_op_plan(tmp_path):
 
 
 @pytest.mark.parametrize("kw, fragment", [
-    (dict(), "automatic head selection needs a diagnosis report"),
+    (dict(), "heads=.auto. needs a diagnosis report"),
     (dict(band="4-6"), "band='4-6' needs a diagnosis report"),
     (dict(heads="1:1", layers="2-5"), "layers='2-5' only applies with band"),
     (dict(heads="1:1", band="4-6"), "exclusive"),
