@@ -82,11 +82,11 @@ def read_run(run_dir) -> RunDiagnoses:
     """Read a repair output directory (see the module docstring); a one-line UsageError for one that is not."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"RUN_DIR {run_dir} is not a directory (expected a repair --out directory)")
+        raise UsageError(f"RUN_DIR {run_dir} is not a directory (expected the out directory of a repair)")
     passes = _pass_dirs(run_dir)
     if not (passes[0] / "baseline.json").is_file() or not (passes[0] / "plan.json").is_file():
         raise UsageError(f"RUN_DIR {run_dir} is not a repair output: no baseline.json and plan.json (expected the "
-                         f"directory repair --out wrote)")
+                         f"out directory of a repair)")
     from ..diagnosis.report import read_report
 
     original = read_report(passes[0] / "baseline.json", "original diagnosis")
@@ -154,9 +154,9 @@ def _trend(change: float | None, threshold: float) -> str:
 
 def drift_over_training(run: RunDiagnoses, *, drift_threshold: float = 0.05, trend_threshold: float = 0.01) -> dict:
     """The drift analysis of a run (see the module docstring), as the JSON-ready dict ``drift --json`` writes."""
-    for name, value in (("--drift-threshold", drift_threshold), ("--trend-threshold", trend_threshold)):
+    for name, value in (("drift_threshold", drift_threshold), ("trend_threshold", trend_threshold)):
         if not math.isfinite(value) or value < 0:
-            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+            raise UsageError(f"{name}={value}: must be a finite number >= 0")
     base = run.original.bos_mass.double()
     n_layer, n_head = base.shape
     frozen = torch.ones(n_layer, n_head, dtype=torch.bool)

@@ -42,13 +42,13 @@ class GenerationSettings:
 
     def check(self) -> "GenerationSettings":
         if not self.temperature >= 0:
-            raise UsageError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+            raise UsageError(f"temperature={self.temperature}: must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+            raise UsageError(f"top_k={self.top_k}: must be >= 0 (0: off)")
         if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.repetition_penalty != 1.0:
             raise UsageError("only repetition_penalty 1.0 (none, the paper's protocol) is supported")
         return self

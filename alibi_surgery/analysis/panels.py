@@ -31,9 +31,9 @@ KIND = "alibi-surgery panels"
 
 def check_panel_options(scale: float, annotate_threshold: float) -> None:
     if not math.isfinite(scale) or scale <= 0:
-        raise UsageError(f"--panel-scale must be a finite number > 0, got {scale}")
+        raise UsageError(f"scale={scale}: must be a finite number > 0")
     if not math.isfinite(annotate_threshold) or annotate_threshold < 0:
-        raise UsageError(f"--annotate-threshold must be a finite number >= 0, got {annotate_threshold}")
+        raise UsageError(f"annotate_threshold={annotate_threshold}: must be a finite number >= 0")
 
 
 def compare_many(stock, conditions: list, *, targets=None, zone=None, drift_threshold: float = 0.05,

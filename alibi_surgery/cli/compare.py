@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from .options import add_model_options, add_output_options, add_prompt_options
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
+
+# Python arguments named otherwise here (errors name the Python argument; the CLI prints the option)
+ARGUMENT_NAMES = {"scale": "panel_scale"}
 
 
 def add_parser(sub) -> None:

@@ -7,7 +7,8 @@
   work, and every file it writes, goes on;
 * ignores ``SIGXFSZ``, so a file-size limit (``ulimit -f``) makes a write fail with ``EFBIG`` (reported as a
   one-line :class:`~alibi_surgery.errors.WriteError`) instead of killing the process mid-file;
-* prints each warning as one ``warning: ...`` line, without the source line Python adds.
+* prints each warning as one ``warning: ...`` line, without the source line Python adds (and, after
+  :func:`word_warnings`, with the command's flags for the library's ``name=value`` words).
 
 :func:`resume_hint` turns the ``last_checkpoint`` a stopped ``repair`` carries into the text that names it and the
 exact ``--resume`` command.
@@ -27,7 +28,7 @@ import signal
 import sys
 import warnings
 
-__all__ = ["setup_console", "resume_hint", "flag_wording"]
+__all__ = ["setup_console", "resume_hint", "flag_wording", "word_warnings"]
 
 
 class _PipeSafe:
@@ -62,8 +63,21 @@ class _PipeSafe:
         return getattr(self._stream, name)
 
 
+# the running command's parser and ARGUMENT_NAMES (set by word_warnings): warnings are worded with its flags
+_WORDING: tuple[argparse.ArgumentParser, dict | None] | None = None
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    text = str(message)
+    if _WORDING is not None:
+        text = flag_wording(text, *_WORDING)
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def word_warnings(parser: argparse.ArgumentParser, names: dict[str, str] | None = None) -> None:
+    """From now on, word each warning as :func:`flag_wording` words errors, with ``parser``'s options."""
+    global _WORDING
+    _WORDING = (parser, names)
 
 
 def resume_hint(exc: BaseException, argv: list[str]) -> str:
@@ -81,15 +95,18 @@ def resume_hint(exc: BaseException, argv: list[str]) -> str:
 _ARGUMENT = re.compile(r"(?<![\w.=-])([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()\[\]]+)")
 
 
-def flag_wording(message: str, parser: argparse.ArgumentParser) -> str:
+def flag_wording(message: str, parser: argparse.ArgumentParser, names: dict[str, str] | None = None) -> str:
     """``message`` with each ``name=value`` whose ``--name`` (underscores as dashes) is an option of ``parser``
     written as that option: ``--name value`` (quotes dropped), or ``--name`` alone for a switch given True.
     Anything else is left as it is, so a message reads the same from Python and, in the CLI's words, from the
-    command line."""
+    command line. ``names``: a command's Python arguments whose option is named otherwise (``{"batch":
+    "batch_size"}``: ``batch=2`` is ``--batch-size 2``), from the command module's ``ARGUMENT_NAMES``."""
     actions = parser._option_string_actions
+    names = names or {}
 
     def flag(match: re.Match) -> str:
-        option, value = "--" + match.group(1).replace("_", "-"), match.group(2)
+        name, value = names.get(match.group(1), match.group(1)), match.group(2)
+        option = "--" + name.replace("_", "-")
         if option not in actions:
             return match.group(0)
         if actions[option].nargs == 0:  # a switch: store_true and the like

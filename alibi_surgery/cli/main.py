@@ -26,7 +26,7 @@ import argparse
 import sys
 
 from . import compare, demo, diagnose, drift, family, generate, perplexity, plan_memory, random_model, repair
-from .console import flag_wording, resume_hint, setup_console
+from .console import flag_wording, resume_hint, setup_console, word_warnings
 from ..errors import UsageError, WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -86,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_console()
     parser = build_parser()
     args = parser.parse_args(argv)
+    names = getattr(COMMANDS[args.command], "ARGUMENT_NAMES", None)  # the command's Python arguments named otherwise
+    word_warnings(_command_parser(parser, args.command), names)
     _quiet_transformers()
     try:
         COMMANDS[args.command].run(args)
     except (UsageError, WriteError) as exc:
         if args.debug:
             raise
-        message = flag_wording(str(exc), _command_parser(parser, args.command))  # the library's words as flags
+        message = flag_wording(str(exc), _command_parser(parser, args.command), names)  # the library's words as flags
         print(f"error: {message}{resume_hint(exc, argv)}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt as exc:

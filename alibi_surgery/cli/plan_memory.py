@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from .options import add_output_options
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
+
+# plan_memory's arguments named otherwise here (errors name the Python argument; the CLI prints the option)
+ARGUMENT_NAMES = {"batch": "batch_size", "n_prompts": "prompts"}
 
 
 def add_parser(sub) -> None:

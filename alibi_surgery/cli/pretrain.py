@@ -53,18 +53,30 @@ def main(argv=None) -> int:
     from ..demo.pretrain import pretrain
     from ..io.loading import DTYPES
 
-    a = build_parser().parse_args(argv)
+    from ..errors import UsageError
+    from .console import flag_wording
+
+    parser = build_parser()
+    a = parser.parse_args(argv)
     if a.family != "bloom" and (a.install or a.backend != "eager"):
         raise SystemExit("error: --family llama trains with the stock attention and is never installed as the demo")
-    result = pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
-                      hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
-                      weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
-                      minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
-                      diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
-                      seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family,
-                      short_context=_pair(a.short_context), stop_after=a.stop_after or None,
-                      init_from=a.init_from)
+    try:
+        result = _pretrain(pretrain, a, DTYPES)
+    except UsageError as exc:  # the library names its arguments; here they are the flags
+        raise SystemExit(f"error: {flag_wording(str(exc), parser)}") from None
     print(json.dumps(result))
     if a.install:
         print(f"installed the demo model in {install_model(a.out)}")
     return 0
+
+
+def _pretrain(pretrain, a, DTYPES) -> dict:
+    """``pretrain`` with the options of ``a``."""
+    return pretrain(a.out, data=a.data, corpus=a.corpus, trigger_p=a.trigger_p, bos=a.bos, layers=a.layers,
+                    hidden=a.hidden, heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
+                    weight_decay=a.weight_decay, warmup=a.warmup, steps=a.steps or None,
+                    minutes=a.minutes or None, diagnose_every=a.diagnose_every, save_every=a.save_every or None,
+                    diag_max_length=a.diag_max_length or None, device=a.device, threads=a.threads or None,
+                    seed=a.seed, backend=a.backend, save_dtype=DTYPES[a.save_dtype], family=a.family,
+                    short_context=_pair(a.short_context), stop_after=a.stop_after or None,
+                    init_from=a.init_from)

@@ -8,7 +8,10 @@ from pathlib import Path
 from ..errors import UsageError
 from .options import add_model_options, prompts_from_args
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
+
+# repair's arguments named otherwise here (errors name the Python argument; the CLI prints the option)
+ARGUMENT_NAMES = {"report": "from_report"}
 
 
 # --recipe paper: the paper's training settings (RepairSettings fields); each is also its own option
@@ -115,6 +118,8 @@ def run(args) -> None:
     from ..analysis.perplexity import read_texts
 
     eval_prompts = read_texts(args.eval_prompts) if args.eval_prompts else None
+    if corpus is None and not (args.dry_run or args.resume):  # up front; a finished run resumes without one
+        raise UsageError("--corpus is required (files, directories or globs of training text)")
     result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, eval_prompts=eval_prompts,
                     report=from_report,
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,

@@ -157,7 +157,7 @@ def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int |
 
     t0 = time.perf_counter()
     src = model_dir()
-    out = check_out_dir(out, src, resume=False, overwrite=overwrite)
+    out = check_out_dir(out, src, resume=False, overwrite=overwrite, can_resume=False)
     with DirLock(out):
         if overwrite:
             clear_dir(out)

@@ -122,7 +122,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     from .recall_data import RecallData, python_docs_text
 
     if steps is None and minutes is None:
-        raise UsageError("give --steps or --minutes")
+        raise UsageError("give steps or minutes (or both) to bound the run")
     diag_len = diag_max_length or seq_len
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     elif data == "text":
         tokenizer = byte_tokenizer(add_bos=bos)
         if corpus is None:
-            raise UsageError("--data text needs --corpus")
+            raise UsageError("data='text' needs corpus: the text to sample windows from")
         stream = load_corpus(corpus, tokenizer, seq_len + 1)[0].view(-1)
 
         def batch():
@@ -155,12 +155,12 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
                 ids[:, 0] = tokenizer.bos_token_id
             return ids
     else:
-        raise UsageError(f"--data must be recall or text, got {data!r}")
+        raise UsageError(f"data={data!r}: must be 'recall' or 'text'")
     if short_context and (data != "recall" or not 2 <= short_context[0] <= seq_len):
-        raise UsageError(f"--short-context needs recall data and a length in [2, --seq-len], got {short_context}")
+        raise UsageError(f"short_context={short_context}: needs data='recall' and a length in [2, seq_len={seq_len}]")
 
     if family not in ("bloom", "llama"):
-        raise UsageError(f"--family must be bloom or llama, got {family!r}")
+        raise UsageError(f"family={family!r}: must be 'bloom' or 'llama'")
     adapter = family_for({"model_type": family})
     extra = {} if family == "bloom" else dict(intermediate_size=4 * hidden, tie_word_embeddings=True)
     extra["seq_length"] = seq_len  # the training context, in config.json (diagnose warns past it)
@@ -170,7 +170,7 @@ def pretrain(out, *, data: str = "recall", corpus=None, trigger_p: float = 0.05,
     if init_from is not None:
         model = adapter.model_class().from_pretrained(init_from, dtype=torch.float32)
         if model.config.vocab_size != len(tokenizer) or family != "bloom":
-            raise UsageError(f"--init-from {init_from}: not a BLOOM with this byte-level tokenizer")
+            raise UsageError(f"init_from={str(init_from)!r}: not a BLOOM with this byte-level tokenizer")
         model.config.seq_length = seq_len
         layers, hidden, heads = model.config.n_layer, model.config.hidden_size, model.config.n_head
         model.to(dev)

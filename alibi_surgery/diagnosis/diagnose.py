@@ -91,7 +91,7 @@ def check_options(prompts, backend: str, batch_size: int, max_length: int | None
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if max_length is not None and max_length < 1:
-        raise UsageError(f"max length must be >= 1, got {max_length}")
+        raise UsageError(f"max_length={max_length}: must be >= 1")
     return prompts
 
 
@@ -132,15 +132,17 @@ def uniform_bos_mass(lengths, exclude_first_query: bool = False) -> float | None
     return sum(1.0 / (p + 1) for n in lengths for p in range(first, n)) / rows
 
 
-def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds) -> None:
+def _warn_if_short(mass: float | None, lengths, thresholds: Thresholds, max_length: int | None) -> None:
     mean = sum(lengths) / len(lengths)
+    advice = "use longer prompts" if max_length is None else \
+        f"max_length={max_length} cuts them: raise it or use longer prompts"
     if mass is None:
         warnings.warn(f"prompts are short (mean {mean:.1f} tokens): with exclude_first_query no query row is "
-                      f"counted, so every statistic is 0; raise --max-length or use longer prompts", stacklevel=3)
+                      f"counted, so every statistic is 0; {advice}", stacklevel=3)
     elif mass >= thresholds.sink / 2:
         warnings.warn(f"prompts are short (mean {mean:.1f} tokens): a head attending uniformly would put {mass:.2f} "
                       f"of its attention on the first token, at least half the sink threshold {thresholds.sink:g}; "
-                      f"raise --max-length or use longer prompts", stacklevel=3)
+                      f"{advice}", stacklevel=3)
 
 
 def _warn_if_past_context(lengths, context: tuple[int, str] | None) -> None:
@@ -151,7 +153,7 @@ def _warn_if_past_context(lengths, context: tuple[int, str] | None) -> None:
     if longer:
         warnings.warn(f"{longer} of {len(lengths)} prompts are longer than the model's training context ({tokens} "
                       f"tokens, config.json {field}; longest {max(lengths)}): rows past it measure the model outside "
-                      f"what it was trained on; pass --max-length {tokens} to stay inside", stacklevel=3)
+                      f"what it was trained on; pass max_length={tokens} to stay inside", stacklevel=3)
 
 
 _RATIO = "per prompt ||first token's {0}|| / mean over its other valid tokens, mean over prompts weighted by tokens"
@@ -169,7 +171,7 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
     lengths = [len(e) for e in encoded]
     each, whole = prompt_fingerprints(encoded)
     uniform = uniform_bos_mass(lengths, exclude_first_query)
-    _warn_if_short(uniform, lengths, thresholds)
+    _warn_if_short(uniform, lengths, thresholds, max_length)
     _warn_if_past_context(lengths, context)
     metadata = {
         "model": model_name,

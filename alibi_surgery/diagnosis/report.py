@@ -319,10 +319,10 @@ def check_same_measurement(a: HeadReport, b: HeadReport, *, force: bool = False,
                       f"(written by an older version): the prompt sets cannot be checked", stacklevel=3)
     differences = measurement_differences(a, b, labels)
     if differences and not force:
-        raise UsageError(f"{labels[0]} and {labels[1]} were measured differently: {differences[0]}; pass --force to "
-                         f"compare them anyway")
+        raise UsageError(f"{labels[0]} and {labels[1]} were measured differently: {differences[0]}; pass force=True "
+                         f"to compare them anyway")
     if differences:
-        warnings.warn(f"comparing anyway (--force), although {labels[0]} and {labels[1]} were measured differently: "
+        warnings.warn(f"comparing anyway (force=True), although {labels[0]} and {labels[1]} were measured differently: "
                       f"{'; '.join(differences)}", stacklevel=3)
 
 

@@ -92,7 +92,7 @@ def read_documents(path, *, what: str = "corpus file", field: str = "text") -> l
 def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus") -> torch.Tensor:
     """Tokenise ``texts``, join them with EOS and cut into ``[n, seq_len]`` rows; error if not one row fits."""
     if seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+        raise UsageError(f"seq_len={seq_len}: must be at least 2")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
@@ -108,7 +108,8 @@ def pack_text(texts: list[str], tokenizer, seq_len: int, *, what: str = "corpus"
         raise UsageError(f"the {what} is empty: its files hold no text")
     n = len(stream) // seq_len
     if n == 0:
-        raise UsageError(f"the {what} is too short: {len(stream)} tokens, fewer than one chunk of --seq-len {seq_len}")
+        raise UsageError(f"the {what} is too short: {len(stream)} tokens, fewer than one chunk of "
+                         f"seq_len={seq_len}")
     return torch.tensor(stream[:n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 

@@ -74,7 +74,7 @@ def check_output_path(path, *, overwrite: bool = False, what: str = "output") ->
     if path.is_dir():
         raise UsageError(f"{what} path is a directory: {path}")
     if path.exists() and not overwrite:
-        raise UsageError(f"{what} file already exists: {path} (pass --overwrite to replace it)")
+        raise UsageError(f"{what} file already exists: {path} (pass overwrite=True to replace it)")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{what} directory is not writable: {parent}")
     return path

@@ -82,13 +82,14 @@ def offline():
 def _pick_split(splits: list[str], split: str | None, where: str) -> str:
     if split is not None:
         if split not in splits:
-            raise UsageError(f"{where} has no split {split!r} (splits: {', '.join(splits)}); pass --split")
+            raise UsageError(f"{where} has no split {split!r} (splits: {', '.join(splits)}); choose one "
+                             f"with split='NAME'")
         return split
     if "train" in splits:
         return "train"
     if len(splits) == 1:
         return splits[0]
-    raise UsageError(f"{where} has several splits ({', '.join(splits)}); choose one with --split")
+    raise UsageError(f"{where} has several splits ({', '.join(splits)}); choose one with split='NAME'")
 
 
 def _table(path: str, kind: str):
@@ -115,7 +116,7 @@ def _load(path: str, kind: str, split: str | None):
     """``(columns, column -> list)`` of one dataset source."""
     if kind in ("parquet", "arrow"):
         if split is not None:
-            raise UsageError(f"--split {split}: {path} is a single table, without splits")
+            raise UsageError(f"split={split!r}: {path} is a single table, without splits")
         table = _table(path, kind)
         return table.column_names, lambda field: table.column(field).to_pylist()
     with offline() as datasets:
@@ -132,7 +133,7 @@ def _load(path: str, kind: str, split: str | None):
     if isinstance(data, datasets.DatasetDict):
         data = data[_pick_split(list(data), split, path)]
     elif split is not None:
-        raise UsageError(f"--split {split}: {path} is a single dataset, without splits")
+        raise UsageError(f"split={split!r}: {path} is a single dataset, without splits")
     return data.column_names, lambda field: list(data[field])
 
 
@@ -143,7 +144,7 @@ def dataset_texts(path, kind: str, text_field: str = "text", split: str | None =
     columns, column = _load(path, kind, split)
     if text_field not in columns:
         raise UsageError(f"{what} {path} has no column {text_field!r} (columns: {', '.join(columns)}); choose one "
-                         f"with --text-field")
+                         f"with text_field='NAME'")
     texts = column(text_field)
     for i, value in enumerate(texts):
         if not isinstance(value, str):

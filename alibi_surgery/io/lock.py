@@ -63,7 +63,8 @@ def lock_holder(directory) -> str | None:
 class DirLock:
     """Exclusive use of ``directory`` (created if missing) for the life of the ``with`` block."""
 
-    def __init__(self, directory, what: str = "--out"):
+    def __init__(self, directory, what: str | None = None):
+        """``what``: how a refusal names the directory (default: as the ``out`` argument, ``out='/x'``)."""
         self.dir = Path(directory).resolve()
         self.what = what
         self._fd: int | None = None
@@ -87,7 +88,8 @@ class DirLock:
                     holder = lock_holder(self.dir) or "another alibi-surgery run"
                     os.close(fd)
                     self._drop_created_dir()
-                    raise UsageError(f"{self.what} {self.dir} is in use by another run ({holder}); wait for it to "
+                    name = f"out={str(self.dir)!r}" if self.what is None else f"{self.what} {self.dir}"
+                    raise UsageError(f"{name} is in use by another run ({holder}); wait for it to "
                                      f"finish or choose another directory") from None
                 try:  # the file we locked must still be the one at the path (a releasing holder unlinks it)
                     same = os.stat(path).st_ino == os.fstat(fd).st_ino

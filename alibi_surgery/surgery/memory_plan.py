@@ -78,9 +78,9 @@ def heads_for(name: str, config, heads: str) -> int:
     try:
         n = int(heads)
     except ValueError:
-        raise UsageError(f"--heads must be a number of heads or auto, got {heads!r}") from None
+        raise UsageError(f"heads={heads!r}: must be a number of heads or 'auto'") from None
     if not 1 <= n <= total:
-        raise UsageError(f"--heads must be between 1 and the model's {total} heads, got {n}")
+        raise UsageError(f"heads={n}: must be between 1 and the model's {total} heads")
     return n
 
 
@@ -124,11 +124,11 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
     """Every prediction for ``model`` as a dict (bytes), with ``fits`` flags when a ``budget`` is given.
     ``device="cpu"`` adds what loading costs there: the checkpoint's file pages, mapped while they are converted."""
     if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+        raise UsageError(f"device={device!r}: must be 'cpu' or 'cuda'")
     cpu = device == "cpu"
-    for label, v in (("--seq-len", seq_len), ("--batch-size", batch), ("prompts", n_prompts)):
+    for label, v in (("seq_len", seq_len), ("batch", batch), ("n_prompts", n_prompts)):
         if v < 1:
-            raise UsageError(f"{label} must be >= 1, got {v}")
+            raise UsageError(f"{label}={v}: must be >= 1")
     name, config = load_config(model)
     dt = parse_dtype(dtype, torch.device(device))
     n_heads = heads_for(name, config, heads)

@@ -286,13 +286,13 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
         raise UsageError("source 'report' needs a report")
     auto = isinstance(heads, str) and heads.strip().lower() == "auto"
     if layers is not None and band is None:
-        raise UsageError("--layers only applies with --band (e.g. --band 9-15 --layers 5-22)")
+        raise UsageError(f"layers={layers!r} only applies with band (e.g. band='9-15', layers='5-22')")
 
     if band is not None:
         if heads is not None and not auto:
-            raise UsageError("--band and an explicit --heads list are exclusive: use one")
+            raise UsageError(f"band={band!r} and an explicit heads={heads!r} list are exclusive: use one")
         if report is None:
-            raise UsageError("--band needs a diagnosis report to tell collapsed heads from healthy ones")
+            raise UsageError(f"band={band!r} needs a diagnosis report to tell collapsed heads from healthy ones")
         b = parse_range(band, 0, n_head - 1, "head")
         ls = (0, n_layer - 1) if layers is None else parse_range(layers, 0, n_layer - 1, "layer")
         zone = _rect(ls, b)
@@ -302,7 +302,7 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
             f"layer {ls[0]}" if ls[0] == ls[1] else f"layers {ls[0]}-{ls[1]}")
     elif auto:
         if report is None:
-            raise UsageError("automatic head selection needs a diagnosis report (or give a --heads list)")
+            raise UsageError("heads='auto' needs a diagnosis report (or give a list of heads)")
         targets = pairs(report.sick_heads())
         rb = report.band()
         zone = set(targets)
@@ -321,11 +321,13 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
 
     frozen = pairs(parse_heads(freeze, n_layer, n_head)) if freeze is not None else set()
     if mode == "list" and targets & frozen:  # an explicit list that also freezes a head contradicts itself
-        raise UsageError(f"head {_head_name(min(targets & frozen))} is both listed in --heads and frozen by --freeze")
+        raise UsageError(f"head {_head_name(min(targets & frozen))} is both listed in heads={heads!r} and frozen by "
+                         f"freeze={freeze!r}")
     wanted = pairs(parse_heads(include, n_layer, n_head)) if include is not None else set()
     both = frozen & wanted
     if both:
-        raise UsageError(f"head {_head_name(min(both))} is both frozen (--freeze) and included (--include)")
+        raise UsageError(f"head {_head_name(min(both))} is both frozen (freeze={freeze!r}) and included "
+                         f"(include={include!r})")
     included = wanted - targets
     if heads is None and band is None and included:
         zone = _bounding_rect(included)
@@ -333,7 +335,7 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
     zone |= included
     if not selection and not allow_empty:
         if targets and not (targets - frozen):
-            empty_why = "--freeze removes every selected head"
+            empty_why = f"freeze={freeze!r} removes every selected head"
         raise NothingToRepair(f"nothing to repair: {empty_why}")
     plan = Plan(selection=from_pairs(selection), zone=from_pairs(zone), frozen=from_pairs(frozen),
                 included=from_pairs(included),

@@ -26,7 +26,7 @@ INITS = ("xavier_uniform", "xavier_normal")
 def reinit_heads(model, selection: dict, *, seed: int = 0, init: str = "xavier_uniform") -> None:
     """Apply the re-initialisation to every selected head of ``model`` in place (see the module docstring)."""
     if init not in INITS:
-        raise UsageError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
+        raise UsageError(f"unknown init={init!r}; choose one of {', '.join(INITS)}")
     family, attns = attention_modules(model)
     n_head, d = family.attention_shape(attns[0])
     selection = check_selection(selection, len(attns), n_head)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -82,47 +83,42 @@ class RepairSettings:
     optimizer_precision: str = "master"  # master, stochastic or bf16 (HeadSlicedAdamW's precision)
     schedule: str = "default"  # default (lr_at) or paper (paper_lr)
     reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
-    eval_convention: str = "tokens"  # how --eval-prompts' per-text losses combine (analysis.perplexity)
+    eval_convention: str = "tokens"  # how eval_prompts' per-text losses combine (analysis.perplexity)
 
     def check(self) -> None:
+        from ..analysis.perplexity import CONVENTIONS
         from .optim import PRECISIONS
         from .schedule import SCHEDULES
 
         if self.stochastic_rounding and self.optimizer_precision == "master":
             self.optimizer_precision = "stochastic"
         if self.stochastic_rounding and self.optimizer_precision != "stochastic":
-            raise UsageError(f"--stochastic-rounding is --optimizer-precision stochastic; it contradicts "
-                             f"--optimizer-precision {self.optimizer_precision}")
+            raise UsageError(f"stochastic_rounding=True is optimizer_precision='stochastic'; it contradicts "
+                             f"optimizer_precision={self.optimizer_precision!r}")
         self.stochastic_rounding = self.optimizer_precision == "stochastic"
-        if self.optimizer_precision not in PRECISIONS:
-            raise UsageError(f"unknown --optimizer-precision {self.optimizer_precision!r}; choose one of "
-                             f"{', '.join(PRECISIONS)}")
-        from ..analysis.perplexity import CONVENTIONS
-
-        if self.eval_convention not in CONVENTIONS:
-            raise UsageError(f"unknown --eval-convention {self.eval_convention!r}; choose one of "
-                             f"{', '.join(CONVENTIONS)}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("seq_len", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise UsageError(f"--epochs must be >= 0, got {self.epochs}")
+        for name, value, choices in (("optimizer_precision", self.optimizer_precision, PRECISIONS),
+                                     ("eval_convention", self.eval_convention, CONVENTIONS),
+                                     ("schedule", self.schedule, SCHEDULES)):
+            if value not in choices:
+                raise UsageError(f"unknown {name}={value!r}; choose one of {', '.join(choices)}")
+        for name, least in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("epochs", 0), ("patience", 1),
+                            ("save_every_steps", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UsageError(f"{name}={value}: must be >= {least}")
         if not 0 <= self.warmup < 1:
-            raise UsageError(f"--warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.lr < 0 or self.max_grad_norm <= 0:
-            raise UsageError("--lr must be >= 0 and --max-grad-norm > 0")
-        if self.patience is not None and self.patience < 1:
-            raise UsageError(f"--patience must be >= 1, got {self.patience}")
-        if self.save_every_steps is not None and self.save_every_steps < 1:
-            raise UsageError(f"--save-every-steps must be >= 1, got {self.save_every_steps}")
+            raise UsageError(f"warmup={self.warmup}: must be a fraction in [0, 1)")
+        for name, value, rule in (("lr", self.lr, "a finite number >= 0"),
+                                  ("max_grad_norm", self.max_grad_norm, "a finite number > 0"),
+                                  ("weight_decay", self.weight_decay, "a finite number >= 0")):
+            if not math.isfinite(value) or value < 0 or (value == 0 and name == "max_grad_norm"):
+                raise UsageError(f"{name}={value}: must be {rule}")
 
 
 def check_budget(memory: dict, budget: int | None, device: torch.device) -> None:
     """Refuse a surgery whose predicted peak exceeds ``budget`` bytes, with the planner's figures. Without a budget
     on CUDA, only warn when it exceeds what the card has free (the model already loaded counts as free)."""
-    import sys
+    import warnings
 
     from .memory_plan import format_bytes
 
@@ -130,17 +126,17 @@ def check_budget(memory: dict, budget: int | None, device: torch.device) -> None
     parts = ", ".join(f"{label} {format_bytes(memory[key])}" for key, label in (
         ("weights", "weights"), ("grads", "slice gradients"), ("optimizer", "optimizer"),
         ("activations", "activations"), ("loss_chunk", "loss chunk")))
-    advice = "train fewer heads, shorten --seq-len or --batch-size" + (
-        "" if memory["stochastic_rounding"] or memory["dtype"] != "bfloat16" else ", or add --stochastic-rounding")
+    advice = f"train fewer heads, lower seq_len={memory['seq_len']} or batch_size={memory['batch']}" + (
+        "" if memory["stochastic_rounding"] or memory["dtype"] != "bfloat16" else ", or pass stochastic_rounding=True")
     if budget is not None:
         if total > budget:
-            raise UsageError(f"the planned surgery needs {format_bytes(total)} ({parts}), more than --budget "
-                             f"{format_bytes(budget)}: {advice}")
+            raise UsageError(f"the planned surgery needs {format_bytes(total)} ({parts}), more than budget={budget} "
+                             f"({format_bytes(budget)}): {advice}")
     elif device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
         if total > available:
-            print(f"warning: the planned surgery is predicted to need {format_bytes(total)} ({parts}), more than "
-                  f"the {format_bytes(available)} this GPU has free: {advice}", file=sys.stderr)
+            warnings.warn(f"the planned surgery is predicted to need {format_bytes(total)} ({parts}), more than "
+                          f"the {format_bytes(available)} this GPU has free: {advice}", stacklevel=2)
 
 
 def plan_surgery(model_dir, **options) -> Plan:
@@ -166,7 +162,8 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     (:class:`~alibi_surgery.io.lock.DirLock`). Resuming a finished run does nothing and returns its report, with
     ``already_complete`` set."""
     if passes < 1:
-        raise UsageError(f"--passes must be >= 1, got {passes}")
+        raise UsageError(f"passes={passes}: must be >= 1")
+    (options.get("settings") or RepairSettings()).check()  # the cheap checks first: before the model is read
     model_path = _repairable(model_dir)
     if dry_run or passes == 1:
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
@@ -257,10 +254,10 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
     meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
     expected = config_key(load_config(str(model_path)))  # the checkpoint holds the model: read the input's config
     if meta["model"] != expected:
-        raise UsageError(f"--resume: {resume_from.name} is a checkpoint of a different model "
+        raise UsageError(f"resume=True: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
     if not same_settings(meta["settings"], settings):
-        raise UsageError(f"--resume: {resume_from.name} was made with different settings; resume with the same")
+        raise UsageError(f"resume=True: {resume_from.name} was made with different settings; resume with the same")
     return resume_from, meta
 
 
@@ -280,8 +277,8 @@ def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, s
     layout = family_for(model.config).layout(model.config)
     weights = next(model.parameters()).dtype
     if settings.optimizer_precision == "bf16" and weights != torch.bfloat16:
-        raise UsageError(f"--optimizer-precision bf16 rounds every update into bfloat16 weights, but the model runs "
-                         f"in {dtype_name(weights)}: add --dtype bfloat16, or use --optimizer-precision master")
+        raise UsageError(f"optimizer_precision='bf16' rounds every update into bfloat16 weights, but the model runs "
+                         f"in {dtype_name(weights)}: pass dtype='bfloat16', or use optimizer_precision='master'")
     prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)

@@ -72,14 +72,14 @@ class Run:
                  chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path, *,
                  eval_prompts=None):
         self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
-        self.eval_prompts = eval_prompts  # token ids of the --eval-prompts texts, or None
+        self.eval_prompts = eval_prompts  # token ids of the eval_prompts texts, or None
         self.s, self.out, self.chunks, self.eval_chunks = settings, out, chunks, eval_chunks
         self.backend, self.prompts, self.progress, self.model_dir = backend, prompts, progress, model_dir
         self.ckpt_dir = out / "checkpoints"
         n_micro = len(chunks) // settings.batch_size
         if n_micro == 0:
-            raise UsageError(f"the corpus has {len(chunks)} chunks of --seq-len {settings.seq_len}, fewer than "
-                             f"one --batch-size {settings.batch_size}")
+            raise UsageError(f"the corpus has {len(chunks)} chunks of seq_len={settings.seq_len}, fewer than one "
+                             f"batch (batch_size={settings.batch_size})")
         self.n_micro = n_micro
         self.steps_per_epoch = math.ceil(n_micro / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs

@@ -206,12 +206,12 @@ def test_compare_refuses_different_measurements_unless_forced():
     a, b = _report(BEFORE, **FP), _report(AFTER, **dict(FP, prompt_set_fingerprint="00bb"))
     with pytest.raises(UsageError, match=r"^A and B were measured differently: the prompt sets differ: A has 2 "
                                          r"prompts, 100 tokens \(fingerprint 00aa\), B 2 prompts, 100 tokens "
-                                         r"\(fingerprint 00bb\); pass --force to compare them anyway$"):
+                                         r"\(fingerprint 00bb\); pass force=True to compare them anyway$"):
         compare(a, b)
     with pytest.warns(UserWarning) as caught:
         c = compare(a, b, force=True)
     assert [str(w.message) for w in caught] == [
-        "comparing anyway (--force), although A and B were measured differently: the prompt sets differ: A has 2 "
+        "comparing anyway (force=True), although A and B were measured differently: the prompt sets differ: A has 2 "
         "prompts, 100 tokens (fingerprint 00aa), B 2 prompts, 100 tokens (fingerprint 00bb)"]
     assert c.recovered() == {0: [2], 1: [2, 3]} and c.notes()[0].startswith("the prompt sets differ")
     for force in (False, True):  # an older report: nothing to check the prompt set with

@@ -51,7 +51,7 @@ def _expected(tokenizer, prompts, context):
     longer = sum(n > context for n in lengths)
     return (f"{longer} of {len(prompts)} prompts are longer than the model's training context ({context} tokens, "
             f"config.json seq_length; longest {max(lengths)}): rows past it measure the model outside what it was "
-            f"trained on; pass --max-length {context} to stay inside")
+            f"trained on; pass max_length={context} to stay inside")
 
 
 def test_loaded_diagnosis_warns_past_the_context(model, tokenizer):
@@ -89,4 +89,5 @@ def test_cli_prints_one_warning_line(model, tokenizer, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "training context" in line]
     texts = [p.replace("\n", " ") for p in PROMPTS]
-    assert lines == ["warning: " + _expected(tokenizer, texts, 12)]
+    expected = _expected(tokenizer, texts, 12)  # the library's max_length=12, in the CLI's words
+    assert lines == ["warning: " + expected.replace("pass max_length=12", "pass --max-length 12")]

@@ -109,7 +109,7 @@ def test_short_prompts_warn(tiny_lm, tokenizer):
     assert short.metadata["uniform_bos_mass"] == pytest.approx(25 / 48)
     assert [str(w.message) for w in caught] == [
         "prompts are short (mean 4.0 tokens): a head attending uniformly would put 0.52 of its attention on the "
-        "first token, at least half the sink threshold 0.5; raise --max-length or use longer prompts"]
+        "first token, at least half the sink threshold 0.5; max_length=4 cuts them: raise it or use longer prompts"]
     # row 0 left out: (1/2 + 1/3 + 1/4) / 3 = 13/36; a sink threshold of 0.8 puts the bar at 0.4: no warning
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "prompts are short")

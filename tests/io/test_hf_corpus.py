@@ -42,7 +42,7 @@ def test_every_source_gives_the_jsonl_documents(sources):
 
 
 def test_refusals(sources):
-    with pytest.raises(UsageError, match=r"has no column 'body' \(columns: text, n\); choose one with --text-field"):
+    with pytest.raises(UsageError, match=r"has no column 'body' \(columns: text, n\); choose one with text_field='NAME'"):
         corpus_documents(CorpusSpec((str(sources / "saved"),), text_field="body"))
     with pytest.raises(UsageError, match="row 0 of column 'n' is not a string"):
         corpus_documents(CorpusSpec((str(sources / "docs.parquet"),), text_field="n"))

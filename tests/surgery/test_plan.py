@@ -301,17 +301,17 @@ def test_include_only(report):
 
 
 def test_frozen_and_included_is_an_error(report):
-    with raises(r"head L3:H1 is both frozen \(--freeze\) and included"):
+    with raises(r"head L3:H1 is both frozen \(freeze='3:1'\) and included"):
         plan_for(report=report, band="4-6", include="3:1-2", freeze="3:1")
 
 
 def test_freezing_everything_is_nothing_to_repair(report):
-    with raises("nothing to repair: --freeze removes every selected head"):
+    with raises("nothing to repair: freeze="):
         plan_for(report=report, band="4-6", layers="2-5", freeze="2-5:4-6")
 
 
 def test_an_explicit_list_overlapping_freeze_is_an_error(report):
-    with raises(r"head L2:H5 is both listed in --heads and frozen by --freeze"):
+    with raises(r"head L2:H5 is both listed in heads='.*' and frozen by freeze='.*'"):
         plan_for(heads="2:4-6", freeze="2:5;7:0")
     assert plan_for(heads="2:4-6", freeze="7:0").selection == {2: [4, 5, 6]}  # disjoint: fine
 
@@ -351,9 +351,9 @@ def test_allow_empty_gives_a_no_op_plan(tmp_path):
 
 
 @pytest.mark.parametrize("kw, fragment", [
-    (dict(), "automatic head selection needs a diagnosis report"),
-    (dict(band="4-6"), "--band needs a diagnosis report"),
-    (dict(heads="1:1", layers="2-5"), "--layers only applies with --band"),
+    (dict(), "heads=.auto. needs a diagnosis report"),
+    (dict(band="4-6"), "band='4-6' needs a diagnosis report"),
+    (dict(heads="1:1", layers="2-5"), "layers='2-5' only applies with band"),
     (dict(heads="1:1", band="4-6"), "exclusive"),
     (dict(heads="1:1", source="bogus"), "plan source must be one of"),
     (dict(heads="1:1", source="report"), "source 'report' needs a report"),
