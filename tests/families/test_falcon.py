@@ -22,6 +22,7 @@ from alibi_surgery.errors import UsageError
 from alibi_surgery.families import family_for, family_of_module
 from alibi_surgery.families.falcon import FALCON, takes_alibi
 from alibi_surgery.io.random_model import byte_tokenizer
+from family_cases import falcon_probs
 from helpers import left_padded_mask, needs_triton
 
 VOCAB = 200
@@ -155,38 +156,13 @@ def test_output_attentions_eager_backend_and_diagnose_eager_are_refused():
     assert logits_error(patch(model, "eager"), ids, mask, ref)[0] == 0.0
 
 
-def formula_probs(model, ids, mask):
-    """softmax((q.k + alibi) / sqrt(d)) per layer, with transformers' own bf16 ALiBi tensor, on q and k captured from
-    each layer's fused QKV output (``[B, T, H, 3, d]`` rows); padded query rows are left to the caller."""
-    captured = []
-    hooks = [blk.self_attention.query_key_value.register_forward_hook(lambda m, i, o: captured.append(o))
-             for blk in model.transformer.h]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    (b, t), n_head = ids.shape, model.config.num_attention_heads
-    d = model.config.hidden_size // n_head
-    alibi = build_alibi_tensor(mask, n_head, torch.float32).view(b, n_head, 1, t)
-    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
-    out = []
-    for fused in captured:
-        qkv = fused.view(b, t, n_head, 3, d)
-        q, k = qkv[..., 0, :].transpose(1, 2), qkv[..., 1, :].transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2) + alibi) / math.sqrt(d)
-        out.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
-    return out
-
-
 @pytest.mark.skipif(takes_alibi(), reason="transformers <= 5.24: eager Falcon is wrong and refused (test above)")
 def test_output_attentions_falls_back_to_eager_where_eager_is_right():
     model = falcon_model(n_layer=2)
     ids, mask = batch(19, pads=(0, 5))
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
-    truth = formula_probs(model, ids, mask)
+    truth = falcon_probs(model, ids, mask)  # the formula, written in the conformance cases
     patch(model, "torch")
     with pytest.warns(UserWarning, match="output_attentions=True: this call runs falcon's eager attention"):
         with torch.no_grad():
