@@ -94,7 +94,7 @@ def test_two_inputs_keep_working_and_may_add_panels(tmp_path, capsys):
     (lambda p, t: [p[0]], "two inputs"),
     (lambda p, t: p, "with --panels"),
     (lambda p, t: [*p, "--panels", str(t / "p.png"), "--heatmap", str(t / "h.png")], "--heatmap shows one pair"),
-    (lambda p, t: [*p, "--panels", str(t / "p.png"), "--panel-scale", "0"], "--panel-scale must be"),
+    (lambda p, t: [*p, "--panels", str(t / "p.png"), "--panel-scale", "0"], "scale=0.0: must be"),
     (lambda p, t: [*p, "--panels", str(t / "p.xyz")], "cannot write a figure"),
 ])
 def test_bad_panel_options(tmp_path, extra, pattern):
