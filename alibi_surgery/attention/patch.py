@@ -38,8 +38,8 @@ from ..kernels.ops import unpack
 from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
 __all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
-           "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys", "patch_state",
-           "per_mask", "set_family_lookup"]
+           "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys",
+           "patch_state", "per_mask", "set_family_lookup"]
 
 _STATE = "_alibi_surgery_patch"
 
@@ -89,7 +89,8 @@ def attention_modules(model: nn.Module, family=None) -> tuple[object, list[nn.Mo
     """``(family, attention modules in layer order)`` of ``model`` (a causal LM, a base model or one block)."""
     if family is None:
         if not _FAMILY_OF:
-            raise RuntimeError("no model families are registered: import alibi_surgery, not its attention package alone")
+            raise RuntimeError("no model families are registered: import alibi_surgery, not its attention package "
+                               "alone")
         family = _FAMILY_OF[0](model)
     found = family.attention_modules(model)
     if not found:

@@ -86,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_console()
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = _command_parser(parser, args.command)
     names = getattr(COMMANDS[args.command], "ARGUMENT_NAMES", None)  # the command's Python arguments named otherwise
-    word_warnings(_command_parser(parser, args.command), names)
+    word_warnings(command, names)
     _quiet_transformers()
     try:
         COMMANDS[args.command].run(args)
     except (UsageError, WriteError) as exc:
         if args.debug:
             raise
-        message = flag_wording(str(exc), _command_parser(parser, args.command), names)  # the library's words as flags
+        message = flag_wording(str(exc), command, names)  # the library's words as the command's flags
         print(f"error: {message}{resume_hint(exc, argv)}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt as exc:

@@ -32,10 +32,9 @@ import re
 
 from ..errors import UsageError
 
-__all__ = ["ZONES", "PLAN_FORMAT", "HeadSpec", "SpecError", "HeadOutOfRange", "parse_spec", "parse_heads", "parse_range",
-           "match_range", "check_shape", "check_selection", "check_head", "format_heads", "compact", "head_zone",
-           "zone_grid",
-           "pairs", "from_pairs", "n_selected"]
+__all__ = ["ZONES", "PLAN_FORMAT", "HeadSpec", "SpecError", "HeadOutOfRange", "parse_spec", "parse_heads",
+           "parse_range", "match_range", "check_shape", "check_selection", "check_head", "format_heads", "compact",
+           "head_zone", "zone_grid", "pairs", "from_pairs", "n_selected"]
 
 ZONES = ("target", "in-band", "outside")
 PLAN_FORMAT = "alibi-surgery-plan"  # the "format" of a saved plan (a selection with its source, surgery.plan)
