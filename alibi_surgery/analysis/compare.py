@@ -31,6 +31,7 @@ from ..diagnosis.prompts import read_prompts
 from ..diagnosis.report import METRIC_VARIANTS, HeadReport, check_same_measurement, read_report
 from ..diagnosis.selection import PLAN_FORMAT, HeadSpec, SpecError, check_selection, parse_spec
 from ..viz.comparison_figures import save_delta_heatmap
+from ..diagnosis.healthy import check_healthy_definition
 from .comparison import KIND, Comparison, check_drift_threshold, thresholds_text
 
 __all__ = ["compare", "parse_selection_spec", "run_compare"]
@@ -129,7 +130,7 @@ def _check_measurement(report: HeadReport, label: str, options: dict) -> dict:
 
 
 def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, force: bool = False,
-            **diagnose_kwargs) -> Comparison:
+            healthy: str | None = None, **diagnose_kwargs) -> Comparison:
     """Compare diagnosis ``a`` (before) with ``b`` (after).
 
     ``a``/``b``: a :class:`HeadReport`, a path to a diagnosis JSON, or a model directory of a registered family,
@@ -142,7 +143,10 @@ def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, for
     Two diagnoses measured differently (:func:`~alibi_surgery.diagnosis.report.measurement_differences`: prompt set,
     max_length) raise a UsageError naming the first difference, or with ``force`` a UserWarning; a report without a
     prompt fingerprint (written by an older version) gives a warning that its prompt set cannot be checked.
+    ``healthy``: the definition of healthy heads the summaries count (:class:`Comparison`), None to leave them out.
     """
+    if healthy is not None:
+        check_healthy_definition(healthy)
     unknown = sorted(set(diagnose_kwargs) - set(_DIAGNOSE_OPTIONS))
     if unknown:
         raise TypeError(f"compare() got unexpected keyword argument(s): {', '.join(unknown)}")
@@ -172,7 +176,8 @@ def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, for
     if reports[0].bos_mass.shape != reports[1].bos_mass.shape:
         raise UsageError(f"A and B have different shapes: A is {reports[0].n_layer} layers x {reports[0].n_head} "
                          f"heads, B is {reports[1].n_layer} layers x {reports[1].n_head} heads")
-    comparison = Comparison(reports[0], reports[1], targets=targets, zone=zone, drift_threshold=drift_threshold)
+    comparison = Comparison(reports[0], reports[1], targets=targets, zone=zone, drift_threshold=drift_threshold,
+                            healthy=healthy)
     check_same_measurement(*reports, force=force)
     return comparison
 
@@ -274,6 +279,7 @@ def run_compare(args) -> None:
     from ..attention.backends import check_backend
 
     check_backend(args.backend)
+    healthy = check_healthy_definition(getattr(args, "healthy", "ours"))
     plan = getattr(args, "plan", None)
     if plan:
         try:
@@ -305,6 +311,8 @@ def run_compare(args) -> None:
         comparisons = compare_many(given[0], given[1:], **options)
     else:
         comparisons = [compare(*given, **options)]
+    for c in comparisons:
+        c.healthy = healthy
     comparison = comparisons[0]
     panel_data = None
     if panels:

@@ -16,6 +16,10 @@ Outcomes, from each report's classes (sick = dead or bos-sink):
 Without ``targets`` every head counts as a candidate for repair: recovered / still sick are then counted over all
 heads that were sick before, and iatrogenic over all heads that were not.
 
+Healthy heads: with ``healthy`` (``"ours"`` or ``"paper"``, :mod:`~alibi_surgery.diagnosis.healthy`) the summary,
+the JSON and the printed summary also give the healthy heads before and after under that definition, named; None
+(the default) leaves them out. Outcomes do not depend on it (recovered = not collapsed, under both).
+
 Drift (the paper's rule): ``|bos_mass_after - bos_mass_before| > drift_threshold`` (0.05), counted per zone.
 Deltas are computed in float64 from the reports' float32 values. :class:`Comparison` only notes reports measured
 differently (prompt set, truncation); :func:`alibi_surgery.analysis.compare.compare` refuses them unless ``force``.
@@ -32,6 +36,7 @@ import torch
 
 from ..errors import UsageError
 from ..io.files import atomic_write_text
+from ..diagnosis.healthy import check_healthy_definition, healthy_text
 from ..diagnosis.report import HeadReport, Thresholds, measurement_differences, metric_differences, model_name
 from ..diagnosis.selection import ZONES, check_head, check_selection, from_pairs, head_zone, n_selected, zone_grid
 
@@ -55,6 +60,7 @@ class Comparison:
 
     ``targets``/``zone`` are selections ``{layer: [heads]}``; they are validated against the shape and stored
     sorted. Shapes, class thresholds and metric options (first-query exclusion, entropy normalisation) must match.
+    ``healthy``: None, or the definition of healthy heads the summaries count (module docstring).
     """
 
     before: HeadReport
@@ -62,6 +68,7 @@ class Comparison:
     targets: dict[int, list[int]] | None = None
     zone: dict[int, list[int]] | None = None
     drift_threshold: float = 0.05
+    healthy: str | None = None
 
     def __post_init__(self):
         for name in ("before", "after"):
@@ -78,6 +85,8 @@ class Comparison:
         if metric:
             raise UsageError(f"the reports were measured differently: {metric[0]}")
         self.drift_threshold = check_drift_threshold(self.drift_threshold)
+        if self.healthy is not None:
+            check_healthy_definition(self.healthy)
         self.targets = _checked(self.targets, b.n_layer, b.n_head, "targets")
         self.zone = _checked(self.zone, b.n_layer, b.n_head, "zone")
 
@@ -181,12 +190,16 @@ class Comparison:
     # ---- serialisation ----------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        return {"recovered": n_selected(self.recovered()), "still_sick": n_selected(self.still_sick()),
-                "newly_sick_targets": n_selected(self.newly_sick_targets()),
-                "iatrogenic": n_selected(self.iatrogenic()),
-                "n_targets": None if self.targets is None else n_selected(self.targets),
-                "classes_before": self.before.summary(), "classes_after": self.after.summary(),
-                "drift": {z: self.drift(z) for z in (*ZONES, "all")}}
+        out = {"recovered": n_selected(self.recovered()), "still_sick": n_selected(self.still_sick()),
+               "newly_sick_targets": n_selected(self.newly_sick_targets()),
+               "iatrogenic": n_selected(self.iatrogenic()),
+               "n_targets": None if self.targets is None else n_selected(self.targets),
+               "classes_before": self.before.summary(self.healthy), "classes_after": self.after.summary(self.healthy),
+               "drift": {z: self.drift(z) for z in (*ZONES, "all")}}
+        if self.healthy is not None:
+            out["healthy"] = {"definition": self.healthy, "before": self.before.n_healthy(self.healthy),
+                              "after": self.after.n_healthy(self.healthy)}
+        return out
 
     def to_dict(self) -> dict:
         def sel(s):
@@ -208,7 +221,8 @@ class Comparison:
                 "summary": self.summary(), "notes": self.notes(),
                 "recovered": sel(self.recovered()), "still_sick": sel(self.still_sick()),
                 "newly_sick_targets": sel(self.newly_sick_targets()), "iatrogenic": sel(self.iatrogenic()),
-                "heads": heads, "before": self.before.to_dict(), "after": self.after.to_dict()}
+                "heads": heads, "before": self.before.to_dict(self.healthy), "after": self.after.to_dict(self.healthy),
+                **({} if self.healthy is None else {"healthy": self.healthy})}
 
     def to_json(self, path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -219,7 +233,7 @@ class Comparison:
             raise UsageError("not a comparison JSON (written by Comparison.to_json / compare --json)")
         return cls(HeadReport.from_dict(data["before"]), HeadReport.from_dict(data["after"]),
                    targets=data.get("targets"), zone=data.get("zone"),
-                   drift_threshold=data.get("drift_threshold", 0.05))
+                   drift_threshold=data.get("drift_threshold", 0.05), healthy=data.get("healthy"))
 
     @classmethod
     def from_json(cls, path) -> "Comparison":
@@ -255,7 +269,7 @@ class Comparison:
 
     def format_summary(self) -> str:
         """Class counts before -> after, repair outcomes, and drift per zone."""
-        sb, sa = self.before.summary(), self.after.summary()
+        sb, sa = self.before.summary(self.healthy), self.after.summary(self.healthy)
         total = self.n_layer * self.n_head
         lines = [f"{model_name(self.before, 'before')} -> {model_name(self.after, 'after')}: "
                  f"{self.n_layer} layers x {self.n_head} heads",
@@ -263,6 +277,8 @@ class Comparison:
                                            (("healthy", "healthy"), ("bos-sink", "bos_sink"), ("dead", "dead"),
                                             ("low-entropy", "low_entropy")))
                  + f"  (collapsed {sb['dead'] + sb['bos_sink']} -> {sa['dead'] + sa['bos_sink']} of {total})"]
+        if self.healthy is not None:
+            lines.append(f"  {healthy_text(self.healthy)}: {sb['healthy_heads']} -> {sa['healthy_heads']} of {total}")
         rec, still = n_selected(self.recovered()), n_selected(self.still_sick())
         iat = n_selected(self.iatrogenic())
         if self.targets is None:

@@ -4,7 +4,7 @@ iatrogenic, drift; ``compare STOCK A B ... --panels OUT.png``: one delta panel p
 
 from __future__ import annotations
 
-from .options import add_model_options, add_output_options, add_prompt_options
+from .options import add_healthy_option, add_model_options, add_output_options, add_prompt_options
 
 __all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
 
@@ -52,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="compare even when A and B were measured differently (another prompt set or --max-length); "
                         "a warning names the difference")
+    add_healthy_option(p)
     g = p.add_argument_group("diagnosing a model directory (ignored for .json inputs)")
     add_prompt_options(g, exclude_help="leave query row 0 out of the averages (must match the other input's setting)")
     add_model_options(g)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from .options import add_diagnosis_options, add_output_options, prompts_from_args
+from .options import add_diagnosis_options, add_healthy_option, add_output_options, prompts_from_args
 
 __all__ = ["add_parser", "run", "diagnose_each"]
 
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
                                            "residual_peak"),
                        histogram=("OUT.png", "write the distribution of first-token mass with the class thresholds"))
     add_diagnosis_options(p)
+    add_healthy_option(p)
 
 
 def diagnose_each(args, models: list[str]) -> list:
@@ -53,8 +54,11 @@ def diagnose_each(args, models: list[str]) -> list:
 
 
 def run(args) -> None:
+    from ..diagnosis.healthy import check_healthy_definition
     from ..io.files import check_output_paths
     from ..viz.extremes import companion_path
+
+    healthy = check_healthy_definition(args.healthy)
 
     extremes = companion_path(args.heatmap) if args.heatmap else None  # the extreme-token figure beside it
     outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap,
@@ -62,7 +66,7 @@ def run(args) -> None:
                                  overwrite=args.overwrite, figures=("heatmap", "heatmap (extremes)", "histogram"))
     report = diagnose_each(args, [args.model])[0]
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
-        report.to_json(outputs["json"])
+        report.to_json(outputs["json"], healthy=healthy)
     if "csv" in outputs:
         report.to_csv(outputs["csv"])
     if "heatmap" in outputs:
@@ -77,6 +81,6 @@ def run(args) -> None:
         from ..viz.histogram import save_histogram
 
         save_histogram(report, outputs["histogram"])
-    print(report.format_summary())
+    print(report.format_summary(healthy))
     for path in outputs.values():
         print(f"wrote {path}")

@@ -4,7 +4,7 @@ resolve to."""
 from __future__ import annotations
 
 __all__ = ["add_model_options", "add_prompt_options", "add_diagnosis_options", "add_output_options",
-           "prompts_from_args"]
+           "add_healthy_option", "prompts_from_args"]
 
 
 def add_model_options(p, *, backends: str = "auto, triton, torch or eager") -> None:
@@ -29,6 +29,14 @@ def add_output_options(p, **outputs: tuple[str, str]) -> None:
     """One ``--NAME METAVAR`` option per keyword, in order: ``json=("OUT", "write the report as JSON")``."""
     for name, (metavar, text) in outputs.items():
         p.add_argument(f"--{name}", metavar=metavar, help=text)
+
+
+def add_healthy_option(p) -> None:
+    """--healthy ours|paper: which heads a healthy count counts (alibi_surgery.diagnosis.healthy); checked there."""
+    p.add_argument("--healthy", default="ours", metavar="DEF",
+                   help="which heads count as healthy: ours (neither dead nor bos-sink; low-entropy heads count, "
+                        "the default) or paper (the healthy class only: not dead, bos-sink or low-entropy, as the "
+                        "paper's evaluate_epoch3.py); the classes do not change (docs/metrics.md)")
 
 
 def add_diagnosis_options(p) -> None:

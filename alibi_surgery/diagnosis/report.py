@@ -9,6 +9,11 @@ Classes (defaults from Schallon 2026; every threshold is configurable through :c
 
 "Sick" (collapsed) means dead or bos-sink.
 
+Which heads count as *healthy* in a headline count is a separate, named choice (``ours`` or ``paper``,
+:mod:`~alibi_surgery.diagnosis.healthy`; the classes never change with it). :meth:`HeadReport.n_healthy` applies it;
+``summary``, ``to_dict``/``to_json`` and ``format_summary`` take it as ``healthy=`` and, when given, record the
+definition beside the count.
+
 Beside the classes, and without changing them, a report may hold the extreme-token metrics
 (:mod:`~alibi_surgery.diagnosis.extremes`): ``value_ratio`` and ``output_norm`` per head, ``residual_peak`` per
 layer, and the ``dormant`` flag derived from ``output_norm`` at ``dormant_fraction``. Each is None when it was not
@@ -33,6 +38,7 @@ import torch
 from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
 from .extremes import DEFAULT_DORMANT_FRACTION, dormant_heads
+from .healthy import SICK, check_healthy_definition, healthy_text, is_healthy
 
 __all__ = ["Thresholds", "HeadReport", "read_report", "model_name", "CLASSES", "SICK", "classify", "collapse_band",
            "metric_differences", "measurement_differences", "check_same_measurement"]
@@ -40,7 +46,6 @@ __all__ = ["Thresholds", "HeadReport", "read_report", "model_name", "CLASSES", "
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
 TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (diagnosis/dormancy.py)
-SICK = ("dead", "bos-sink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +121,20 @@ class HeadReport:
         return [[classify(float(b), float(e), self.thresholds) for b, e in zip(brow, erow)]
                 for brow, erow in zip(self.bos_mass.tolist(), self.entropy.tolist())]
 
-    def summary(self) -> dict:
+    def summary(self, healthy: str | None = None) -> dict:
+        """Counts per class; with ``healthy`` (``"ours"`` or ``"paper"``, :mod:`~alibi_surgery.diagnosis.healthy`) also ``healthy_definition`` and
+        ``healthy_heads``, the heads healthy under it (:meth:`n_healthy`)."""
         flat = [c for row in self.classes for c in row]
-        return {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"), "dead": flat.count("dead"),
-                "low_entropy": flat.count("low-entropy")}
+        out = {"healthy": flat.count("healthy"), "bos_sink": flat.count("bos-sink"), "dead": flat.count("dead"),
+               "low_entropy": flat.count("low-entropy")}
+        if healthy is not None:
+            out.update(healthy_definition=check_healthy_definition(healthy), healthy_heads=self.n_healthy(healthy))
+        return out
+
+    def n_healthy(self, healthy: str = "ours") -> int:
+        """The heads that count as healthy under the definition ``healthy`` (module docstring)."""
+        check_healthy_definition(healthy)
+        return sum(is_healthy(c, healthy) for row in self.classes for c in row)
 
     @property
     def dormant(self) -> list[list[bool]] | None:
@@ -136,7 +151,8 @@ class HeadReport:
     def band(self) -> tuple[int, int] | None:
         return collapse_band(self.sick_mask())
 
-    def to_dict(self) -> dict:
+    def to_dict(self, healthy: str | None = None) -> dict:
+        """The JSON form; ``healthy`` as in :meth:`summary` (its ``summary`` block then names the definition)."""
         classes = self.classes
         heads = [{"layer": layer, "head": h, "bos_mass": float(self.bos_mass[layer, h]),
                   "entropy": float(self.entropy[layer, h]), "class": classes[layer][h]}
@@ -157,7 +173,7 @@ class HeadReport:
         if self.residual_peak is not None:
             top["residual_peak"] = [_number(x) for x in self.residual_peak]
         return {"model": self.metadata.get("model"), "n_layer": self.n_layer, "n_head": self.n_head,
-                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(), **top,
+                "n_tokens": self.n_tokens, "metric": metric, "heads": heads, "summary": self.summary(healthy), **top,
                 "metadata": {k: v for k, v in self.metadata.items() if k not in ("model", "metric", *TOP_LEVEL)}}
 
     def class_counts_by_sink_threshold(self, sinks=SINK_SWEEP) -> dict:
@@ -176,9 +192,10 @@ class HeadReport:
                                 "dead": flat.count("dead"), "low_entropy": flat.count("low-entropy")}
         return out
 
-    def to_json(self, path) -> None:
-        """:meth:`to_dict` plus ``class_counts_by_sink_threshold`` (:meth:`class_counts_by_sink_threshold`)."""
-        data = dict(self.to_dict(), class_counts_by_sink_threshold=self.class_counts_by_sink_threshold())
+    def to_json(self, path, healthy: str | None = None) -> None:
+        """:meth:`to_dict` (``healthy`` as there) plus ``class_counts_by_sink_threshold``
+        (:meth:`class_counts_by_sink_threshold`)."""
+        data = dict(self.to_dict(healthy), class_counts_by_sink_threshold=self.class_counts_by_sink_threshold())
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def to_csv(self, path) -> None:
@@ -224,15 +241,19 @@ class HeadReport:
         """The report in a diagnosis JSON file, checked (see :func:`read_report`)."""
         return read_report(path)
 
-    def format_summary(self) -> str:
-        """Compact terminal summary: counts per class, sick heads per layer, and the sick head-index band."""
-        s = self.summary()
+    def format_summary(self, healthy: str | None = None) -> str:
+        """Compact terminal summary: counts per class, sick heads per layer, and the sick head-index band; with
+        ``healthy`` also the healthy heads under that definition, named."""
+        s = self.summary(healthy)
         total = self.n_layer * self.n_head
         sick = s["dead"] + s["bos_sink"]
         lines = [f"{self.metadata.get('model', 'model')}: {self.n_layer} layers x {self.n_head} heads, "
                  f"{self.n_tokens} tokens",
                  f"  healthy {s['healthy']}  bos-sink {s['bos_sink']}  dead {s['dead']}  "
                  f"low-entropy {s['low_entropy']}  (collapsed {sick}/{total} = {100.0 * sick / total:.1f}%)"]
+        if healthy is not None:
+            lines.append(f"  {healthy_text(healthy)}: {s['healthy_heads']}/{total} = "
+                         f"{100.0 * s['healthy_heads'] / total:.1f}%")
         per_layer = [sum(row) for row in self.sick_mask()]
         lines.append("  collapsed per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
         band = self.band()
