@@ -29,7 +29,8 @@ Besides the total, both keep every predicted token's loss (:class:`TextLoss` ``t
 convention; with ``bootstrap`` resamples (default 1,000, seeded; 0 skips) a 95% percentile interval over texts (over
 rows for the packed figure) for both; with ``breakdown=True`` the per-class table. :func:`compare_perplexities`
 gives, for several models on the same texts, the paired interval of each model's perplexity over the first's and
-warns (``warnings.warn``) when one token id carries more than 25% of the change of total loss.
+warns (``warnings.warn``) when one token id carries more than 25% of the change of summed loss (its absolute
+change over the sum of every id's).
 
 Limits: texts are scored one at a time (no batching); nothing is cached between calls; the per-token losses are
 float32 (summed in float64) and are kept in memory (one float and one id per token).
@@ -294,7 +295,8 @@ def compare_perplexities(results: list[Perplexity], *, tokenizer=None, bootstrap
     """For each of ``results[1:]`` against ``results[0]`` (the same texts or rows, the same convention): the ratio
     of perplexities with and without special tokens, their paired bootstrap intervals (the same units resampled
     for both models; None when ``bootstrap`` is 0) and the token ids carrying more than
-    :data:`~alibi_surgery.analysis.ppl_breakdown.DOMINANT_SHARE` of the change of total summed loss; with ``warn``,
+    :data:`~alibi_surgery.analysis.ppl_breakdown.DOMINANT_SHARE` of the change of summed loss (``share``: its
+    absolute change over the sum of every id's; ``change``: its signed change, nats); with ``warn``,
     one ``warnings.warn`` per such token. ``tokenizer`` (model 0's) names the tokens."""
     check_bootstrap(bootstrap, seed)
     if not results:
@@ -314,12 +316,15 @@ def compare_perplexities(results: list[Perplexity], *, tokenizer=None, bootstrap
             if entry["ratio_without_specials"] is not None:
                 entry["interval_without_specials"] = pb.ratio_interval(
                     base.units, other.units, base.convention, base.specials, resamples=bootstrap, seed=seed)
+        shares = pb.token_shares(base.units, other.units)
+        entry["loss_change"] = None if shares is None else sum(d for d, _ in shares.values())
         entry["dominant_tokens"] = [{"id": t, "token": _token_name(tokenizer, t), "change": d, "share": s}
                                     for t, d, s in pb.dominant_tokens(base.units, other.units)]
         for d in entry["dominant_tokens"] if warn else []:
-            warnings.warn(f"one token carries {d['share']:.0%} of the change of total loss from {base.model} to "
-                          f"{other.model}: {d['token']!r} (id {d['id']}, {d['change']:+.2f} nats); compare the "
-                          f"figures without special tokens and the breakdown", stacklevel=2)
+            warnings.warn(f"one token carries {d['share']:.0%} of the change of summed loss from {base.model} to "
+                          f"{other.model}: {d['token']!r} (id {d['id']}) {d['change']:+.2f} nats of "
+                          f"{entry['loss_change']:+.2f} in all; compare the figures without special tokens and "
+                          f"the breakdown", stacklevel=2)
         out.append(entry)
     return out
 

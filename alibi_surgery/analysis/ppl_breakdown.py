@@ -24,13 +24,15 @@ predicted token ids, ``T - 1`` of them) and ``nll`` (each one's next-token loss 
 * :func:`perplexity_interval` / :func:`ratio_interval`: percentile bootstrap over units
   (:func:`~alibi_surgery.analysis.intervals.paired_bootstrap_ci`; the ratio resamples the same units of both
   models together).
-* :func:`token_shares`: each token id's share of the change of total summed loss between two models scored on the
-  same units, ``(sum over its positions of nll_other - nll_base) / (total change)``, signed: above 1 when the other
-  tokens moved the other way. :data:`DOMINANT_SHARE` (0.25) is the warning line.
+* :func:`token_shares`: each token id's share of the change of summed loss between two models scored on the same
+  units. Its change is ``d_v = sum over its positions of (nll_other - nll_base)``; its share is ``|d_v| / sum_u
+  |d_u|``, the absolute change over every id's absolute change, so ids that moved in opposite directions cannot
+  cancel into a small total that makes every share large (two nearly equal models would otherwise warn on noise).
+  :data:`DOMINANT_SHARE` (0.25) is the warning line.
 
 Limits: a resample whose units all have ``n_i = 0`` gives NaN (only possible without specials, on units that predict
 nothing but specials); the shares need the same targets unit by unit (the same tokenizer on the same texts),
-otherwise :func:`token_shares` returns None; a change of exactly zero has no shares.
+otherwise :func:`token_shares` returns None (and nothing is checked); identical losses have no shares.
 """
 
 from __future__ import annotations
@@ -171,8 +173,9 @@ def breakdown(units, tokenizer) -> list[ClassLoss]:
 
 
 def token_shares(base_units, other_units) -> dict[int, tuple[float, float]] | None:
-    """``{token id: (its change of summed NLL, its share of the total change)}`` from ``base`` to ``other``, or None
-    when the two were not scored on the same targets or the total did not change."""
+    """``{token id: (its change of summed NLL, its share of the change)}`` from ``base`` to ``other``: the change
+    summed over the id's positions, and its absolute value over the sum of every id's absolute change. None when the
+    two were not scored on the same targets or nothing changed."""
     base_units, other_units = list(base_units), list(other_units)
     if len(base_units) != len(other_units):
         return None
@@ -184,10 +187,10 @@ def token_shares(base_units, other_units) -> dict[int, tuple[float, float]] | No
         for token in np.unique(tb):
             mask = tb == token
             delta[int(token)] = delta.get(int(token), 0.0) + float((no[mask] - nb[mask]).sum())
-    total = sum(delta.values())
-    if total == 0:
+    gross = sum(abs(d) for d in delta.values())
+    if gross == 0:
         return None
-    return {token: (d, d / total) for token, d in delta.items()}
+    return {token: (d, abs(d) / gross) for token, d in delta.items()}
 
 
 def dominant_tokens(base_units, other_units, line: float = DOMINANT_SHARE) -> list[tuple[int, float, float]]:

@@ -19,7 +19,8 @@ _DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no p
                 "Every figure also comes without special tokens (</s>, <s>, pad, unk as predicted targets left out; "
                 "as context kept), with a seeded bootstrap 95%% interval over texts (packed rows with --text); "
                 "with several models, the paired interval of each one's perplexity over the first's, and a warning "
-                "when one token id carries more than 25%% of the change of total loss.")
+                "when one token id carries more than 25%% of the change of summed loss (its absolute change over every "
+                "id's).")
 
 
 def add_parser(sub) -> None:
