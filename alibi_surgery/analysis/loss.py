@@ -3,7 +3,8 @@
 ``chunked_lm_loss(hidden, weight, labels)`` returns the same number as ``BloomForCausalLM(..., labels=labels).loss``
 (transformers' ``ForCausalLMLoss``): logits ``hidden @ weight.T`` computed in the input dtype and upcast to float32,
 labels shifted left by one (position t predicts label t + 1; the last position of every row predicts nothing), and
-the mean of the per-token cross-entropy over the targets that are not ``ignore_index``.
+the mean of the per-token cross-entropy over the targets that are not ``ignore_index``. With ``reduction="none"``
+it returns those per-token losses instead (no gradient), for the perplexity breakdown.
 
 How: a custom ``torch.autograd.Function`` walks over the scored positions (those whose shifted label is not
 ignored) ``chunk_tokens`` at a time. For each chunk it computes that chunk's logits, their log-sum-exp, the loss,

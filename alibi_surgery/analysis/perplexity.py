@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-
 import warnings
 
 import numpy as np
