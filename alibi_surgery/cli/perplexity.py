@@ -17,9 +17,9 @@ _DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no p
                 "T_i its token count). A blank line, or a line of fewer than 2 tokens, is refused. With --text, "
                 "repair's held-out figure: the file packed into --seq-len rows (both conventions agree there). "
                 "Every figure also comes without special tokens (</s>, <s>, pad, unk as predicted targets left out; "
-                "as context kept), with a seeded bootstrap 95%% interval over texts (packed rows with --text); "
+                "as context kept), with a seeded bootstrap 95% interval over texts (packed rows with --text); "
                 "with several models, the paired interval of each one's perplexity over the first's, and a warning "
-                "when one token id carries more than 25%% of the change of summed loss (its absolute change over every "
+                "when one token id carries more than 25% of the change of summed loss (its absolute change over every "
                 "id's).")
 
 
