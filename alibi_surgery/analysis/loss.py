@@ -3,7 +3,8 @@
 ``chunked_lm_loss(hidden, weight, labels)`` returns the same number as ``BloomForCausalLM(..., labels=labels).loss``
 (transformers' ``ForCausalLMLoss``): logits ``hidden @ weight.T`` computed in the input dtype and upcast to float32,
 labels shifted left by one (position t predicts label t + 1; the last position of every row predicts nothing), and
-the mean of the per-token cross-entropy over the targets that are not ``ignore_index``.
+the mean of the per-token cross-entropy over the targets that are not ``ignore_index``. With ``reduction="none"``
+it returns those per-token losses instead (no gradient), for the perplexity breakdown.
 
 How: a custom ``torch.autograd.Function`` walks over the scored positions (those whose shifted label is not
 ignored) ``chunk_tokens`` at a time. For each chunk it computes that chunk's logits, their log-sum-exp, the loss,
@@ -75,33 +76,40 @@ def _grad_hidden(grad_logits: Tensor, weight: Tensor) -> Tensor:
     return grad_logits @ weight
 
 
+def _chunk_losses(h: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, chunk: int, need_grad: bool):
+    """Per-target float32 losses ``[n]`` and (with ``need_grad``) the ``[N, H]`` gradient of their mean."""
+    # h [N, H]; rows [n] indices into h of the scored positions; targets [n] their labels (all valid).
+    n = rows.numel()
+    losses = torch.empty(n, dtype=torch.float32, device=h.device)
+    grad = torch.zeros_like(h, memory_format=torch.contiguous_format) if need_grad else None
+    inv_n = 1.0 / n if n else 0.0
+    for start in range(0, n, chunk):
+        idx = rows[start:start + chunk]
+        tgt = targets[start:start + chunk, None]
+        hc = h.index_select(0, idx)
+        x = _logits(hc, weight).float()  # [c, V] float32 (a fresh tensor: worked on in place below)
+        m = x.amax(dim=1, keepdim=True)
+        x.sub_(m)                                        # x - max, in place
+        shifted_target = x.gather(1, tgt).squeeze(1)     # x_t - max
+        x.exp_()
+        s = x.sum(dim=1, keepdim=True)
+        losses[start:start + idx.numel()] = s.squeeze(1).log() - shifted_target  # logsumexp - x_t
+        if need_grad:
+            x.mul_(s.reciprocal_().mul_(inv_n))          # softmax / n, in one pass
+            x.scatter_add_(1, tgt, torch.full_like(tgt, -inv_n, dtype=x.dtype))  # (softmax - onehot) / n
+            grad.index_copy_(0, idx, _grad_hidden(x.to(h.dtype), weight))
+        del x
+    return losses, grad
+
+
 class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, chunk: int, need_grad: bool):
-        # h [N, H]; rows [n] indices into h of the scored positions; targets [n] their labels (all valid).
-        n = rows.numel()
-        losses = torch.empty(n, dtype=torch.float32, device=h.device)
-        grad = torch.zeros_like(h, memory_format=torch.contiguous_format) if need_grad else None
-        inv_n = 1.0 / n if n else 0.0
-        for start in range(0, n, chunk):
-            idx = rows[start:start + chunk]
-            tgt = targets[start:start + chunk, None]
-            hc = h.index_select(0, idx)
-            x = _logits(hc, weight).float()  # [c, V] float32 (a fresh tensor: worked on in place below)
-            m = x.amax(dim=1, keepdim=True)
-            x.sub_(m)                                        # x - max, in place
-            shifted_target = x.gather(1, tgt).squeeze(1)     # x_t - max
-            x.exp_()
-            s = x.sum(dim=1, keepdim=True)
-            losses[start:start + idx.numel()] = s.squeeze(1).log() - shifted_target  # logsumexp - x_t
-            if need_grad:
-                x.mul_(s.reciprocal_().mul_(inv_n))          # softmax / n, in one pass
-                x.scatter_add_(1, tgt, torch.full_like(tgt, -inv_n, dtype=x.dtype))  # (softmax - onehot) / n
-                grad.index_copy_(0, idx, _grad_hidden(x.to(h.dtype), weight))
-            del x
+        losses, grad = _chunk_losses(h, weight, rows, targets, chunk, need_grad)
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.need_grad = need_grad
+        n = rows.numel()
         return losses.sum() / n  # float32 scalar; 0 / 0 = NaN when no target is scored, as in transformers
 
     @staticmethod
@@ -115,14 +123,16 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tokens: int | None = None,
-                    ignore_index: int = -100) -> Tensor:
+                    ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """Mean causal-LM cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted left by one.
 
     ``hidden`` [batch, seq, hidden_size] (after ``ln_f``), any float dtype; ``weight`` [vocab, hidden_size], same
     dtype and device, frozen (or grad mode off); ``labels`` [batch, seq] integers in ``[0, vocab)`` or ``ignore_index``,
     as passed to ``BloomForCausalLM(labels=...)``. Returns a float32 scalar equal to transformers' loss (NaN when no
     target is scored). ``chunk_tokens`` scored positions are processed at a time (default:
-    ``default_chunk_tokens(vocab)``, about 128 MiB of float32 logits per chunk).
+    ``default_chunk_tokens(vocab)``, about 128 MiB of float32 logits per chunk). ``reduction="none"``: the float32
+    loss of every scored target instead, ``[n_targets]`` in row-major order of the predicting positions (the same
+    numbers the mean averages), without a gradient (refused when one could be asked for).
     """
     if not isinstance(hidden, Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
         raise UsageError(f"hidden must be a float tensor [batch, seq, hidden_size], got "
@@ -148,6 +158,8 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tok
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise UsageError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if reduction not in ("mean", "none"):
+        raise UsageError(f"reduction={reduction!r}: choose mean or none")
     vocab, size = weight.shape
     chunk = chunk_tokens or default_chunk_tokens(vocab)
 
@@ -160,6 +172,11 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tok
         bad = targets[(targets < 0) | (targets >= vocab)][0].item()
         raise UsageError(f"label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
     need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    if reduction == "none":
+        if need_grad:
+            raise UsageError("reduction='none' gives no gradient: run it under torch.no_grad() or on a detached "
+                             "hidden")
+        return _chunk_losses(hidden.reshape(-1, size), weight, rows, targets, chunk, False)[0]
     return _ChunkedLMLoss.apply(hidden.reshape(-1, size), weight, rows, targets, chunk, need_grad)
 
 

@@ -15,7 +15,12 @@ _DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no p
                 "and combined by --convention: 'tokens' is exp(sum NLL / sum (T_i - 1)), the per-token figure; "
                 "'paper' is exp(sum loss_i T_i / sum T_i), the paper's (loss_i the mean next-token loss of text i, "
                 "T_i its token count). A blank line, or a line of fewer than 2 tokens, is refused. With --text, "
-                "repair's held-out figure: the file packed into --seq-len rows (both conventions agree there).")
+                "repair's held-out figure: the file packed into --seq-len rows (both conventions agree there). "
+                "Every figure also comes without special tokens (</s>, <s>, pad, unk as predicted targets left out; "
+                "as context kept), with a seeded bootstrap 95% interval over texts (packed rows with --text); "
+                "with several models, the paired interval of each one's perplexity over the first's, and a warning "
+                "when one token id carries more than 25% of the change of summed loss (its absolute change over every "
+                "id's).")
 
 
 def add_parser(sub) -> None:
@@ -31,19 +36,26 @@ def add_parser(sub) -> None:
                    help="packed rows per forward pass (--text; default: repair's, 1)")
     add_output_options(p, json=("OUT", "write every model's figures as JSON"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also a per-token-class table: each special token, letters, digits, whitespace, "
+                        "punctuation, partial-bytes, other (tokens, summed loss, mean loss, share)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples over texts for the 95%% intervals (default 1000; 0 skips them)")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default 0)")
     add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _check(args) -> None:
     """Every cheap check, before any model is loaded."""
-    from ..analysis.perplexity import check_convention
+    from ..analysis.perplexity import check_bootstrap, check_convention
     from ..attention.backends import check_backend
     from ..io.loading import parse_device, parse_dtype, resolve_model_dir
 
     if (args.prompts_file is None) == (args.text is None):
         raise UsageError("give exactly one of --prompts-file (each line scored alone) and --text (packed rows)")
     check_convention(args.convention)
+    check_bootstrap(args.bootstrap, args.seed)
     source, other = ("--prompts-file", "--text") if args.prompts_file else ("--text", "--prompts-file")
     for option, value, only in (("--max-length", args.max_length, "--prompts-file"),
                                 ("--seq-len", args.seq_len, "--text"), ("--batch-size", args.batch_size, "--text")):
@@ -65,27 +77,50 @@ def _measure(args, model: str, texts):
     from ..io.loading import load_model
 
     net, tokenizer = load_model(model, dtype=args.dtype, device=args.device)
+    stats = dict(bootstrap=args.bootstrap, seed=args.seed, breakdown=args.breakdown, backend=args.backend,
+                 convention=args.convention)
     if args.prompts_file:
-        result = prompt_perplexity(net, tokenizer, texts, convention=args.convention, max_length=args.max_length,
-                                   backend=args.backend, progress=not args.quiet,
-                                   name=lambda i: f"{args.prompts_file} line {i + 1}")
+        result = prompt_perplexity(net, tokenizer, texts, max_length=args.max_length, progress=not args.quiet,
+                                   name=lambda i: f"{args.prompts_file} line {i + 1}", **stats)
     else:
         chunks = pack_text(texts, tokenizer, args.seq_len, what="--text")
-        result = packed_perplexity(net, chunks, batch_size=args.batch_size, backend=args.backend,
-                                   convention=args.convention)
+        result = packed_perplexity(net, chunks, batch_size=args.batch_size, tokenizer=tokenizer,
+                                   progress=not args.quiet, **stats)
     result.model = model
-    return result
+    return result, tokenizer
+
+
+def _columns(header, rows) -> str:
+    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
+    return "\n".join("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
+                     for row in [header, *rows])
+
+
+def _ci(interval) -> str:
+    return "-" if interval is None else f"{interval[0]:.4f}-{interval[1]:.4f}"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _table(results, packed: bool) -> str:
     unit = "chunks" if packed else "prompts"
-    rows = [(r.model, f"{r.perplexity:.4f}", str(r.chunks if packed else len(r.texts)), str(r.tokens))
+    rows = [(r.model, f"{r.perplexity:.4f}", _ci(r.interval), _num(r.without_specials),
+             _ci(r.interval_without_specials), str(r.chunks if packed else len(r.texts)), str(r.tokens))
             for r in results]
-    header = ("model", "perplexity", unit, "tokens")
-    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(4)]
-    lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
-             for row in [header, *rows]]
-    return "\n".join(lines)
+    return _columns(("model", "perplexity", "95% CI", "w/o specials", "95% CI", unit, "tokens"), rows)
+
+
+def _ratios(comparisons) -> str:
+    rows = [(c["model"], f"{c['ratio']:.4f}", _ci(c["interval"]), _num(c["ratio_without_specials"]),
+             _ci(c["interval_without_specials"])) for c in comparisons]
+    return _columns(("model / " + comparisons[0]["base"], "ratio", "95% CI", "w/o specials", "95% CI"), rows)
+
+
+def _breakdown(result) -> str:
+    rows = [(c.name, str(c.tokens), f"{c.loss:.2f}", f"{c.mean:.4f}", f"{c.share:.1%}") for c in result.breakdown]
+    return _columns(("class", "tokens", "loss (nats)", "mean loss", "share"), rows)
 
 
 def run(args) -> None:
@@ -102,16 +137,27 @@ def run(args) -> None:
     inputs = {"--prompts-file": args.prompts_file, "--text": args.text}
     outputs = check_output_paths({"json": args.json}, overwrite=args.overwrite, inputs=inputs)
     texts = read_texts(args.prompts_file) if args.prompts_file else read_documents(args.text, what="--text")
-    results = [_measure(args, model, texts) for model in args.models]
+    from ..analysis.perplexity import compare_perplexities
+
+    measured = [_measure(args, model, texts) for model in args.models]
+    results = [r for r, _ in measured]
+    comparisons = compare_perplexities(results, tokenizer=measured[0][1], bootstrap=args.bootstrap, seed=args.seed)
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
-        report = {"convention": args.convention}
+        report = {"convention": args.convention, "bootstrap": args.bootstrap, "seed": args.seed, "level": 0.95}
         if args.text:
             report.update(text=args.text, seq_len=args.seq_len, batch_size=args.batch_size)
         else:
             report.update(prompts_file=args.prompts_file, max_length=args.max_length)
         report["models"] = [r.to_dict() for r in results]
+        report["comparisons"] = comparisons
         atomic_write_text(outputs["json"], json.dumps(report, indent=1) + "\n")
-    print(f"perplexity ({'packed --text' if args.text else args.convention + ' convention'})")
+    print(f"perplexity ({'packed --text' if args.text else args.convention + ' convention'}; w/o specials: "
+          f"{', '.join(results[0].specials.values()) or 'none'} left out as predicted tokens)")
     print(_table(results, packed=bool(args.text)))
+    if comparisons:
+        print(_ratios(comparisons))
+    for result in results if args.breakdown else []:
+        print(f"breakdown of {result.model}")
+        print(_breakdown(result))
     for path in outputs.values():
         print(f"wrote {path}")
