@@ -275,7 +275,8 @@ def test_cli_writes_json_and_prints_a_table(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, words", [
     (["--heads", "5:0"], "--heads"), (["--heads", "0:1", "--mode", "half"], "--mode half"),
-    (["--heads", "0:1", "--floor-draws", "0"], "--floor-draws 0"), (["--heads", "0:1", "--bootstrap", "-3"], "--bootstrap -3"),
+    (["--heads", "0:1", "--floor-draws", "0"], "--floor-draws 0"),
+    (["--heads", "0:1", "--bootstrap", "-3"], "--bootstrap -3"),
 ])
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, words):
     prompts = tmp_path / "held.txt"
