@@ -14,6 +14,8 @@ Public API:
                                             a before/after comparison of two diagnoses or models
     prompt_perplexity / packed_perplexity   perplexity of an in-memory model over texts each scored alone
       -> Perplexity                         (conventions ``tokens`` and ``paper``), or over packed rows as repair
+    ablate_heads -> Ablation                each head's zero/mean-ablation effect on held-out texts, its noise
+                                            floor and interval, and whether it does work (docs/metrics.md)
 
 ``alibi_surgery.plan``, ``.repair`` and ``.compare`` are these functions; their modules are
 ``alibi_surgery.surgery.plan``, ``alibi_surgery.surgery.repair`` and ``alibi_surgery.analysis.compare``. The package
@@ -25,6 +27,8 @@ from .analysis.compare import compare
 from .attention.functional import AttentionStats, alibi_attention, alibi_attention_qkvpacked
 from .analysis.comparison import Comparison
 from .analysis.perplexity import Perplexity, packed_perplexity, prompt_perplexity
+from .analysis.ablation import ablate_heads
+from .analysis.ablation_report import Ablation
 from .diagnosis.diagnose import diagnose
 from .errors import UsageError
 from .analysis.loss import chunked_lm_loss
@@ -40,4 +44,4 @@ __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport", "Thresholds",
            "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
            "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked",
-           "AttentionStats", "prompt_perplexity", "packed_perplexity", "Perplexity"]
+           "AttentionStats", "prompt_perplexity", "packed_perplexity", "Perplexity", "ablate_heads", "Ablation"]

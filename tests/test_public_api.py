@@ -10,9 +10,9 @@ import alibi_surgery
 PUBLIC = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_stats", "diagnose", "HeadReport",
           "Thresholds", "UsageError", "HeadSlices", "HeadSlicedAdamW", "chunked_lm_loss", "plan", "Plan", "repair",
           "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked", "AttentionStats",
-          "prompt_perplexity", "packed_perplexity", "Perplexity"]
+          "prompt_perplexity", "packed_perplexity", "Perplexity", "ablate_heads", "Ablation"]
 COMMANDS = ["diagnose", "random-model", "repair", "compare", "demo", "family", "plan-memory", "perplexity", "drift",
-            "generate"]
+            "generate", "ablate"]
 
 
 def test_all_is_pinned_and_every_name_resolves():

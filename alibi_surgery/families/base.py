@@ -69,6 +69,7 @@ class Family:
     name: str = ""  # e.g. "bloom": the config.model_type the adapter accepts and transformers' model folder
     prefix: str = "transformer."  # the base model's attribute name in the causal LM's state dict
     blocks: str = "h"  # the base model's attribute holding the blocks
+    final_norm: str = "ln_f"  # the base model's attribute holding the norm after the last block
     block_keeps_output_attentions: bool = False  # the block does not pass output_attentions to its attention
     embedding: str = ""  # the token embedding's tensor name, without ``prefix``
     qkv_name: str = ""  # attribute names of the fused QKV and output linears on the attention module
@@ -132,6 +133,10 @@ class Family:
             return list(found)
         cls = self.block_class()
         return [m for m in model.modules() if isinstance(m, cls)]
+
+    def final_norm_module(self, model: nn.Module) -> nn.Module:
+        """The norm the base model applies after its last block (before the LM head)."""
+        return getattr(self.base_model(model), self.final_norm)
 
     def qkv(self, attn: nn.Module) -> nn.Linear:
         return getattr(attn, self.qkv_name)

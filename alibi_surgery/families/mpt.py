@@ -49,6 +49,7 @@ class Mpt(Family):
     name, layers_field = "mpt", "n_layers"
     embedding, qkv_name, out_name = "wte.weight", "Wqkv", "out_proj"
     blocks = "blocks"
+    final_norm = "norm_f"
     mlp_names = ("ffn.up_proj", "ffn.down_proj")
     block_keeps_output_attentions = True  # MptBlock calls its attention without output_attentions
     classes = ("MptConfig", "MptForCausalLM", "MptAttention", "MptBlock")
