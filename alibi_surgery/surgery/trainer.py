@@ -34,7 +34,7 @@ from .schedule import lr_at, surgery_lr
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
-__all__ = ["Run", "train", "lr_at", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
+__all__ = ["Run", "TrainingData", "train", "lr_at", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
            "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
 
 CKPT_PREFIX = "step-"
@@ -65,17 +65,30 @@ def held_out(entry: dict) -> float | None:
     return entry["eval_ppl"] if entry["eval_ppl"] is not None else entry.get("eval_prompts_ppl")
 
 
-class Run:
-    """One pass: state shared by training, checkpointing and re-diagnosis."""
+@dataclasses.dataclass
+class TrainingData:
+    """The token data of one pass: the packed training ``chunks`` ``[n, seq_len]``, the packed held-out
+    ``eval_chunks`` (or None) and the held-out ``eval_prompts`` as token-id lists (or None)."""
 
-    def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, settings, out: Path,
-                 chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path, *,
-                 eval_prompts=None):
+    chunks: torch.Tensor
+    eval_chunks: torch.Tensor | None = None
+    eval_prompts: list | None = None
+
+
+class Run:
+    """One pass: state shared by training, checkpointing and re-diagnosis. ``job`` is the pass's
+    :class:`~alibi_surgery.surgery.settings.RepairJob` (settings, diagnosis prompts, backend, progress)."""
+
+    def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, job, out: Path, model_dir: Path,
+                 data: TrainingData):
+        settings = job.settings
         self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
-        self.eval_prompts = eval_prompts  # token ids of the eval_prompts texts, or None
-        self.s, self.out, self.chunks, self.eval_chunks = settings, out, chunks, eval_chunks
-        self.backend, self.prompts, self.progress, self.model_dir = backend, prompts, progress, model_dir
+        self.eval_prompts = data.eval_prompts  # token ids of the eval_prompts texts, or None
+        self.s, self.out, self.chunks, self.eval_chunks = settings, out, data.chunks, data.eval_chunks
+        self.backend, self.progress, self.model_dir = job.run.backend, job.run.progress, model_dir
+        self.prompts = job.prompts()
         self.ckpt_dir = out / "checkpoints"
+        chunks = data.chunks
         n_micro = len(chunks) // settings.batch_size
         if n_micro == 0:
             raise UsageError(f"the corpus has {len(chunks)} chunks of seq_len={settings.seq_len}, fewer than one "
