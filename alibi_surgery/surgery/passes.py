@@ -55,7 +55,8 @@ def run_passes(repair_pass, model_path: Path, out: Path, passes: int, flags: tup
     final = out / "final"
     with staged_dir(final, "final model") as tmp:
         shutil.copytree(last_final, tmp)
-    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
+    summary = {"input": str(model_path), "arm": reports[0].get("arm"), "final": str(final), "passes_asked": passes,
+               "stopped": stopped,
                "eval_ppl_before": reports[0].get("eval_ppl_before"),
                "eval_prompts_ppl_before": reports[0].get("eval_prompts_ppl_before"),
                "learning_rates": [r.get("learning_rates", []) for r in reports], "passes": reports}

@@ -22,8 +22,9 @@ run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
 ``passes > 1`` runs :mod:`~alibi_surgery.surgery.passes` (later passes target every head still collapsed, from the
 previous pass's best checkpoint). ``settings.reinit=False`` trains the selected heads from their current values (the
-paper's gradient-only control); ``settings.optimizer_precision`` and ``settings.schedule`` choose the paper's
-optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
+paper's gradient-only control) and ``settings.control`` runs a control arm instead of the treatment
+(:mod:`~alibi_surgery.surgery.controls`; the arm is ``report.json``'s ``arm``); ``settings.optimizer_precision`` and
+``settings.schedule`` choose the paper's optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ from .memory_plan import predict_memory
 from .plan import Plan, make_plan, plan_shape
 from .repair_report import write_markdown, write_plots
 from ..diagnosis.report import HeadReport
-from .reinit import reinit_heads
-from .settings import RepairJob, RepairSettings, same_settings
-from .trainer import (OPT_FILE, STATE_FILE, Run, TrainingData, config_key, enable_checkpointing, lr_at, newest_checkpoint,
-                      prompts_perplexity, train)
+from .controls import apply_arm, random_healthy_plan
+from .settings import RepairJob, RepairSettings, same_settings, settings_differences
+from .trainer import (OPT_FILE, STATE_FILE, Run, TrainingData, config_key, enable_checkpointing, lr_at,
+                      newest_checkpoint, prompts_perplexity, train)
 from ..analysis.perplexity import chunks_perplexity, encode_texts
 
 __all__ = ["RepairSettings", "RepairJob", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir",
@@ -193,7 +194,12 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
     """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses one made
     from another model or with other settings."""
     resume_from = newest_checkpoint(out / "checkpoints")
-    if resume_from is None:
+    if resume_from is None:  # a run without checkpoints (not started, or an arm that does not train): its record
+        record = out / "run.json"
+        saved = json.loads(read_text(record, what="run record")) if record.is_file() else None
+        if saved is not None and settings_differences(saved["settings"], settings):
+            raise UsageError(f"resume=True: {out} was started with different settings "
+                             f"({settings_differences(saved['settings'], settings)[0]}); resume with the same")
         return None, None
     meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
     expected = config_key(load_config(str(model_path)))  # the checkpoint holds the model: read the input's config
@@ -201,7 +207,8 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
         raise UsageError(f"resume=True: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
     if not same_settings(meta["settings"], settings):
-        raise UsageError(f"resume=True: {resume_from.name} was made with different settings; resume with the same")
+        raise UsageError(f"resume=True: {resume_from.name} was made with different settings "
+                         f"({settings_differences(meta['settings'], settings)[0]}); resume with the same")
     return resume_from, meta
 
 
@@ -222,6 +229,8 @@ def _make_plan(model, tokenizer, job: RepairJob):
         progress=job.run.progress)
     plan = make_plan(**plan_shape(model.config), report=baseline, heads=opts.heads, band=opts.band,
                      layers=opts.layers, freeze=opts.freeze, include=opts.include, allow_empty=opts.allow_empty)
+    if settings.control == "random-healthy":
+        plan = random_healthy_plan(plan, baseline, settings.seed)
     memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
@@ -247,9 +256,9 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
     settings, opts = job.settings, job.run
     model, tokenizer = load_model(str(resume_from or model_path), dtype=opts.dtype, device=opts.device)
     patch(model, opts.backend)
-    if opts.corpus is None:  # the cheap input checks come before the diagnosis
+    if opts.corpus is None and settings.trains:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")
-    chunks, files = load_corpus(opts.corpus, tokenizer, settings.seq_len)
+    chunks, files = load_corpus(opts.corpus, tokenizer, settings.seq_len) if opts.corpus is not None else (None, [])
     eval_chunks = None
     if opts.eval_text is not None:
         eval_chunks = pack_text(corpus_documents(opts.eval_text, what="--eval-text", walk=False)[0], tokenizer,
@@ -270,11 +279,11 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
         atomic_write_text(out / "run.json", json.dumps(
-            {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
+            {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
+             "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
-        if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
-            reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
+        apply_arm(model, plan, settings)
     data = TrainingData(chunks, eval_chunks, eval_ids)
     return Run(model, tokenizer, plan, baseline, job, out, model_path, data)
 
@@ -300,7 +309,7 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
         run.rediagnose()
     started = json.loads(read_text(out / "run.json", what="run record"))
-    report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
+    report = {"input": str(run.model_dir), "arm": run.s.arm, "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"),
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),

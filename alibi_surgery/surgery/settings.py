@@ -12,6 +12,11 @@
 :class:`RepairJob` holds the three; :meth:`RepairJob.from_options` builds one from the keyword arguments that
 :func:`~alibi_surgery.surgery.repair.repair_pass` accepts (each field name of the three is a keyword; anything else
 is a ``TypeError``, as for any Python call).
+
+The arms (:attr:`RepairSettings.arm`, recorded in ``run.json``, ``report.json`` and every checkpoint): ``treatment``
+(re-initialise the targets and train them, the default), ``gradient-only`` (``reinit=False``: train the targets from
+their current values, the paper's control), and the ``control`` ones, ``reinit-only``, ``random-healthy`` and
+``ablate`` (:mod:`alibi_surgery.surgery.controls`; docs/surgery.md, "Control arms").
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import math
 
 from ..errors import UsageError
 
-__all__ = ["RepairSettings", "PlanOptions", "RunOptions", "RepairJob", "same_settings"]
+__all__ = ["RepairSettings", "PlanOptions", "RunOptions", "RepairJob", "same_settings", "settings_differences",
+           "CONTROLS", "ARMS"]
+
+CONTROLS = ("reinit-only", "random-healthy", "ablate")  # the arms the control option names
+ARMS = ("treatment", "gradient-only", *CONTROLS)
 
 
 @dataclasses.dataclass
@@ -47,6 +56,18 @@ class RepairSettings:
     schedule: str = "default"  # default (lr_at) or paper (paper_lr)
     reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
     eval_convention: str = "tokens"  # how eval_prompts' per-text losses combine (analysis.perplexity)
+    control: str | None = None  # a control arm (CONTROLS); None: treatment, or gradient-only with reinit=False
+    save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and of the last)
+
+    @property
+    def arm(self) -> str:
+        """The arm this run is (:data:`ARMS`)."""
+        return self.control or ("treatment" if self.reinit else "gradient-only")
+
+    @property
+    def trains(self) -> bool:
+        """Whether the arm trains (``reinit-only`` and ``ablate`` do not)."""
+        return self.arm not in ("reinit-only", "ablate")
 
     def check(self) -> None:
         from ..analysis.perplexity import CONVENTIONS
@@ -64,8 +85,13 @@ class RepairSettings:
                                      ("schedule", self.schedule, SCHEDULES)):
             if value not in choices:
                 raise UsageError(f"unknown {name}={value!r}; choose one of {', '.join(choices)}")
+        if self.control is not None and self.control not in CONTROLS:
+            raise UsageError(f"unknown control={self.control!r}; choose one of {', '.join(CONTROLS)}")
+        if self.control is not None and not self.reinit:
+            raise UsageError(f"control={self.control!r} contradicts reinit=False (the gradient-only arm): choose one "
+                             f"arm")
         for name, least in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("epochs", 0), ("patience", 1),
-                            ("save_every_steps", 1)):
+                            ("save_every_steps", 1), ("save_every_epochs", 1)):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UsageError(f"{name}={value}: must be >= {least}")
@@ -81,11 +107,18 @@ class RepairSettings:
 def same_settings(saved: dict, settings: RepairSettings) -> bool:
     """Whether a checkpoint's recorded settings are ``settings``, both normalised by :meth:`RepairSettings.check`;
     options added since the checkpoint was written take their defaults (an older run still resumes)."""
+    return not settings_differences(saved, settings)
+
+
+def settings_differences(saved: dict, settings: RepairSettings) -> list[str]:
+    """``name=then (now now)`` for each setting where a checkpoint's recorded ``saved`` differs from ``settings``
+    (see :func:`same_settings`)."""
     names = {f.name for f in dataclasses.fields(RepairSettings)}
     then = RepairSettings(**{k: v for k, v in saved.items() if k in names})
     then.check()
     settings.check()
-    return dataclasses.asdict(then) == dataclasses.asdict(settings)
+    a, b = dataclasses.asdict(then), dataclasses.asdict(settings)
+    return [f"{k}={a[k]!r} (now {b[k]!r})" for k in a if a[k] != b[k]]
 
 
 @dataclasses.dataclass
