@@ -34,7 +34,7 @@ from ..viz.comparison_figures import save_delta_heatmap
 from ..diagnosis.healthy import check_healthy_definition
 from .comparison import KIND, Comparison, check_drift_threshold, thresholds_text
 
-__all__ = ["compare", "parse_selection_spec", "run_compare"]
+__all__ = ["compare", "parse_selection_spec", "run_compare", "run_arm"]
 
 _DIAGNOSE_OPTIONS = ("device", "dtype", "backend", "batch_size", "max_length", "prompts", "exclude_first_query",
                      "normalize_entropy", "thresholds", "progress")
@@ -49,6 +49,23 @@ class _Source:
     report: HeadReport | None = None
     model: str | None = None
     shape: tuple[int, int] | None = None
+    arm: str | None = None  # the surgery arm that made a model directory (run_arm)
+
+
+def run_arm(model_dir) -> str | None:
+    """The surgery arm (treatment, gradient-only or a control) that made the model directory ``model_dir``, read
+    from the run record beside it: ``OUT/final`` -> ``OUT/report.json`` or ``OUT/run.json``,
+    ``OUT/checkpoints/step-N`` -> ``OUT/run.json``; None when there is none (a model not made by repair, or by a
+    version that did not record arms)."""
+    path = Path(model_dir)
+    for record in (path.parent / "report.json", path.parent / "run.json", path.parent.parent / "run.json"):
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("arm"), str):
+            return data["arm"]
+    return None
 
 
 def _resolve_source(x, label: str) -> _Source:
@@ -71,7 +88,7 @@ def _resolve_source(x, label: str) -> _Source:
             resolved = resolve_model_dir(str(x))
         except UsageError as exc:
             raise UsageError(f"{label}: {exc}") from None
-        return _Source(label, model=str(x), shape=_model_shape(resolved, label))
+        return _Source(label, model=str(x), shape=_model_shape(resolved, label), arm=run_arm(path))
     if not path.exists():
         raise UsageError(f"{label} does not exist: {path}")
     raise UsageError(f"{label} is neither a diagnosis .json file nor a model directory: {path}")
@@ -107,6 +124,14 @@ def _diagnose_source(source: _Source, options: dict) -> HeadReport:
         gc.collect()
         if is_cuda:
             torch.cuda.empty_cache()
+
+
+def _with_arm(report: HeadReport, arm: str | None) -> HeadReport:
+    """``report`` with the surgery arm of the model it diagnosed in its metadata (``arm``), when there is one: the
+    comparison's summary shows it beside the model's name."""
+    if arm is not None:
+        report.metadata["arm"] = arm
+    return report
 
 
 def _check_measurement(report: HeadReport, label: str, options: dict) -> dict:
@@ -172,7 +197,8 @@ def compare(a, b, *, targets=None, zone=None, drift_threshold: float = 0.05, for
                 if selection is not None:
                     check_selection(selection, *shape, what=what, allow_empty=True)
         check_drift_threshold(drift_threshold)
-    reports = [s.report if s.report is not None else _diagnose_source(s, options) for s in sources]
+    reports = [s.report if s.report is not None else _with_arm(_diagnose_source(s, options), s.arm)
+               for s in sources]
     if reports[0].bos_mass.shape != reports[1].bos_mass.shape:
         raise UsageError(f"A and B have different shapes: A is {reports[0].n_layer} layers x {reports[0].n_head} "
                          f"heads, B is {reports[1].n_layer} layers x {reports[1].n_head} heads")
@@ -318,7 +344,8 @@ def run_compare(args) -> None:
     if panels:
         from .panels import panels_dict
 
-        panel_data = panels_dict(comparisons, inputs[1:], scale=args.panel_scale,
+        labels = [f"{x} [arm {s.arm}]" if s.arm else str(x) for x, s in zip(inputs[1:], sources[1:])]
+        panel_data = panels_dict(comparisons, labels, scale=args.panel_scale,
                                  annotate_threshold=args.annotate_threshold)
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         if len(comparisons) > 1:

@@ -271,7 +271,7 @@ class Comparison:
         """Class counts before -> after, repair outcomes, and drift per zone."""
         sb, sa = self.before.summary(self.healthy), self.after.summary(self.healthy)
         total = self.n_layer * self.n_head
-        lines = [f"{model_name(self.before, 'before')} -> {model_name(self.after, 'after')}: "
+        lines = [f"{_named(self.before, 'before')} -> {_named(self.after, 'after')}: "
                  f"{self.n_layer} layers x {self.n_head} heads",
                  "  classes: " + "  ".join(f"{name} {sb[key]} -> {sa[key]}" for name, key in
                                            (("healthy", "healthy"), ("bos-sink", "bos_sink"), ("dead", "dead"),
@@ -301,6 +301,12 @@ class Comparison:
                          f"worst L{w['layer']} H{w['head']} {w['delta']:+.4f}")
         lines += [f"  note: {n}" for n in self.notes()]
         return "\n".join(lines)
+
+
+def _named(report: HeadReport, fallback: str) -> str:
+    """The report's model name, with the surgery arm that made the model (``[arm ablate]``) when it is recorded."""
+    arm = report.metadata.get("arm")
+    return model_name(report, fallback) + (f" [arm {arm}]" if arm else "")
 
 
 def check_drift_threshold(threshold) -> float:

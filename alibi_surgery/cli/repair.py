@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     from ..surgery.repair import RepairSettings
     from ..surgery.reinit import INITS
     from ..surgery.schedule import SCHEDULES
+    from ..surgery.settings import CONTROLS
 
     d = RepairSettings()
     p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
@@ -68,9 +69,16 @@ def add_parser(sub) -> None:
     t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {d.max_grad_norm})")
     t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
     t.add_argument("--no-reinit", action="store_true", help="train the selected heads from their current values "
-                                                            "(the paper's gradient-only control)")
+                                                            "(the paper's gradient-only control: arm gradient-only)")
+    t.add_argument("--control", metavar="|".join(CONTROLS),
+                   help="run a control arm instead of the treatment (docs/surgery.md, 'Control arms'): reinit-only "
+                        "(re-initialise the targets, no training), random-healthy (re-initialise and train as many "
+                        "random healthy heads of the same layers instead, seeded by --seed), ablate (zero the "
+                        "targets' output columns, no training); the arms without training need no --corpus")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of the re-initialisation and the data order")
     t.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    t.add_argument("--save-every-epochs", type=int, default=d.save_every_epochs, metavar="N",
+                   help="checkpoint (and re-diagnose) at the end of every N-th epoch and of the last (default 1)")
     t.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     t.add_argument("--optimizer-precision", metavar="|".join(PRECISIONS),
                    help="master: fp32 master copy of bf16/fp16 slices (default); stochastic: bf16, stochastically "
@@ -92,6 +100,7 @@ def run(args) -> None:
                               init=args.init, seed=args.seed, save_every_steps=args.save_every_steps,
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
                               reinit=not args.no_reinit, eval_convention=args.eval_convention,
+                              control=args.control, save_every_epochs=args.save_every_epochs,
                               **_training_options(args))
     settings.check()
     if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
@@ -118,7 +127,8 @@ def run(args) -> None:
     from ..analysis.perplexity import read_texts
 
     eval_prompts = read_texts(args.eval_prompts) if args.eval_prompts else None
-    if corpus is None and not (args.dry_run or args.resume):  # up front; a finished run resumes without one
+    if corpus is None and settings.trains and not (args.dry_run or args.resume):  # up front; a finished run
+        # resumes without one, and the arms that do not train need none
         raise UsageError("--corpus is required (files, directories or globs of training text)")
     result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, eval_prompts=eval_prompts,
                     report=from_report,
@@ -167,6 +177,8 @@ def _print_result(result: dict, out: Path) -> None:
     from ..surgery.repair_report import format_ppl
 
     last = result["passes"][-1] if "passes" in result else result
+    if result.get("arm"):  # a run finished before arms were recorded has none
+        print(f"arm: {result['arm']}")
     best = next((c for c in last["checkpoints"] if c["checkpoint"] == last["final_checkpoint"]), None)
     if result.get("stopped"):
         print(f"stopped after pass {len(result['passes'])}: {result['stopped']}")

@@ -78,7 +78,7 @@ def model_dormancy(model, threshold: float = DEFAULT_THRESHOLD) -> dict | None:
 
 def checkpoint_dormancy(model_dir, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Dormancy of the checkpoint in ``model_dir``, read block by block from its safetensors files (float32)."""
-    from .stream import CheckpointIndex
+    from ..io.shards import CheckpointIndex
 
     ckpt = CheckpointIndex(model_dir)
     counter = DormancyCounter(threshold)

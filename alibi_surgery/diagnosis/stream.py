@@ -15,8 +15,6 @@ torch backend). Limits: the fused backends only (``triton``/``torch``), no ``eag
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
@@ -25,60 +23,14 @@ from .dormancy import DEFAULT_THRESHOLD, DormancyCounter
 from ..families.base import training_context
 from .diagnose import build_report, check_options, encode_prompts, padded_batches
 from ..errors import UsageError
-from ..io.checkpoint import check_finite, verify_checkpoint
-from ..io.loading import dtype_name, load_config, resolve_model_dir
+from ..io.shards import CheckpointIndex
+from ..io.loading import dtype_name
 from ..attention.patch import head_stats, patched
 from .extremes import DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction
 from .report import HeadReport, Thresholds
 
 __all__ = ["CheckpointIndex", "diagnose_streamed", "diagnose_path", "block_bytes", "model_bytes", "free_bytes",
            "should_stream"]
-
-
-class CheckpointIndex:
-    """Where each tensor of a safetensors checkpoint lives (names without the ``transformer.`` prefix)."""
-
-    def __init__(self, model_dir: str | Path):
-        from ..families import family_for
-
-        self.dir = resolve_model_dir(str(model_dir))
-        self.config = load_config(str(model_dir))
-        self.family = family_for(self.config, str(model_dir))
-        self.files = {name: (e.file, e.stored) for name, e in verify_checkpoint(self.dir, self.config).items()}
-
-    def load(self, names: list[str], device, dtype) -> dict[str, torch.Tensor]:
-        """The named tensors (stripped names), opening each shard once, converted to ``dtype`` on ``device``."""
-        from safetensors import safe_open
-
-        missing = [n for n in names if n not in self.files]
-        if missing:
-            raise UsageError(f"{self.dir}: tensor {missing[0]} is missing from the checkpoint")
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.files[n][0], []).append(n)
-        out = {}
-        for file, group in by_file.items():
-            with safe_open(file, "pt") as f:
-                for n in group:
-                    out[n] = f.get_tensor(self.files[n][1]).to(device=device, dtype=dtype)
-        check_finite(out.items(), str(self.dir))
-        return out
-
-    def embedding_rows(self, name: str, ids: torch.Tensor, device, dtype) -> torch.Tensor:
-        """``name[ids]`` (an embedding table) reading only the rows in ``ids`` (sorted unique), as
-        ``[*ids.shape, H]``."""
-        from safetensors import safe_open
-
-        file, stored = self.files[name]
-        unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
-        with safe_open(file, "pt") as f:
-            table = f.get_slice(stored)
-            n_rows = table.get_shape()[0]
-            if int(unique[-1]) >= n_rows:
-                raise UsageError(f"token id {int(unique[-1])} is outside the embedding table ({n_rows} rows)")
-            rows = torch.cat([table[int(i):int(i) + 1] for i in unique])
-        check_finite([(f"{name} (used rows)", rows)], str(self.dir))
-        return rows.to(device=device, dtype=dtype)[inverse.to(device)]
 
 
 def block_bytes(config, dtype: torch.dtype) -> int:

@@ -20,15 +20,17 @@ from ..diagnosis.report import HeadReport
 from ..io.files import atomic_write_text, read_text, staged_dir
 from .plan import NothingToRepair
 from ..io.outdir import clear_dir
-from .repair import repair_pass
 from .repair_report import write_passes_markdown
 
 __all__ = ["run_passes"]
 
 
-def run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite: bool, options: dict) -> dict:
-    """The passes of one run into the locked ``out`` (see the module docstring); ``options`` are
-    :func:`~alibi_surgery.surgery.repair.repair_pass`'s. Returns the summary also written to ``OUT/report.json``."""
+def run_passes(repair_pass, model_path: Path, out: Path, passes: int, flags: tuple[bool, bool], options: dict) -> dict:
+    """The passes of one run into the locked ``out`` (see the module docstring), each run by ``repair_pass``
+    (:func:`~alibi_surgery.surgery.repair.repair_pass`, handed down so that this module does not import its caller)
+    with ``options``; ``flags`` is ``(resume, overwrite)``. Returns the summary also written to
+    ``OUT/report.json``."""
+    resume, overwrite = flags
     if overwrite and not resume:
         clear_dir(out)
     source, reports, stopped = model_path, [], None
@@ -53,7 +55,8 @@ def run_passes(model_path: Path, out: Path, passes: int, resume: bool, overwrite
     final = out / "final"
     with staged_dir(final, "final model") as tmp:
         shutil.copytree(last_final, tmp)
-    summary = {"input": str(model_path), "final": str(final), "passes_asked": passes, "stopped": stopped,
+    summary = {"input": str(model_path), "arm": reports[0].get("arm"), "final": str(final), "passes_asked": passes,
+               "stopped": stopped,
                "eval_ppl_before": reports[0].get("eval_ppl_before"),
                "eval_prompts_ppl_before": reports[0].get("eval_prompts_ppl_before"),
                "learning_rates": [r.get("learning_rates", []) for r in reports], "passes": reports}

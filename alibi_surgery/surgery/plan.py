@@ -7,7 +7,9 @@ A :class:`Plan` holds four head sets, each a selection ``{layer: [heads]}`` with
   head inside the zone is *in-band* (the paper's "in-band healthy heads stay frozen"); every other frozen head is
   *outside*. Drift is reported separately for the two (:meth:`Plan.zone_of`);
 * ``frozen``: the heads named by ``freeze`` (never selected);
-* ``included``: the heads ``include`` added that the mode had not selected (e.g. healthy ones).
+* ``included``: the heads ``include`` added that the mode had not selected (e.g. healthy ones);
+* ``replaces`` (empty but for the ``random-healthy`` control arm, :mod:`~alibi_surgery.surgery.controls`): the
+  targets the selection stands in for, left untouched.
 
 How :func:`make_plan` chooses (``source`` records which; ``"report"`` is ``"auto"`` with the report read from a
 file, set by the caller with ``source="report"``):
@@ -100,6 +102,7 @@ class Plan:
     head_dim: int
     hidden: int
     qkv_bias: bool = True  # whether the fused QKV projection has a bias (BLOOM, Falcon per config; not MPT)
+    replaces: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # random-healthy: the targets replaced
 
     @property
     def n_heads(self) -> int:
@@ -144,7 +147,7 @@ class Plan:
         if not isinstance(self.qkv_bias, bool):
             raise UsageError(f"plan qkv_bias must be true or false, got {self.qkv_bias!r}")
         sets = {}
-        for name in ("selection", "zone", "frozen", "included"):
+        for name in ("selection", "zone", "frozen", "included", "replaces"):
             checked = check_selection(getattr(self, name), self.n_layer, self.n_head, what=f"plan {name}",
                                       allow_empty=True)
             sets[name] = pairs(checked)
@@ -154,6 +157,9 @@ class Plan:
         if sets["included"] - sets["selection"]:
             raise UsageError(f"plan includes {_head_name(min(sets['included'] - sets['selection']))} "
                              "without selecting it")
+        if sets["selection"] & sets["replaces"]:
+            raise UsageError(f"plan selects {_head_name(min(sets['selection'] & sets['replaces']))}, which it "
+                             "replaces")
         if sets["selection"] - sets["zone"]:
             raise UsageError(f"plan target {_head_name(min(sets['selection'] - sets['zone']))} lies outside its zone")
         return self
@@ -167,7 +173,8 @@ class Plan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "source": self.source, "n_layer": self.n_layer,
                 "n_head": self.n_head, "head_dim": self.head_dim, "hidden": self.hidden,
                 "selection": enc(self.selection), "zone": enc(self.zone), "frozen": enc(self.frozen),
-                "included": enc(self.included), "qkv_bias": self.qkv_bias, "n_heads": self.n_heads,
+                "included": enc(self.included), "replaces": enc(self.replaces), "qkv_bias": self.qkv_bias,
+                "n_heads": self.n_heads,
                 "trainable_params": self.trainable_params,
                 "spec": format_heads(self.selection)}
 
@@ -199,7 +206,8 @@ class Plan:
 
         plan = cls(selection=dec("selection"), zone=dec("zone"), frozen=dec("frozen"), included=dec("included"),
                    source=data.get("source", "list"), n_layer=data["n_layer"], n_head=data["n_head"],
-                   head_dim=data["head_dim"], hidden=data["hidden"], qkv_bias=data.get("qkv_bias", True))
+                   head_dim=data["head_dim"], hidden=data["hidden"], qkv_bias=data.get("qkv_bias", True),
+                   replaces=dec("replaces"))
         return plan.validate()
 
     def to_json(self, path) -> None:
@@ -243,6 +251,10 @@ class Plan:
         if self.frozen:
             lines.append(f"  frozen (--freeze): {_count(n_selected(self.frozen), 'head')}: "
                          f"{listing(self.frozen)}")
+        if self.replaces:
+            lines.append(f"  random-healthy control: the heads above are drawn in place of the targets "
+                         f"({_count(n_selected(self.replaces), 'head')}: {listing(self.replaces)}), which stay "
+                         f"untouched")
         if self.included:
             lines.append(f"  included (--include): {_count(n_selected(self.included), 'head')}: "
                          f"{listing(self.included)}")

@@ -22,15 +22,15 @@ run (:mod:`~alibi_surgery.io.lock`): a second run into it is refused, naming the
 :class:`~alibi_surgery.errors.WriteError`; it and Ctrl-C carry the newest complete checkpoint (``last_checkpoint``).
 ``passes > 1`` runs :mod:`~alibi_surgery.surgery.passes` (later passes target every head still collapsed, from the
 previous pass's best checkpoint). ``settings.reinit=False`` trains the selected heads from their current values (the
-paper's gradient-only control); ``settings.optimizer_precision`` and ``settings.schedule`` choose the paper's
-optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
+paper's gradient-only control) and ``settings.control`` runs a control arm instead of the treatment
+(:mod:`~alibi_surgery.surgery.controls`; the arm is ``report.json``'s ``arm``); ``settings.optimizer_precision`` and
+``settings.schedule`` choose the paper's optimizer and schedule. Limits: the registered ALiBi families only; the corpus is read into memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -51,68 +51,15 @@ from ..attention.patch import patch
 from .memory_plan import predict_memory
 from .plan import Plan, make_plan, plan_shape
 from .repair_report import write_markdown, write_plots
-from ..diagnosis.prompts import DEFAULT_PROMPTS
 from ..diagnosis.report import HeadReport
-from .reinit import reinit_heads
-from .trainer import (OPT_FILE, STATE_FILE, Run, config_key, enable_checkpointing, lr_at, newest_checkpoint,
-                      prompts_perplexity, train)
+from .controls import apply_arm, random_healthy_plan
+from .settings import RepairJob, RepairSettings, same_settings, settings_differences
+from .trainer import (OPT_FILE, STATE_FILE, Run, TrainingData, config_key, enable_checkpointing, lr_at,
+                      newest_checkpoint, prompts_perplexity, train)
 from ..analysis.perplexity import chunks_perplexity, encode_texts
 
-__all__ = ["RepairSettings", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir", "check_budget",
-           "lr_at", "enable_checkpointing"]
-
-@dataclasses.dataclass
-class RepairSettings:
-    """Everything a run depends on (saved in every checkpoint; a resumed run must use the same)."""
-
-    seq_len: int = 512
-    batch_size: int = 1
-    grad_accum: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of all steps spent in linear warm-up
-    epochs: int = 1
-    patience: int | None = None  # checkpoints without held-out improvement before stopping
-    max_grad_norm: float = 1.0
-    init: str = "xavier_uniform"
-    seed: int = 0
-    save_every_steps: int | None = None
-    checkpointing: bool = True
-    stochastic_rounding: bool = False  # alias of optimizer_precision="stochastic" (check() keeps the two in step)
-    diag_max_length: int | None = 128
-    optimizer_precision: str = "master"  # master, stochastic or bf16 (HeadSlicedAdamW's precision)
-    schedule: str = "default"  # default (lr_at) or paper (paper_lr)
-    reinit: bool = True  # False: the paper's gradient-only control (train the heads from their current values)
-    eval_convention: str = "tokens"  # how eval_prompts' per-text losses combine (analysis.perplexity)
-
-    def check(self) -> None:
-        from ..analysis.perplexity import CONVENTIONS
-        from .optim import PRECISIONS
-        from .schedule import SCHEDULES
-
-        if self.stochastic_rounding and self.optimizer_precision == "master":
-            self.optimizer_precision = "stochastic"
-        if self.stochastic_rounding and self.optimizer_precision != "stochastic":
-            raise UsageError(f"stochastic_rounding=True is optimizer_precision='stochastic'; it contradicts "
-                             f"optimizer_precision={self.optimizer_precision!r}")
-        self.stochastic_rounding = self.optimizer_precision == "stochastic"
-        for name, value, choices in (("optimizer_precision", self.optimizer_precision, PRECISIONS),
-                                     ("eval_convention", self.eval_convention, CONVENTIONS),
-                                     ("schedule", self.schedule, SCHEDULES)):
-            if value not in choices:
-                raise UsageError(f"unknown {name}={value!r}; choose one of {', '.join(choices)}")
-        for name, least in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("epochs", 0), ("patience", 1),
-                            ("save_every_steps", 1)):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise UsageError(f"{name}={value}: must be >= {least}")
-        if not 0 <= self.warmup < 1:
-            raise UsageError(f"warmup={self.warmup}: must be a fraction in [0, 1)")
-        for name, value, rule in (("lr", self.lr, "a finite number >= 0"),
-                                  ("max_grad_norm", self.max_grad_norm, "a finite number > 0"),
-                                  ("weight_decay", self.weight_decay, "a finite number >= 0")):
-            if not math.isfinite(value) or value < 0 or (value == 0 and name == "max_grad_norm"):
-                raise UsageError(f"{name}={value}: must be {rule}")
+__all__ = ["RepairSettings", "RepairJob", "plan_surgery", "repair", "repair_pass", "check_out_dir", "clear_dir",
+           "check_budget", "same_settings", "lr_at", "enable_checkpointing"]
 
 
 def check_budget(memory: dict, budget: int | None, device: torch.device) -> None:
@@ -163,7 +110,8 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"passes={passes}: must be >= 1")
-    (options.get("settings") or RepairSettings()).check()  # the cheap checks first: before the model is read
+    # the cheap checks first (settings, unknown keywords): before the model is read
+    RepairJob.from_options(**{k: v for k, v in options.items() if k != "_stop_after_steps"})
     model_path = _repairable(model_dir)
     if dry_run or passes == 1:
         return repair_pass(model_path, out, resume=resume, overwrite=overwrite, dry_run=dry_run, **options)
@@ -177,7 +125,7 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
         try:
             from .passes import run_passes
 
-            return run_passes(model_path, out, passes, resume, overwrite, options)
+            return run_passes(repair_pass, model_path, out, passes, (resume, overwrite), options)
         except (KeyboardInterrupt, WriteError) as exc:
             if not hasattr(exc, "last_checkpoint"):  # after the passes: the newest checkpoint of the last pass
                 passes_done = sorted(out.glob("pass-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
@@ -202,39 +150,36 @@ def _completed(out: Path) -> dict | None:
     return None
 
 
-def repair_pass(model_dir, out, *, corpus=None, eval_text=None, eval_prompts=None,
-                report: HeadReport | str | None = None,
-                heads: str | None = "auto", band: str | None = None, layers: str | None = None,
-                freeze: str | None = None, include: str | None = None, settings: RepairSettings | None = None,
-                device: str | None = None, dtype: str | None = None, backend: str = "auto", prompts=None,
-                save_dtype: str | None = None, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-                progress: bool = False, allow_empty: bool = False, budget: int | None = None,
-                _stop_after_steps: int | None = None) -> dict:
-    """One pass of surgery (see the module docstring). ``budget``: bytes the surgery step may use; a plan whose
-    predicted peak (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is
-    written. ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the
-    pass runs; a write failure or an interrupt carries ``last_checkpoint`` (see
+def repair_pass(model_dir, out, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+                _stop_after_steps: int | None = None, **options) -> dict:
+    """One pass of surgery (see the module docstring). ``options`` are the keywords of
+    :meth:`~alibi_surgery.surgery.settings.RepairJob.from_options`: ``settings`` (a :class:`RepairSettings`), the plan
+    options ``report``, ``heads``, ``band``, ``layers``, ``freeze``, ``include``, ``prompts``, ``allow_empty``,
+    ``budget``, and the run options ``corpus``, ``eval_text``, ``eval_prompts``, ``device``, ``dtype``, ``backend``,
+    ``save_dtype``, ``progress``.
+
+    ``budget``: bytes the surgery step may use; a plan whose predicted peak
+    (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is written.
+    ``save_dtype``: the dtype of ``OUT/final`` (default: the input checkpoint's). ``OUT`` is locked while the pass
+    runs; a write failure or an interrupt carries ``last_checkpoint`` (see
     :func:`~alibi_surgery.errors.mark_resumable`). ``eval_prompts``: held-out texts, each scored alone at every
     checkpoint (:mod:`alibi_surgery.analysis.perplexity`, ``settings.eval_convention``, truncated at
     ``settings.seq_len``); with no ``eval_text`` their perplexity picks ``OUT/final``.
     """
-    settings = settings or RepairSettings()
-    settings.check()
+    job = RepairJob.from_options(**options)
     model_path = _repairable(model_dir)
+    save_dtype = job.run.save_dtype
     final_dtype = parse_dtype(save_dtype, torch.device("cpu")) if save_dtype else stored_dtype(model_path)
     if dry_run:
-        return _plan_pass(model_path, Path(out), report, heads, band, layers, freeze, include, settings, device,
-                          dtype, backend, prompts, progress, allow_empty, budget)
+        return _plan_pass(model_path, job)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
     with DirLock(out):
-        resume_from, meta = _check_resume(model_path, out, settings) if resume else (None, None)
+        resume_from, meta = _check_resume(model_path, out, job.settings) if resume else (None, None)
         done = _completed(out) if resume else None  # a finished run of this model and these settings
         if done is not None:
             return done
         try:
-            run = _prepare(model_path, out, corpus, (eval_text, eval_prompts), report, heads, band, layers, freeze,
-                           include, settings, device, dtype, backend, prompts, resume_from, meta, overwrite or resume,
-                           progress, allow_empty, budget)
+            run = _prepare(model_path, out, job, (resume_from, meta), overwrite or resume)
             if run.total_steps == 0 or not run.plan.selection:
                 run.best = {"checkpoint": None}
             else:
@@ -249,7 +194,12 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
     """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses one made
     from another model or with other settings."""
     resume_from = newest_checkpoint(out / "checkpoints")
-    if resume_from is None:
+    if resume_from is None:  # a run without checkpoints (not started, or an arm that does not train): its record
+        record = out / "run.json"
+        saved = json.loads(read_text(record, what="run record")) if record.is_file() else None
+        if saved is not None and settings_differences(saved["settings"], settings):
+            raise UsageError(f"resume=True: {out} was started with different settings "
+                             f"({settings_differences(saved['settings'], settings)[0]}); resume with the same")
         return None, None
     meta = json.loads(read_text(resume_from / STATE_FILE, what="checkpoint state"))
     expected = config_key(load_config(str(model_path)))  # the checkpoint holds the model: read the input's config
@@ -257,94 +207,85 @@ def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tupl
         raise UsageError(f"resume=True: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
     if not same_settings(meta["settings"], settings):
-        raise UsageError(f"resume=True: {resume_from.name} was made with different settings; resume with the same")
+        raise UsageError(f"resume=True: {resume_from.name} was made with different settings "
+                         f"({settings_differences(meta['settings'], settings)[0]}); resume with the same")
     return resume_from, meta
 
 
-def same_settings(saved: dict, settings: RepairSettings) -> bool:
-    """Whether a checkpoint's recorded settings are ``settings``, both normalised by :meth:`RepairSettings.check`;
-    options added since the checkpoint was written take their defaults (an older run still resumes)."""
-    names = {f.name for f in dataclasses.fields(RepairSettings)}
-    then = RepairSettings(**{k: v for k, v in saved.items() if k in names})
-    then.check()
-    settings.check()
-    return dataclasses.asdict(then) == dataclasses.asdict(settings)
-
-
-def _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend, prompts, progress,
-               allow_empty, budget):
-    """Baseline diagnosis (or ``report``), the plan, and its predicted memory checked against ``budget``."""
+def _make_plan(model, tokenizer, job: RepairJob):
+    """Baseline diagnosis (or ``job.plan.report``), the plan, and its predicted memory checked against
+    ``job.plan.budget``."""
+    settings, opts = job.settings, job.plan
     layout = family_for(model.config).layout(model.config)
     weights = next(model.parameters()).dtype
     if settings.optimizer_precision == "bf16" and weights != torch.bfloat16:
         raise UsageError(f"optimizer_precision='bf16' rounds every update into bfloat16 weights, but the model runs "
                          f"in {dtype_name(weights)}: pass dtype='bfloat16', or use optimizer_precision='master'")
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    report = opts.report
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)
     baseline = report if report is not None else diagnose(
-        model, tokenizer, prompts, backend=backend, max_length=settings.diag_max_length, progress=progress)
-    plan = make_plan(**plan_shape(model.config), report=baseline, heads=heads, band=band, layers=layers,
-                     freeze=freeze, include=include, allow_empty=allow_empty)
+        model, tokenizer, job.prompts(), backend=job.run.backend, max_length=settings.diag_max_length,
+        progress=job.run.progress)
+    plan = make_plan(**plan_shape(model.config), report=baseline, heads=opts.heads, band=opts.band,
+                     layers=opts.layers, freeze=opts.freeze, include=opts.include, allow_empty=opts.allow_empty)
+    if settings.control == "random-healthy":
+        plan = random_healthy_plan(plan, baseline, settings.seed)
     memory = predict_memory(plan, dtype=dtype_name(next(model.parameters()).dtype),
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
                             stochastic_rounding=settings.stochastic_rounding,
                             bf16_moments=settings.optimizer_precision == "bf16")
-    check_budget(memory, budget, model.device)
+    check_budget(memory, opts.budget, model.device)
     return baseline, plan, memory
 
 
-def _plan_pass(model_path, out, report, heads, band, layers, freeze, include, settings, device, dtype, backend,
-               prompts, progress, allow_empty, budget) -> dict:
+def _plan_pass(model_path: Path, job: RepairJob) -> dict:
     """``--dry-run``: the plan and its predicted memory; nothing is written."""
-    model, tokenizer = load_model(str(model_path), dtype=dtype, device=device)
-    patch(model, backend)
-    _, plan, memory = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings, backend,
-                                 prompts, progress, allow_empty, budget)
+    model, tokenizer = load_model(str(model_path), dtype=job.run.dtype, device=job.run.device)
+    patch(model, job.run.backend)
+    _, plan, memory = _make_plan(model, tokenizer, job)
     return dict(plan.to_dict(), memory=memory)
 
 
-def _prepare(model_path, out, corpus, held_out, report, heads, band, layers, freeze, include, settings, device,
-             dtype, backend, prompts, resume_from, meta, clear, progress, allow_empty, budget) -> Run:
-    """Everything before training: inputs checked, model loaded (from ``resume_from`` when given), plan made (or
-    read back from ``meta``), OUT emptied (``clear``) and its first files written, the selected heads
-    re-initialised. ``held_out``: ``(eval_text, eval_prompts)``."""
-    eval_text, eval_prompts = held_out
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    model, tokenizer = load_model(str(resume_from or model_path), dtype=dtype, device=device)
-    patch(model, backend)
-    if corpus is None:  # the cheap input checks come before the diagnosis
+def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear: bool) -> Run:
+    """Everything before training: inputs checked, model loaded (from the checkpoint of ``resumed = (resume_from,
+    meta)`` when there is one), plan made (or read back from ``meta``), OUT emptied (``clear``) and its first files
+    written, the selected heads re-initialised."""
+    resume_from, meta = resumed
+    settings, opts = job.settings, job.run
+    model, tokenizer = load_model(str(resume_from or model_path), dtype=opts.dtype, device=opts.device)
+    patch(model, opts.backend)
+    if opts.corpus is None and settings.trains:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")
-    chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
+    chunks, files = load_corpus(opts.corpus, tokenizer, settings.seq_len) if opts.corpus is not None else (None, [])
     eval_chunks = None
-    if eval_text is not None:
-        eval_chunks = pack_text(corpus_documents(eval_text, what="--eval-text", walk=False)[0], tokenizer,
-                                settings.seq_len,
-                                what="--eval-text")
+    if opts.eval_text is not None:
+        eval_chunks = pack_text(corpus_documents(opts.eval_text, what="--eval-text", walk=False)[0], tokenizer,
+                                settings.seq_len, what="--eval-text")
     eval_ids = None
-    if eval_prompts is not None:
-        eval_ids = encode_texts(tokenizer, eval_prompts, settings.seq_len, name=lambda i: f"--eval-prompts line {i + 1}")
+    if opts.eval_prompts is not None:
+        eval_ids = encode_texts(tokenizer, opts.eval_prompts, settings.seq_len,
+                                name=lambda i: f"--eval-prompts line {i + 1}")
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
         baseline = HeadReport.from_json(out / "baseline.json")
     else:
-        baseline, plan, _ = _make_plan(model, tokenizer, report, heads, band, layers, freeze, include, settings,
-                                       backend, prompts, progress, allow_empty, budget)
+        baseline, plan, _ = _make_plan(model, tokenizer, job)
         ppl_before = chunks_perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
-        prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, backend)
+        prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, opts.backend)
         if clear:
             clear_dir(out)
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
         atomic_write_text(out / "run.json", json.dumps(
-            {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
+            {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
+             "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
-        if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
-            reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)
-    return Run(model, tokenizer, plan, baseline, settings, out, chunks, eval_chunks, backend, prompts, progress,
-               model_path, eval_prompts=eval_ids)
+        apply_arm(model, plan, settings)
+    data = TrainingData(chunks, eval_chunks, eval_ids)
+    return Run(model, tokenizer, plan, baseline, job, out, model_path, data)
 
 
 def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
@@ -368,7 +309,7 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
         run.rediagnose()
     started = json.loads(read_text(out / "run.json", what="run record"))
-    report = {"input": str(run.model_dir), "final": str(final), "final_checkpoint": best,
+    report = {"input": str(run.model_dir), "arm": run.s.arm, "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"),
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),

@@ -29,8 +29,9 @@ def format_dormancy(dormancy: dict) -> str:
 
 def write_markdown(run, report: dict) -> None:
     """OUT/report.md of one pass: the plan's size and a row per checkpoint."""
-    lines = ["# Surgery report", "", f"- input: `{report['input']}`", f"- final model: `{report['final']}` "
-             f"(from {report['final_checkpoint'] or 'the re-initialised model, no training'})",
+    lines = ["# Surgery report", "", f"- input: `{report['input']}`", f"- arm: {report['arm']}",
+             f"- final model: `{report['final']}` "
+             f"(from {report['final_checkpoint'] or 'no training step: the model as the arm prepared it'})",
              f"- targeted heads: {run.plan.n_heads}",
              f"- held-out perplexity before surgery: {format_ppl(report.get('eval_ppl_before'))}"]
     prompts = report.get("eval_prompts_ppl_before") is not None
@@ -97,7 +98,8 @@ def _drift(drift: dict | None) -> str:
 
 def write_passes_markdown(out: Path, summary: dict) -> None:
     """OUT/report.md of a multi-pass run: one row per pass, with links to each pass's own report."""
-    lines = ["# Surgery report", "", f"- input: `{summary['input']}`", f"- final model: `{summary['final']}`",
+    lines = ["# Surgery report", "", f"- input: `{summary['input']}`", f"- arm: {summary.get('arm') or 'not recorded'}",
+             f"- final model: `{summary['final']}`",
              f"- passes run: {len(summary['passes'])} of {summary['passes_asked']}"
              + (f" ({summary['stopped']})" if summary.get("stopped") else ""), "",
              "| pass | targeted | recovered | still sick | iatrogenic | held-out ppl before | held-out ppl after | "

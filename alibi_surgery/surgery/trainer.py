@@ -1,11 +1,12 @@
 """The training loop of one surgery pass: data order, optimizer steps, checkpoints, re-diagnosis.
 
 :class:`Run` holds what a pass trains (model, plan, baseline diagnosis, packed corpus, settings); :func:`train` runs
-its optimizer steps (resumable from a checkpoint, bit-identically), checkpointing at the end of every epoch and
-every ``save_every_steps`` and re-diagnosing the model against the baseline at each checkpoint. A checkpoint is the
-model safetensors + tokenizer, the optimizer's slice state and the loop position, written to a temporary directory
-and moved into place by :func:`~alibi_surgery.io.files.replace_dir`, so a kill at any instant never leaves a torn
-one; a failed write removes the partial one and raises :class:`~alibi_surgery.errors.WriteError`.
+its optimizer steps (resumable from a checkpoint, bit-identically), checkpointing at the end of every
+``save_every_epochs``-th epoch (and of the last) and every ``save_every_steps``, and re-diagnosing the model
+against the baseline at each checkpoint. A checkpoint is the model safetensors + tokenizer, the optimizer's slice
+state and the loop position, written to a temporary directory and moved into place by
+:func:`~alibi_surgery.io.files.replace_dir`, so a kill at any instant never leaves a torn one; a failed write removes
+the partial one and raises :class:`~alibi_surgery.errors.WriteError`.
 :mod:`~alibi_surgery.surgery.repair` drives it. Limits: the corpus is held in memory as packed token rows.
 """
 
@@ -34,8 +35,8 @@ from .schedule import lr_at, surgery_lr
 from ..diagnosis.report import HeadReport
 from .slices import HeadSlices
 
-__all__ = ["Run", "train", "lr_at", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint", "config_key",
-           "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
+__all__ = ["Run", "TrainingData", "train", "lr_at", "prompts_perplexity", "enable_checkpointing", "newest_checkpoint",
+           "config_key", "CKPT_PREFIX", "STATE_FILE", "OPT_FILE", "PAUSE_ENV"]
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -65,24 +66,37 @@ def held_out(entry: dict) -> float | None:
     return entry["eval_ppl"] if entry["eval_ppl"] is not None else entry.get("eval_prompts_ppl")
 
 
-class Run:
-    """One pass: state shared by training, checkpointing and re-diagnosis."""
+@dataclasses.dataclass
+class TrainingData:
+    """The token data of one pass: the packed training ``chunks`` ``[n, seq_len]``, the packed held-out
+    ``eval_chunks`` (or None) and the held-out ``eval_prompts`` as token-id lists (or None)."""
 
-    def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, settings, out: Path,
-                 chunks: torch.Tensor, eval_chunks, backend: str, prompts, progress: bool, model_dir: Path, *,
-                 eval_prompts=None):
+    chunks: torch.Tensor
+    eval_chunks: torch.Tensor | None = None
+    eval_prompts: list | None = None
+
+
+class Run:
+    """One pass: state shared by training, checkpointing and re-diagnosis. ``job`` is the pass's
+    :class:`~alibi_surgery.surgery.settings.RepairJob` (settings, diagnosis prompts, backend, progress)."""
+
+    def __init__(self, model, tokenizer, plan: Plan, baseline: HeadReport, job, out: Path, model_dir: Path,
+                 data: TrainingData):
+        settings = job.settings
         self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
-        self.eval_prompts = eval_prompts  # token ids of the eval_prompts texts, or None
-        self.s, self.out, self.chunks, self.eval_chunks = settings, out, chunks, eval_chunks
-        self.backend, self.prompts, self.progress, self.model_dir = backend, prompts, progress, model_dir
+        self.eval_prompts = data.eval_prompts  # token ids of the eval_prompts texts, or None
+        self.s, self.out, self.chunks, self.eval_chunks = settings, out, data.chunks, data.eval_chunks
+        self.backend, self.progress, self.model_dir = job.run.backend, job.run.progress, model_dir
+        self.prompts = job.prompts()
         self.ckpt_dir = out / "checkpoints"
-        n_micro = len(chunks) // settings.batch_size
-        if n_micro == 0:
+        chunks = data.chunks
+        n_micro = 0 if chunks is None else len(chunks) // settings.batch_size
+        if n_micro == 0 and settings.trains:
             raise UsageError(f"the corpus has {len(chunks)} chunks of seq_len={settings.seq_len}, fewer than one "
                              f"batch (batch_size={settings.batch_size})")
         self.n_micro = n_micro
         self.steps_per_epoch = math.ceil(n_micro / settings.grad_accum)
-        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.total_steps = self.steps_per_epoch * settings.epochs if settings.trains else 0  # an arm that trains
         self.history: list[dict] = []
         self.learning_rates: list[float] = []  # the lr of every optimizer step so far, in order
         self.latest: tuple[HeadReport, Comparison] | None = None
@@ -234,7 +248,8 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 if epoch_end:
                     position = {"step": position["step"], "epoch": epoch + 1, "step_in_epoch": 0}
                 periodic = s.save_every_steps and position["step"] % s.save_every_steps == 0
-                if epoch_end or periodic:
+                saved_epoch = epoch_end and ((epoch + 1) % s.save_every_epochs == 0 or epoch + 1 == s.epochs)
+                if saved_epoch or periodic:
                     train_ppl = math.exp(window_loss / window_n) if window_n else None
                     window_loss, window_n = 0.0, 0
                     entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
@@ -244,7 +259,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     entry["checkpoint"] = name
                     if improved:
                         best = {"eval_ppl": score, "checkpoint": name, "stale": 0}
-                    elif epoch_end and score is not None:
+                    elif saved_epoch and score is not None:
                         best = dict(best, stale=best["stale"] + 1)
                     position["best"] = best
                     run.save(slices, opt, position)
