@@ -41,6 +41,13 @@ def add_parser(sub) -> None:
     p.add_argument("--text-field", default="text", help="the column holding the documents, for --corpus and "
                    "--eval-text datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids)")
     p.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
+    f = p.add_argument_group("functional recovery (docs/metrics.md: revived = not collapsed and does work)")
+    f.add_argument("--ablation-draws", type=int, default=20, metavar="R",
+                   help="noise-floor draws per target head, before and after surgery (0: not measured)")
+    f.add_argument("--ablation-texts", type=int, default=64, metavar="N",
+                   help="at most N held-out texts for it (--eval-prompts, else --eval-text rows, else the prompts)")
+    f.add_argument("--ablation-bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of its intervals (0: the point estimate must clear the floor)")
     g = p.add_argument_group("plan")
     g.add_argument("--heads", default="auto", help="'auto' (dead and bos-sink heads) or a list like '5:14,15;6:9-15'")
     g.add_argument("--from-report", metavar="JSON", help="plan from this diagnosis instead of a fresh one")
@@ -135,7 +142,9 @@ def run(args) -> None:
                     heads=args.heads, band=args.band, layers=args.layers, freeze=args.freeze, include=args.include,
                     passes=args.passes, settings=settings, device=args.device, dtype=args.dtype,
                     backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,
-                    overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet, budget=budget)
+                    overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet, budget=budget,
+                    ablation_draws=args.ablation_draws, ablation_texts=args.ablation_texts,
+                    ablation_bootstrap=args.ablation_bootstrap)
     if args.dry_run:
         from ..surgery.plan import Plan
 
@@ -174,6 +183,7 @@ def _training_options(args) -> dict:
 
 def _print_result(result: dict, out: Path) -> None:
     """What a finished repair says: its held-out perplexity before and after, and the files it wrote."""
+    from ..surgery.functional import format_recovery
     from ..surgery.repair_report import format_ppl
 
     last = result["passes"][-1] if "passes" in result else result
@@ -187,6 +197,9 @@ def _print_result(result: dict, out: Path) -> None:
         if before is not None:
             print(f"{label}: {format_ppl(before)} before surgery -> {format_ppl(best and best.get(key))} after "
                   f"({last['final_checkpoint'] or 'no training'})")
+    if "functional" in last:  # a run finished before functional recovery was measured has none
+        for p, entry in enumerate(result.get("passes", [result]), 1):
+            print(("" if "passes" not in result else f"pass {p}: ") + format_recovery(entry.get("functional")))
     if result.get("already_complete"):
         print(f"nothing to resume: {out} holds a finished run ({result['final']}, {out / 'report.md'})")
     else:

@@ -53,6 +53,7 @@ from .plan import Plan, make_plan, plan_shape
 from .repair_report import write_markdown, write_plots
 from ..diagnosis.report import HeadReport
 from .controls import apply_arm, random_healthy_plan
+from . import functional
 from .settings import RepairJob, RepairSettings, same_settings, settings_differences
 from .trainer import (OPT_FILE, STATE_FILE, Run, TrainingData, config_key, enable_checkpointing, lr_at,
                       newest_checkpoint, prompts_perplexity, train)
@@ -267,24 +268,28 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
     if opts.eval_prompts is not None:
         eval_ids = encode_texts(tokenizer, opts.eval_prompts, settings.seq_len,
                                 name=lambda i: f"--eval-prompts line {i + 1}")
+    data = TrainingData(chunks, eval_chunks, eval_ids)
     if resume_from is not None:
         plan = Plan.from_dict(meta["plan"])
         baseline = HeadReport.from_json(out / "baseline.json")
     else:
         baseline, plan, _ = _make_plan(model, tokenizer, job)
+        ablation_before = functional.measure(model, functional.held_out_ids(
+            tokenizer, opts, data, job.prompts(), settings.diag_max_length), functional.target_heads(plan), opts,
+            settings.seed)
         ppl_before = chunks_perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
         prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, opts.backend)
         if clear:
             clear_dir(out)
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
+        functional.save_before(out, ablation_before)
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
              "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
         apply_arm(model, plan, settings)
-    data = TrainingData(chunks, eval_chunks, eval_ids)
     return Run(model, tokenizer, plan, baseline, job, out, model_path, data)
 
 
@@ -309,13 +314,31 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
         run.rediagnose()
     started = json.loads(read_text(out / "run.json", what="run record"))
+    recovered = _functional(run, final, reuse=best is None or (newest is not None and best == newest.name))
     report = {"input": str(run.model_dir), "arm": run.s.arm, "final": str(final), "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"),
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),
-              "learning_rates": run.learning_rates, "checkpoints": run.history,
+              "learning_rates": run.learning_rates, "checkpoints": run.history, "functional": recovered,
               "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)
     write_plots(run)
     return report
+
+
+def _functional(run: Run, final: Path, reuse: bool) -> dict:
+    """report.json's ``functional`` entry (:mod:`~alibi_surgery.surgery.functional`), measured on OUT/final: the
+    model in memory when it is what final holds (the last checkpoint, or no training), else final loaded beside
+    it in the run's dtype and device (for that while, twice the weights in memory)."""
+    opts = run.job.run
+    heads = functional.target_heads(run.plan)
+    model = run.model
+    if not reuse:
+        param = next(run.model.parameters())
+        model, _ = load_model(str(final), dtype=dtype_name(param.dtype), device=str(param.device))
+        patch(model, opts.backend)
+    after = diagnose(model, run.tokenizer, run.prompts, backend=opts.backend, max_length=run.s.diag_max_length)
+    ids = functional.held_out_ids(run.tokenizer, opts, run.data, run.prompts, run.s.diag_max_length)
+    return functional.functional_report(heads, run.baseline, after, functional.load_before(run.out),
+                                        functional.measure(model, ids, heads, opts, run.s.seed))

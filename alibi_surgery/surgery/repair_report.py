@@ -11,6 +11,7 @@ from pathlib import Path
 from ..viz.comparison_figures import save_delta_heatmap
 from ..viz.heatmap import save_heatmap
 from ..io.files import atomic_savefig, atomic_write_text
+from .functional import format_recovery
 
 __all__ = ["write_markdown", "write_plots", "write_passes_markdown", "format_ppl", "format_dormancy"]
 
@@ -54,6 +55,9 @@ def write_markdown(run, report: dict) -> None:
         worst = [f"{z}: L{w['layer']}H{w['head']} {w['delta']:+.3f}" for z in ("target", "in-band", "outside")
                  if (w := last[z]["worst"]) is not None]
         lines += ["", "Largest change of first-token mass at the last checkpoint, per zone: " + "; ".join(worst) + "."]
+    if "functional" in report:
+        lines += ["", f"Functional recovery ({report.get('arm', 'treatment')}): "
+                      f"{format_recovery(report['functional'])}.", "", *_functional_table(report["functional"])]
     if "mlp_dormancy" in report:
         lines += ["", format_dormancy(report["mlp_dormancy"])]
     lines += ["", "Drift counts heads whose first-token mass moved by more than 0.05 from the baseline diagnosis.",
@@ -118,3 +122,23 @@ def write_passes_markdown(out: Path, summary: dict) -> None:
               "|Δ first-token mass| > 0.05 (count/n, mean |Δ|), of the pass's best checkpoint against the model the "
               "pass started from and against the original model.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _functional_table(functional: dict) -> list[str]:
+    """A row per target: class, first-token mass, output norm and mean-ablation effect (floor) before and after."""
+    if not functional.get("heads") or functional.get("recovery") is None:
+        return []
+
+    def cell(side: dict) -> str:
+        mean = side.get("mean")
+        effect = "-" if mean is None else f"{mean['effect']:+.4f} (floor {mean['floor']:.4f})"
+        norm = side.get("output_norm")
+        return (f"{side['class']}, {side['bos_mass']:.2f} | {'-' if norm is None else f'{norm:.3g}'} | {effect} | "
+                f"{'-' if side.get('does_work') is None else 'yes' if side['does_work'] else 'no'}")
+
+    lines = ["| head | before: class, first-token mass | output norm | mean-ablation effect, nats | does work "
+             "| after: class, first-token mass | output norm | mean-ablation effect, nats | does work |",
+             "|---" * 9 + "|"]
+    lines += [f"| L{h['layer']} H{h['head']} | {cell(h['before'])} | {cell(h['after'])} |" for h in functional["heads"]]
+    return lines + ["", "Does work: the mean-ablation effect's 95% lower bound exceeds its noise floor "
+                        "(docs/metrics.md); revived: not collapsed after surgery and does work."]

@@ -142,7 +142,8 @@ class PlanOptions:
 class RunOptions:
     """The data and the machinery of a pass: training ``corpus``, held-out ``eval_text`` (packed) and
     ``eval_prompts`` (texts scored alone), ``device``, ``dtype``, attention ``backend``, the dtype of ``OUT/final``
-    (``save_dtype``, default the input checkpoint's) and ``progress`` bars."""
+    (``save_dtype``, default the input checkpoint's), ``progress`` bars, and how functional recovery is measured
+    (``ablation_draws``, ``ablation_texts``, ``ablation_bootstrap``: :mod:`~alibi_surgery.surgery.functional`)."""
 
     corpus: object = None
     eval_text: object = None
@@ -152,6 +153,15 @@ class RunOptions:
     backend: str = "auto"
     save_dtype: str | None = None
     progress: bool = False
+    ablation_draws: int = 20  # functional recovery's noise-floor draws per head (0: not measured)
+    ablation_texts: int | None = 64  # at most this many held-out texts for it (None: all)
+    ablation_bootstrap: int = 1000  # bootstrap resamples of its intervals (0: none)
+
+    def check(self) -> None:
+        for name, least in (("ablation_draws", 0), ("ablation_texts", 1), ("ablation_bootstrap", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise UsageError(f"{name}={value!r}: must be a whole number >= {least}")
 
 
 @dataclasses.dataclass
@@ -173,8 +183,9 @@ class RepairJob:
             raise TypeError(f"repair() got an unexpected keyword argument {unknown[0]!r}")
         settings = settings or RepairSettings()
         settings.check()
-        return cls(settings, PlanOptions(**{k: v for k, v in options.items() if k in plan_names}),
-                   RunOptions(**{k: v for k, v in options.items() if k in run_names}))
+        run = RunOptions(**{k: v for k, v in options.items() if k in run_names})
+        run.check()
+        return cls(settings, PlanOptions(**{k: v for k, v in options.items() if k in plan_names}), run)
 
     def prompts(self) -> list:
         """The diagnosis prompts: ``plan.prompts``, else the built-in set."""

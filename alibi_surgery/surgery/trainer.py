@@ -84,6 +84,7 @@ class Run:
                  data: TrainingData):
         settings = job.settings
         self.model, self.tokenizer, self.plan, self.baseline = model, tokenizer, plan, baseline
+        self.job, self.data = job, data
         self.eval_prompts = data.eval_prompts  # token ids of the eval_prompts texts, or None
         self.s, self.out, self.chunks, self.eval_chunks = settings, out, data.chunks, data.eval_chunks
         self.backend, self.progress, self.model_dir = job.run.backend, job.run.progress, model_dir
