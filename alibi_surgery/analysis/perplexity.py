@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..io.texts import read_texts  # re-exported: the reader of text lists (.txt lines, .jsonl, .json)
 
 __all__ = ["CONVENTIONS", "TextLoss", "Perplexity", "check_convention", "combine", "encode_texts", "score_texts",
            "prompt_perplexity", "packed_perplexity", "read_texts"]
@@ -185,14 +186,6 @@ def packed_perplexity(model, chunks: torch.Tensor, *, batch_size: int = 1, backe
     with _scoring(model, backend):
         ppl = chunks_perplexity(model, chunks, batch_size)
     return Perplexity(_model_name(model), convention, ppl, chunks=int(chunks.shape[0]), seq_len=int(chunks.shape[1]))
-
-
-def read_texts(path) -> list[str]:
-    """The texts of a prompts file, one per line (read as ``diagnose`` reads prompts files), refusing a blank line:
-    every line is one text to score."""
-    from ..diagnosis.prompts import read_prompts
-
-    return read_prompts(None, path, blank_lines="error")
 
 
 def _model_name(model) -> str:

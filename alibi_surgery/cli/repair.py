@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from .options import add_model_options, prompts_from_args
+from .options import add_corpus_options, add_model_options, corpus_spec, prompts_from_args
 
 __all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
 
@@ -33,13 +33,16 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
     p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
-    p.add_argument("--eval-prompts", metavar="FILE", help="held-out texts, one per line, each scored alone at every "
-                                                          "checkpoint (picks final/ when there is no --eval-text)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="held-out texts (one per line; .jsonl/.json: texts with "
+                                                          "newlines), each scored alone at every checkpoint (picks "
+                                                          "final/ when there is no --eval-text)")
     p.add_argument("--eval-convention", default="tokens", help="how --eval-prompts' losses combine: tokens "
                                                                "(per predicted token) or paper (the paper's)")
-    p.add_argument("--text-field", default="text", help="the column holding the documents, for --corpus and "
-                   "--eval-text datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids)")
+    p.add_argument("--text-field", default="text", help="the field holding each text in .jsonl/.json files and the "
+                   "column in datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids), for "
+                   "every text option")
     p.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
+    add_corpus_options(p)
     g = p.add_argument_group("plan")
     g.add_argument("--heads", default="auto", help="'auto' (dead and bos-sink heads) or a list like '5:14,15;6:9-15'")
     g.add_argument("--from-report", metavar="JSON", help="plan from this diagnosis instead of a fresh one")
@@ -76,7 +79,8 @@ def add_parser(sub) -> None:
                    help="master: fp32 master copy of bf16/fp16 slices (default); stochastic: bf16, stochastically "
                         "rounded; bf16: bf16 moments, updates rounded into bf16 weights (the paper's)")
     t.add_argument("--stochastic-rounding", action="store_true", help="same as --optimizer-precision stochastic")
-    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
+    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line, or .jsonl/.json "
+                                                          "(default: built-in set)")
     add_model_options(p, backends="auto, triton or torch")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of OUT/final (default: the input checkpoint's)")
@@ -110,14 +114,11 @@ def run(args) -> None:
     if args.prompts_file:
         args.prompt = []
         prompts = prompts_from_args(args)
-    from ..io.corpus import CorpusSpec
+    corpus = corpus_spec(args, args.corpus)
+    eval_text = corpus_spec(args, [args.eval_text] if args.eval_text else None, capped=False)
+    from ..io.texts import read_texts
 
-    spec = dict(text_field=args.text_field, split=args.split)
-    corpus = CorpusSpec(tuple(args.corpus), **spec) if args.corpus else None
-    eval_text = CorpusSpec((args.eval_text,), **spec) if args.eval_text else None
-    from ..analysis.perplexity import read_texts
-
-    eval_prompts = read_texts(args.eval_prompts) if args.eval_prompts else None
+    eval_prompts = read_texts(args.eval_prompts, field=args.text_field) if args.eval_prompts else None
     if corpus is None and not (args.dry_run or args.resume):  # up front; a finished run resumes without one
         raise UsageError("--corpus is required (files, directories or globs of training text)")
     result = repair(args.model, args.out, corpus=corpus, eval_text=eval_text, eval_prompts=eval_prompts,

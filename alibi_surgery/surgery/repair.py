@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.corpus import corpus_documents, load_corpus, pack_text
+from ..io.corpus import CorpusSpec, load_corpus
 from ..diagnosis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
@@ -319,9 +319,7 @@ def _prepare(model_path, out, corpus, held_out, report, heads, band, layers, fre
     chunks, files = load_corpus(corpus, tokenizer, settings.seq_len)
     eval_chunks = None
     if eval_text is not None:
-        eval_chunks = pack_text(corpus_documents(eval_text, what="--eval-text", walk=False)[0], tokenizer,
-                                settings.seq_len,
-                                what="--eval-text")
+        eval_chunks = load_corpus(eval_text, tokenizer, settings.seq_len, what="--eval-text", walk=False)[0]
     eval_ids = None
     if eval_prompts is not None:
         eval_ids = encode_texts(tokenizer, eval_prompts, settings.seq_len, name=lambda i: f"--eval-prompts line {i + 1}")
@@ -338,7 +336,8 @@ def _prepare(model_path, out, corpus, held_out, report, heads, band, layers, fre
         baseline.to_json(out / "baseline.json")
         plan.to_json(out / "plan.json")
         atomic_write_text(out / "run.json", json.dumps(
-            {"input": str(model_path), "corpus": [str(f) for f in files], "settings": dataclasses.asdict(settings),
+            {"input": str(model_path), "corpus": [str(f) for f in files],
+             "corpus_options": CorpusSpec.of(corpus).options(), "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
         if plan.selection and settings.reinit:  # reinit=False: the gradient-only control, nothing is zeroed
