@@ -318,7 +318,8 @@ def run_compare(args) -> None:
             raise UsageError(f"--plan: {plan} is not a surgery plan .json file")
     target_spec = parse_selection_spec(args.targets or ([plan] if plan else None), "--targets")
     zone_spec = parse_selection_spec(args.zone or ([plan] if plan else None), "--zone")
-    prompts = read_prompts(getattr(args, "prompt", None), getattr(args, "prompts_file", None))
+    prompts = read_prompts(getattr(args, "prompt", None), getattr(args, "prompts_file", None),
+                           field=getattr(args, "text_field", "text"))
 
     sources = [_resolve_source(x, chr(ord("A") + i) if i < 26 else f"input {i + 1}") for i, x in enumerate(inputs)]
     shape = next((s.shape for s in sources if s.shape), None)

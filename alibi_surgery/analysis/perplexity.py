@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from . import ppl_breakdown as pb
+from ..io.texts import read_texts  # re-exported: the reader of text lists (.txt lines, .jsonl, .json)
 
 __all__ = ["CONVENTIONS", "TextLoss", "Perplexity", "check_convention", "check_bootstrap", "combine", "encode_texts",
            "score_texts", "prompt_perplexity", "packed_perplexity", "compare_perplexities", "read_texts"]
@@ -333,14 +334,6 @@ def _token_name(tokenizer, token: int) -> str:
         return f"id {token}"
     specials = pb.special_names(tokenizer)
     return specials.get(token) or tokenizer.decode([token])
-
-
-def read_texts(path) -> list[str]:
-    """The texts of a prompts file, one per line (read as ``diagnose`` reads prompts files), refusing a blank line:
-    every line is one text to score."""
-    from ..diagnosis.prompts import read_prompts
-
-    return read_prompts(None, path, blank_lines="error")
 
 
 def _model_name(model) -> str:

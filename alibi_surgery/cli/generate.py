@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import UsageError
-from .options import add_model_options
+from .options import TEXT_FIELD_HELP, add_model_options, add_texts_file_option
 
 __all__ = ["add_parser", "run", "output_names", "write_markdown"]
 
@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE",
-                   help='one prompt per line, or a .jsonl file of {"text": PROMPT} lines (prompts with newlines)')
+    add_texts_file_option(p, "--prompts-file", "the prompts")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 decodes greedily")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1: off)")
     p.add_argument("--top-k", type=int, default=d.top_k,
@@ -47,17 +47,8 @@ def add_parser(sub) -> None:
 
 def _prompts(args) -> list[str]:
     from ..diagnosis.prompts import read_prompts
-    from ..io.corpus import read_documents
 
-    if args.prompts_file and Path(args.prompts_file).suffix.lower() == ".jsonl":
-        prompts = list(args.prompt) + read_documents(args.prompts_file, what="prompts file")
-        if not prompts:
-            raise UsageError(f"prompts file is empty: {args.prompts_file}")
-        for i, text in enumerate(prompts):
-            if not text.strip():
-                raise UsageError(f"prompt {i} is empty")
-        return prompts
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    prompts = read_prompts(args.prompt, args.prompts_file, field=args.text_field)
     if not prompts:
         raise UsageError("no prompts: give --prompts-file FILE or --prompt TEXT")
     return prompts

@@ -4,7 +4,8 @@ resolve to."""
 from __future__ import annotations
 
 __all__ = ["add_model_options", "add_prompt_options", "add_diagnosis_options", "add_output_options",
-           "add_healthy_option", "prompts_from_args"]
+           "add_healthy_option", "add_texts_file_option", "add_corpus_options", "corpus_spec", "prompts_from_args",
+           "TEXT_FIELD_HELP"]
 
 
 def add_model_options(p, *, backends: str = "auto, triton, torch or eager") -> None:
@@ -16,13 +17,25 @@ def add_model_options(p, *, backends: str = "auto, triton, torch or eager") -> N
 
 def add_prompt_options(p, *, exclude_help: str = "leave query row 0 (whose first-token mass is always 1) out of "
                                                   "the averages") -> None:
-    """--prompt, --prompts-file, --batch-size, --max-length, --exclude-first-query, --normalize-entropy."""
+    """--prompt, --prompts-file, --text-field, --batch-size, --max-length, --exclude-first-query,
+    --normalize-entropy."""
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
+    add_texts_file_option(p, "--prompts-file", "prompts")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
     p.add_argument("--exclude-first-query", action="store_true", help=exclude_help)
     p.add_argument("--normalize-entropy", action="store_true", help="divide each row's entropy by ln(visible keys)")
+
+
+TEXT_FIELD_HELP = "the field holding each text in .jsonl/.json files (default: text)"
+
+
+def add_texts_file_option(p, flag: str, what: str, extra: str = "") -> None:
+    """A ``flag FILE`` option taking a list of texts, as :func:`~alibi_surgery.io.texts.read_texts` reads it."""
+    p.add_argument(flag, metavar="FILE", help=f"{what}: a .txt file, one per line; a .jsonl file, one JSON object per "
+                                              f"line ({{\"text\": ...}}, or --text-field); or a .json list of strings "
+                                              f"or objects: texts with newlines stay whole{extra}")
 
 
 def add_output_options(p, **outputs: tuple[str, str]) -> None:
@@ -60,7 +73,30 @@ def add_diagnosis_options(p) -> None:
 
 
 def prompts_from_args(args) -> list[str]:
-    """The prompts ``--prompt`` and ``--prompts-file`` give, or the built-in set when they give none."""
+    """The prompts ``--prompt`` and ``--prompts-file`` (read by ``--text-field``) give, or the built-in set when they
+    give none."""
     from ..diagnosis.prompts import DEFAULT_PROMPTS, read_prompts
 
-    return read_prompts(args.prompt, args.prompts_file) or list(DEFAULT_PROMPTS)
+    return read_prompts(args.prompt, args.prompts_file, field=getattr(args, "text_field", "text")) or \
+        list(DEFAULT_PROMPTS)
+
+
+def add_corpus_options(p) -> None:
+    """--no-eos and --max-tokens: how ``--corpus`` documents are packed (:class:`~alibi_surgery.io.corpus.CorpusSpec`)."""
+    p.add_argument("--no-eos", action="store_true",
+                   help="join documents without an end-of-text token (only the tokenizer's own framing, e.g. a <s> "
+                        "prefix): for a model whose pre-training never showed it </s>; also for --eval-text")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="train on the first N tokens of the corpus only, read in order (reading stops there)")
+
+
+def corpus_spec(args, paths, *, capped: bool = True):
+    """The :class:`~alibi_surgery.io.corpus.CorpusSpec` of ``paths`` with ``--text-field``, ``--split``, ``--no-eos``
+    and (``capped``) ``--max-tokens``; None when ``paths`` is empty."""
+    from ..io.corpus import CorpusSpec
+
+    if not paths:
+        return None
+    return CorpusSpec(tuple(str(p) for p in paths), text_field=args.text_field, split=getattr(args, "split", None),
+                      eos=not getattr(args, "no_eos", False),
+                      max_tokens=getattr(args, "max_tokens", None) if capped else None)

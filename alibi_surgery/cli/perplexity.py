@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 
 from ..errors import UsageError
-from .options import add_model_options, add_output_options
+from .options import TEXT_FIELD_HELP, add_model_options, add_output_options, add_texts_file_option
 
 __all__ = ["add_parser", "run"]
 
 
-_DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no padding, truncated only at --max-length) "
+_DESCRIPTION = ("With --prompts-file, every text (a line of a .txt file; a JSON line's --text-field of a .jsonl file; an item of "
+                "a .json list, texts with newlines whole) is scored alone (no padding, truncated only at --max-length) "
                 "and combined by --convention: 'tokens' is exp(sum NLL / sum (T_i - 1)), the per-token figure; "
                 "'paper' is exp(sum loss_i T_i / sum T_i), the paper's (loss_i the mean next-token loss of text i, "
-                "T_i its token count). A blank line, or a line of fewer than 2 tokens, is refused. With --text, "
+                "T_i its token count). A blank line, or a text of fewer than 2 tokens, is refused. With --text, "
                 "repair's held-out figure: the file packed into --seq-len rows (both conventions agree there). "
                 "Every figure also comes without special tokens (</s>, <s>, pad, unk as predicted targets left out; "
                 "as context kept), with a seeded bootstrap 95% interval over texts (packed rows with --text); "
@@ -25,10 +26,11 @@ _DESCRIPTION = ("With --prompts-file, every line is one text, scored alone (no p
 
 def add_parser(sub) -> None:
     p = sub.add_parser("perplexity", description=_DESCRIPTION,
-                       help="perplexity of one or more models over a prompts file (each line alone) or a packed text")
+                       help="perplexity of one or more models over a prompts file (each text alone) or a packed text")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model directories (or cached hub ids)")
-    p.add_argument("--prompts-file", metavar="FILE", help="one text per line, each scored alone")
-    p.add_argument("--text", metavar="FILE", help="a text file (or .jsonl of {\"text\": ...}) packed into rows")
+    add_texts_file_option(p, "--prompts-file", "the texts, each scored alone")
+    p.add_argument("--text", metavar="FILE", help="a text file (or .jsonl/.json of documents) packed into rows")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--convention", default="tokens", help="tokens or paper (default: tokens)")
     p.add_argument("--max-length", type=int, metavar="N", help="truncate each prompt to N tokens (--prompts-file)")
     p.add_argument("--seq-len", type=int, metavar="T", help="tokens per packed row (--text; default: repair's, 512)")
@@ -81,7 +83,7 @@ def _measure(args, model: str, texts):
                  convention=args.convention)
     if args.prompts_file:
         result = prompt_perplexity(net, tokenizer, texts, max_length=args.max_length, progress=not args.quiet,
-                                   name=lambda i: f"{args.prompts_file} line {i + 1}", **stats)
+                                   name=texts.origin, **stats)
     else:
         chunks = pack_text(texts, tokenizer, args.seq_len, what="--text")
         result = packed_perplexity(net, chunks, batch_size=args.batch_size, tokenizer=tokenizer,
@@ -136,7 +138,8 @@ def run(args) -> None:
         args.seq_len, args.batch_size = args.seq_len or defaults.seq_len, args.batch_size or defaults.batch_size
     inputs = {"--prompts-file": args.prompts_file, "--text": args.text}
     outputs = check_output_paths({"json": args.json}, overwrite=args.overwrite, inputs=inputs)
-    texts = read_texts(args.prompts_file) if args.prompts_file else read_documents(args.text, what="--text")
+    texts = read_texts(args.prompts_file, field=args.text_field) if args.prompts_file else \
+        read_documents(args.text, what="--text", field=args.text_field)
     from ..analysis.perplexity import compare_perplexities
 
     measured = [_measure(args, model, texts) for model in args.models]

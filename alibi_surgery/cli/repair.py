@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from .options import add_model_options, prompts_from_args
+from .options import add_corpus_options, add_model_options, corpus_spec, prompts_from_args
 
 __all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
 
@@ -34,13 +34,16 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
     p.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity and early stopping")
-    p.add_argument("--eval-prompts", metavar="FILE", help="held-out texts, one per line, each scored alone at every "
-                                                          "checkpoint (picks final/ when there is no --eval-text)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="held-out texts (one per line; .jsonl/.json: texts with "
+                                                          "newlines), each scored alone at every checkpoint (picks "
+                                                          "final/ when there is no --eval-text)")
     p.add_argument("--eval-convention", default="tokens", help="how --eval-prompts' losses combine: tokens "
                                                                "(per predicted token) or paper (the paper's)")
-    p.add_argument("--text-field", default="text", help="the column holding the documents, for --corpus and "
-                   "--eval-text datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids)")
+    p.add_argument("--text-field", default="text", help="the field holding each text in .jsonl/.json files and the "
+                   "column in datasets (save_to_disk directories, .parquet/.arrow files, cached dataset ids), for "
+                   "every text option")
     p.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
+    add_corpus_options(p)
     f = p.add_argument_group("functional recovery (docs/metrics.md: revived = not collapsed and does work)")
     f.add_argument("--ablation-draws", type=int, default=20, metavar="R",
                    help="noise-floor draws per target head, before and after surgery (0: not measured)")
@@ -91,7 +94,8 @@ def add_parser(sub) -> None:
                    help="master: fp32 master copy of bf16/fp16 slices (default); stochastic: bf16, stochastically "
                         "rounded; bf16: bf16 moments, updates rounded into bf16 weights (the paper's)")
     t.add_argument("--stochastic-rounding", action="store_true", help="same as --optimizer-precision stochastic")
-    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line (default: built-in set)")
+    p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line, or .jsonl/.json "
+                                                          "(default: built-in set)")
     add_model_options(p, backends="auto, triton or torch")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of OUT/final (default: the input checkpoint's)")
@@ -126,14 +130,11 @@ def run(args) -> None:
     if args.prompts_file:
         args.prompt = []
         prompts = prompts_from_args(args)
-    from ..io.corpus import CorpusSpec
+    corpus = corpus_spec(args, args.corpus)
+    eval_text = corpus_spec(args, [args.eval_text] if args.eval_text else None, capped=False)
+    from ..io.texts import read_texts
 
-    spec = dict(text_field=args.text_field, split=args.split)
-    corpus = CorpusSpec(tuple(args.corpus), **spec) if args.corpus else None
-    eval_text = CorpusSpec((args.eval_text,), **spec) if args.eval_text else None
-    from ..analysis.perplexity import read_texts
-
-    eval_prompts = read_texts(args.eval_prompts) if args.eval_prompts else None
+    eval_prompts = read_texts(args.eval_prompts, field=args.text_field) if args.eval_prompts else None
     if corpus is None and settings.trains and not (args.dry_run or args.resume):  # up front; a finished run
         # resumes without one, and the arms that do not train need none
         raise UsageError("--corpus is required (files, directories or globs of training text)")

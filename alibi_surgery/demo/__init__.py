@@ -7,6 +7,10 @@ docs/demo-model.md has the recipe and the curves. :func:`model_dir` verifies the
 
 :func:`run_demo` (the ``demo`` command): diagnose → plan (``--heads auto``) → repair on a freshly generated
 bigram-recall corpus → re-diagnose (``compare``) → a before/after summary, with the report and heatmaps in ``OUT``.
+
+Framing: the surgery corpus and the held-out text are framed exactly as pre-training framed its rows, ``<s>`` and
+``seq_len - 1`` bytes, never ``</s>`` (:func:`corpus_spec` packs them with ``eos=False``), so surgery teaches the
+model no token it has not seen and the held-out perplexity scores only bytes it was trained to predict.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["model_dir", "load_model", "recipe", "write_corpus", "run_demo", "install_model", "DEMO_SETTINGS"]
+__all__ = ["model_dir", "load_model", "recipe", "write_corpus", "corpus_spec", "run_demo", "install_model",
+           "DEMO_SETTINGS"]
 
 _DIR = Path(__file__).with_name("model")
 CHECKSUMS = "SHA256SUMS"
@@ -117,9 +122,10 @@ def load_model(*, dtype: str | None = None, device: str | None = None):
 def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
                  docs: tuple[int, int] = DEMO_DOCS) -> tuple[Path, Path]:
     """Generate the demo's surgery corpus (``train.jsonl``) and held-out text (``eval.jsonl``) in ``directory``:
-    ``docs`` (training, held-out) fresh bigram-recall documents, each exactly one ``seq_len`` chunk (default: the
-    demo's surgery length) with its ``<s>`` and ``</s>``. The seed differs from pre-training's, so these sequences
-    are new to the model. Each file is written atomically."""
+    ``docs`` (training, held-out) fresh bigram-recall documents of ``seq_len - 1`` bytes (default ``seq_len``: the
+    demo's surgery length), so that each, packed by :func:`corpus_spec` (``<s>`` + bytes, no ``</s>``), is exactly
+    one ``seq_len`` chunk framed as a pre-training row. The seed differs from pre-training's, so these sequences are
+    new to the model. Each file is written atomically."""
     from ..io.files import atomic_write_text
     from .recall_data import RecallData, python_docs_text
 
@@ -131,11 +137,19 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, n in zip(("train.jsonl", "eval.jsonl"), docs):
-        texts = data.texts(n, seq_len - 2, gen)
+        texts = data.texts(n, seq_len - 1, gen)
         path = directory / name
         atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in texts))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def corpus_spec(path):
+    """A demo corpus file (:func:`write_corpus`) as the demo packs it: each document ``<s>`` + its bytes, joined
+    without ``</s>`` (``CorpusSpec(eos=False)``), as pre-training framed its rows."""
+    from ..io.corpus import CorpusSpec
+
+    return CorpusSpec((str(path),), eos=False)
 
 
 def trained_steps(r: dict) -> int:
@@ -189,7 +203,8 @@ def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
     del model
     settings = RepairSettings(diag_max_length=max_length, seed=seed,
                               **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
-    report = repair_pass(src, out / "surgery", corpus=[train], eval_text=held_out, report=before,
+    report = repair_pass(src, out / "surgery", corpus=corpus_spec(train), eval_text=corpus_spec(held_out),
+                         report=before,
                          settings=settings, progress=progress)
     final = out / "surgery" / "final"
     ppl_before = report["eval_ppl_before"]

@@ -117,8 +117,10 @@ def _run_job(args: tuple) -> tuple[str, float]:
     shared.pop("docs")  # the corpora's size, not a repair setting
     settings = RepairSettings(**dict(shared, seed=job.seed, **dict(job.settings)))
     t0 = time.perf_counter()
-    repair(model, run_dir, passes=job.passes, overwrite=True, corpus=[corpora[job.corpus]],
-           eval_text=corpora["eval"], report=str(baseline), band=f"{band[0]}-{band[1]}", include=job.include,
+    from . import corpus_spec  # the demo's framing: <s> + bytes, no </s>, as pre-training
+
+    repair(model, run_dir, passes=job.passes, overwrite=True, corpus=corpus_spec(corpora[job.corpus]),
+           eval_text=corpus_spec(corpora["eval"]), report=str(baseline), band=f"{band[0]}-{band[1]}", include=job.include,
            settings=settings, dtype=job.dtype, device="cpu")
     return job.name, time.perf_counter() - t0
 

@@ -65,12 +65,13 @@ def _stock_train_ppl(model: Path, out: Path, seeds: int, seq_len: int) -> list[f
     from ..io.corpus import load_corpus
     from ..io.loading import load_model
     from ..analysis.perplexity import chunks_perplexity as perplexity
+    from . import corpus_spec
 
     net, tokenizer = load_model(str(model))
     net.eval()
     result = []
     for s in range(seeds):
-        chunks = load_corpus([out / "corpus" / f"seed-{s}" / "train.jsonl"], tokenizer, seq_len)[0]
+        chunks = load_corpus(corpus_spec(out / "corpus" / f"seed-{s}" / "train.jsonl"), tokenizer, seq_len)[0]
         result.append(perplexity(net, chunks, 16))
     return result
 

@@ -69,27 +69,22 @@ DEFAULT_PROMPTS = (
 )
 
 
-def read_prompts(prompts=None, prompts_file=None, *, blank_lines: str = "skip") -> list[str] | None:
-    """``prompts`` (strings) plus the non-blank lines of ``prompts_file``; None when both are empty. The file is
-    UTF-8 (a byte-order mark is dropped, so it never reaches the first prompt) and splits on ``\\n`` and ``\\r\\n``
-    only: a form feed or U+2028 inside a line stays in that prompt. Empty prompts, a missing, unreadable, non-UTF-8
-    or empty file, and a directory are one-line errors; so is a blank line with ``blank_lines="error"`` (where each
+def read_prompts(prompts=None, prompts_file=None, *, blank_lines: str = "skip", field: str = "text"
+                 ) -> list[str] | None:
+    """``prompts`` (strings) plus the texts of ``prompts_file``; None when both are empty. The file is read by
+    :func:`~alibi_surgery.io.texts.read_texts`: a ``.jsonl`` file (one ``{field: ...}`` object per line) or a
+    ``.json`` list (of strings, or of objects with ``field``) gives whole texts, newlines and blank lines inside
+    them kept; any other file is one prompt per line, split on ``\\n`` and ``\\r\\n`` only (a form feed or U+2028
+    inside a line stays in that prompt), UTF-8 with a byte-order mark dropped. Empty prompts, a missing, unreadable,
+    non-UTF-8 or empty file, a directory, malformed JSON and a missing field are one-line errors (naming
+    ``FILE:LINE`` where there is one); so is a blank line of a plain file with ``blank_lines="error"`` (where each
     line is one text to score), which ``"skip"`` (the default) drops."""
     from ..errors import UsageError
-    from ..io.files import read_lines
+    from ..io.texts import read_texts
 
     out = list(prompts or [])
     if prompts_file:
-        lines = read_lines(prompts_file, what="prompts file")
-        if blank_lines == "error":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    raise UsageError(f"prompts file {prompts_file}: line {n} is blank (each line is one text to "
-                                     f"score; remove it)")
-        lines = [line for line in lines if line.strip()]
-        if not lines:
-            raise UsageError(f"prompts file is empty: {prompts_file}")
-        out += lines
+        out += read_texts(prompts_file, field=field, what="prompts file", blank_lines=blank_lines)
     for i, text in enumerate(out):
         if not text.strip():
             raise UsageError(f"prompt {i} is empty")

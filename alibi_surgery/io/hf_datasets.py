@@ -14,8 +14,9 @@ Nothing is ever downloaded: ``datasets`` and ``huggingface_hub`` run with their 
 read (the previous values come back afterwards), so a dataset that is not cached is a one-line error. ``split``
 chooses the split of a ``DatasetDict`` directory or a cached dataset (default: ``train`` when there is one, else the
 only split); files and single-table directories have no splits and refuse it. Every value of the column must be a
-string (an empty one is skipped when packing, as an empty file is). Limits: the whole column is read into memory,
-as every corpus is.
+string (an empty one is skipped when packing, as an empty file is). Rows are read in batches
+(:func:`iter_dataset_texts`), so a corpus capped at ``max_tokens`` stops reading early; ``.arrow`` files are
+memory-mapped, ``.parquet`` files read by row group.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-__all__ = ["dataset_kind", "dataset_texts", "offline"]
+__all__ = ["dataset_kind", "dataset_texts", "iter_dataset_texts", "offline"]
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl", ".json", ".csv", ".tsv", ".py", ".html"}
@@ -112,13 +113,29 @@ def _table(path: str, kind: str):
         raise UsageError(f"{path} is not a readable .{kind} file: {str(exc).splitlines()[0]}") from None
 
 
+_BATCH = 1024  # rows read at a time
+
+
 def _load(path: str, kind: str, split: str | None):
-    """``(columns, column -> list)`` of one dataset source."""
+    """``(columns, column -> iterator of row batches)`` of one dataset source."""
     if kind in ("parquet", "arrow"):
         if split is not None:
             raise UsageError(f"split={split!r}: {path} is a single table, without splits")
-        table = _table(path, kind)
-        return table.column_names, lambda field: table.column(field).to_pylist()
+        if kind == "parquet":  # read in row batches, so that a capped corpus stops early
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                source = pq.ParquetFile(path)
+            except FileNotFoundError:
+                raise UsageError(f"corpus path does not exist: {path}") from None
+            except (pa.ArrowException, OSError) as exc:
+                raise UsageError(f"{path} is not a readable .parquet file: {str(exc).splitlines()[0]}") from None
+            return source.schema_arrow.names, lambda field: (
+                b.column(0).to_pylist() for b in source.iter_batches(batch_size=_BATCH, columns=[field]))
+        table = _table(path, kind)  # memory-mapped
+        return table.column_names, lambda field: (
+            b.column(0).to_pylist() for b in table.select([field]).to_batches(max_chunksize=_BATCH))
     with offline() as datasets:
         if kind == "saved":
             data = datasets.load_from_disk(path)
@@ -134,20 +151,28 @@ def _load(path: str, kind: str, split: str | None):
         data = data[_pick_split(list(data), split, path)]
     elif split is not None:
         raise UsageError(f"split={split!r}: {path} is a single dataset, without splits")
-    return data.column_names, lambda field: list(data[field])
+    return data.column_names, lambda field: (list(data[i:i + _BATCH][field]) for i in range(0, len(data), _BATCH))
+
+
+def iter_dataset_texts(path, kind: str, text_field: str = "text", split: str | None = None, *,
+                       what: str = "corpus"):
+    """The strings of column ``text_field`` of one source, in row order, read a batch of rows at a time."""
+    path = str(path)
+    columns, batches = _load(path, kind, split)
+    if text_field not in columns:
+        raise UsageError(f"{what} {path} has no column {text_field!r} (columns: {', '.join(columns)}); choose one "
+                         f"with text_field='NAME'")
+    i = 0
+    for batch in batches(text_field):
+        for value in batch:
+            if not isinstance(value, str):
+                raise UsageError(f"{what} {path}: row {i} of column {text_field!r} is not a string "
+                                 f"({type(value).__name__})")
+            yield value
+            i += 1
 
 
 def dataset_texts(path, kind: str, text_field: str = "text", split: str | None = None, *,
                   what: str = "corpus") -> list[str]:
-    """The strings of column ``text_field`` of one source, in row order."""
-    path = str(path)
-    columns, column = _load(path, kind, split)
-    if text_field not in columns:
-        raise UsageError(f"{what} {path} has no column {text_field!r} (columns: {', '.join(columns)}); choose one "
-                         f"with text_field='NAME'")
-    texts = column(text_field)
-    for i, value in enumerate(texts):
-        if not isinstance(value, str):
-            raise UsageError(f"{what} {path}: row {i} of column {text_field!r} is not a string "
-                             f"({type(value).__name__})")
-    return texts
+    """The strings of column ``text_field`` of one source, in row order (all of them)."""
+    return list(iter_dataset_texts(path, kind, text_field, split, what=what))

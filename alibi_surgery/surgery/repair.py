@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.corpus import corpus_documents, load_corpus, pack_text
+from ..io.corpus import CorpusSpec, load_corpus
 from ..diagnosis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
@@ -262,8 +262,7 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
     chunks, files = load_corpus(opts.corpus, tokenizer, settings.seq_len) if opts.corpus is not None else (None, [])
     eval_chunks = None
     if opts.eval_text is not None:
-        eval_chunks = pack_text(corpus_documents(opts.eval_text, what="--eval-text", walk=False)[0], tokenizer,
-                                settings.seq_len, what="--eval-text")
+        eval_chunks = load_corpus(opts.eval_text, tokenizer, settings.seq_len, what="--eval-text", walk=False)[0]
     eval_ids = None
     if opts.eval_prompts is not None:
         eval_ids = encode_texts(tokenizer, opts.eval_prompts, settings.seq_len,
@@ -286,6 +285,7 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
         functional.save_before(out, ablation_before)
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
+             "corpus_options": None if opts.corpus is None else CorpusSpec.of(opts.corpus).options(),
              "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")

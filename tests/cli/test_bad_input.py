@@ -168,6 +168,12 @@ def _lines(tmp: Path, *lines: str) -> Path:
     return tmp / "lines.txt"
 
 
+def _write(tmp: Path, name: str, text: str) -> Path:
+    """A file ``name`` holding ``text`` in ``tmp``."""
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
 def _diagnose(w: Path, tmp: Path, *extra, model: str = "model") -> list:
     return ["diagnose", str(w / model), "--json", str(tmp / "report.json"), "--quiet", *extra]
 
@@ -295,6 +301,13 @@ CASES = {
     "--eval-prompts with a blank line": (lambda w, t: _repair(w, t, "--eval-prompts", str(_lines(t, "a text", "",
                                                                                                  "more"))),
                                          "line 2 is blank"),
+    "malformed .jsonl prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(_write(
+        t, "p.jsonl", '{"text": "one"}\n{"text": "two"\n'))), "p.jsonl:2: not a JSON line"),
+    "perplexity: .json texts without the field": (lambda w, t: _ppl(w, t, "--prompts-file", str(_write(
+        t, "p.json", '[{"text": "a text"},\n {"body": "b"}]')), lines=None), 'p.json:2: the object has no "text" field'),
+    "--eval-prompts .jsonl with an empty text": (lambda w, t: _repair(w, t, "--eval-prompts", str(_write(
+        t, "e.jsonl", '{"text": "a text"}\n{"text": " "}\n'))), "e.jsonl:2: the text is empty"),
+    "--max-tokens 0": (lambda w, t: _repair(w, t, "--max-tokens", "0"), "--max-tokens 0: must be a whole number"),
     "--eval-prompts with a 1-token line": (lambda w, t: _repair(w, t, "--eval-prompts", str(_lines(t, "a text", "x"))),
                                            "--eval-prompts line 2 has 1 token: it predicts nothing"),
     "repair --out that holds the input model, --overwrite": (lambda w, t: _repair(w, t, "--overwrite", out=w),

@@ -133,15 +133,22 @@ def test_a_corrupt_demo_file_is_a_one_line_error(tmp_path, monkeypatch):
         demo.verify_checksums(copy)
 
 
-def test_demo_corpus_documents_are_one_chunk_each(tmp_path):
+def test_demo_corpus_documents_are_framed_as_pretraining_rows(tmp_path):
+    """Every surgery and held-out document packs to one row of <s> + 127 bytes, as pre-training's recall rows are
+    built (demo/pretrain.py: a <s> column, then seq_len - 1 byte ids), and no row holds </s>."""
     from alibi_surgery.io.corpus import load_corpus
 
     _, tokenizer = demo.load_model()
+    seq_len = demo.DEMO_SETTINGS["seq_len"]
     train, held_out = demo.write_corpus(tmp_path, seed=3)
-    chunks, _ = load_corpus([train], tokenizer, demo.DEMO_SETTINGS["seq_len"])
-    assert len(chunks) == demo.DEMO_DOCS[0]
-    assert (chunks[:, 0] == tokenizer.bos_token_id).all() and (chunks[:, -1] == tokenizer.eos_token_id).all()
-    assert json.loads(held_out.read_text().splitlines()[0])["text"]
+    for path, n in zip((train, held_out), demo.DEMO_DOCS):
+        chunks, _ = load_corpus(demo.corpus_spec(path), tokenizer, seq_len)
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+        assert len(chunks) == len(texts) == n
+        byte_ids = {b: tokenizer(chr(b), add_special_tokens=False)["input_ids"][0] for b in range(128)}
+        expected = [[tokenizer.bos_token_id, *(byte_ids[b] for b in t.encode("ascii"))] for t in texts]
+        assert chunks.tolist() == expected and all(len(row) == seq_len for row in expected)
+        assert not (chunks == tokenizer.eos_token_id).any()
 
 
 @pytest.mark.slow

@@ -64,10 +64,10 @@ def test_jsonl_corpus_is_one_document_per_line(tmp_path):
     ids = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id] for t in ("ab", "cd")]
     assert files == [path] and rows.tolist() == ids
     path.write_text('{"text": "ab"}\nnot json\n')
-    with pytest.raises(UsageError, match="docs.jsonl:2 is not a JSON line"):
+    with pytest.raises(UsageError, match="docs.jsonl:2: not a JSON line"):
         load_corpus([path], tok, 4)
     path.write_text('{"body": "ab"}\n')
-    with pytest.raises(UsageError, match='docs.jsonl:1 has no "text" string'):
+    with pytest.raises(UsageError, match='docs.jsonl:1: the object has no "text" field'):
         load_corpus([path], tok, 4)
 
 
