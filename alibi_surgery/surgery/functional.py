@@ -30,6 +30,7 @@ __all__ = ["target_heads", "held_out_ids", "measure", "save_before", "load_befor
            "BEFORE_FILE"]
 
 BEFORE_FILE = "ablation_before.json"
+ROW_TOKENS = 32768  # tokens per batch of ablation rows (rows_per_pass = this // the longest text, 2 to 512)
 
 
 def target_heads(plan) -> list[tuple[int, int]]:
@@ -54,9 +55,10 @@ def measure(model, ids: list[list[int]], heads, options, seed: int) -> Ablation 
     """The ablation of ``heads`` on ``ids``, or None when ``options.ablation_draws`` is 0 or nothing is targeted."""
     if not options.ablation_draws or not heads or not ids:
         return None
+    longest = max(len(x) for x in ids)
     return ablate_heads(model, ids, heads, mode="both", floor_draws=options.ablation_draws, seed=seed,
                         bootstrap=options.ablation_bootstrap, backend=_fused(options.backend),
-                        progress=options.progress)
+                        rows_per_pass=max(2, min(512, ROW_TOKENS // longest)), progress=options.progress)
 
 
 def _fused(backend: str) -> str:
