@@ -148,7 +148,7 @@ def dry_run_plan(model: str, facts, options) -> dict:
              f"heads: {plans['how']}",
              f"training: {s.epochs} epochs, lr {s.lr:g}, batch {s.batch_size} x {s.grad_accum}, seq {s.seq_len}, seed "
              f"{s.seed}, schedule {s.schedule}, optimizer {s.optimizer_precision}, {options.dtype} weights; a corpus "
-             f"of {options.corpus_tokens:,} tokens assumed (corpus_tokens)",
+             f"of {options.corpus_tokens:,} tokens assumed (--corpus-tokens)",
              f"  {'experiment':<10} {'arm':<15} {'heads':>5} {'trainable':>12} {'steps':>7} {'peak memory':>12}"]
     for row in rows:
         if row["skipped"]:

@@ -119,7 +119,7 @@ def _fmt(x, digits: int = 2) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x / 1e6:.0f}M"
+        return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
     return f"{x:,}" if isinstance(x, int) and abs(x) >= 1e5 else str(x)
 
 
@@ -163,7 +163,9 @@ def tables(data: dict) -> tuple[list[str], list[str]]:
     for name, run in data["runs"].items():
         exp, arm = name.split("-", 1)
         if run.get("status") != "done":
-            lines.append(f"| {exp} | {arm} | - | - | - | - | {run.get('status')}: {run.get('note', '')} |")
+            note = run.get("note", "")
+            why = note if note.startswith(run["status"]) else f"{run['status']}: {note}"
+            lines.append(f"| {exp} | {arm} | - | - | - | - | {why} |")
             continue
         lines.append(f"| {exp} | {arm} | {run['targets']} | {run['best']['woken']} of "
                      f"{run['collapsed_targets_before']} | {_fmt(run['best']['train_ppl'])} | "
