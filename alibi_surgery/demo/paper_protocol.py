@@ -191,7 +191,7 @@ def repair_settings(facts, options: PaperOptions, run: PlannedRun):
                   grad_accum=options.grad_accum or s["grad_accum"], lr=s["lr"] if options.lr is None else options.lr,
                   epochs=options.epochs or s["epochs"], seed=s["seed"], schedule="paper",
                   optimizer_precision="bf16" if bf16 else "master", eval_convention="paper",
-                  diag_max_length=s["max_length"], save_every_steps=run.save_every_steps)
+                  diag_max_length=None, save_every_steps=run.save_every_steps)  # the paper's text, whole
     fields.update(arm_options(run.arm)[0])
     return RepairSettings(**fields)
 
@@ -261,8 +261,7 @@ def _baseline(model, facts, options: PaperOptions, out: Path):
     if path.is_file():
         baseline = HeadReport.from_json(path)
     else:
-        baseline = diagnose(net, tok, [facts.diag_text], backend=options.backend,
-                            max_length=facts.settings["max_length"])
+        baseline = diagnose(net, tok, [facts.diag_text], backend=options.backend)  # the whole text, as the paper
     if options.pass1 == "paper":
         check_map_fits(facts.pass1, baseline.n_layer, baseline.n_head, f"the paper's pass-1 map ({facts.source})")
         pass1_map = facts.pass1
