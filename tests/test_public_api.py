@@ -12,7 +12,7 @@ PUBLIC = ["patch", "unpatch", "patch_bloom", "unpatch_bloom", "patched", "head_s
           "RepairSettings", "compare", "Comparison", "alibi_attention", "alibi_attention_qkvpacked", "AttentionStats",
           "prompt_perplexity", "packed_perplexity", "Perplexity", "ablate_heads", "Ablation"]
 COMMANDS = ["diagnose", "random-model", "repair", "compare", "demo", "family", "plan-memory", "perplexity", "drift",
-            "generate", "ablate"]
+            "generate", "ablate", "paper"]
 
 
 def test_all_is_pinned_and_every_name_resolves():

@@ -14,6 +14,7 @@
     alibi-surgery generate MODEL... --prompts-file F --out DIR [--temperature 0.7] [--top-p 0.92] [--seed 42]
     alibi-surgery ablate MODEL --heads SPEC (--prompts-file F | --text F) [--json OUT] [--mode zero|mean|both]
                          [--floor-draws 20] [--seed 0] [--bootstrap 1000]
+    alibi-surgery paper MODEL --paper-repo DIR --out OUT [--corpus ...] [--c4 ...] [--arms ...] [--dry-run]
 
 Every bad input ends with a one-line ``error: ...`` on stderr and exit status 2, before anything is written; a
 write failure (a full disk, a file-size limit) with one line naming the path and exit status 1; Ctrl-C with status
@@ -27,7 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ablate, compare, demo, diagnose, drift, family, generate, perplexity, plan_memory, random_model, repair
+from . import (ablate, compare, demo, diagnose, drift, family, generate, paper, perplexity, plan_memory, random_model,
+               repair)
 from .console import flag_wording, resume_hint, setup_console, word_warnings
 from ..errors import UsageError, WriteError
 
@@ -36,7 +38,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # Every command, in the order ``--help`` lists them: its module has ``add_parser(sub)`` and ``run(args)``.
 COMMANDS = {"diagnose": diagnose, "random-model": random_model, "repair": repair, "compare": compare, "demo": demo,
             "family": family, "plan-memory": plan_memory, "perplexity": perplexity, "drift": drift,
-            "generate": generate, "ablate": ablate}
+            "generate": generate, "ablate": ablate, "paper": paper}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
