@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, predicted memory and time; write nothing")
     p.add_argument("--corpus-tokens", type=int, default=d.corpus_tokens,
                    help="--dry-run: tokens of the corpus assumed for steps and time (the paper's C4: ~541K)")
+    p.add_argument("--ablation-draws", type=int, default=d.ablation_draws, metavar="R",
+                   help="functional recovery's noise-floor draws per target in every run (repair's; 0: not measured)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -60,7 +62,8 @@ def run(args) -> None:
                            column_save_every_steps=args.column_save_every_steps, epochs=args.epochs,
                            seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            dtype=args.dtype, device=args.device, backend=args.backend, text_field=args.text_field,
-                           split=args.split, corpus_tokens=args.corpus_tokens, progress=not args.quiet)
+                           split=args.split, corpus_tokens=args.corpus_tokens, progress=not args.quiet,
+                           ablation_draws=args.ablation_draws)
     result = paper(args.model, args.paper_repo, args.out, options, dry_run=args.dry_run)
     if args.dry_run:
         print(result["text"])

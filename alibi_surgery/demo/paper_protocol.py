@@ -15,8 +15,7 @@ are the project's building blocks (``diagnose``, ``repair``, ``prompt_perplexity
 
 Each experiment runs once per arm of ``arms`` (:data:`ARMS`): ``treatment``; ``gradient-only`` (the paper's control:
 ``settings.reinit=False``); ``reinit-only``, ``random-healthy`` and ``ablate`` through repair's ``control`` option
-(:func:`arm_options`, the one place it is passed; while repair lacks it, ``reinit-only`` is ``lr=0`` and the other two
-are skipped with a one-line note). Training: the paper's settings (epochs, lr, batch x accumulation, sequence length,
+(:func:`arm_options`, the one place it is passed). Training: the paper's settings (epochs, lr, batch x accumulation, sequence length,
 seed of its C4 run), its schedule, its bf16 optimizer on bfloat16 weights (else the exact fp32 one); the best
 checkpoint by the paper's training perplexity (its ``PPL_TEXTS``, the paper's convention) becomes ``final/``; the
 held-out figure is its ``PPL_PROMPTS`` scored on every ``final/`` (paper convention, 512 tokens). Every run is a
@@ -32,7 +31,6 @@ its code, so ``corpus`` is whatever you give; runs are sequential, on one device
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
 from pathlib import Path
@@ -69,6 +67,7 @@ class PaperOptions:
     backend: str = "auto"
     text_field: str = "text"
     split: str | None = None
+    ablation_draws: int = 20  # functional recovery's floor draws per target (repair's; 0: not measured)
     corpus_tokens: int = 541_000  # dry-run only: the paper's C4 corpus, about 541K tokens (section 4.2)
     progress: bool = True
 
@@ -87,6 +86,9 @@ class PaperOptions:
                 raise UsageError(f"{name}={value!r}: must be an integer >= 1")
         if self.lr is not None and not (self.lr >= 0 and self.lr < float("inf")):
             raise UsageError(f"lr={self.lr}: must be a finite number >= 0")
+        from ..surgery.settings import RunOptions
+
+        RunOptions(ablation_draws=self.ablation_draws).check()  # repair's rule, before any run starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,21 +110,12 @@ class PlannedRun:
 
 
 def arm_options(arm: str) -> tuple[dict, dict, str | None]:
-    """``(settings overrides, repair keywords, skip note)`` of an arm."""
-    from ..surgery.repair import RepairSettings, repair_pass
-
+    """``(settings overrides, repair keywords, skip note)`` of an arm (docs/surgery.md, "Control arms")."""
     if arm == "treatment":
         return {}, {}, None
     if arm == "gradient-only":
         return {"reinit": False}, {}, None
-    # ---- the one place the other controls reach repair (issue 30 item 2: control=reinit-only|random-healthy|ablate)
-    if "control" in {f.name for f in dataclasses.fields(RepairSettings)}:
-        return {"control": arm}, {}, None
-    if "control" in inspect.signature(repair_pass).parameters:
-        return {}, {"control": arm}, None
-    if arm == "reinit-only":  # until then: re-initialise and never train, as repair --lr 0 does
-        return {"lr": 0.0}, {}, None
-    return {}, {}, f"repair does not accept control={arm!r} yet (issue 30 item 2)"
+    return {"control": arm}, {}, None
 
 
 def _layers_spec(selection: dict) -> str:
@@ -301,7 +294,8 @@ def _run_one(model, run: PlannedRun, facts, options: PaperOptions, out: Path, co
                         report=report_arg, heads=run.heads, freeze=run.freeze, include=run.include,
                         settings=repair_settings(facts, options, run), prompts=[facts.diag_text],
                         device=options.device, dtype=options.dtype, backend=options.backend,
-                        progress=options.progress, **arm_options(run.arm)[1])
+                        progress=options.progress, ablation_draws=options.ablation_draws,
+                        **arm_options(run.arm)[1])
     except NothingToRepair as exc:
         return {"status": "nothing to repair", "note": str(exc)}
     from .paper_report import summarise_run

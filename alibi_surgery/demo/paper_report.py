@@ -109,6 +109,7 @@ def summarise_run(report: dict, run) -> dict:
                                          + best["comparison"]["summary"]["still_sick"]) if best else None,
             "train_ppl_before": report.get("eval_prompts_ppl_before"), "final_checkpoint": report.get("final_checkpoint"),
             "best": at(best), "early": at(early), "last": at(last),
+            "functional": (report.get("functional") or {}).get("recovery"),
             "best_step": min(ppls)[1] if ppls else None, "best_train_ppl": min(ppls)[0] if ppls else None,
             "included_heads": [{"layer": layer, "head": h, "bos_before": heads_after[(layer, h)]["bos_mass_before"],
                                 "bos_after": heads_after[(layer, h)]["bos_mass_after"]}
@@ -158,17 +159,20 @@ def tables(data: dict) -> tuple[list[str], list[str]]:
                 diffs.append(f"{label}, {name}: ours {_fmt(ours)} against the paper's {_fmt(paper)}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines += ["", "## Arms (paper: section 3.2 reports the gradient-only control: 0 of 108 woken after 15 epochs)",
-              "", "| experiment | arm | targets | woken (of collapsed) | training ppl | held-out ppl | status |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              "", "| experiment | arm | targets | woken (of collapsed) | revived (does work) | training ppl | "
+                  "held-out ppl | status |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, run in data["runs"].items():
         exp, arm = name.split("-", 1)
         if run.get("status") != "done":
             note = run.get("note", "")
             why = note if note.startswith(run["status"]) else f"{run['status']}: {note}"
-            lines.append(f"| {exp} | {arm} | - | - | - | - | {why} |")
+            lines.append(f"| {exp} | {arm} | - | - | - | - | - | {why} |")
             continue
+        functional = run.get("functional")
+        revived = "-" if functional is None else f"{functional['revived']} of {functional['collapsed_before']}"
         lines.append(f"| {exp} | {arm} | {run['targets']} | {run['best']['woken']} of "
-                     f"{run['collapsed_targets_before']} | {_fmt(run['best']['train_ppl'])} | "
+                     f"{run['collapsed_targets_before']} | {revived} | {_fmt(run['best']['train_ppl'])} | "
                      f"{_fmt(run['held_out_ppl'])} | done |")
     go = _done(data, "pass1-gradient-only")
     if go and go["best"]["woken"] != PAPER["gradient_only"]["woken"]:

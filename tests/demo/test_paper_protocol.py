@@ -55,7 +55,7 @@ def test_paper_end_to_end_on_a_two_layer_bloom_1b7(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["paper", str(model), "--paper-repo", str(FIXTURE), "--out", str(out), "--corpus", str(corpus),
                  "--c4", str(c4), "--arms", "treatment", "--column", "3", "--column-save-every-steps", "1",
-                 "--dtype", "float32", "--backend", "torch", "--quiet"]) == 0
+                 "--dtype", "float32", "--backend", "torch", "--ablation-draws", "0", "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     data = json.loads((out / "paper.json").read_text())
     runs = data["runs"]
