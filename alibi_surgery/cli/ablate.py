@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UsageError
-from .options import add_model_options, add_output_options
+from .options import TEXT_FIELD_HELP, add_model_options, add_output_options, add_texts_file_option
 
 __all__ = ["add_parser", "run"]
 
@@ -27,9 +27,10 @@ def add_parser(sub) -> None:
                        help="each head's ablation effect on held-out texts, against a noise floor")
     p.add_argument("model", metavar="MODEL", help="a model directory (or a cached hub id)")
     p.add_argument("--heads", required=True, metavar="SPEC", help="heads to ablate, e.g. '2:12-15;3:*' or '*:*'")
-    p.add_argument("--prompts-file", metavar="FILE", help="held-out texts, one per line")
-    p.add_argument("--text", metavar="FILE", help="held-out documents: a .jsonl of {\"text\": ...} (one text per "
-                                                  "line) or any other file as one text")
+    add_texts_file_option(p, "--prompts-file", "held-out texts, each scored alone")
+    p.add_argument("--text", metavar="FILE", help="held-out documents: a .jsonl/.json of documents, or any other file "
+                                                  "as one text")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--mode", default="both", help="zero, mean or both (default: both)")
     p.add_argument("--floor-draws", type=int, default=DEFAULT_FLOOR_DRAWS, metavar="N",
                    help="random-direction draws for the noise floor")
@@ -53,7 +54,7 @@ def _check(args) -> None:
     from ..io.loading import parse_device, parse_dtype, resolve_model_dir
 
     if (args.prompts_file is None) == (args.text is None):
-        raise UsageError("give exactly one of --prompts-file (one text per line) and --text (a documents file)")
+        raise UsageError("give exactly one of --prompts-file (texts scored alone) and --text (a documents file)")
     check_mode(args.mode)
     for option, value, low in (("--floor-draws", args.floor_draws, 1), ("--bootstrap", args.bootstrap, 0),
                                ("--seed", args.seed, 0), ("--rows-per-pass", args.rows_per_pass, 2)):
@@ -75,8 +76,8 @@ def _check(args) -> None:
 
 def run(args) -> None:
     from ..analysis.ablation import ablate_heads
-    from ..analysis.perplexity import read_texts
     from ..io.corpus import read_documents
+    from ..io.texts import read_texts
     from ..io.files import atomic_write_text, check_output_paths
     from ..io.loading import load_model
 
@@ -84,9 +85,10 @@ def run(args) -> None:
     inputs = {"--prompts-file": args.prompts_file, "--text": args.text}
     outputs = check_output_paths({"json": args.json}, overwrite=args.overwrite, inputs=inputs)
     if args.prompts_file:
-        texts, where = read_texts(args.prompts_file), lambda i: f"{args.prompts_file} line {i + 1}"
+        texts = read_texts(args.prompts_file, field=args.text_field)
+        where = texts.origin
     else:
-        texts = [t for t in read_documents(args.text, what="--text") if t.strip()]
+        texts = [t for t in read_documents(args.text, what="--text", field=args.text_field) if t.strip()]
         where = lambda i: f"{args.text} text {i + 1}"  # noqa: E731
         if not texts:
             raise UsageError(f"--text {args.text}: holds no text")
