@@ -130,8 +130,9 @@ def dry_run_plan(model: str, facts, options) -> dict:
             plan = plans[run.experiment]
             memory = predict_memory(plan, dtype=options.dtype, seq_len=s.seq_len, batch=s.batch_size,
                                     vocab=layout.vocab, n_params_total=n_params, bf16_moments=bf16)
+            trains = repair_settings(facts, options, run).trains  # reinit-only and ablate: no training
             cost = run_cost(config, plan, seq_len=s.seq_len, batch=s.batch_size, grad_accum=s.grad_accum,
-                            epochs=s.epochs, corpus_tokens=options.corpus_tokens)
+                            epochs=s.epochs if trains else 0, corpus_tokens=options.corpus_tokens)
             row.update(heads=plan.n_heads, trainable_params=plan.trainable_params, memory=memory, **cost)
             total_flops += cost["flops"]
             if peak is None or memory["total"] > peak["memory"]["total"]:
