@@ -229,8 +229,9 @@ class _Run:
         from .loss import chunked_lm_loss
 
         h = self.norm(h)
-        scored = ids.shape[1] - 1
-        return [float(chunked_lm_loss(h[r:r + 1], self.lm_weight, ids)) * scored for r in range(h.shape[0])]
+        rows, scored = h.shape[0], ids.shape[1] - 1
+        losses = chunked_lm_loss(h, self.lm_weight, ids.expand(rows, -1), reduction="none")  # one call, every row
+        return losses.double().view(rows, scored).sum(dim=1).tolist()
 
     # --- one head -------------------------------------------------------------------------------------------
     def _head(self, layer, head, proj, hidden, inputs) -> HeadAblation:
