@@ -355,7 +355,7 @@ CASES = {
     "perplexity: a blank line in the prompts file": (lambda w, t: _ppl(w, t, lines=("one text", "", "another")),
                                                      "line 2 is blank"),
     "perplexity: a prompt of 1 token": (lambda w, t: _ppl(w, t, lines=("one text", "x")),
-                                        "texts.txt line 2 has 1 token: it predicts nothing"),
+                                        "texts.txt:2 has 1 token: it predicts nothing"),
     "perplexity: missing model": (lambda w, t: _ppl(w, t, model="nope"), "model path does not exist"),
     "perplexity: --seq-len with --prompts-file": (lambda w, t: _ppl(w, t, "--seq-len", "16"),
                                                   "--seq-len applies to --text only"),

@@ -54,19 +54,17 @@ def test_paper_end_to_end_on_a_two_layer_bloom_1b7(tmp_path, capsys):
     c4.write_text("a tin roof and rain all night while geese cross the pond by the shop\n" * 2)
     out = tmp_path / "out"
     assert main(["paper", str(model), "--paper-repo", str(FIXTURE), "--out", str(out), "--corpus", str(corpus),
-                 "--c4", str(c4), "--arms", "treatment", "--column", "3", "--column-save-every-steps", "1",
+                 "--c4", str(c4), "--arms", "treatment", "--experiments", "pass1,pass2,c4",
                  "--dtype", "float32", "--backend", "torch", "--ablation-draws", "0", "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     data = json.loads((out / "paper.json").read_text())
     runs = data["runs"]
     assert {k: v["status"] for k, v in runs.items() if k != "pass2-treatment"} == \
-        {"pass1-treatment": "done", "column-treatment": "done", "c4-treatment": "done"}
+        {"pass1-treatment": "done", "c4-treatment": "done"}  # the column run's plan: test_paper_dry_run.py
     assert runs["pass2-treatment"]["status"] in ("done", "nothing to repair")  # random weights: likely nothing
     plan = json.loads((out / "runs" / "pass1-treatment" / "plan.json").read_text())
     assert plan["selection"] == {"0": [12, 13, 14, 15], "1": [9, 10, 11, 12]}  # the fixture's map
     assert plan["zone"] == {"0": list(range(9, 16)), "1": list(range(9, 16))}  # its frozen heads stay in-band
-    column = json.loads((out / "runs" / "column-treatment" / "plan.json").read_text())
-    assert column["included"] == {"0": [3], "1": [3]}
     assert json.loads((out / "runs" / "c4-treatment" / "run.json").read_text())["corpus"] == [str(c4)]
     facts = read_paper_repo(FIXTURE)
     tok = AutoTokenizer.from_pretrained(model)
