@@ -51,6 +51,15 @@ class ModeEffect:
         return {"effect": self.effect, "floor": self.floor,
                 "interval": None if self.interval is None else list(self.interval), "draws": list(self.draws)}
 
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "ModeEffect | None":
+        """The inverse of :meth:`to_dict` (None stays None: a mode not measured)."""
+        if data is None:
+            return None
+        interval = data["interval"]
+        return cls(data["effect"], data["floor"], None if interval is None else tuple(interval),
+                   tuple(data.get("draws", ())))
+
 
 def does_work(mean: ModeEffect | None) -> bool | None:
     """The rule (docs/metrics.md): the mean-ablation effect's interval lower bound (its point estimate when the
@@ -112,6 +121,14 @@ class Ablation:
                         "bootstrap) > noise floor",
                 "does_work": sum(bool(h.does_work) for h in self.heads),
                 "heads": [h.to_dict() for h in self.heads]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Ablation":
+        """The inverse of :meth:`to_dict` (the derived ``does_work`` fields are recomputed, not read)."""
+        heads = [HeadAblation(h["layer"], h["head"], h["output_norm"], ModeEffect.from_dict(h["zero"]),
+                              ModeEffect.from_dict(h["mean"])) for h in data["heads"]]
+        return cls(data["model"], tuple(data["modes"]), data["texts"], data["tokens"], data["base_loss"],
+                   data["floor_draws"], data["seed"], data["bootstrap"], heads)
 
     def format_table(self) -> str:
         """One line per head: output norm, each mode's effect, floor and interval, and the verdict."""

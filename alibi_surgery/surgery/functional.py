@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from ..analysis.ablation import ablate_heads
-from ..analysis.ablation_report import Ablation, HeadAblation, ModeEffect, recovery
+from ..analysis.ablation_report import Ablation, recovery
 from ..diagnosis.report import HeadReport
 from ..io.files import atomic_write_text, read_text
 
@@ -75,18 +75,7 @@ def load_before(out: Path) -> Ablation | None:
     if not path.is_file():
         return None
     data = json.loads(read_text(path, what="ablation before surgery"))
-    return None if data is None else _from_dict(data)
-
-
-def _from_dict(data: dict) -> Ablation:
-    def effect(d):
-        return None if d is None else ModeEffect(d["effect"], d["floor"], None if d["interval"] is None
-                                                 else tuple(d["interval"]), tuple(d.get("draws", ())))
-
-    heads = [HeadAblation(h["layer"], h["head"], h["output_norm"], effect(h["zero"]), effect(h["mean"]))
-             for h in data["heads"]]
-    return Ablation(data["model"], tuple(data["modes"]), data["texts"], data["tokens"], data["base_loss"],
-                    data["floor_draws"], data["seed"], data["bootstrap"], heads)
+    return None if data is None else Ablation.from_dict(data)
 
 
 def _head_row(report: HeadReport, ablation: Ablation | None, layer: int, head: int) -> dict:

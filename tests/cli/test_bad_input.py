@@ -308,6 +308,8 @@ CASES = {
     "--eval-prompts .jsonl with an empty text": (lambda w, t: _repair(w, t, "--eval-prompts", str(_write(
         t, "e.jsonl", '{"text": "a text"}\n{"text": " "}\n'))), "e.jsonl:2: the text is empty"),
     "--max-tokens 0": (lambda w, t: _repair(w, t, "--max-tokens", "0"), "--max-tokens 0: must be a whole number"),
+    "--ablation-texts 0": (lambda w, t: _repair(w, t, "--ablation-texts", "0"),
+                           "--ablation-texts 0: must be a whole number >= 1"),
     "--eval-prompts with a 1-token line": (lambda w, t: _repair(w, t, "--eval-prompts", str(_lines(t, "a text", "x"))),
                                            "--eval-prompts line 2 has 1 token: it predicts nothing"),
     "repair --out that holds the input model, --overwrite": (lambda w, t: _repair(w, t, "--overwrite", out=w),
