@@ -109,13 +109,14 @@ class PlannedRun:
         return f"{self.experiment}-{self.arm}"
 
 
-def arm_options(arm: str) -> tuple[dict, dict, str | None]:
-    """``(settings overrides, repair keywords, skip note)`` of an arm (docs/surgery.md, "Control arms")."""
+def arm_options(arm: str) -> dict:
+    """The :class:`~alibi_surgery.surgery.settings.RepairSettings` fields an arm sets (docs/surgery.md, "Control
+    arms")."""
     if arm == "treatment":
-        return {}, {}, None
+        return {}
     if arm == "gradient-only":
-        return {"reinit": False}, {}, None
-    return {"control": arm}, {}, None
+        return {"reinit": False}
+    return {"control": arm}
 
 
 def _layers_spec(selection: dict) -> str:
@@ -132,7 +133,7 @@ def plan_runs(pass1_map: dict, options: PaperOptions, has_c4: bool) -> list[Plan
     runs = []
     for experiment in options.experiments:
         for arm in options.arms:
-            skipped = arm_options(arm)[2]
+            skipped = None
             if experiment == "pass1":
                 run = PlannedRun("pass1", arm, heads, freeze)
             elif experiment == "pass2":
@@ -185,7 +186,7 @@ def repair_settings(facts, options: PaperOptions, run: PlannedRun):
                   epochs=options.epochs or s["epochs"], seed=s["seed"], schedule="paper",
                   optimizer_precision="bf16" if bf16 else "master", eval_convention="paper",
                   diag_max_length=None, save_every_steps=run.save_every_steps)  # the paper's text, whole
-    fields.update(arm_options(run.arm)[0])
+    fields.update(arm_options(run.arm))
     return RepairSettings(**fields)
 
 
@@ -294,8 +295,7 @@ def _run_one(model, run: PlannedRun, facts, options: PaperOptions, out: Path, co
                         report=report_arg, heads=run.heads, freeze=run.freeze, include=run.include,
                         settings=repair_settings(facts, options, run), prompts=[facts.diag_text],
                         device=options.device, dtype=options.dtype, backend=options.backend,
-                        progress=options.progress, ablation_draws=options.ablation_draws,
-                        **arm_options(run.arm)[1])
+                        progress=options.progress, ablation_draws=options.ablation_draws)
     except NothingToRepair as exc:
         return {"status": "nothing to repair", "note": str(exc)}
     from .paper_report import summarise_run
