@@ -128,7 +128,7 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
     ``docs`` (training, held-out) fresh bigram-recall documents of ``seq_len - 1`` bytes (default ``seq_len``: the
     demo's surgery length), so that each, packed by :func:`corpus_spec` (``<s>`` + bytes, no ``</s>``), is exactly
     one ``seq_len`` chunk framed as a pre-training row. The seed differs from pre-training's, so these sequences are
-    new to the model. Each file is written atomically."""
+    new to the model. Each file is written atomically; a count of 0 writes no file (its path is still returned)."""
     from ..io.files import atomic_write_text
     from .recall_data import RecallData, python_docs_text
 
@@ -140,10 +140,12 @@ def write_corpus(directory, *, seed: int = 1, seq_len: int | None = None,
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, n in zip(("train.jsonl", "eval.jsonl"), docs):
-        texts = data.texts(n, seq_len - 1, gen)
         path = directory / name
-        atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in texts))
         paths.append(path)
+        if n == 0:
+            continue
+        texts = data.texts(n, seq_len - 1, gen)
+        atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in texts))
     return paths[0], paths[1]
 
 

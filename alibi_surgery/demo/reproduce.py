@@ -1,28 +1,31 @@
-"""The paper's experiments, reproduced on the demo testbed (docs/reproduction.md).
+"""The paper's experiments, reproduced on pre-trained testbeds, every arm beside its controls (docs/reproduction.md).
 
-    python -m alibi_surgery.demo.reproduce OUT                 # 3 seeds, 2 parallel jobs of one thread each (CPU)
-    python -m alibi_surgery.demo.reproduce OUT --seeds 1 --docs-dir docs
+    python -m alibi_surgery.demo.reproduce OUT                               # testbed A (the demo model), 5 seeds
+    python -m alibi_surgery.demo.reproduce OUT --testbed A=alibi_surgery/demo/model --testbed B=/path/to/b \\
+        --seeds 5 --docs-dir docs
 
-Five experiments of Schallon (2026), each run with every seed (the seed draws the surgery corpus, the
-re-initialisation and the data order). Every run is a ``repair`` output directory under ``OUT/runs/``:
+For each testbed ``T`` (a model directory with the demo's byte-level tokenizer and a recorded training context) and
+each seed ``s`` (it draws the surgery corpus, the re-initialisation, the random-healthy heads and the data order),
+nine ``repair`` runs under ``OUT/runs/T-<kind>-s`` (:data:`KINDS`):
 
-* ``band-<s>``: the collapse band re-initialised and retrained, then a second pass on every head still collapsed
-  (``passes=2``). Its pass 1 is the re-initialisation arm of experiment 1, pass 1 of experiment 2, and the
-  structured-corpus arm of experiment 4.
-* ``noreinit-<s>``: the same plan trained from the heads' current values (the gradient-only control, experiment 1).
-* ``extended-<s>``: the band plus the mostly-healthy column next to it (the paper's H5 experiment, experiment 3).
-* ``noisy-<s>``: the band on a noisy corpus, the structured documents with their bytes shuffled (experiment 4).
-* ``paper-<s>`` / ``ours-<s>``: bf16 weights, the paper's optimizer and schedule (pure-bf16 AdamW,
-  ``--schedule paper``) against ours (fp32 master copy, ``--schedule default``) (experiment 5).
+* ``treatment``: the collapse band re-initialised and retrained, then a second pass on every head still collapsed
+  (``passes=2``). Its pass 1 is the treatment arm of claims 1 and 5, pass 1 and 2 of claim 2, the band-only control
+  of claim 3 and the structured corpus of claim 4.
+* ``gradient-only``, ``reinit-only``, ``random-healthy``, ``ablate``: pass 1's plan under each control arm
+  (:mod:`alibi_surgery.surgery.controls`).
+* ``extended``: the band plus the mostly-healthy column next to it (claim 3); ``noisy``: the band on the structured
+  documents with their bytes shuffled (claim 4); ``paper`` / ``ours``: bf16 weights, the paper's optimizer and
+  schedule against ours (claim 6).
 
-All runs share one baseline diagnosis (the model's training context as ``max_length``), one schedule length and one
-checkpoint spacing, so arms compare at matched steps. The surgery settings are the demo's, scaled to the budget
-(``--docs``, ``--epochs``, ``--save-every``); the paper's figures come from bloom-1b7 and are quoted, not rerun.
-A finished run (its ``report.json`` present) is reused, so an interrupted reproduction continues where it stopped.
-Results: ``OUT/results.json`` and ``OUT/reproduction.md`` with its figures in ``OUT/img/`` (or in ``--docs-dir``).
-``OUT`` is locked for the whole reproduction (a second one into it is refused). Limits: runs on the CPU; the
-corpora are the demo's bigram-recall data, so another ``--model`` must use the demo's byte-level tokenizer; the
-testbed is a 4-layer byte-level model, not a language model.
+Then the functional measurements (``OUT/functional/``), one per testbed on the stock model and one per run of
+:data:`FUNCTIONAL_KINDS` on its final model: each pass-1 target's mean-ablation effect, noise floor and interval
+(:func:`~alibi_surgery.analysis.ablation.ablate_heads`, ``--ablation-draws`` floor draws, the first
+``--ablation-texts`` held-out documents) and a diagnosis at the testbed's context. Every run scores the same
+held-out documents (one set for all seeds). Claims, intervals and verdicts: :mod:`.reproduction_report`.
+
+A finished run or measurement is reused, so an interrupted reproduction continues where it stopped; ``OUT`` is
+locked for the whole reproduction. Limits: CPU only; the corpora are the demo's bigram-recall data, so a testbed
+must use the demo's byte-level tokenizer; the testbeds are 4-layer byte-level models, not language models.
 """
 
 from __future__ import annotations
@@ -37,37 +40,78 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-__all__ = ["Job", "plan_jobs", "run_jobs", "reproduce", "healthy_column", "write_corpora"]
+__all__ = ["Job", "Testbed", "KINDS", "FUNCTIONAL_KINDS", "plan_jobs", "run_jobs", "reproduce", "healthy_column",
+           "write_corpora", "HELD_OUT_SEED"]
+
+KINDS = ("treatment", "gradient-only", "reinit-only", "random-healthy", "ablate", "extended", "noisy", "paper",
+         "ours")
+FUNCTIONAL_KINDS = ("treatment", "gradient-only", "reinit-only", "random-healthy", "ablate")
+HELD_OUT_SEED = 999  # the held-out documents' seed (training documents use 1000 + s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Testbed:
+    """A testbed: its short ``name`` (A, B, ...), model directory, context, diagnosis path, band and column."""
+
+    name: str
+    model: str
+    context: int
+    baseline: str
+    band: tuple[int, int]
+    column: int | None
+    n_layer: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One repair run: ``name`` (its directory under ``OUT/runs``), the seed, the corpus (``structured`` or
-    ``noisy``), ``passes``, the plan options and the RepairSettings fields that differ from the shared ones."""
+    """One unit of work. ``kind`` one of :data:`KINDS` (a repair run) or ``functional`` (``arm`` names the run it
+    measures, None: the stock model)."""
 
-    name: str
-    seed: int
-    corpus: str = "structured"
-    passes: int = 1
-    include: str | None = None
-    dtype: str | None = None
-    settings: tuple = ()  # (field, value) pairs over the shared settings
+    testbed: str
+    kind: str
+    seed: int | None = None
+    arm: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "functional":
+            return f"{self.testbed}-{self.arm}-{self.seed}" if self.arm else f"{self.testbed}-stock"
+        return f"{self.testbed}-{self.kind}-{self.seed}"
 
 
-def plan_jobs(seeds: int, band: tuple[int, int], n_layer: int, column: int | None) -> list[Job]:
-    """The runs of the five experiments (module docstring) for seeds ``0..seeds-1``. ``column``: the healthy
-    column experiment 3 adds (None: experiment 3 is skipped, said so in the report)."""
-    jobs = []
+def _repair_options(job: Job, bed: Testbed) -> dict:
+    """The keywords of ``repair`` that make ``job`` its kind: passes, corpus, plan and settings overrides."""
+    opts: dict = {"passes": 1, "corpus": "structured", "include": None, "dtype": None, "settings": {}}
+    if job.kind == "treatment":
+        opts["passes"] = 2
+    elif job.kind == "gradient-only":
+        opts["settings"] = {"reinit": False}
+    elif job.kind in ("reinit-only", "random-healthy", "ablate"):
+        opts["settings"] = {"control": job.kind}
+    elif job.kind == "extended":
+        opts["include"] = f"0-{bed.n_layer - 1}:{bed.column}"
+    elif job.kind == "noisy":
+        opts["corpus"] = "noisy"
+    elif job.kind == "paper":
+        opts.update(dtype="bfloat16", settings={"optimizer_precision": "bf16", "schedule": "paper"})
+    elif job.kind == "ours":
+        opts["dtype"] = "bfloat16"
+    else:
+        raise ValueError(f"unknown kind {job.kind!r}")
+    return opts
+
+
+def plan_jobs(testbeds: list[Testbed], seeds: int) -> tuple[list[Job], list[Job]]:
+    """(repair runs, functional measurements), seed by seed so that a stopped reproduction has whole seeds. A
+    testbed without a healthy column (``column`` None) has no ``extended`` run (the report says so)."""
+    runs, functional = [], []
+    for bed in testbeds:
+        functional.append(Job(bed.name, "functional"))
     for s in range(seeds):
-        jobs.append(Job(f"band-{s}", s, passes=2))
-        jobs.append(Job(f"noreinit-{s}", s, settings=(("reinit", False),)))
-        if column is not None:
-            jobs.append(Job(f"extended-{s}", s, include=f"0-{n_layer - 1}:{column}"))
-        jobs.append(Job(f"noisy-{s}", s, corpus="noisy"))
-        jobs.append(Job(f"paper-{s}", s, dtype="bfloat16",
-                        settings=(("optimizer_precision", "bf16"), ("schedule", "paper"))))
-        jobs.append(Job(f"ours-{s}", s, dtype="bfloat16"))
-    return jobs
+        for bed in testbeds:
+            runs += [Job(bed.name, k, s) for k in KINDS if k != "extended" or bed.column is not None]
+            functional += [Job(bed.name, "functional", s, k) for k in FUNCTIONAL_KINDS]
+    return runs, functional
 
 
 def healthy_column(report, band: tuple[int, int]) -> int | None:
@@ -80,117 +124,203 @@ def healthy_column(report, band: tuple[int, int]) -> int | None:
     return None
 
 
-def write_corpora(directory: Path, seed: int, n_docs: tuple[int, int], seq_len: int) -> dict:
-    """The structured corpus (fresh bigram-recall documents, :func:`alibi_surgery.demo.write_corpus`), its noisy twin
-    (each training document's bytes shuffled: the same bytes, no bigram or recall structure) and the held-out text,
-    as paths. Idempotent: existing files are kept."""
+def write_corpora(directory: Path, seeds: int, n_docs: tuple[int, int], seq_len: int) -> dict:
+    """``{"eval": path, s: {"structured": path, "noisy": path}}``: the held-out documents (one set, seed
+    :data:`HELD_OUT_SEED`), and per seed fresh bigram-recall training documents and their noisy twin (each
+    document's bytes shuffled: the same bytes, no bigram or recall structure). Existing files are kept."""
     from ..io.files import atomic_write_text
     from . import write_corpus
 
-    directory.mkdir(parents=True, exist_ok=True)
-    train, held_out = directory / "train.jsonl", directory / "eval.jsonl"
-    if not (train.is_file() and held_out.is_file()):
-        write_corpus(directory, seed=1000 + seed, seq_len=seq_len, docs=n_docs)
-    noisy = directory / "noisy-train.jsonl"
-    if not noisy.is_file():
-        rng = random.Random(seed)
-        lines = []
-        for line in train.read_text().splitlines():
-            chars = list(json.loads(line)["text"])
-            rng.shuffle(chars)
-            lines.append(json.dumps({"text": "".join(chars)}) + "\n")
-        atomic_write_text(noisy, "".join(lines))
-    return {"structured": train, "noisy": noisy, "eval": held_out}
+    held = directory / "held-out"
+    if not (held / "eval.jsonl").is_file():
+        write_corpus(held, seed=HELD_OUT_SEED, seq_len=seq_len, docs=(0, n_docs[1]))
+    corpora: dict = {"eval": held / "eval.jsonl"}
+    for s in range(seeds):
+        d = directory / f"seed-{s}"
+        train, noisy = d / "train.jsonl", d / "noisy-train.jsonl"
+        if not train.is_file():
+            write_corpus(d, seed=1000 + s, seq_len=seq_len, docs=(n_docs[0], 0))
+        if not noisy.is_file():
+            rng = random.Random(s)
+            lines = []
+            for line in train.read_text().splitlines():
+                chars = list(json.loads(line)["text"])
+                rng.shuffle(chars)
+                lines.append(json.dumps({"text": "".join(chars)}) + "\n")
+            atomic_write_text(noisy, "".join(lines))
+        corpora[s] = {"structured": train, "noisy": noisy}
+    return corpora
 
 
-def _run_job(args: tuple) -> tuple[str, float]:
-    """Run one job in a worker process (one thread); returns (name, seconds). A finished run is left as it is."""
-    job, out, model, baseline, shared, band, corpora, threads = args
-    import torch
+def run_dir(out: Path, job: Job) -> Path:
+    return Path(out) / "runs" / f"{job.testbed}-{job.kind}-{job.seed}"
 
+
+def functional_path(out: Path, job: Job) -> Path:
+    return Path(out) / "functional" / f"{job.name}.json"
+
+
+def _run_repair(job: Job, bed: Testbed, out: Path, shared: dict, corpora: dict) -> None:
     from ..surgery.repair import RepairSettings, repair
-
-    torch.set_num_threads(threads)
-    run_dir = out / "runs" / job.name
-    if (run_dir / "report.json").is_file():
-        return job.name, 0.0
-    shared.pop("docs")  # the corpora's size, not a repair setting
-    settings = RepairSettings(**dict(shared, seed=job.seed, **dict(job.settings)))
-    t0 = time.perf_counter()
     from . import corpus_spec  # the demo's framing: <s> + bytes, no </s>, as pre-training
 
-    repair(model, run_dir, passes=job.passes, overwrite=True, corpus=corpus_spec(corpora[job.corpus]),
-           eval_text=corpus_spec(corpora["eval"]), report=str(baseline), band=f"{band[0]}-{band[1]}", include=job.include,
-           settings=settings, dtype=job.dtype, device="cpu")
+    opts = _repair_options(job, bed)
+    settings = RepairSettings(**dict(shared, seed=job.seed, **opts["settings"]))
+    repair(bed.model, run_dir(out, job), passes=opts["passes"], overwrite=True,
+           corpus=corpus_spec(corpora[job.seed][opts["corpus"]]), eval_text=corpus_spec(corpora["eval"]),
+           report=bed.baseline, band=f"{bed.band[0]}-{bed.band[1]}", include=opts["include"], settings=settings,
+           dtype=opts["dtype"], device="cpu", ablation_draws=0)
+
+
+def _measured_model(out: Path, job: Job, bed: Testbed) -> Path:
+    if job.arm is None:
+        return Path(bed.model)
+    base = run_dir(out, Job(job.testbed, job.arm, job.seed))
+    return base / "pass-1" / "final" if job.arm == "treatment" else base / "final"
+
+
+def _run_functional(job: Job, bed: Testbed, out: Path, shared: dict, corpora: dict, ablation: dict) -> None:
+    """Measure pass 1's targets (the baseline's collapsed band heads) on the job's model (module docstring)."""
+    from ..analysis.ablation import ablate_heads
+    from ..diagnosis.diagnose import diagnose
+    from ..diagnosis.prompts import DEFAULT_PROMPTS
+    from ..diagnosis.report import HeadReport
+    from ..io.corpus import load_corpus
+    from ..io.files import atomic_write_text
+    from ..io.loading import load_model
+    from . import corpus_spec
+
+    baseline = HeadReport.from_json(bed.baseline)
+    sick = baseline.sick_heads()
+    heads = sorted((int(layer), h) for layer, hs in sick.items() for h in hs if bed.band[0] <= h <= bed.band[1])
+    net, tokenizer = load_model(str(_measured_model(out, job, bed)))
+    net.eval()
+    chunks = load_corpus(corpus_spec(corpora["eval"]), tokenizer, shared["seq_len"])[0]
+    ids = [row.tolist() for row in chunks][:ablation["texts"]]
+    result = ablate_heads(net, ids, heads, mode="mean", floor_draws=ablation["draws"], seed=job.seed or 0,
+                          bootstrap=ablation["bootstrap"], backend="auto")
+    report = diagnose(net, tokenizer, DEFAULT_PROMPTS, max_length=bed.context)
+    path = functional_path(out, job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"job": dataclasses.asdict(job), "model": str(_measured_model(out, job, bed)),
+                                        "ablation": result.to_dict(), "diagnosis": report.to_dict()}) + "\n")
+
+
+def _done(out: Path, job: Job) -> bool:
+    if job.kind == "functional":
+        return functional_path(out, job).is_file()
+    return (run_dir(out, job) / "report.json").is_file()
+
+
+def _work(args: tuple) -> tuple[str, float]:
+    """Run one job in a worker process; returns (name, seconds), 0 for a job found finished."""
+    job, bed, out, shared, corpora, ablation, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    if _done(out, job):
+        return job.name, 0.0
+    t0 = time.perf_counter()
+    if job.kind == "functional":
+        _run_functional(job, bed, out, shared, corpora, ablation)
+    else:
+        _run_repair(job, bed, out, shared, corpora)
     return job.name, time.perf_counter() - t0
 
 
-def run_jobs(jobs: list[Job], out: Path, model: Path, baseline: Path, shared: dict, band: tuple[int, int],
-             corpora: dict[int, dict], *, workers: int = 2, progress: bool = True, log=print) -> dict:
-    """Run ``jobs`` on ``workers`` processes of one thread each (spawned, so each has its own torch); ``corpora``:
-    each seed's :func:`write_corpora` paths, written before. Returns ``{name: seconds}`` (0 for a run found
-    finished)."""
+def run_jobs(jobs: list[Job], out: Path, testbeds: dict, shared: dict, corpora: dict, ablation: dict, *,
+             workers: int = 2, progress: bool = True, log=print) -> dict:
+    """Run ``jobs`` on ``workers`` spawned processes of one thread each; returns ``{name: seconds}``."""
     from tqdm.auto import tqdm
 
     seconds = {}
     threads = 1 if workers > 1 else max(1, os.cpu_count() or 1)
-    tasks = [(job, out, model, baseline, dict(shared), band, corpora[job.seed], threads) for job in jobs]
+    tasks = [(job, testbeds[job.testbed], out, dict(shared), corpora, ablation, threads) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool, \
-            tqdm(total=len(jobs), desc="reproduce", unit="run", disable=not progress) as bar:
-        for name, secs in pool.map(_run_job, tasks):
+            tqdm(total=len(jobs), desc="reproduce", unit="job", disable=not progress) as bar:
+        for name, secs in pool.map(_work, tasks):
             seconds[name] = round(secs, 1)
             bar.update()
             log(f"{name}: {'already finished' if secs == 0 else f'{secs:.0f} s'}")
     return seconds
 
 
-def reproduce(out, *, model=None, seeds: int = 3, workers: int = 2, docs: tuple[int, int] = (512, 64),
-              epochs: int = 4, save_every: int = 16, batch_size: int = 8, lr: float = 1e-3, seq_len: int = 128,
-              docs_dir=None, progress: bool = True, log=print) -> dict:
-    """Run the five experiments (module docstring) into ``out`` and write the report; returns ``results.json``'s
-    dict. ``model``: a model directory (default: the demo testbed); its config's ``seq_length`` is the context, at
-    which every diagnosis is made. ``seq_len``: the surgery documents' length (at most the context; the paper
-    trained bloom-1b7, context 2,048, on 512-token sequences)."""
+def _testbed(name: str, model: str, out: Path, log) -> Testbed:
     from ..diagnosis.diagnose import diagnose
     from ..diagnosis.prompts import DEFAULT_PROMPTS
     from ..errors import UsageError
     from ..families import training_context
     from ..io.loading import load_model
-    from ..io.lock import DirLock
-    from . import model_dir
-    from .reproduction_report import summarise, write_report
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    model = Path(model) if model else model_dir()
     net, tokenizer = load_model(str(model))
     context = training_context(net.config)
     if context is None:
         raise UsageError(f"{model} records no training context (config.json seq_length): the diagnoses need one")
     ctx = context[0]
+    path = out / f"baseline-{name}.json"
+    report = diagnose(net, tokenizer, DEFAULT_PROMPTS, max_length=ctx)
+    report.to_json(path)
+    band = report.band()
+    if band is None:
+        raise UsageError(f"testbed {name} ({model}) has no collapse band at {ctx} tokens: nothing to reproduce on")
+    bed = Testbed(name, str(Path(model).resolve()), ctx, str(path), tuple(band), healthy_column(report, band),
+                  report.n_layer)
+    log(f"testbed {name} ({model}): {report.n_layer} x {report.n_head} heads, context {ctx}; "
+        f"{sum(map(len, report.sick_heads().values()))} collapsed; band H{band[0]}-H{band[1]}; healthy column "
+        f"{'none' if bed.column is None else f'H{bed.column}'}")
+    return bed
+
+
+def parse_testbeds(specs: list[str] | None) -> list[tuple[str, str]]:
+    """``NAME=DIR`` pairs (default: ``A`` = the demo model); names must be distinct words."""
+    from ..errors import UsageError
+    from . import model_dir
+
+    if not specs:
+        return [("A", str(model_dir()))]
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isalnum() or not path:
+            raise UsageError(f"--testbed {spec!r}: write NAME=DIR (NAME letters and digits), e.g. B=/models/b")
+        if not Path(path).is_dir():
+            raise UsageError(f"--testbed {spec!r}: {path} is not a directory")
+        pairs.append((name, path))
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise UsageError("--testbed: each testbed needs its own NAME")
+    return pairs
+
+
+def reproduce(out, *, testbeds: list[str] | None = None, seeds: int = 5, workers: int = 2,
+              docs: tuple[int, int] = (512, 64), epochs: int = 4, save_every: int = 32, batch_size: int = 8,
+              lr: float = 1e-3, seq_len: int = 128, ablation: dict | None = None, docs_dir=None,
+              progress: bool = True, log=print) -> dict:
+    """Run every testbed's jobs (module docstring) into ``out`` and write the report; returns ``results.json``'s
+    dict. ``testbeds``: ``NAME=DIR`` strings (:func:`parse_testbeds`). ``ablation``: ``draws``, ``texts``,
+    ``bootstrap`` of the functional measurements (default 10, 32, 1000)."""
+    from ..io.lock import DirLock
+    from .reproduction_report import summarise, write_report
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    pairs = parse_testbeds(testbeds)
+    ablation = dict({"draws": 10, "texts": 32, "bootstrap": 1000}, **(ablation or {}))
+    out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "OUT"):  # one reproduction per OUT; each run also locks its own directory
-        baseline_path = out / "baseline.json"
-        baseline = diagnose(net, tokenizer, DEFAULT_PROMPTS, max_length=ctx)
-        baseline.to_json(baseline_path)
-        del net
-        band = baseline.band()
-        if band is None:
-            raise UsageError(f"{model} has no collapse band at {ctx} tokens: nothing to reproduce on")
-        column = healthy_column(baseline, band)
-        jobs = plan_jobs(seeds, band, baseline.n_layer, column)
-        shared = dict(seq_len=min(seq_len, ctx), diag_max_length=ctx, batch_size=batch_size, grad_accum=1, lr=lr,
-                      epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every, docs=list(docs))
-        log(f"testbed {model}: {baseline.n_layer} x {baseline.n_head} heads, context {ctx}; band "
-            f"H{band[0]}-H{band[1]}, {sum(map(len, baseline.sick_heads().values()))} collapsed; {len(jobs)} runs on "
-            f"{workers} workers")
-        # once, here: two workers running jobs of one seed would otherwise both write them
-        corpora = {s: write_corpora(out / "corpus" / f"seed-{s}", s, tuple(docs), shared["seq_len"])
-                   for s in range(seeds)}
-        seconds = run_jobs(jobs, out, model, baseline_path, shared, band, corpora, workers=workers,
-                           progress=progress, log=log)
-        results = summarise(out, baseline, jobs, seeds, band, column, model, shared["seq_len"])
+        beds = {name: _testbed(name, path, out, log) for name, path in pairs}
+        shared = dict(seq_len=min([seq_len] + [b.context for b in beds.values()]),
+                      diag_max_length=min(b.context for b in beds.values()), batch_size=batch_size, grad_accum=1,
+                      lr=lr, epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every)
+        runs, functional = plan_jobs(list(beds.values()), seeds)
+        log(f"{len(runs)} runs, then {len(functional)} functional measurements, on {workers} workers")
+        corpora = write_corpora(out / "corpus", seeds, tuple(docs), shared["seq_len"])
+        seconds = run_jobs(runs, out, beds, shared, corpora, ablation, workers=workers, progress=progress, log=log)
+        seconds.update(run_jobs(functional, out, beds, shared, corpora, ablation, workers=workers,
+                                progress=progress, log=log))
+        results = summarise(out, list(beds.values()), seeds)
         results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
-                       settings={k: v for k, v in shared.items()}, context=ctx, demo=model == model_dir())
+                       settings=dict(shared, docs=list(docs)), ablation=ablation,
+                       testbeds=[dataclasses.asdict(b) for b in beds.values()])
         write_report(results, out, docs_dir=docs_dir)
         return results
 
