@@ -317,7 +317,7 @@ def reproduce(out, *, testbeds: list[str] | None = None, seeds: int = 5, workers
         seconds = run_jobs(runs, out, beds, shared, corpora, ablation, workers=workers, progress=progress, log=log)
         seconds.update(run_jobs(functional, out, beds, shared, corpora, ablation, workers=workers,
                                 progress=progress, log=log))
-        results = summarise(out, list(beds.values()), seeds)
+        results = summarise(out, list(beds.values()), seeds, shared["seq_len"])
         results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
                        settings=dict(shared, docs=list(docs)), ablation=ablation,
                        testbeds=[dataclasses.asdict(b) for b in beds.values()])

@@ -1,42 +1,50 @@
 """The figures of a reproduction (:mod:`alibi_surgery.demo.reproduce`), drawn from ``results.json``'s dict.
 
-* ``repro-outcomes.png``: recovered targets per arm (experiments 1 and 5) and healthy heads per pass (experiment 2),
-  one dot per seed;
-* ``repro-extended.png``: held-out and training perplexity over the stock model's, by step, for the band plus a
-  healthy column and for the band alone (experiment 3), one line per seed;
-* ``repro-drift.png``: mean |delta first-token mass| of the frozen heads of each head-index column by step,
-  structured against noisy corpus (experiment 4), seeds averaged.
+* ``repro-arms.png``: per arm, the pass-1 targets not collapsed and revived (pooled, Clopper-Pearson 95% error
+  bars), and held-out perplexity at the last checkpoint over the stock model's (mean over runs, bootstrap 95% error
+  bars, one dot per run);
+* ``repro-extended.png``: held-out perplexity over the stock model's by step, the band plus a healthy column against
+  the band alone (claim 3), one thin line per run, testbeds in their own colours.
 """
 
 from __future__ import annotations
 
 __all__ = ["save_figures"]
 
+ARM_COLOURS = {"treatment": "tab:blue", "gradient-only": "tab:orange", "reinit-only": "tab:gray",
+               "random-healthy": "tab:green", "ablate": "tab:red"}
 
-def _outcomes(r: dict, path) -> None:
+
+def _arms(r: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     from ..viz.heatmap import save_figure
 
-    rows = r["per_seed"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    arms = [("gradient-only", lambda x: x["exp1"]["noreinit"]), ("re-init", lambda x: x["exp1"]["reinit"]),
-            ("paper recipe\n(bf16)", lambda x: x["exp5"]["paper"]["recovered"]),
-            ("ours\n(bf16 + master)", lambda x: x["exp5"]["ours"]["recovered"])]
-    for i, (name, get) in enumerate(arms):
-        values = [100 * get(x) / x["targets"] for x in rows]
-        a.scatter([i] * len(values), values, color="tab:blue")
-        a.bar(i, sum(values) / len(values), color="tab:blue", alpha=0.3)
-    a.set_xticks(range(len(arms)), [n for n, _ in arms])
-    a.set(ylabel="targets recovered (%)", ylim=(0, 105), title="recovery at the last checkpoint")
-    n = rows[0]["n_heads"]
-    for x in rows:
-        b.plot([0, 1, 2], [x["exp2"]["baseline"], x["exp2"]["pass1"], x["exp2"]["pass2"]], marker="o",
-               label=f"seed {x['seed']}")
-    b.axhline(n, color="grey", lw=0.8, ls="--")
-    b.set_xticks([0, 1, 2], ["stock", "after pass 1", "after pass 2"])
-    b.set(ylabel=f"healthy heads (of {n})", title="two passes")
-    b.legend(fontsize=8)
+    arms = r["claims"]["arms"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(arms)
+    for i, arm in enumerate(names):
+        for j, (key, label) in enumerate((("not_collapsed", "not collapsed"), ("revived", "revived"))):
+            p = arms[arm][key]
+            x = i + (j - 0.5) * 0.38
+            err = [[100 * (p["p"] - p["cp"][0])], [100 * (p["cp"][1] - p["p"])]]
+            a.bar(x, 100 * p["p"], width=0.36, color=ARM_COLOURS.get(arm, "tab:purple"), alpha=0.35 + 0.55 * j,
+                  yerr=err, capsize=3, label=label if i == 0 else None)
+    a.set_xticks(range(len(names)), names, rotation=20)
+    a.set_ylabel("% of pass-1 targets")
+    a.set_ylim(0, 105)
+    a.legend(title="pale: not collapsed, dark: revived", fontsize=8, title_fontsize=8)
+    a.set_title("Targets after surgery, by arm (95% CP)")
+    for i, arm in enumerate(names):
+        m = arms[arm]["ppl_last_over_stock"]
+        dots = [u["eval"][arm]["last"] / u["eval"][arm]["stock"] for u in r["units"] if arm in u["eval"]]
+        b.scatter([i] * len(dots), dots, s=10, color=ARM_COLOURS.get(arm, "tab:purple"), alpha=0.6)
+        b.errorbar(i + 0.15, m["mean"], yerr=[[m["mean"] - m["ci"][0]], [m["ci"][1] - m["mean"]]], fmt="o",
+                   color="black", capsize=4)
+    b.axhline(1.0, color="black", lw=0.8, ls="--")
+    b.set_xticks(range(len(names)), names, rotation=20)
+    b.set_ylabel("held-out ppl / stock (last checkpoint)")
+    b.set_title("Perplexity by arm (dots: runs; bars: mean, 95% bootstrap)")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -46,56 +54,38 @@ def _extended(r: dict, path) -> None:
 
     from ..viz.heatmap import save_figure
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
-    for x in r["per_seed"]:
-        e = x["exp3"]
-        for key, ax, stock in (("eval", a, e["stock_eval"]), ("train", b, e["stock_train"])):
-            steps = [c["step"] for c in e["curve"] if c[key] is not None]
-            ax.plot(steps, [c[key] / stock for c in e["curve"] if c[key] is not None], color="tab:red", lw=1,
-                    label=f"band + H{e['column']}" if x["seed"] == 0 else None)
-            steps = [c["step"] for c in e["control"] if c[key] is not None]
-            ax.plot(steps, [c[key] / stock for c in e["control"] if c[key] is not None], color="tab:blue", lw=1,
-                    label="band only" if x["seed"] == 0 else None)
-    for ax, what in ((a, "held-out"), (b, "training (window mean)")):
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set(xlabel="optimizer step", ylabel=f"{what} perplexity / stock", title=what)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _drift(r: dict, path) -> None:
-    import matplotlib.pyplot as plt
-
-    from ..viz.heatmap import save_figure
-
-    n_head = r["n_head"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    cmap = plt.get_cmap("viridis")
-    for ax, arm in zip(axes, ("structured", "noisy")):
-        runs = [x["exp4"][arm] for x in r["per_seed"]]
-        steps = runs[0]["steps"]
-        for h in range(n_head):
-            series = [c["columns"][h]["mean_abs"] for c in runs]
-            if any(s is None for s in series):
-                continue
-            mean = [sum(v) / len(v) for v in zip(*series)]
-            ax.plot(steps, mean, color=cmap(h / max(1, n_head - 1)), lw=1.2 if h == n_head - 1 else 0.7,
-                    label=f"H{h}" if h in (0, n_head // 2, n_head - 1) else None)
-        ax.set(xlabel="optimizer step", title=f"{arm} corpus", ylabel="frozen heads' mean |Δ first-token mass|")
-        ax.legend(fontsize=8, title="column (slope falls →)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for u in r["units"]:
+        if "extended" not in u:
+            continue
+        colour = colours.setdefault(u["testbed"], f"C{len(colours)}")
+        stock = u["eval"]["extended"]["stock"]
+        for key, style in (("curve", "-"), ("band_only", ":")):
+            steps = [s for s, _ in u["extended"][key]]
+            ax.plot(steps, [p / stock for _, p in u["extended"][key]], style, color=colour, lw=0.8, alpha=0.7)
+    for name, colour in colours.items():
+        ax.plot([], [], color=colour, label=f"testbed {name}")
+    ax.plot([], [], "-", color="black", label="band + healthy column")
+    ax.plot([], [], ":", color="black", label="band only")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out ppl / stock")
+    ax.set_title("Claim 3: re-initialising a healthy column with the band")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
 
 def save_figures(r: dict, directory) -> list[str]:
-    """Write the figures (module docstring) into ``directory``; returns their file names."""
-    import matplotlib
+    """Write the figures into ``directory``; returns their file names."""
+    from pathlib import Path
 
-    matplotlib.use("Agg")
-    names = ["repro-outcomes.png"] + (["repro-extended.png"] if r["column"] is not None else []) + ["repro-drift.png"]
-    _outcomes(r, directory / names[0])
-    if r["column"] is not None:
-        _extended(r, directory / "repro-extended.png")
-    _drift(r, directory / names[-1])
+    names = []
+    if r.get("claims"):
+        _arms(r, Path(directory) / "repro-arms.png")
+        names.append("repro-arms.png")
+    if any("extended" in u for u in r.get("units", [])):
+        _extended(r, Path(directory) / "repro-extended.png")
+        names.append("repro-extended.png")
     return names

@@ -1,256 +1,169 @@
-"""The figures of a reproduction (:mod:`alibi_surgery.demo.reproduce`): per-seed numbers read from the runs'
-``report.json`` files, their mean and spread, the claim table and the markdown page.
+"""The claims of a reproduction (:mod:`alibi_surgery.demo.reproduce`), each with its statistic, interval, line and
+verdict, as docs/reproduction.md's "Rules for the next run" fixed them before the run; and the markdown page.
 
-Where each number comes from (``run`` = ``OUT/runs/<name>``):
+The units are (testbed, seed) pairs (:func:`~alibi_surgery.demo.reproduction_runs.unit`). Intervals
+(:mod:`alibi_surgery.analysis.intervals`, 95%):
 
-1. recovered targets at the **last** checkpoint (the end of training, as the paper's 15-epoch control) of
-   ``noreinit-s`` and of ``band-s/pass-1``;
-2. healthy heads (neither dead nor bos-sink) in the baseline and after each pass of ``band-s``, a pass's model being
-   its **final** checkpoint (the best by held-out perplexity: the one pass 2 starts from); iatrogenic heads of pass 1
-   at that checkpoint;
-3. ``extended-s``: the added column's mean first-token mass before and at the last checkpoint; held-out and training
-   perplexity at every checkpoint against the stock model's on the same texts, the best point (lowest held-out
-   perplexity) and the last; ``band-s/pass-1`` beside it as the band-only control;
-4. ``band-s/pass-1`` (structured) against ``noisy-s``: drift (|delta first-token mass| > 0.05) of frozen heads outside
-   the zone (count, mean |delta|) and of frozen in-band heads, at the first checkpoint (matched step, early) and the
-   last; per-column trends (:func:`alibi_surgery.analysis.drift.drift_over_training`);
-5. ``paper-s`` against ``ours-s``: recovered targets at the last checkpoint, best and last held-out perplexity.
-
-"Holds" is decided by the rule printed in each row, on the seed means. Spread is min-max over seeds.
+* a **proportion** pools counts over the units: Clopper-Pearson on ``sum k / sum n``, and beside it the run-level
+  percentile bootstrap (the units resampled, ``sum k / sum n`` of each resample); its verdict needs both intervals
+  to clear the line (:func:`both`);
+* a **continuous** claim takes the mean over units of a per-unit value (a ratio of perplexities or a paired
+  difference) with the percentile bootstrap over units;
+* 1,000 resamples, seed 0. A claim with several parts holds when every part holds, does not hold when any part
+  does not hold, and is inconclusive otherwise (:func:`conjunction`).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
-__all__ = ["summarise", "write_report", "claim_table"]
+import numpy as np
+
+from ..analysis.intervals import bootstrap_ci, clopper_pearson, verdict
+
+__all__ = ["summarise", "claims", "write_report", "NOTES", "both", "conjunction", "pooled", "mean_ci"]
+
+RESAMPLES, SEED = 1000, 0
+NOTES = "<!-- notes: the text below this line is kept when the script rewrites the page -->"
+ARMS = ("treatment", "gradient-only", "reinit-only", "random-healthy", "ablate")
 
 
-def _read(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def both(a: str, b: str) -> str:
+    """A proportion's verdict from its two intervals' verdicts: each must clear the line."""
+    return a if a == b else "inconclusive"
 
 
-def _pass_report(run: Path, k: int = 1) -> dict | None:
-    path = run / f"pass-{k}" / "report.json" if (run / "pass-1").is_dir() else run / "report.json"
-    return _read(path) if path.is_file() else None
+def conjunction(verdicts: list[str]) -> str:
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    return "does not hold" if "does not hold" in verdicts else "inconclusive"
 
 
-def _entry(report: dict, which: str) -> dict:
-    if which == "last":
-        return report["checkpoints"][-1]
-    return next(c for c in report["checkpoints"] if c["checkpoint"] == report["final_checkpoint"])
+def pooled(k: list[int], n: list[int], line: float | None = None, side: str = "below") -> dict:
+    """Pooled proportion ``sum k / sum n`` with both intervals (module docstring) and, given ``line``, the verdict."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    cp = clopper_pearson(int(k.sum()), int(n.sum()))
+    idx = np.arange(len(k))
+    boot = bootstrap_ci(idx, lambda i: k[i.astype(int)].sum() / n[i.astype(int)].sum(), resamples=RESAMPLES,
+                        seed=SEED)
+    out = {"k": int(k.sum()), "n": int(n.sum()), "p": float(k.sum() / n.sum()), "cp": list(cp), "boot": list(boot)}
+    if line is not None:
+        out.update(line=line, side=side, verdict=both(verdict(cp, line, side), verdict(boot, line, side)))
+    return out
 
 
-def _comparison(entry: dict):
-    from ..analysis.comparison import Comparison
-
-    return Comparison.from_dict(entry["comparison"])
-
-
-def _n(selection) -> int:
-    return sum(len(h) for h in selection.values())
-
-
-def _stats(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+def mean_ci(values: list[float], line: float | None = None, side: str = "below") -> dict:
+    """Mean over units with its bootstrap interval and, given ``line``, the verdict."""
+    v = [float(x) for x in values]
+    out = {"mean": float(np.mean(v)), "ci": list(bootstrap_ci(v, resamples=RESAMPLES, seed=SEED)), "n": len(v),
+           "min": min(v), "max": max(v)}
+    if line is not None:
+        out.update(line=line, side=side, verdict=verdict(tuple(out["ci"]), line, side))
+    return out
 
 
-def _stock_train_ppl(model: Path, out: Path, seeds: int, seq_len: int) -> list[float]:
-    """The stock model's perplexity on each seed's training corpus (packed as repair packs it)."""
-    from ..io.corpus import load_corpus
-    from ..io.loading import load_model
-    from ..analysis.perplexity import chunks_perplexity as perplexity
-    from . import corpus_spec
-
-    net, tokenizer = load_model(str(model))
-    net.eval()
-    result = []
-    for s in range(seeds):
-        chunks = load_corpus(corpus_spec(out / "corpus" / f"seed-{s}" / "train.jsonl"), tokenizer, seq_len)[0]
-        result.append(perplexity(net, chunks, 16))
-    return result
+def _f(units: list[dict], arm: str, key: str) -> list:
+    return [u["functional"][arm][key] for u in units if u["functional"].get(arm)]
 
 
-def _drift_at(entry: dict) -> dict:
-    cmp = _comparison(entry)
-    outside, band = cmp.drift("outside"), cmp.drift("in-band")
-    return {"step": entry["step"], "outside_count": outside["count"], "outside_n": outside["n"],
-            "outside_mean_abs": outside["mean_abs"], "in_band_count": band["count"], "in_band_n": band["n"],
-            "in_band_mean_abs": band["mean_abs"]}
-
-
-def _drift_run(run: Path) -> dict:
-    from ..analysis.drift import drift_over_training, read_run
-
-    report = _pass_report(run)
-    result = drift_over_training(read_run(run / "pass-1" if (run / "pass-1").is_dir() else run))
-    return {"early": _drift_at(report["checkpoints"][0]), "late": _drift_at(report["checkpoints"][-1]),
-            "steps": [c["step"] for c in result["checkpoints"]],
-            "columns": [{"head": c["head"], "trend": c["trend"], "fitted_change": c["fitted_change"],
-                         "mean_abs": c["mean_abs"]} for c in result["columns"]],
-            "spreading": result["spreading"]}
-
-
-def _seed(out: Path, s: int, column: int | None, stock_train: float) -> dict:
-    runs = out / "runs"
-    band1 = _pass_report(runs / f"band-{s}", 1)
-    band2 = _pass_report(runs / f"band-{s}", 2)
-    noreinit = _pass_report(runs / f"noreinit-{s}")
-    targets = _n(band1["plan"]["selection"])
-    baseline = _comparison(_entry(band1, "last")).before
-    n_heads = baseline.n_layer * baseline.n_head
-
-    def healthy(report):
-        return n_heads - _n(report.sick_heads())
-
-    p1 = _comparison(_entry(band1, "final"))
-    row = {"seed": s, "targets": targets, "n_heads": n_heads,
-           "exp1": {"reinit": _entry(band1, "last")["recovered"], "noreinit": _entry(noreinit, "last")["recovered"]},
-           "exp2": {"baseline": healthy(baseline), "pass1": healthy(p1.after),
-                    "pass1_iatrogenic": _n(p1.iatrogenic()), "pass2_targets": None, "pass2": None,
-                    "pass2_iatrogenic": None}}
-    if band2 is not None:
-        p2 = _comparison(_entry(band2, "final"))
-        row["exp2"].update(pass2_targets=_n(band2["plan"]["selection"]), pass2=healthy(p2.after),
-                           pass2_iatrogenic=_n(p2.iatrogenic()))
-    else:  # pass 2 found nothing left to repair: the model after pass 1 stands
-        row["exp2"].update(pass2_targets=0, pass2=row["exp2"]["pass1"], pass2_iatrogenic=0)
-    stock_eval = band1["eval_ppl_before"]
-    if column is not None:
-        ext = _pass_report(runs / f"extended-{s}")
-        before = _comparison(_entry(ext, "last")).before.bos_mass[:, column]
-        after = _comparison(_entry(ext, "last")).after.bos_mass[:, column]
-        curve = [{"step": c["step"], "eval": c["eval_ppl"], "train": c["train_ppl"]} for c in ext["checkpoints"]]
-        control = [{"step": c["step"], "eval": c["eval_ppl"], "train": c["train_ppl"]} for c in band1["checkpoints"]]
-        best = min(curve, key=lambda c: c["eval"])
-        row["exp3"] = {"column": column, "mass_before": float(before.mean()), "mass_after": float(after.mean()),
-                       "stock_eval": stock_eval, "stock_train": stock_train, "curve": curve, "control": control,
-                       "best_step": best["step"], "best_eval_ratio": best["eval"] / stock_eval,
-                       "best_train_ratio": None if best["train"] is None else best["train"] / stock_train,
-                       "last_eval_ratio": curve[-1]["eval"] / stock_eval,
-                       "control_best_eval_ratio": min(c["eval"] for c in control) / stock_eval,
-                       "steps_per_epoch": ext.get("steps_per_epoch")}
-    row["exp4"] = {"structured": _drift_run(runs / f"band-{s}"), "noisy": _drift_run(runs / f"noisy-{s}")}
-    row["exp5"] = {}
-    for arm in ("paper", "ours"):
-        rep = _pass_report(runs / f"{arm}-{s}")
-        row["exp5"][arm] = {"recovered": _entry(rep, "last")["recovered"],
-                            "best_eval": min(c["eval_ppl"] for c in rep["checkpoints"]),
-                            "last_eval": rep["checkpoints"][-1]["eval_ppl"], "stock_eval": rep["eval_ppl_before"]}
-    return row
-
-
-def summarise(out: Path, baseline, jobs, seeds: int, band: tuple[int, int], column: int | None, model: Path,
-              seq_len: int) -> dict:
-    """Per-seed numbers and their mean/spread (module docstring); the JSON written as ``OUT/results.json``.
-    ``seq_len``: the surgery documents' length (the stock model's training perplexity is measured on them)."""
-    stock_train = _stock_train_ppl(model, out, seeds, seq_len)
-    rows = [_seed(out, s, column, stock_train[s]) for s in range(seeds)]
-    agg = {}
-
-    def add(key, values):
-        agg[key] = _stats(values)
-
-    add("exp1.reinit", [r["exp1"]["reinit"] / r["targets"] for r in rows])
-    add("exp1.noreinit", [r["exp1"]["noreinit"] / r["targets"] for r in rows])
-    for k in ("baseline", "pass1", "pass2", "pass1_iatrogenic", "pass2_iatrogenic", "pass2_targets"):
-        add(f"exp2.{k}", [r["exp2"][k] for r in rows])
-    if column is not None:
-        for k in ("mass_before", "mass_after", "best_eval_ratio", "best_train_ratio", "last_eval_ratio",
-                  "control_best_eval_ratio", "best_step"):
-            add(f"exp3.{k}", [r["exp3"][k] for r in rows])
-    for arm in ("structured", "noisy"):
-        for when in ("early", "late"):
-            for k in ("outside_count", "outside_mean_abs", "in_band_mean_abs"):
-                add(f"exp4.{arm}.{when}.{k}", [r["exp4"][arm][when][k] for r in rows])
-        small = baseline.n_head - 1  # the smallest slope
-        add(f"exp4.{arm}.small_slope_change", [r["exp4"][arm]["columns"][small]["fitted_change"] for r in rows])
-        add(f"exp4.{arm}.spreading_columns", [len(r["exp4"][arm]["spreading"]) for r in rows])
-    for arm in ("paper", "ours"):
-        add(f"exp5.{arm}.recovered", [r["exp5"][arm]["recovered"] / r["targets"] for r in rows])
-        add(f"exp5.{arm}.best_eval", [r["exp5"][arm]["best_eval"] for r in rows])
-        add(f"exp5.{arm}.last_eval", [r["exp5"][arm]["last_eval"] for r in rows])
-    result = {"model": str(model), "seeds": seeds, "band": list(band), "column": column,
-              "n_layer": baseline.n_layer, "n_head": baseline.n_head,
-              "collapsed": _n(baseline.sick_heads()), "runs": [j.name for j in jobs], "per_seed": rows,
-              "summary": agg}
-    return result
-
-
-def _fmt(stat: dict, pct: bool = False, digits: int = 2) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.{digits}f}")
-    if stat["min"] == stat["max"]:
-        return f(stat["mean"])
-    return f"{f(stat['mean'])} ({f(stat['min'])}–{f(stat['max'])})"
-
-
-def claim_table(r: dict) -> list[tuple[str, str, str, str]]:
-    """(claim, the paper's figure, ours, holds) rows; each verdict's rule is in the claim text."""
-    a = r["summary"]
-    m = {k: v["mean"] for k, v in a.items()}
-    n = r["n_layer"] * r["n_head"]
-    rows = [
-        ("1. Gradient-only training (no re-initialisation) recovers no target; re-initialisation recovers them "
-         "(holds: control ≤ 10%, re-init ≥ 90%)", "0 of 108 against all (bloom-1b7, 15 epochs)",
-         f"control {_fmt(a['exp1.noreinit'], True)} against re-init {_fmt(a['exp1.reinit'], True)} of the targets",
-         _verdict(m["exp1.noreinit"] <= 0.10 and m["exp1.reinit"] >= 0.90)),
-        ("2. Two passes heal nearly every head (holds: healthy rises at each pass and ends ≥ 95%)",
-         "242 → 341 → 379 of 384 (63% → 89% → 99%)",
-         f"{_fmt(a['exp2.baseline'], digits=1)} → {_fmt(a['exp2.pass1'], digits=1)} → "
-         f"{_fmt(a['exp2.pass2'], digits=1)} of {n}",
-         _verdict(m["exp2.baseline"] < m["exp2.pass1"] <= m["exp2.pass2"] and m["exp2.pass2"] >= 0.95 * n)),
-        ("2b. Pass 1 makes few iatrogenic heads (holds: ≤ 2% of heads)", "2 of 384 (0.5%)",
-         f"{_fmt(a['exp2.pass1_iatrogenic'], digits=1)} of {n}", _verdict(m["exp2.pass1_iatrogenic"] <= 0.02 * n)),
-    ]
-    if r["column"] is not None:
-        rows.append((f"3. Re-initialising a healthy column (H{r['column']}) with the band gives a transient "
-                     "perplexity gain over the stock model (holds: best held-out ratio < 1 and the last above the "
-                     "best)", "training ppl 12.70 against 16.99 (25% below) at 30% of epoch 1, then overfitting",
-                     f"held-out ppl / stock at the best point {_fmt(a['exp3.best_eval_ratio'], digits=3)} (step "
-                     f"{_fmt(a['exp3.best_step'], digits=0)}), last {_fmt(a['exp3.last_eval_ratio'], digits=3)}; "
-                     f"training ppl / stock there {_fmt(a['exp3.best_train_ratio'], digits=3)}; band-only best "
-                     f"{_fmt(a['exp3.control_best_eval_ratio'], digits=3)}; column mass "
-                     f"{_fmt(a['exp3.mass_before'])} → {_fmt(a['exp3.mass_after'])}",
-                     _verdict(m["exp3.best_eval_ratio"] < 1 and m["exp3.last_eval_ratio"] > m["exp3.best_eval_ratio"])))
-    s, z = "exp4.structured", "exp4.noisy"
-    rows += [
-        ("4a. A structured corpus moves more frozen heads outside the zone early than a noisy one (holds: "
-         "structured's early outside count > noisy's)", "more, functional global redistribution early",
-         f"early outside drift: structured {_fmt(a[f'{s}.early.outside_count'], digits=1)} heads (mean \\|Δ\\| "
-         f"{_fmt(a[f'{s}.early.outside_mean_abs'], digits=3)}), noisy {_fmt(a[f'{z}.early.outside_count'], digits=1)} "
-         f"({_fmt(a[f'{z}.early.outside_mean_abs'], digits=3)})",
-         _verdict(m[f"{s}.early.outside_count"] > m[f"{z}.early.outside_count"])),
-        ("4b. A noisy corpus degrades late, spreading along the small-slope column (holds: noisy's late outside "
-         "mean \\|Δ\\| and its smallest-slope column's fitted change both exceed structured's)",
-         "local degradation late, spreading along the small-slope column",
-         f"late outside mean \\|Δ\\|: noisy {_fmt(a[f'{z}.late.outside_mean_abs'], digits=3)}, structured "
-         f"{_fmt(a[f'{s}.late.outside_mean_abs'], digits=3)}; column H{r['n_head'] - 1} fitted change: noisy "
-         f"{_fmt(a[f'{z}.small_slope_change'], digits=3)}, structured {_fmt(a[f'{s}.small_slope_change'], digits=3)}; "
-         f"in-band frozen mean \\|Δ\\| late: noisy {_fmt(a[f'{z}.late.in_band_mean_abs'], digits=3)}, structured "
-         f"{_fmt(a[f'{s}.late.in_band_mean_abs'], digits=3)}",
-         _verdict(m[f"{z}.late.outside_mean_abs"] > m[f"{s}.late.outside_mean_abs"]
-                  and m[f"{z}.small_slope_change"] > m[f"{s}.small_slope_change"])),
-        ("5. The paper's recipe (pure-bf16 AdamW, its schedule) against ours (fp32 master copy), both on bf16 "
-         "weights (no verdict: the paper reports only its own)", "—",
-         f"recovered: paper {_fmt(a['exp5.paper.recovered'], True)}, ours {_fmt(a['exp5.ours.recovered'], True)}; "
-         f"best held-out ppl: paper {_fmt(a['exp5.paper.best_eval'], digits=3)}, ours "
-         f"{_fmt(a['exp5.ours.best_eval'], digits=3)}", "—"),
-    ]
+def _ratio(units, a: str, b: str, which: str = "last", which_b: str | None = None) -> list[float]:
+    """Per unit ``eval[a][which] / eval[b][which_b]`` (``b`` ``stock``: the input model's)."""
+    rows = []
+    for u in units:
+        if a not in u["eval"] or (b != "stock" and b not in u["eval"]):
+            continue
+        den = u["eval"][a]["stock"] if b == "stock" else u["eval"][b][which_b or which]
+        rows.append(u["eval"][a][which] / den)
     return rows
 
 
-def _verdict(ok: bool) -> str:
-    return "holds" if ok else "does not hold"
+def claims(units: list[dict], small_column: int) -> dict:
+    """Every claim's statistics and verdict (the table of docs/reproduction.md's rules)."""
+    c: dict = {}
+    targets = {arm: (_f(units, arm, "revived"), _f(units, arm, "collapsed_before")) for arm in ARMS}
+    c["1a"] = pooled(*targets["gradient-only"], line=0.10, side="below")
+    c["1b"] = pooled(*targets["treatment"], line=0.90, side="above")
+    c["1c"] = pooled(*targets["reinit-only"], line=0.10, side="below")
+    c["1d"] = mean_ci(_ratio(units, "treatment", "random-healthy"), line=1.0, side="below")
+    n_heads = [u["n_heads"] for u in units]
+    final = pooled([u["healthy"]["pass2"] for u in units], n_heads, line=0.95, side="above")
+    rise1 = mean_ci([u["healthy"]["pass1"] - u["healthy"]["baseline"] for u in units], line=0, side="above")
+    rise2 = mean_ci([u["healthy"]["pass2"] - u["healthy"]["pass1"] for u in units], line=0, side="above")
+    c["2"] = {"final": final, "rise1": rise1, "rise2": rise2,
+              "healthy": {k: mean_ci([u["healthy"][k] for u in units]) for k in ("baseline", "pass1", "pass2")},
+              "verdict": conjunction([final["verdict"], rise1["verdict"], rise2["verdict"]])}
+    c["2b"] = pooled([u["iatrogenic"] for u in units], n_heads, line=0.02, side="below")
+    ext = [u for u in units if "extended" in u]
+    if ext:
+        best = mean_ci([min(p for _, p in u["extended"]["curve"]) / u["eval"]["extended"]["stock"] for u in ext],
+                       line=1.0, side="below")
+        rebound = mean_ci([u["extended"]["curve"][-1][1] / min(p for _, p in u["extended"]["curve"]) for u in ext],
+                          line=1.0, side="above")
+        vs_band = mean_ci([min(p for _, p in u["extended"]["curve"]) / min(p for _, p in u["extended"]["band_only"])
+                           for u in ext], line=1.0, side="below")
+        c["3"] = {"best": best, "last_over_best": rebound, "vs_band_only": vs_band,
+                  "mass_before": mean_ci([u["extended"]["mass_before"] for u in ext]),
+                  "mass_after": mean_ci([u["extended"]["mass_after"] for u in ext]),
+                  "verdict": conjunction([best["verdict"], rebound["verdict"], vs_band["verdict"]])}
+    paired = [u for u in units if "noisy" in u["drift"]]
+    d = lambda u, corpus, when, key: u["drift"][corpus][when][key]  # noqa: E731
+    c["4a"] = mean_ci([d(u, "structured", "early", "outside_count") - d(u, "noisy", "early", "outside_count")
+                       for u in paired], line=0, side="above")
+    c["4a"].update(structured=mean_ci([d(u, "structured", "early", "outside_count") for u in paired]),
+                   noisy=mean_ci([d(u, "noisy", "early", "outside_count") for u in paired]),
+                   step=paired[0]["drift"]["structured"]["early"]["step"] if paired else None)
+    late = mean_ci([d(u, "noisy", "late", "outside_mean_abs") - d(u, "structured", "late", "outside_mean_abs")
+                    for u in paired], line=0, side="above")
+    flagged = {corpus: sum(small_column in u["drift"][corpus]["paper_spreading"] for u in paired)
+               for corpus in ("structured", "noisy")}
+    frozen = sum(u["drift"]["structured"]["paper_columns"][small_column]["n_frozen"] > 0 for u in paired)
+    column_verdict = "holds" if flagged["noisy"] > flagged["structured"] else "does not hold"
+    c["4b"] = {"late_difference": late, "flagged": flagged, "units_with_frozen_heads_in_column": frozen,
+               "column": small_column, "column_verdict": column_verdict,
+               "structured": mean_ci([d(u, "structured", "late", "outside_mean_abs") for u in paired]),
+               "noisy": mean_ci([d(u, "noisy", "late", "outside_mean_abs") for u in paired]),
+               "verdict": conjunction([late["verdict"], column_verdict])}
+    parts = {"stock": mean_ci(_ratio(units, "treatment", "stock"), line=1.0, side="below"),
+             "reinit-only": mean_ci(_ratio(units, "treatment", "reinit-only"), line=1.0, side="below"),
+             "ablate": mean_ci(_ratio(units, "treatment", "ablate"), line=1.0, side="below")}
+    c["5"] = {"parts": parts, "verdict": conjunction([p["verdict"] for p in parts.values()])}
+    c["6"] = mean_ci(_ratio(units, "paper", "ours", "best"))
+    c["arms"] = {arm: {"not_collapsed": pooled(_f(units, arm, "not_collapsed"), targets[arm][1]),
+                       "revived": pooled(*targets[arm]),
+                       "ppl_last_over_stock": mean_ci(_ratio(units, arm, "stock")),
+                       "ppl_best_over_stock": mean_ci(_ratio(units, arm, "stock", "best"))}
+                 for arm in ARMS if targets[arm][1]}
+    stock = [u["functional"]["stock"] for u in units if u["functional"].get("stock")]
+    c["stock_does_work"] = {"k": sum(s["does_work"] for s in stock), "n": sum(s["targets"] for s in stock)}
+    return c
 
 
-NOTES = "<!-- notes: the text below this line is kept when the script rewrites the page -->"
+def _special_targets(out: Path, seq_len: int, model: str) -> dict:
+    """How many held-out targets (every position but a row's first) are special tokens: 0 means the perplexity
+    without special tokens is the perplexity."""
+    from ..io.corpus import load_corpus
+    from ..io.loading import load_tokenizer
+    from . import corpus_spec
+
+    tokenizer = load_tokenizer(model)
+    chunks = load_corpus(corpus_spec(out / "corpus" / "held-out" / "eval.jsonl"), tokenizer, seq_len)[0]
+    special = set(tokenizer.all_special_ids)
+    targets = chunks[:, 1:].reshape(-1).tolist()
+    return {"special": sum(t in special for t in targets), "targets": len(targets)}
+
+
+def summarise(out: Path, testbeds: list, seeds: int, seq_len: int) -> dict:
+    """results.json's dict: every unit's numbers, the claims, the special-token check."""
+    from dataclasses import asdict
+
+    from .reproduction_runs import unit
+
+    beds = [b if isinstance(b, dict) else asdict(b) for b in testbeds]
+    units = [u for s in range(seeds) for b in beds if (u := unit(Path(out), b, s)) is not None]
+    n_head = units[0]["n_heads"] // beds[0]["n_layer"] if units else 0
+    return {"units": units, "seeds": seeds, "claims": claims(units, n_head - 1) if units else None,
+            "held_out": _special_targets(Path(out), seq_len, beds[0]["model"])}
 
 
 def write_report(r: dict, out: Path, *, docs_dir=None) -> None:
@@ -258,31 +171,13 @@ def write_report(r: dict, out: Path, *, docs_dir=None) -> None:
     being rewritten keeps whatever follows its :data:`NOTES` line (the commentary written by hand)."""
     from ..io.files import atomic_write_text
     from .reproduction_figures import save_figures
+    from .reproduction_page import markdown
 
-    atomic_write_text(out / "results.json", json.dumps(r, indent=1) + "\n")
+    atomic_write_text(Path(out) / "results.json", json.dumps(r, indent=1) + "\n")
     for target in [Path(out)] + ([Path(docs_dir)] if docs_dir else []):
         (target / "img").mkdir(parents=True, exist_ok=True)
         figures = save_figures(r, target / "img")
         page = target / "reproduction.md"
         old = page.read_text() if page.is_file() else ""
         notes = old.split(NOTES, 1)[1].lstrip("\n") if NOTES in old else ""
-        atomic_write_text(page, _markdown(r, figures) + "\n" + NOTES + "\n\n" + notes)
-
-
-def _markdown(r: dict, figures: list[str]) -> str:
-    lines = ["| claim | the paper (bloom-1b7) | ours: mean (min–max over seeds) | |", "|---|---|---|---|"]
-    lines += [f"| {c} | {p} | {o} | {h} |" for c, p, o, h in claim_table(r)]
-    name = "the demo model" if r.get("demo") else f"`{Path(r['model']).name}`"
-    head = (f"Testbed: {name}, {r['n_layer']} layers × {r['n_head']} heads, trained at "
-            f"{r['context']} tokens; {r['collapsed']} heads collapsed at that length, band "
-            f"H{r['band'][0]}–H{r['band'][1]}. {r['seeds']} seeds, {len(r['runs'])} runs, "
-            f"{r['wall_seconds'] / 60:.1f} min on {r['workers']} worker(s). Settings: "
-            + ", ".join(f"{k} {v}" for k, v in r["settings"].items()) + ".")
-    figs = "\n\n".join(f"![{f}](img/{f})" for f in figures)
-    how = ("Each claim of Schallon (2026) rerun on the demo testbed by `python -m alibi_surgery.demo.reproduce OUT`. "
-           "Which run gives which number, and the rule behind each verdict, are in "
-           "`alibi_surgery/demo/reproduce.py` and `reproduction_report.py`; the per-seed numbers are in "
-           "`OUT/results.json`.")
-    return "\n\n".join(["# The paper, reproduced on the testbed", "<!-- written by python -m "
-                        "alibi_surgery.demo.reproduce: edit below the notes line only -->", how, head,
-                        "\n".join(lines), figs]) + "\n"
+        atomic_write_text(page, markdown(r, figures) + "\n" + NOTES + "\n\n" + notes)

@@ -1,17 +1,22 @@
-"""The reproduction script's pieces (the full run is a 90-minute job, not a test): the runs it plans, the healthy
-column it picks, the noisy corpus, and the verdict rules of the claim table on hand-made numbers."""
+"""The reproduction's pieces (the full run is a multi-hour job, not a test): the jobs it plans, what each kind of
+run asks repair for, the healthy column, the corpora, the pooled statistics and verdict rules on hand-made numbers
+(checked against closed forms), the page; and one tiny end-to-end run on the demo model (slow)."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
 import torch
 
-from alibi_surgery.demo.reproduce import healthy_column, plan_jobs, write_corpora
-from alibi_surgery.demo.reproduction_report import claim_table
+from alibi_surgery.demo.reproduce import (FUNCTIONAL_KINDS, KINDS, Job, _repair_options, healthy_column,
+                                          parse_testbeds, plan_jobs, write_corpora)
+from alibi_surgery.demo.reproduce import Testbed as _Testbed
+from alibi_surgery.demo.reproduction_report import both, claims, conjunction, mean_ci, pooled
 from alibi_surgery.diagnosis.report import HeadReport, Thresholds
+from alibi_surgery.errors import UsageError
 
 
 def _report(mass) -> HeadReport:
@@ -19,99 +24,188 @@ def _report(mass) -> HeadReport:
     return HeadReport(mass, torch.ones_like(mass), 100, Thresholds(), {})
 
 
-def test_plan_has_every_arm_of_the_five_experiments_per_seed():
-    jobs = plan_jobs(3, (5, 7), 4, 4)
-    assert len(jobs) == 18 and len({j.name for j in jobs}) == 18
-    assert Counter(j.seed for j in jobs) == {0: 6, 1: 6, 2: 6}
-    band = [j for j in jobs if j.name.startswith("band-")]
-    assert all(j.passes == 2 and j.corpus == "structured" and not j.settings for j in band)
-    assert dict(next(j for j in jobs if j.name == "noreinit-1").settings) == {"reinit": False}
-    assert next(j for j in jobs if j.name == "extended-2").include == "0-3:4"
-    assert next(j for j in jobs if j.name == "noisy-0").corpus == "noisy"
-    paper, ours = (next(j for j in jobs if j.name == f"{arm}-0") for arm in ("paper", "ours"))
-    assert paper.dtype == ours.dtype == "bfloat16"
-    assert dict(paper.settings) == {"optimizer_precision": "bf16", "schedule": "paper"} and not ours.settings
-    assert not any(j.name.startswith("extended") for j in plan_jobs(1, (5, 7), 4, None))
+def _bed(name="A", column=4) -> _Testbed:
+    return _Testbed(name, "/m", 128, "/b.json", (5, 7), column, 4)
+
+
+def test_plan_has_every_kind_per_testbed_and_seed_then_the_functional_jobs():
+    runs, functional = plan_jobs([_bed("A"), _bed("B", None)], 2)
+    assert len({j.name for j in runs}) == len(runs) == 2 * (9 + 8)  # B has no healthy column: no extended run
+    assert Counter(j.kind for j in runs if j.testbed == "A") == {k: 2 for k in KINDS}
+    assert not any(j.kind == "extended" for j in runs if j.testbed == "B")
+    assert [j.seed for j in runs[:17]] == [0] * 17  # seed by seed: a stopped run has whole seeds
+    assert functional[:2] == [Job("A", "functional"), Job("B", "functional")]  # the stock models
+    assert Counter(j.arm for j in functional[2:]) == {k: 4 for k in FUNCTIONAL_KINDS}
+    assert Job("A", "functional", 1, "ablate").name == "A-ablate-1" and Job("B", "functional").name == "B-stock"
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("treatment", {"passes": 2}),
+    ("gradient-only", {"settings": {"reinit": False}}),
+    ("reinit-only", {"settings": {"control": "reinit-only"}}),
+    ("random-healthy", {"settings": {"control": "random-healthy"}}),
+    ("ablate", {"settings": {"control": "ablate"}}),
+    ("extended", {"include": "0-3:4"}),
+    ("noisy", {"corpus": "noisy"}),
+    ("paper", {"dtype": "bfloat16", "settings": {"optimizer_precision": "bf16", "schedule": "paper"}}),
+    ("ours", {"dtype": "bfloat16"}),
+])
+def test_each_kind_asks_repair_for_its_arm_and_nothing_else(kind, expect):
+    base = {"passes": 1, "corpus": "structured", "include": None, "dtype": None, "settings": {}}
+    assert _repair_options(Job("A", kind, 0), _bed()) == dict(base, **expect)
+
+
+def test_testbed_specs_are_checked(tmp_path):
+    assert parse_testbeds([f"B={tmp_path}"]) == [("B", str(tmp_path))]
+    for bad in ([f"{tmp_path}"], ["B=/no/such/dir"], [f"A={tmp_path}", f"A={tmp_path}"], [f"a-b={tmp_path}"]):
+        with pytest.raises(UsageError, match="--testbed"):
+            parse_testbeds(bad)
 
 
 def test_healthy_column_is_the_band_neighbour_with_fewer_than_half_collapsed():
-    # 4 layers x 8 heads, band H5-H7; H4 collapsed in 2 of 4 layers (not mostly healthy), H3 beyond reach
     mass = [[0.1] * 8 for _ in range(4)]
     for layer in range(4):
         mass[layer][5:8] = [0.9, 0.9, 0.9]
     mass[0][4] = mass[1][4] = 0.9
     report = _report(mass)
-    assert report.band() == (4, 7)  # H4 has sick heads, so the band is H4-H7
+    assert report.band() == (4, 7)
     assert healthy_column(report, (4, 7)) == 3
-    mass[1][4] = 0.1  # now 1 of 4: mostly healthy, and right below band H5-H7
+    mass[1][4] = 0.1
     assert healthy_column(_report(mass), (5, 7)) == 4
-    full = _report([[0.9] * 8 for _ in range(4)])
-    assert healthy_column(full, (0, 7)) is None
+    assert healthy_column(_report([[0.9] * 8 for _ in range(4)]), (0, 7)) is None
 
 
-def test_noisy_corpus_is_each_structured_document_shuffled(tmp_path):
-    paths = write_corpora(tmp_path, 0, (6, 2), 40)
-    structured = [json.loads(line)["text"] for line in paths["structured"].read_text().splitlines()]
-    noisy = [json.loads(line)["text"] for line in paths["noisy"].read_text().splitlines()]
-    assert len(structured) == len(noisy) == 6 and len(paths["eval"].read_text().splitlines()) == 2
-    assert all(sorted(a) == sorted(b) for a, b in zip(structured, noisy))
-    assert sum(a != b for a, b in zip(structured, noisy)) == 6
-    before = paths["noisy"].read_bytes()
-    write_corpora(tmp_path, 0, (6, 2), 40)  # idempotent: nothing rewritten
-    assert paths["noisy"].read_bytes() == before
+def test_corpora_one_held_out_set_and_per_seed_noisy_twins(tmp_path):
+    paths = write_corpora(tmp_path, 2, (6, 3), 40)
+    assert len(paths["eval"].read_text().splitlines()) == 3
+    texts = [[json.loads(x)["text"] for x in paths[s]["structured"].read_text().splitlines()] for s in (0, 1)]
+    assert texts[0] != texts[1] and all(len(t) == 6 and all(len(d) == 39 for d in t) for t in texts)
+    noisy = [json.loads(x)["text"] for x in paths[0]["noisy"].read_text().splitlines()]
+    assert all(sorted(a) == sorted(b) and a != b for a, b in zip(texts[0], noisy))
+    before = paths[0]["noisy"].read_bytes()
+    write_corpora(tmp_path, 2, (6, 3), 40)  # idempotent
+    assert paths[0]["noisy"].read_bytes() == before
 
 
-def _results(**means) -> dict:
-    summary = {k: {"mean": v, "min": v, "max": v, "n": 3} for k, v in means.items()}
-    return {"n_layer": 4, "n_head": 16, "column": 4, "summary": summary}
+def test_pooled_proportion_against_closed_forms():
+    p = pooled([0] * 10, [11] * 10, line=0.10, side="below")
+    assert (p["k"], p["n"]) == (0, 110) and p["cp"][0] == 0
+    assert p["cp"][1] == pytest.approx(1 - 0.025 ** (1 / 110), rel=1e-6)  # k = 0: upper = 1 - (alpha/2)^(1/n)
+    assert p["boot"] == [0.0, 0.0] and p["verdict"] == "holds"
+    p = pooled([2] * 10, [11] * 10, line=0.10, side="below")  # 20/110 = 18%: both intervals above 10%
+    assert p["p"] == pytest.approx(20 / 110) and p["boot"] == pytest.approx([20 / 110] * 2)
+    assert p["verdict"] == "does not hold"
+    p = pooled([0] * 2, [11] * 2, line=0.10, side="below")  # 0/22: CP upper 15% crosses the line
+    assert p["verdict"] == "inconclusive"
+    mixed = pooled([0, 11], [11, 11])  # runs disagree: the run bootstrap spans 0..1, CP does not
+    assert mixed["boot"] == [0.0, 1.0] and 0.25 < mixed["cp"][0] < mixed["cp"][1] < 0.75
 
 
-GOOD = {"exp1.noreinit": 0.0, "exp1.reinit": 1.0, "exp2.baseline": 40, "exp2.pass1": 55, "exp2.pass2": 63,
-        "exp2.pass1_iatrogenic": 1, "exp3.best_eval_ratio": 0.9, "exp3.last_eval_ratio": 0.95,
-        "exp3.best_step": 20, "exp3.best_train_ratio": 0.9, "exp3.control_best_eval_ratio": 1.0,
-        "exp3.mass_before": 0.2, "exp3.mass_after": 0.1,
-        "exp4.structured.early.outside_count": 5, "exp4.noisy.early.outside_count": 2,
-        "exp4.structured.early.outside_mean_abs": 0.05, "exp4.noisy.early.outside_mean_abs": 0.02,
-        "exp4.structured.late.outside_mean_abs": 0.03, "exp4.noisy.late.outside_mean_abs": 0.06,
-        "exp4.structured.small_slope_change": 0.0, "exp4.noisy.small_slope_change": 0.04,
-        "exp4.structured.late.in_band_mean_abs": 0.01, "exp4.noisy.late.in_band_mean_abs": 0.02,
-        "exp5.paper.recovered": 0.5, "exp5.ours.recovered": 1.0, "exp5.paper.best_eval": 9.0,
-        "exp5.ours.best_eval": 8.5}
+def test_verdict_combinators():
+    assert both("holds", "holds") == "holds" and both("holds", "inconclusive") == "inconclusive"
+    assert both("does not hold", "does not hold") == "does not hold"
+    assert conjunction(["holds", "holds"]) == "holds"
+    assert conjunction(["holds", "does not hold", "inconclusive"]) == "does not hold"
+    assert conjunction(["holds", "inconclusive"]) == "inconclusive"
+    m = mean_ci([0.9, 0.95, 0.92, 0.93], line=1.0, side="below")
+    assert m["mean"] == pytest.approx(0.925) and m["ci"][1] < 1 and m["verdict"] == "holds"
 
 
-@pytest.mark.parametrize("change, row, verdict", [
-    ({}, None, "holds"),
-    ({"exp1.noreinit": 0.2}, 0, "does not hold"),
-    ({"exp2.pass2": 60}, 1, "does not hold"),  # 60 of 64 is below 95%
-    ({"exp2.pass1_iatrogenic": 2}, 2, "does not hold"),  # 2 of 64 is above 2%
-    ({"exp3.last_eval_ratio": 0.9}, 3, "does not hold"),  # no rise after the best: not transient
-    ({"exp4.noisy.early.outside_count": 5}, 4, "does not hold"),
-    ({"exp4.noisy.small_slope_change": 0.0}, 5, "does not hold"),
-])
-def test_verdicts_follow_their_stated_rules(change, row, verdict):
-    rows = claim_table(_results(**dict(GOOD, **change)))
-    assert len(rows) == 7 and rows[6][3] == "—"  # experiment 5 compares recipes; the paper has no figure for it
-    verdicts = [r[3] for r in rows[:6]]
-    if row is None:
-        assert verdicts == ["holds"] * 6
-    else:
-        assert verdicts[row] == verdict and verdicts.count("holds") == 5
+def _unit(seed, *, revived=(11, 0, 0, 0), healthy=(22, 33, 63), noisy_late=0.08, flagged=True, ppl=None):
+    ppl = ppl or {"treatment": 0.95, "gradient-only": 1.0, "reinit-only": 1.01, "random-healthy": 1.0,
+                  "ablate": 1.01, "extended": 0.96, "noisy": 1.1, "paper": 0.97, "ours": 0.96}
+    ev = {k: {"last": 10 * v, "best": 10 * v, "final": 10 * v, "stock": 10.0} for k, v in ppl.items()}
+    fun = {arm: {"targets": 11, "collapsed_before": 11, "not_collapsed": 11, "revived": r, "does_work": r,
+                 "base_loss": 2.0} for arm, r in zip(("treatment", "gradient-only", "reinit-only", "random-healthy"),
+                                                     revived)}
+    fun["ablate"] = dict(fun["reinit-only"], revived=0, not_collapsed=0)
+    fun["stock"] = dict(fun["ablate"], does_work=1)
+    cols = [{"head": h, "n_frozen": 1, "change": 0.0, "trend": "flat"} for h in range(16)]
+    drift = {c: {"early": {"step": 64, "outside_count": n, "outside_mean_abs": 0.01},
+                 "late": {"step": 256, "outside_count": 5, "outside_mean_abs": m},
+                 "paper_columns": cols, "paper_spreading": [15] if (flagged and c == "noisy") else []}
+             for c, n, m in (("structured", 3, 0.01), ("noisy", 1, noisy_late))}
+    return {"testbed": "A", "seed": seed, "n_heads": 64, "targets": 11,
+            "healthy": dict(zip(("baseline", "pass1", "pass2"), healthy)), "iatrogenic": 0, "eval": ev,
+            "functional": fun, "drift": drift,
+            "extended": {"curve": [[32, 9.4], [64, 9.6]], "band_only": [[32, 9.5], [64, 9.5]], "mass_before": 0.3,
+                         "mass_after": 0.1}}
 
 
-def test_rewriting_the_page_keeps_the_notes_below_the_marker(tmp_path, monkeypatch):
+def test_claims_on_units_where_every_rule_is_met_then_broken_one_at_a_time():
+    good = [_unit(s) for s in range(10)]
+    c = claims(good, 15)
+    assert [c[k]["verdict"] for k in ("1a", "1b", "1c", "1d", "2", "2b", "3", "4a", "4b", "5")] == ["holds"] * 10
+    assert c["1b"]["p"] == 1 and c["6"]["mean"] == pytest.approx(0.97 / 0.96)
+    assert c["2"]["final"]["p"] == pytest.approx(63 / 64)
+    assert c["arms"]["ablate"]["not_collapsed"]["k"] == 0 and c["stock_does_work"] == {"k": 10, "n": 110}
+    broken = {
+        "1a": [_unit(s, revived=(11, 3, 0, 0)) for s in range(10)],
+        "1b": [_unit(s, revived=(5, 0, 0, 0)) for s in range(10)],
+        "2": [_unit(s, healthy=(22, 33, 43)) for s in range(10)],  # low-entropy heads never heal: 43 of 64
+        "4b": [_unit(s, flagged=False) for s in range(10)],
+        "5": [_unit(s, ppl={**{k: 1.0 for k in ("gradient-only", "random-healthy", "extended", "noisy", "paper",
+                                                "ours")}, "treatment": 1.005, "reinit-only": 1.0, "ablate": 1.0})
+              for s in range(10)],
+    }
+    for key, units in broken.items():
+        result = claims(units, 15)
+        assert result[key]["verdict"] == "does not hold", key
+
+
+def test_page_keeps_the_notes_and_gives_every_claim(tmp_path, monkeypatch):
     from alibi_surgery.demo import reproduction_figures, reproduction_report
 
-    monkeypatch.setattr(reproduction_figures, "save_figures", lambda r, d: ["repro-outcomes.png"])
-    r = dict(_results(**GOOD), model="/x/model", context=128, collapsed=20, band=[9, 15], seeds=3,
-             runs=["band-0"], wall_seconds=600.0, workers=2, settings={"lr": 0.001})
+    monkeypatch.setattr(reproduction_figures, "save_figures", lambda r, d: ["repro-arms.png"])
+    units = [_unit(s) for s in range(4)]
+    r = {"units": units, "seeds": 2, "claims": claims(units, 15), "held_out": {"special": 0, "targets": 100},
+         "seconds": {"A-treatment-0": 10}, "wall_seconds": 600.0, "workers": 2,
+         "settings": {"docs": [512, 64], "batch_size": 8, "lr": 1e-3, "epochs": 4, "save_every_steps": 32},
+         "ablation": {"draws": 10, "texts": 32, "bootstrap": 1000},
+         "testbeds": [{"name": "A", "model": "/x/alibi_surgery/demo/model", "band": [12, 15], "column": 11}]}
     out, docs = tmp_path / "out", tmp_path / "docs"
     out.mkdir()
     reproduction_report.write_report(r, out, docs_dir=docs)
     page = (docs / "reproduction.md").read_text()
-    assert page.count("| holds |") == 6 and page.endswith(reproduction_report.NOTES + "\n\n")
-    (docs / "reproduction.md").write_text(page + "Our reading: it mostly holds.\n")
+    assert page.count("| holds |") == 10 and page.endswith(reproduction_report.NOTES + "\n\n")
+    assert "0/44 = 0% (CP 0%–8.0%" in page  # 1a: 0 of 4 x 11; CP upper 1 - 0.025^(1/44) = 8.04%
+    (docs / "reproduction.md").write_text(page + "Our reading.\n")
     r["wall_seconds"] = 1200.0
     reproduction_report.write_report(r, out, docs_dir=docs)
     page = (docs / "reproduction.md").read_text()
-    assert "20.0 min" in page and page.endswith(reproduction_report.NOTES + "\n\nOur reading: it mostly holds.\n")
+    assert "20 min" in page and page.endswith(reproduction_report.NOTES + "\n\nOur reading.\n")
     assert json.loads((out / "results.json").read_text())["wall_seconds"] == 1200.0
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_end_to_end_on_the_demo_model(tmp_path):
+    """One seed on testbed A, one optimizer step per run: every run and measurement lands, the numbers are read
+    back from the right places (stock perplexity against a plain cross-entropy; the controls' known outcomes)."""
+    from transformers import AutoModelForCausalLM
+
+    from alibi_surgery.demo import corpus_spec, model_dir
+    from alibi_surgery.demo.reproduce import reproduce
+    from alibi_surgery.io.corpus import load_corpus
+    from alibi_surgery.io.loading import load_tokenizer
+
+    out = tmp_path / "repro"
+    r = reproduce(out, seeds=1, workers=1, docs=(8, 4), epochs=1, save_every=1, batch_size=8,
+                  ablation={"draws": 2, "texts": 2, "bootstrap": 20}, progress=False, log=lambda *a: None)
+    (u,) = r["units"]
+    assert u["targets"] == 11 and u["n_heads"] == 64  # the shipped model's collapsed band heads at 128 tokens
+    assert set(u["eval"]) == set(KINDS) and set(r["seconds"]) >= {"A-treatment-0", "A-stock", "A-ablate-0"}
+    chunks = load_corpus(corpus_spec(out / "corpus" / "held-out" / "eval.jsonl"), load_tokenizer(str(model_dir())),
+                         128)[0]
+    net = AutoModelForCausalLM.from_pretrained(str(model_dir()), attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = net(chunks).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1))
+    assert u["eval"]["treatment"]["stock"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    fun = u["functional"]
+    assert fun["reinit-only"]["not_collapsed"] == 11 and fun["reinit-only"]["revived"] == 0  # zeroed columns
+    assert fun["ablate"]["not_collapsed"] == 0 and fun["ablate"]["revived"] == 0  # Q/K untouched: still collapsed
+    assert u["eval"]["reinit-only"]["last"] == pytest.approx(u["eval"]["ablate"]["last"], rel=1e-6)  # same model
+    assert r["held_out"] == {"special": 0, "targets": 4 * 127}
+    page = (out / "reproduction.md").read_text()
+    assert all(f"| {k}. " in page for k in ("1a", "1b", "1c", "1d", "2", "2b", "3", "4a", "4b", "5", "6"))
+    assert (out / "img" / "repro-arms.png").is_file()
