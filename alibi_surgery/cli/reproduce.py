@@ -28,9 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-draws", type=int, default=10, help="noise-floor draws per head")
     p.add_argument("--ablation-texts", type=int, default=32, help="held-out documents the ablation scores")
     p.add_argument("--ablation-bootstrap", type=int, default=1000, help="bootstrap resamples over those texts")
+    p.add_argument("--skip", action="append", default=[], metavar="KIND",
+                   choices=[k for k in reproduce.KINDS if k != "treatment"],
+                   help="leave out one kind of run (repeatable); its claim is reported as not run")
     p.add_argument("--docs-dir", help="also write reproduction.md and its figures (img/) there")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def reproduce_kinds() -> tuple:
+    from ..demo.reproduce import KINDS
+
+    return KINDS
 
 
 def main(argv=None) -> int:
@@ -45,7 +54,8 @@ def main(argv=None) -> int:
         r = reproduce(a.out, testbeds=a.testbed, seeds=a.seeds, workers=a.workers, docs=tuple(a.docs), epochs=a.epochs,
                       save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, seq_len=a.seq_len,
                       ablation={"draws": a.ablation_draws, "texts": a.ablation_texts,
-                                "bootstrap": a.ablation_bootstrap}, docs_dir=a.docs_dir, progress=not a.quiet)
+                                "bootstrap": a.ablation_bootstrap},
+                      kinds=tuple(k for k in reproduce_kinds() if k not in a.skip), docs_dir=a.docs_dir, progress=not a.quiet)
     except UsageError as exc:
         print(f"error: {flag_wording(str(exc), parser)}", file=sys.stderr)
         return 2

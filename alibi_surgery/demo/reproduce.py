@@ -101,16 +101,22 @@ def _repair_options(job: Job, bed: Testbed) -> dict:
     return opts
 
 
-def plan_jobs(testbeds: list[Testbed], seeds: int) -> tuple[list[Job], list[Job]]:
-    """(repair runs, functional measurements), seed by seed so that a stopped reproduction has whole seeds. A
-    testbed without a healthy column (``column`` None) has no ``extended`` run (the report says so)."""
+def plan_jobs(testbeds: list[Testbed], seeds: int, kinds: tuple = KINDS) -> tuple[list[Job], list[Job]]:
+    """(repair runs, functional measurements) of ``kinds``, seed by seed so that a stopped reproduction has whole
+    seeds. A testbed without a healthy column (``column`` None) has no ``extended`` run (the report says so)."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or "treatment" not in kinds:
+        from ..errors import UsageError
+
+        raise UsageError(f"kinds: {', '.join(unknown) or 'treatment is missing'}; the kinds are {', '.join(KINDS)} "
+                         f"(treatment always runs)")
     runs, functional = [], []
     for bed in testbeds:
         functional.append(Job(bed.name, "functional"))
     for s in range(seeds):
         for bed in testbeds:
-            runs += [Job(bed.name, k, s) for k in KINDS if k != "extended" or bed.column is not None]
-            functional += [Job(bed.name, "functional", s, k) for k in FUNCTIONAL_KINDS]
+            runs += [Job(bed.name, k, s) for k in KINDS if k in kinds and (k != "extended" or bed.column is not None)]
+            functional += [Job(bed.name, "functional", s, k) for k in FUNCTIONAL_KINDS if k in kinds]
     return runs, functional
 
 
@@ -293,11 +299,12 @@ def parse_testbeds(specs: list[str] | None) -> list[tuple[str, str]]:
 
 def reproduce(out, *, testbeds: list[str] | None = None, seeds: int = 5, workers: int = 2,
               docs: tuple[int, int] = (512, 64), epochs: int = 4, save_every: int = 32, batch_size: int = 8,
-              lr: float = 1e-3, seq_len: int = 128, ablation: dict | None = None, docs_dir=None,
-              progress: bool = True, log=print) -> dict:
+              lr: float = 1e-3, seq_len: int = 128, ablation: dict | None = None, kinds: tuple = KINDS,
+              docs_dir=None, progress: bool = True, log=print) -> dict:
     """Run every testbed's jobs (module docstring) into ``out`` and write the report; returns ``results.json``'s
     dict. ``testbeds``: ``NAME=DIR`` strings (:func:`parse_testbeds`). ``ablation``: ``draws``, ``texts``,
-    ``bootstrap`` of the functional measurements (default 10, 32, 1000)."""
+    ``bootstrap`` of the functional measurements (default 10, 32, 1000). ``kinds``: the runs to make (default all
+    of :data:`KINDS`; a claim whose runs are left out is reported as not run)."""
     from ..io.lock import DirLock
     from .reproduction_report import summarise, write_report
 
@@ -311,7 +318,7 @@ def reproduce(out, *, testbeds: list[str] | None = None, seeds: int = 5, workers
         shared = dict(seq_len=min([seq_len] + [b.context for b in beds.values()]),
                       diag_max_length=min(b.context for b in beds.values()), batch_size=batch_size, grad_accum=1,
                       lr=lr, epochs=epochs, warmup=0.1, checkpointing=False, save_every_steps=save_every)
-        runs, functional = plan_jobs(list(beds.values()), seeds)
+        runs, functional = plan_jobs(list(beds.values()), seeds, tuple(kinds))
         log(f"{len(runs)} runs, then {len(functional)} functional measurements, on {workers} workers")
         corpora = write_corpora(out / "corpus", seeds, tuple(docs), shared["seq_len"])
         seconds = run_jobs(runs, out, beds, shared, corpora, ablation, workers=workers, progress=progress, log=log)
@@ -319,7 +326,7 @@ def reproduce(out, *, testbeds: list[str] | None = None, seeds: int = 5, workers
                                 progress=progress, log=log))
         results = summarise(out, list(beds.values()), seeds, shared["seq_len"])
         results.update(seconds=seconds, wall_seconds=round(time.perf_counter() - t0, 1), workers=workers,
-                       settings=dict(shared, docs=list(docs)), ablation=ablation,
+                       settings=dict(shared, docs=list(docs)), ablation=ablation, kinds=list(kinds),
                        testbeds=[dataclasses.asdict(b) for b in beds.values()])
         write_report(results, out, docs_dir=docs_dir)
         return results

@@ -67,7 +67,7 @@ def claim_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
          "ppl `treatment` / stock, / `reinit-only`, / `ablate` (last checkpoint); every upper < 1",
          "; ".join(f"/ {k}: {_mean(v, 4)}" for k, v in c["5"]["parts"].items()), c["5"]["verdict"]),
         ("6. The paper's recipe (pure-bf16 AdamW, its schedule) against ours", "—",
-         "best held-out ppl paper / ours; no verdict", _mean(c["6"], 4), "—"),
+         "best held-out ppl paper / ours; no verdict", _mean(c["6"], 4) if c["6"] else "not run", "—"),
     ]
     return rows
 

@@ -209,3 +209,17 @@ def test_tiny_reproduction_end_to_end_on_the_demo_model(tmp_path):
     page = (out / "reproduction.md").read_text()
     assert all(f"| {k}. " in page for k in ("1a", "1b", "1c", "1d", "2", "2b", "3", "4a", "4b", "5", "6"))
     assert (out / "img" / "repro-arms.png").is_file()
+
+
+def test_kinds_left_out_are_not_planned_and_their_claim_reads_not_run():
+    runs, functional = plan_jobs([_bed()], 1, tuple(k for k in KINDS if k not in ("paper", "ours")))
+    assert {j.kind for j in runs} == set(KINDS) - {"paper", "ours"} and len(functional) == 1 + 5
+    runs, functional = plan_jobs([_bed()], 1, ("treatment", "noisy"))
+    assert [j.kind for j in runs] == ["treatment", "noisy"] and [j.arm for j in functional] == [None, "treatment"]
+    for bad in (("treatment", "fp8"), ("noisy",)):
+        with pytest.raises(UsageError, match="kinds"):
+            plan_jobs([_bed()], 1, bad)
+    units = [_unit(s) for s in range(3)]
+    for u in units:
+        del u["eval"]["paper"], u["eval"]["ours"]
+    assert claims(units, 15)["6"] is None
