@@ -335,6 +335,8 @@ CASES = {
     "--stochastic-rounding with --optimizer-precision bf16": (
         lambda w, t: _repair(w, t, "--stochastic-rounding", "--optimizer-precision", "bf16", "--dtype", "bfloat16"),
         "contradicts --optimizer-precision bf16"),
+    "--seed -1 (before anything is written)": (lambda w, t: _repair(w, t, "--seed", "-1"),
+                                               "--seed -1: must be a whole number >= 0"),
     "unknown --schedule": (lambda w, t: _repair(w, t, "--schedule", "linear"), "unknown --schedule linear; choose one of"),
     "unknown --recipe": (lambda w, t: _repair(w, t, "--recipe", "ours"), "unknown --recipe 'ours'"),
     "negative --lr under --recipe paper": (lambda w, t: _repair(w, t, "--recipe", "paper", "--lr", "-1"),
