@@ -276,7 +276,7 @@ CASES = {
     "--out not empty, no --overwrite": (lambda w, t: _repair(w, t, out=_not_empty(t)),
                                         "is not empty: pass --resume to continue or --overwrite to start again"),
     "--resume with another model's checkpoint": (lambda w, t: _repair(w, t, "--resume", out=w / "other-run"),
-                                                 "checkpoint of a different model"),
+                                                 "was started from other inputs (model=sha256:"),
     "unknown --dtype": (lambda w, t: _repair(w, t, "--dtype", "float8"), "unsupported dtype 'float8'"),
     "unknown --device": (lambda w, t: _diagnose(w, t, "--device", "tpu"), "unsupported device 'tpu'"),
     "--device cuda without CUDA": (lambda w, t: _repair(w, t, "--device", "cuda"), "CUDA is not available"),
