@@ -1,9 +1,10 @@
 """The memory planner against measurement (CPU): in-memory diagnosis, streamed diagnosis and one surgery step.
 
-    python bench/bench_plan_memory.py CKPT [CKPT ...] [--jobs diagnose stream surgery] [--seq 512] [--heads 32]
+    python bench/bench_plan_memory.py CKPT [CKPT ...] [--jobs diagnose stream surgery] [--seq 512 ...] [--heads 32]
 
 Each (checkpoint, job) runs in a fresh process: the resident-memory baseline is taken after the imports, then the job
-runs once (fp32, batch 1, one prompt of T tokens, torch backend) and the peak resident memory (``ru_maxrss``) above
+runs once (fp32, batch 1, one prompt of T tokens, torch backend; each ``--seq`` in turn; any registered family for
+``diagnose``, BLOOM for the other jobs) and the peak resident memory (``ru_maxrss``) above
 that baseline is compared with ``alibi_surgery.surgery.memory_plan.plan_memory``'s total for the same settings. Rows go to
 bench/results/plan_memory.csv.
 """
@@ -28,7 +29,7 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
 
     from alibi_surgery import HeadSlicedAdamW, HeadSlices, chunked_lm_loss, patch_bloom
     from alibi_surgery.diagnosis.diagnose import diagnose
-    from alibi_surgery.io.loading import load_bloom, load_tokenizer
+    from alibi_surgery.io.loading import load_bloom, load_model, load_tokenizer
     from alibi_surgery.surgery.memory_plan import plan_memory, spread_plan
     from alibi_surgery.diagnosis.stream import diagnose_streamed
 
@@ -39,7 +40,7 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
     if job == "stream":
         diagnose_streamed(ckpt, load_tokenizer(ckpt), [prompt], max_length=seq, backend="torch")
     else:
-        model, tok = load_bloom(ckpt, dtype="float32", device="cpu")
+        model, tok = (load_model if job == "diagnose" else load_bloom)(ckpt, dtype="float32", device="cpu")
         if job == "diagnose":
             diagnose(model, tok, [prompt], max_length=seq, backend="torch")
         else:
@@ -63,21 +64,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--jobs", nargs="+", default=["diagnose", "stream", "surgery"])
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, nargs="+", default=[512])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         ckpt, job = args.child.rsplit(",", 1)
-        emit(_one(ckpt, job, args.seq, args.heads))
+        emit(_one(ckpt, job, args.seq[0], args.heads))
         return
     rows = []
     for ckpt in args.checkpoints:
         for job in args.jobs:
-            row = run_isolated(__file__, [ckpt, "--child", f"{ckpt},{job}", "--seq", args.seq, "--heads", args.heads])
-            rows.append(row)
-            print(f"{row['checkpoint']:<14} {job:<9} predicted {row['predicted_gib']:7.3f} GiB  measured "
-                  f"{row['measured_gib']:7.3f} GiB  ({row['error_pct']:+.1f}%)", flush=True)
+            for seq in args.seq:
+                row = run_isolated(__file__, [ckpt, "--child", f"{ckpt},{job}", "--seq", seq, "--heads", args.heads])
+                rows.append(row)
+                print(f"{row['checkpoint']:<14} {job:<9} T={seq:<6} predicted {row['predicted_gib']:7.3f} GiB  "
+                      f"measured {row['measured_gib']:7.3f} GiB  ({row['error_pct']:+.1f}%)", flush=True)
     print("appended to", append_rows("plan_memory", rows))
 
 

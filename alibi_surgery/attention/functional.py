@@ -86,7 +86,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
     batch, _, n_head, head_dim = _check(q, "q")
     k_len, n_kv = _check(v, "v", (batch, None, None, head_dim))[1:3]
     _check(k, "k", (batch, k_len, n_kv, head_dim))  # k as v: [B, Tk, Hkv, D]
-    if n_head % n_kv:
+    if (n_kv == 0) != (n_head == 0) or (n_kv and n_head % n_kv):
         raise UsageError(f"k and v have {n_kv} heads, which does not divide q's {n_head} (grouped-query attention)")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise UsageError(f"window must be None or an int >= 1, got {window!r}")
@@ -94,6 +94,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
         raise UsageError("q, k and v must share one dtype and one device")
     if q.shape[1] > k_len:
         raise UsageError(f"q has more rows ({q.shape[1]}) than k and v ({k_len}); causal attention needs Tq <= Tk")
+    if q.numel() == 0:
+        return _empty(q, k, v, attention_mask, (batch, k_len), return_stats)
     key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, k_len, n_head, head_dim, slopes, backend,
                                                 q.device)
     out, _, stats = run_attention(*(t.transpose(1, 2) for t in (q, k, v)), key_pos, slopes, backend, kstart=kstart,
@@ -110,6 +112,8 @@ def alibi_attention_qkvpacked(qkv: torch.Tensor, *, attention_mask: torch.Tensor
         raise UsageError(f"qkv must be [batch, seq, heads, 3, head_dim], got shape {list(qkv.shape)}")
     batch, seq, n_head, _, head_dim = qkv.shape
     _check(qkv[:, :, :, 0], "qkv")
+    if qkv.numel() == 0:
+        return _empty(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], attention_mask, (batch, seq), return_stats)
     key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, seq, n_head, head_dim, slopes, backend,
                                                 qkv.device)
     out, _, stats = run_attention_packed(qkv, "interleaved", key_pos, slopes, backend, kstart=kstart,
@@ -131,6 +135,30 @@ def _check(t: torch.Tensor, name: str, shape: tuple | None = None) -> tuple:
     return tuple(t.shape)
 
 
+def _empty(q, k, v, mask, mask_shape, return_stats):
+    """An empty call (batch, Tq, heads or head_dim 0) returns an empty ``out`` shaped like q (zero statistics), as
+    ``scaled_dot_product_attention`` does; its gradients are zeros of the inputs' shapes. The mask is still checked."""
+    if mask is not None:
+        _check_mask(mask, *mask_shape)
+    out = q * 0 + (k.sum() + v.sum()) * 0  # empty, on the autograd graph of q, k and v
+    if not return_stats:
+        return out
+    zeros = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
+    return out, AttentionStats(zeros, zeros.clone(), zeros.clone())
+
+
+def _check_mask(mask, batch: int, k_len: int) -> None:
+    """``attention_mask`` must be ``[batch, Tk]`` of 1/True (real) and 0/False (padding): an additive mask (0 and
+    -inf, or large negatives) would otherwise read its -inf entries as real tokens."""
+    if not isinstance(mask, torch.Tensor):
+        raise UsageError(f"attention_mask must be a tensor [batch, Tk], got {type(mask).__name__}")
+    if tuple(mask.shape) != (batch, k_len):
+        raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        raise UsageError("attention_mask must hold 1 (or True) for real tokens and 0 for padding; it holds other "
+                         "values (an additive 0 / -inf mask? pass (mask == 0) instead)")
+
+
 def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
     """``(key_pos, kstart, slopes, concrete backend)`` of one call, after checking mask and slopes."""
     if backend == "eager":
@@ -140,8 +168,7 @@ def _prepare(mask, batch, k_len, n_head, head_dim, slopes, backend, device):
     if mask is None:  # every key real: positions 0..Tk-1, first real key 0 (two ops instead of a mask's six)
         key_pos = torch.arange(k_len, dtype=torch.int32, device=device).expand(batch, k_len)
         return key_pos, torch.zeros(batch, dtype=torch.int32, device=device), slopes, backend
-    if tuple(mask.shape) != (batch, k_len):
-        raise UsageError(f"attention_mask must be [batch, Tk] = {[batch, k_len]}, got {list(mask.shape)}")
+    _check_mask(mask, batch, k_len)
     key_pos = key_positions(mask.to(device=device) != 0)
     return key_pos, first_real_key(key_pos).to(torch.int32), slopes, backend
 

@@ -249,7 +249,21 @@ def eager_fallback(module: nn.Module, output_attentions: bool, dropout_on: bool)
     if not (state.backend == "eager" or output_attentions or dropout_on):
         return None
     check_eager_call(state, output_attentions)
-    return state.old_forward if state.had_forward else type(module).forward.__get__(module)
+    forward = state.old_forward if state.had_forward else type(module).forward.__get__(module)
+    return functools.partial(_with_full_mask, forward, state.family.bool_masks_out)
+
+
+def _with_full_mask(forward, true_masks: bool, hidden_states, *args, **kwargs):
+    """Call a family's own attention ``forward`` with any compact mask argument made whole
+    (:func:`~alibi_surgery.attention.compact_mask.full_mask`): its eager attention needs every query row's mask."""
+    from .compact_mask import full_mask, is_compact
+
+    q_len = hidden_states.shape[1]
+
+    def whole(x):
+        return full_mask(x, q_len, true_masks) if is_compact(x, q_len) else x
+
+    return forward(hidden_states, *(whole(a) for a in args), **{k: whole(v) for k, v in kwargs.items()})
 
 
 def check_eager_call(state: _PatchState, output_attentions: bool) -> None:

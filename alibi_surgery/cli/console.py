@@ -118,15 +118,28 @@ def flag_wording(message: str, parser: argparse.ArgumentParser, names: dict[str,
     return _ARGUMENT.sub(flag, message)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal arrives: every handler of Ctrl-C (checkpoint naming, cleanup) applies."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def setup_console() -> None:
-    """Pipe-safe stdout/stderr, SIGXFSZ ignored, one-line warnings (see the module docstring). Idempotent."""
+    """Pipe-safe stdout/stderr, SIGXFSZ ignored, SIGINT and SIGTERM raising (Terminated), one-line warnings (see
+    the module docstring). Idempotent."""
     if not isinstance(sys.stdout, _PipeSafe):
         sys.stdout = _PipeSafe(sys.stdout)
     if not isinstance(sys.stderr, _PipeSafe):
         sys.stderr = _PipeSafe(sys.stderr)
-    if hasattr(signal, "SIGXFSZ"):
-        try:
+    try:
+        if hasattr(signal, "SIGXFSZ"):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        except ValueError:  # not the main thread (main() called from a worker thread): keep the default
-            pass
+        # Ctrl-C even where the shell started us with SIGINT ignored (a background job), and SIGTERM (what
+        # schedulers send) the same way: the run stops at once, naming its last checkpoint and the resume command
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (main() called from a worker thread): keep the defaults
+        pass
     warnings.showwarning = _show_warning

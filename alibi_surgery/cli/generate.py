@@ -55,11 +55,11 @@ def _prompts(args) -> list[str]:
 
 
 def output_names(models: list[str]) -> list[str]:
-    """A file stem per model: the directory's name (characters other than letters, digits, ``._-`` as ``_``),
-    ``-2``, ``-3``... added to repeats."""
+    """A file stem per model: the directory's name (any script's letters and digits kept, so a non-Latin name stays
+    readable; other characters but ``._-`` as ``_``), ``-2``, ``-3``... added to repeats."""
     names, seen = [], {}
     for model in models:
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(model.rstrip("/")).name).lstrip(".") or "model"
+        stem = re.sub(r"[^\w.-]", "_", Path(model.rstrip("/")).name).lstrip(".") or "model"
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return names

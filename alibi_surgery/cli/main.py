@@ -30,7 +30,7 @@ import sys
 
 from . import (ablate, compare, demo, diagnose, drift, family, generate, paper, perplexity, plan_memory, random_model,
                repair)
-from .console import flag_wording, resume_hint, setup_console, word_warnings
+from .console import Terminated, flag_wording, resume_hint, setup_console, word_warnings
 from ..errors import UsageError, WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -85,8 +85,26 @@ def _quiet_transformers() -> None:
     logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
+SIZE_OPTIONS = ("--budget",)  # options whose value may be mistyped as negative: "-1GiB" must reach their check
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--budget -1GiB`` as ``--budget=-1GiB``: argparse would read ``-1GiB`` as an unknown option and print its
+    usage; joined, the value reaches the option's own one-line refusal."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in SIZE_OPTIONS and i + 1 < len(argv) and argv[i + 1][:2].startswith("-") \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     setup_console()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     word_warnings(command, names)
     _quiet_transformers()
     try:
-        COMMANDS[args.command].run(args)
+        code = COMMANDS[args.command].run(args)
     except (UsageError, WriteError) as exc:
         if args.debug:
             raise
@@ -105,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(f"error: interrupted{resume_hint(exc, argv)}", file=sys.stderr)
-        return 130
-    return 0
+        terminated = isinstance(exc, Terminated)
+        print(f"error: {'terminated' if terminated else 'interrupted'}{resume_hint(exc, argv)}", file=sys.stderr)
+        return 143 if terminated else 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .options import add_output_options
 
 __all__ = ["add_parser", "run", "ARGUMENT_NAMES"]
@@ -27,11 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
-def run(args) -> None:
+def run(args) -> int:
     import json
 
     from ..io.files import atomic_write_text, check_output_paths
-    from ..surgery.memory_plan import format_plan, parse_bytes, plan_memory
+    from ..surgery.memory_plan import does_not_fit, format_bytes, format_plan, parse_bytes, plan_memory
 
     out = check_output_paths({"json": args.json}, overwrite=args.overwrite).get("json")
     budget = parse_bytes(args.budget) if args.budget else None
@@ -43,3 +45,8 @@ def run(args) -> None:
     print(format_plan(prediction))
     if out:
         print(f"wrote {out}")
+    missing = does_not_fit(prediction)
+    if missing:  # the answer to "does it fit?" is the exit status too
+        print(f"error: {' and '.join(missing)} does not fit --budget {format_bytes(budget)}", file=sys.stderr)
+        return 1
+    return 0

@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
     t.add_argument("--epochs", type=int, help=f"passes over the corpus (default: {d.epochs})")
     t.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
     t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {d.max_grad_norm})")
-    t.add_argument("--init", choices=INITS, default=d.init, help="re-initialisation of the selected heads")
+    t.add_argument("--init", choices=INITS, help=f"re-initialisation of the selected heads (default: {d.init})")
     t.add_argument("--no-reinit", action="store_true", help="train the selected heads from their current values "
                                                             "(the paper's gradient-only control: arm gradient-only)")
     t.add_argument("--control", metavar="|".join(CONTROLS),
@@ -107,8 +107,13 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from ..surgery.repair import RepairSettings, repair
 
+    if args.init is not None and (args.no_reinit or args.control == "ablate"):
+        what = "--no-reinit trains the heads from their current values" if args.no_reinit else \
+            "--control ablate zeroes the heads' output columns"
+        raise UsageError(f"--init {args.init} chooses how the heads are re-initialised, but {what}: give one of the "
+                         f"two")
     settings = RepairSettings(weight_decay=args.weight_decay, warmup=args.warmup, patience=args.patience,
-                              init=args.init, seed=args.seed, save_every_steps=args.save_every_steps,
+                              init=args.init or RepairSettings.init, seed=args.seed, save_every_steps=args.save_every_steps,
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
                               reinit=not args.no_reinit, eval_convention=args.eval_convention,
                               control=args.control, save_every_epochs=args.save_every_epochs,

@@ -300,6 +300,8 @@ def measurement_differences(a: HeadReport, b: HeadReport, labels=("before", "aft
     """How ``a`` and ``b`` were measured differently, one line each (empty: the same measurement as far as their
     metadata tells), in this order:
 
+    * the model family (``metadata["family"]``): a before/after comparison is of one model, and two families' heads
+      are not the same heads;
     * ``max_length``, unless both prompt-set fingerprints match (then truncation changed nothing: same token ids);
     * the metric variants (:func:`metric_differences`);
     * the prompt set: the ``prompt_set_fingerprint`` values when both reports have one; otherwise (reports written
@@ -312,6 +314,8 @@ def measurement_differences(a: HeadReport, b: HeadReport, labels=("before", "aft
     da, db = a.metadata, b.metadata
     fa, fb = da.get("prompt_set_fingerprint"), db.get("prompt_set_fingerprint")
     out = []
+    if da.get("family") and db.get("family") and da["family"] != db["family"]:
+        out.append(f"they are two model families: {da['family']} {la}, {db['family']} {lb}")
     if not (fa and fa == fb) and "max_length" in da and "max_length" in db and da["max_length"] != db["max_length"]:
         out.append(f"max_length differs: {da['max_length']} {la}, {db['max_length']} {lb}")
     out += metric_differences(a, b, labels)

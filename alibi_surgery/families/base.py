@@ -80,6 +80,7 @@ class Family:
     mlp_names: tuple[str, str] = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # the MLP's up and down linears,
     # as module paths inside one block (BLOOM's and Falcon's names)
     interface = False  # True: a model routed through transformers' attention interface (diagnosis only)
+    bool_masks_out = False  # the model's bool masks say True = masked (MPT), not True = attend
     surgery_refusal: str | None = None  # why surgery is refused on this family (one line), or None
 
     # --- configs -------------------------------------------------------------------------------------------
@@ -210,10 +211,19 @@ class Family:
     def on_patch(self, model: nn.Module, shared: dict) -> None:
         """Called once by :func:`~alibi_surgery.attention.patch.patch` after the modules got their patch state
         (``shared`` is the state the model's modules share); families that patch by other means than instance
-        forwards act here."""
+        forwards act here. The ALiBi families' model forwards get compact masks
+        (:mod:`~alibi_surgery.attention.compact_mask`)."""
+        from ..attention.compact_mask import install
+
+        if getattr(model, "config", None) is not None:
+            install(model)
 
     def on_unpatch(self, model: nn.Module, shared: dict) -> None:
         """Undo :meth:`on_patch` (called by :func:`~alibi_surgery.attention.patch.unpatch`)."""
+        from ..attention.compact_mask import uninstall
+
+        if getattr(model, "config", None) is not None:
+            uninstall(model)
 
     def patched_forward(self) -> Callable:
         """The function installed as the attention modules' instance-level ``forward`` (``self`` is the module); it

@@ -47,6 +47,7 @@ def _attn_config(config: dict) -> dict:
 
 class Mpt(Family):
     name, layers_field = "mpt", "n_layers"
+    bool_masks_out = True  # MptModel casts its mask .to(torch.bool): True = masked
     embedding, qkv_name, out_name = "wte.weight", "Wqkv", "out_proj"
     blocks = "blocks"
     final_norm = "norm_f"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,24 +77,31 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl", ".json", ".csv", ".ts
 
 
 def corpus_files(specs) -> list[Path]:
-    """Expand files, directories (recursively, text suffixes only) and globs into a sorted list of files."""
+    """Expand files, directories (recursively, text suffixes only) and globs into a sorted list of files. A file
+    named twice (the same path twice, a file and its directory, overlapping globs) is read once, with a warning."""
     if isinstance(specs, (str, Path)):
         specs = [specs]
-    files: set[Path] = set()
+    files: dict[Path, tuple[Path, str]] = {}  # resolved file -> (the path as first named, the spec that named it)
     for spec in specs:
         spec = str(spec)
         matches = [Path(p) for p in sorted(glob.glob(spec, recursive=True))] if glob.has_magic(spec) else [Path(spec)]
         if not matches or not all(m.exists() for m in matches):
             raise UsageError(f"corpus path does not exist: {spec}")
         for m in matches:
-            if m.is_dir():
-                files.update(p for p in m.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                             and not any(part.startswith(".") for part in p.relative_to(m).parts))
-            elif m.is_file():
-                files.add(m)
+            found = sorted(p for p in m.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(m).parts)) if m.is_dir() \
+                else [m] if m.is_file() else []
+            for path in found:
+                real = path.resolve()
+                if real in files:
+                    first = files[real][1]
+                    warnings.warn(f"corpus file {path} is named twice ({first}{'' if first == spec else ', ' + spec})"
+                                  f": it is read once", stacklevel=2)
+                    continue
+                files[real] = (path, spec)
     if not files:
         raise UsageError(f"the corpus holds no text files: {', '.join(map(str, specs))}")
-    return sorted(files)
+    return sorted(path for path, _ in files.values())
 
 
 def read_documents(path, *, what: str = "corpus file", field: str = "text") -> list[str]:

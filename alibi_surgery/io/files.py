@@ -77,7 +77,16 @@ def check_output_path(path, *, overwrite: bool = False, what: str = "output") ->
         raise UsageError(f"{what} file already exists: {path} (pass overwrite=True to replace it)")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{what} directory is not writable: {parent}")
+    if not overwrite:
+        _NEW.add(_key(path))
     return path
+
+
+_NEW: set = set()  # outputs checked as new (no overwrite): their first write must not replace a file
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
 
 
 def figure_format(path, what: str = "figure") -> str:
@@ -159,8 +168,34 @@ def filling(directory, what: str = "directory"):
         raise
 
 
+def _place(tmp: str, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path``. An output checked as new by :func:`check_output_path` is created
+    exclusively (a hard link, which fails if the name exists): a file another run wrote there meanwhile is kept and
+    this write is refused. Later writes of the same path by this process replace it."""
+    key = _key(path)
+    if key not in _NEW:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise WriteError(f"{path} appeared while this run was working (another run wrote it?); it was not "
+                         f"replaced: rerun with overwrite (--overwrite) or another name") from None
+    except OSError:  # no hard links on this filesystem: create exclusively, then fill it by rename
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise WriteError(f"{path} appeared while this run was working (another run wrote it?); it was not "
+                             f"replaced: rerun with overwrite (--overwrite) or another name") from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    _NEW.discard(key)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place (mode as :func:`file_mode`)."""
+    """Write ``data`` to a temporary file beside ``path`` and move it into place (mode as :func:`file_mode`;
+    :func:`_place`: never over a file that appeared after :func:`check_output_path` found the name free)."""
     path = Path(path)
     with writing(path, "file"):
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
@@ -171,7 +206,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            _place(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -133,7 +133,10 @@ def _json(path: Path, field: str, what: str) -> Texts:
 
 def _plain_lines(path: Path, what: str, blank_lines: str) -> Texts:
     out = Texts()
-    for n, line in enumerate(read_lines(path, what=what), 1):
+    lines = read_lines(path, what=what)
+    if lines and not any(line.strip() for line in lines):  # worded alike whether blank lines are refused or skipped
+        raise UsageError(f"{what} is empty: {path} (it holds only blank lines)")
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             if blank_lines == "error":
                 raise UsageError(f"{what} {path}: line {n} is blank (each line is one text to score; remove it, or "

@@ -165,9 +165,28 @@ def _storage_dtype(config) -> torch.dtype:
     return DTYPES.get(name.removeprefix("torch."), torch.bfloat16)
 
 
+def _count(n: int) -> str:
+    """``1.72 B``, ``560.2 M``, ``48.6 K`` or ``312``: a parameter count at a readable scale."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "B" else f"{n / size:.1f} {unit}"
+    return str(int(n))
+
+
+def does_not_fit(p: dict) -> list[str]:
+    """The jobs of a prediction with a budget that cannot run in it: the surgery step, and diagnosis when neither
+    its in-memory nor its streamed form fits (either will do). Empty without a budget."""
+    fits = p.get("fits", {})
+    if not fits:
+        return []
+    jobs = [] if fits.get("surgery", True) else ["the surgery step"]
+    if not (fits.get("diagnosis", True) or fits.get("diagnosis_streamed", True)):
+        jobs.insert(0, "diagnosis (in memory or streamed)")
+    return jobs
+
+
 def format_plan(p: dict) -> str:
-    def g(x):
-        return f"{x / GIB:.2f} GiB"
+    g = format_bytes
 
     d, s, m = p["diagnosis"], p["diagnosis_streamed"], p["surgery"]
     fits = p.get("fits", {})
@@ -179,7 +198,7 @@ def format_plan(p: dict) -> str:
 
     return "\n".join([
         f"{p['model']}: {p['n_layer']} layers x {p['n_head']} heads, hidden {p['hidden']}, "
-        f"{p['params'] / 1e9:.2f} B parameters; {p['dtype']}, batch {p['batch']} x {p['seq_len']} tokens",
+        f"{_count(p['params'])} parameters; {p['dtype']}, batch {p['batch']} x {p['seq_len']} tokens",
         f"  diagnosis, in memory : {g(d['total'])} = weights {g(d['weights'])} + activations "
         f"{g(d['activations'])}" + (f" (loading: + {g(d['loading'])} of mapped checkpoint)" if d["loading"] else "")
         + verdict("diagnosis"),

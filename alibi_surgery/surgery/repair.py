@@ -53,6 +53,7 @@ from .plan import Plan, make_plan, plan_shape
 from .repair_report import write_markdown, write_plots
 from ..diagnosis.report import HeadReport
 from .controls import apply_arm, random_healthy_plan
+from .fingerprint import differences, fingerprint
 from . import functional
 from .settings import RepairJob, RepairSettings, same_settings, settings_differences
 from .trainer import (OPT_FILE, STATE_FILE, Run, TrainingData, config_key, enable_checkpointing, lr_at,
@@ -119,7 +120,8 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
     with DirLock(out):
         if resume:  # a finished run of this model and these settings: nothing to do
-            _check_resume(model_path, out / "pass-1", options.get("settings") or RepairSettings())
+            job = RepairJob.from_options(**{k: v for k, v in options.items() if k != "_stop_after_steps"})
+            _check_resume(model_path, out / "pass-1", job)
             done = _completed(out)
             if done is not None:
                 return done
@@ -175,7 +177,7 @@ def repair_pass(model_dir, out, *, resume: bool = False, overwrite: bool = False
         return _plan_pass(model_path, job)
     out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
     with DirLock(out):
-        resume_from, meta = _check_resume(model_path, out, job.settings) if resume else (None, None)
+        resume_from, meta = _check_resume(model_path, out, job) if resume else (None, None)
         done = _completed(out) if resume else None  # a finished run of this model and these settings
         if done is not None:
             return done
@@ -191,13 +193,20 @@ def repair_pass(model_dir, out, *, resume: bool = False, overwrite: bool = False
             raise
 
 
-def _check_resume(model_path: Path, out: Path, settings: RepairSettings) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses one made
-    from another model or with other settings."""
+def _check_resume(model_path: Path, out: Path, job: RepairJob) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (None: start again; the input is unchanged) and its metadata; refuses a run
+    started from other inputs (:mod:`~alibi_surgery.surgery.fingerprint`), from another model or with other
+    settings."""
+    settings = job.settings
+    record = out / "run.json"
+    saved = json.loads(read_text(record, what="run record")) if record.is_file() else None
+    if saved is not None:
+        changed = differences(saved.get("fingerprint"), fingerprint(model_path, job))
+        if changed:
+            raise UsageError(f"resume=True: {out} was started from other inputs ({changed[0]}); resume with the "
+                             f"same, or start again with overwrite=True")
     resume_from = newest_checkpoint(out / "checkpoints")
     if resume_from is None:  # a run without checkpoints (not started, or an arm that does not train): its record
-        record = out / "run.json"
-        saved = json.loads(read_text(record, what="run record")) if record.is_file() else None
         if saved is not None and settings_differences(saved["settings"], settings):
             raise UsageError(f"resume=True: {out} was started with different settings "
                              f"({settings_differences(saved['settings'], settings)[0]}); resume with the same")
@@ -286,6 +295,7 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
         atomic_write_text(out / "run.json", json.dumps(
             {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
              "corpus_options": None if opts.corpus is None else CorpusSpec.of(opts.corpus).options(),
+             "fingerprint": fingerprint(model_path, job),
              "settings": dataclasses.asdict(settings),
              "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")

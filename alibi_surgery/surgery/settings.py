@@ -95,6 +95,10 @@ class RepairSettings:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UsageError(f"{name}={value}: must be >= {least}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"seed={self.seed!r}: must be a whole number >= 0")
+        if self.seed >= 2 ** 63:
+            raise UsageError(f"seed={self.seed}: must be below 2**63")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"warmup={self.warmup}: must be a fraction in [0, 1)")
         for name, value, rule in (("lr", self.lr, "a finite number >= 0"),

@@ -553,3 +553,18 @@ def test_max_length_and_same_prompts(measured, tiny_dir, capsys):
               "--backend", "torch", "--quiet"])
         out, err = capsys.readouterr()
         assert err == "" and "all         0/8    drifting  mean |delta| 0.0000" in out
+
+
+def test_reports_of_two_model_families_are_refused_unless_forced():
+    """Issue 31: compare of a BLOOM and an MPT diagnosis went through as if before/after of one model."""
+    from alibi_surgery.diagnosis.report import check_same_measurement
+
+    bos = torch.full((2, 4), 0.1)
+    a, b = _report(bos, family="bloom", prompt_set_fingerprint="x"), _report(bos, family="mpt",
+                                                                               prompt_set_fingerprint="x")
+    assert measurement_differences(a, b) == ["they are two model families: bloom before, mpt after"]
+    with pytest.raises(UsageError, match="two model families: bloom A, mpt B; pass force=True"):
+        check_same_measurement(a, b)
+    with pytest.warns(UserWarning, match="two model families"):
+        check_same_measurement(a, b, force=True)
+    assert measurement_differences(a, _report(bos, family="bloom", prompt_set_fingerprint="x")) == []

@@ -115,3 +115,11 @@ def test_filters_by_hand():
     assert kept(top_p=1.0, top_k=0) == [0, 1, 2, 3]
     halved = filter_logits(logits, GenerationSettings(temperature=0.5, top_p=1.0, top_k=0))
     assert torch.allclose(halved.softmax(-1), probs ** 2 / (probs ** 2).sum())
+
+
+def test_output_names_keep_non_latin_model_names_readable():
+    """Issue 31: a model directory named in Cyrillic or Chinese came out as a row of underscores."""
+    from alibi_surgery.cli.generate import output_names
+
+    assert output_names(["/m/модель", "/m/模型/", "/m/a b:c", "/m/модель", "/m/.hidden", "/m/…"]) == \
+        ["модель", "模型", "a_b_c", "модель-2", "hidden", "_"]

@@ -104,3 +104,21 @@ def test_plan_memory_cli(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["n_head"] == 32
     proc = subprocess.run(CLI + ["plan-memory", "bloom-3b", "--budget", "huge"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read 'huge'")
+
+
+def test_plan_memory_small_models_real_sizes_and_the_budget_as_exit_status(tmp_path, capsys):
+    """Issue 31: a tiny model read "0.00 B parameters" and "0.00 GiB"; a job over --budget exited 0; a negative
+    --budget got argparse's usage instead of the one-line error."""
+    from alibi_surgery.cli.main import main
+    from alibi_surgery.io.random_model import write_random_bloom
+
+    model = write_random_bloom(tmp_path / "tiny", "tiny", n_layer=2, seed=0)
+    assert main(["plan-memory", str(model), "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0.00" not in out and " K parameters" in out and ("KiB" in out or "MiB" in out), out
+    assert main(["plan-memory", "bloom-560m", "--budget", "1GiB", "--seq-len", "2048"]) == 1
+    captured = capsys.readouterr()
+    assert "does NOT fit 1.00 GiB" in captured.out
+    assert captured.err.strip() == "error: the surgery step does not fit --budget 1.00 GiB"
+    assert main(["plan-memory", "bloom-560m", "--budget", "-1GiB"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: cannot read '-1GiB' as a memory size")

@@ -96,6 +96,12 @@ def test_packed_equals_separate_and_options_reach_the_scores(backend):
     (lambda q: alibi_attention(q, q, q, window=0), "window must be"),
     (lambda q: alibi_attention(q.requires_grad_(), q[:, :, :2], q[:, :, :2]), "backward of grouped-query"),
     (lambda q: alibi_attention(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2)), "unit stride"),
+    (lambda q: alibi_attention(q, q, q, attention_mask=torch.zeros(2, 4).masked_fill_(torch.eye(2, 4).bool(),
+                                                                                        float("-inf"))), "additive"),
+    (lambda q: alibi_attention(q, q, q, attention_mask=torch.full((2, 4), 2)), r"1 \(or True\) for real tokens"),
+    (lambda q: alibi_attention_qkvpacked(torch.stack([q] * 3, 3), attention_mask=-torch.ones(2, 4)), "additive"),
+    (lambda q: alibi_attention(q, q[:, :, :0], q[:, :, :0]), "does not divide"),
+    (lambda q: alibi_attention(q[:0], q[:0], q[:0], attention_mask=torch.ones(1, 4)), "attention_mask must be"),
 ])
 def test_bad_input_is_refused_in_one_line(call, message):
     q = torch.randn(2, 4, 4, 4)
@@ -149,3 +155,32 @@ def test_torch_compile_fullgraph_equals_eager_forward_and_backward():
 
 def test_exported_from_the_package():
     assert {"alibi_attention", "alibi_attention_qkvpacked", "AttentionStats"} <= set(alibi_surgery.__all__)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,q_len,k_len,n_head,head_dim", [(0, 4, 4, 3, 8), (2, 0, 0, 3, 8), (2, 0, 5, 3, 8),
+                                                                (2, 4, 4, 0, 8), (2, 4, 4, 3, 0)])
+def test_empty_inputs_give_empty_outputs_like_sdpa(backend, batch, q_len, k_len, n_head, head_dim):
+    q = torch.randn(batch, q_len, n_head, head_dim, requires_grad=True)
+    k, v = (torch.randn(batch, k_len, n_head, head_dim, requires_grad=True) for _ in range(2))
+    mask = torch.ones(batch, k_len, dtype=torch.bool)
+    out, stats = alibi_attention(q, k, v, attention_mask=mask, return_stats=True, backend=backend)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert out.shape == sdpa.shape == q.shape and out.dtype == q.dtype
+    assert all(s.shape == (batch, n_head) and not s.any() for s in stats)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and not q.grad.any() and not k.grad.any()
+    if q_len == k_len:
+        packed = torch.randn(batch, q_len, n_head, 3, head_dim)
+        assert alibi_attention_qkvpacked(packed, backend=backend).shape == (batch, q_len, n_head, head_dim)
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
+                                  torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+                                  torch.tensor([[False, True, True, True], [True, True, True, True]])])
+def test_integer_float_and_bool_masks_agree(mask):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 8) for _ in range(3))
+    want, _ = dense(q, k, v, mask.long())
+    torch.testing.assert_close(alibi_attention(q, k, v, attention_mask=mask, backend="torch").double(), want,
+                               atol=1e-5, rtol=1e-5)

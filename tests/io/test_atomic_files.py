@@ -42,3 +42,33 @@ def test_a_failed_render_keeps_the_old_figure_and_leaves_no_temporary_file(tmp_p
     assert target.read_bytes() == b"old figure"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
     assert not plt.fignum_exists(fig.number)
+
+
+def test_a_new_output_is_created_exclusively_so_a_concurrent_writer_is_not_overwritten(tmp_path):
+    """Two runs check one free name, both work, both write: the second must be refused, the first file kept
+    (issue 31: three diagnose runs into one new --json all said "wrote"). The race is staged by writing the file
+    between the check and the write, as another process would."""
+    from alibi_surgery.errors import WriteError
+    from alibi_surgery.io.files import atomic_write_text, check_output_path
+
+    path = tmp_path / "same.json"
+    check_output_path(path)  # this run: the name is free
+    path.write_text("the other run's report\n")  # another run finishes first
+    with pytest.raises(WriteError, match="appeared while this run was working") as info:
+        atomic_write_text(path, "ours\n")
+    assert "\n" not in str(info.value) and path.read_text() == "the other run's report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["same.json"]  # no temporary file left
+
+
+def test_after_its_first_write_a_run_replaces_its_own_output_and_overwrite_replaces_any(tmp_path):
+    from alibi_surgery.io.files import atomic_write_text, check_output_path
+
+    path = tmp_path / "out.json"
+    check_output_path(path)
+    atomic_write_text(path, "first\n")
+    atomic_write_text(path, "second\n")  # the same run rewriting its own file
+    assert path.read_text() == "second\n"
+    check_output_path(path, overwrite=True)
+    path.write_text("someone else\n")
+    atomic_write_text(path, "third\n")  # --overwrite: replacing is what was asked
+    assert path.read_text() == "third\n"

@@ -126,3 +126,19 @@ def test_version_debug_after_the_command_and_defaults_in_help(model, tmp_path):
                             ("--grad-accum", 8)):
         help_line = text[text.rindex(f"{option} "):][:160]  # the options list, after the usage line
         assert f"(default: {default})" in help_line, help_line
+
+
+def test_a_corpus_file_named_twice_is_read_once_with_a_warning(tmp_path):
+    """Issue 31: the same corpus file twice (or a file and its directory) was read twice, silently."""
+    from alibi_surgery.io.corpus import corpus_files
+
+    (tmp_path / "d").mkdir()
+    a, b = tmp_path / "d" / "a.txt", tmp_path / "d" / "b.txt"
+    a.write_text("alpha")
+    b.write_text("beta")
+    with pytest.warns(UserWarning, match=r"a\.txt is named twice .*: it is read once"):
+        assert corpus_files([a, a]) == [a]
+    with pytest.warns(UserWarning, match="named twice"):
+        assert corpus_files([tmp_path / "d", a]) == [a, b]
+    with pytest.warns(UserWarning, match="named twice"):
+        assert corpus_files([a, str(tmp_path / "d" / ".." / "d" / "a.txt")]) == [a]

@@ -27,6 +27,8 @@ def _refusal(call) -> str:
     (dict(lr=float("nan")), "lr=nan: must be a finite number >= 0"),
     (dict(max_grad_norm=0.0), "max_grad_norm=0.0: must be a finite number > 0"),
     (dict(epochs=-1), "epochs=-1: must be >= 0"),
+    (dict(seed=-1), "seed=-1: must be a whole number >= 0"),
+    (dict(seed=2 ** 63), "seed=9223372036854775808: must be below 2**63"),
     (dict(schedule="linear"), "unknown schedule='linear'; choose one of default, paper"),
     (dict(stochastic_rounding=True, optimizer_precision="bf16"),
      "stochastic_rounding=True is optimizer_precision='stochastic'; it contradicts optimizer_precision='bf16'"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -147,19 +148,26 @@ def test_a_write_failure_mid_training_names_the_last_checkpoint_and_the_resume_c
     assert command.startswith("alibi-surgery repair ") and command.endswith(" --resume"), err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert not (out / LOCK_NAME).exists()
-    resumed = _run([sys.executable, "-m", "alibi_surgery.cli", *command.split()[1:]])
+    resumed = _run([sys.executable, "-m", "alibi_surgery.cli", *shlex.split(command)[1:]])  # as a shell reads it
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path, sig, code, word):
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) end alike, even when the run was started with SIGINT
+    ignored, as a shell starts a background job."""
     out = tmp_path / "out"
-    proc, _ = _paused(inputs, out, "train:5")
-    proc.send_signal(signal.SIGINT)
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `cmd &`
+    try:
+        proc, _ = _paused(inputs, out, "train:5")
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     err = _one_error_line(stderr)
-    assert err.startswith("error: interrupted; the last complete checkpoint is ") and "step-00000004" in err, err
+    assert err.startswith(f"error: {word}; the last complete checkpoint is ") and "step-00000004" in err, err
     assert err.endswith("--resume") and "continue with: alibi-surgery repair" in err, err
 
 
