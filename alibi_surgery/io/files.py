@@ -77,8 +77,7 @@ def check_output_path(path, *, overwrite: bool = False, what: str = "output") ->
         raise UsageError(f"{what} file already exists: {path} (pass overwrite=True to replace it)")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{what} directory is not writable: {parent}")
-    if not overwrite:
-        _NEW.add(_key(path))
+    (_NEW.discard if overwrite else _NEW.add)(_key(path))  # overwrite: replacing whatever is there is what was asked
     return path
 
 

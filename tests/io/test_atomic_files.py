@@ -72,3 +72,16 @@ def test_after_its_first_write_a_run_replaces_its_own_output_and_overwrite_repla
     path.write_text("someone else\n")
     atomic_write_text(path, "third\n")  # --overwrite: replacing is what was asked
     assert path.read_text() == "third\n"
+
+
+def test_a_check_with_overwrite_after_a_failed_run_lets_the_write_replace(tmp_path):
+    """A run that checked a new name and failed before writing leaves no claim behind for a later call with
+    overwrite (one Python session: a notebook calling the API again)."""
+    from alibi_surgery.io.files import atomic_write_text, check_output_path
+
+    path = tmp_path / "report.json"
+    check_output_path(path)  # the first call fails before it writes
+    path.write_text("written by hand meanwhile\n")
+    check_output_path(path, overwrite=True)
+    atomic_write_text(path, "replaced\n")
+    assert path.read_text() == "replaced\n"
