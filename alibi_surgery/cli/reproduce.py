@@ -36,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def reproduce_kinds() -> tuple:
-    from ..demo.reproduce import KINDS
-
-    return KINDS
-
-
 def main(argv=None) -> int:
-    from ..demo.reproduce import reproduce
+    from ..demo.reproduce import KINDS, reproduce
     from ..errors import UsageError
     from .console import flag_wording, setup_console
 
@@ -55,7 +49,7 @@ def main(argv=None) -> int:
                       save_every=a.save_every, batch_size=a.batch_size, lr=a.lr, seq_len=a.seq_len,
                       ablation={"draws": a.ablation_draws, "texts": a.ablation_texts,
                                 "bootstrap": a.ablation_bootstrap},
-                      kinds=tuple(k for k in reproduce_kinds() if k not in a.skip), docs_dir=a.docs_dir, progress=not a.quiet)
+                      kinds=tuple(k for k in KINDS if k not in a.skip), docs_dir=a.docs_dir, progress=not a.quiet)
     except UsageError as exc:
         print(f"error: {flag_wording(str(exc), parser)}", file=sys.stderr)
         return 2

@@ -176,19 +176,18 @@ def _place(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
         return
     try:
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this filesystem: create exclusively, then fill it by rename
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
     except FileExistsError:
         raise WriteError(f"{path} appeared while this run was working (another run wrote it?); it was not "
                          f"replaced: rerun with overwrite (--overwrite) or another name") from None
-    except OSError:  # no hard links on this filesystem: create exclusively, then fill it by rename
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            raise WriteError(f"{path} appeared while this run was working (another run wrote it?); it was not "
-                             f"replaced: rerun with overwrite (--overwrite) or another name") from None
-        os.replace(tmp, path)
-    else:
-        os.unlink(tmp)
     _NEW.discard(key)
 
 
