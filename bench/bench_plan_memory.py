@@ -2,7 +2,8 @@
 
     python bench/bench_plan_memory.py CKPT [CKPT ...] [--jobs diagnose stream surgery] [--seq 512 ...] [--heads 32]
 
-Each (checkpoint, job) runs in a fresh process: the resident-memory baseline is taken after the imports, then the job
+Each (checkpoint, job) runs in a fresh process: the resident-memory baseline is taken after the imports (the family's
+modelling code and the tokenizer included: the planner's ``cpu_runtime``, reported apart), then the job
 runs once (fp32, batch 1, one prompt of T tokens, torch backend; each ``--seq`` in turn; any registered family for
 ``diagnose``, BLOOM for the other jobs) and the peak resident memory (``ru_maxrss``) above
 that baseline is compared with ``alibi_surgery.surgery.memory_plan.plan_memory``'s total for the same settings. Rows go to
@@ -33,9 +34,14 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
     from alibi_surgery.surgery.memory_plan import plan_memory, spread_plan
     from alibi_surgery.diagnosis.stream import diagnose_streamed
 
+    from alibi_surgery.families import family_for
+    from alibi_surgery.io.loading import load_config
+
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     prompt = ("The quick brown fox jumps over the lazy dog. " * (seq // 40 + 2))
+    family_for(load_config(ckpt)).model_class()  # the runtime: the family's modelling code and the tokenizer
+    load_tokenizer(ckpt)
     base = rss_bytes()
     if job == "stream":
         diagnose_streamed(ckpt, load_tokenizer(ckpt), [prompt], max_length=seq, backend="torch")

@@ -18,8 +18,8 @@ Feeding it: :meth:`ExtremeSink.add_attention` from inside an attention forward (
 :func:`attention_extremes` makes the patched attention of :mod:`alibi_surgery.attention.patch` call it) and
 :meth:`ExtremeSink.add_residual` from the decoder blocks' forward pre-hooks (:func:`residual_hooks`). Limits: each
 call must see whole prompts with no cached past (diagnosis runs without a cache); with a cache the past tokens would
-be counted again. Memory: norms ``[B, T, H]``, the valid rows of the attention output in float64 and the heads' Gram
-matrices ``W_h^T W_h [H, d, d]``: a head's write is never built, its norm is ``sqrt(o . (W_h^T W_h) o)`` in float64
+be counted again. Memory: norms ``[B, T, H]``, a copy of the valid rows of the attention output, float64 steps of
+:data:`OUTPUT_NORM_ROWS` rows at a time and the heads' Gram matrices ``W_h^T W_h [H, d, d]``: a head's write is never built, its norm is ``sqrt(o . (W_h^T W_h) o)`` in float64
 (d x d work per row and head instead of d x hidden; exact up to float64 rounding, below the float32 of the inputs).
 """
 
@@ -37,6 +37,7 @@ __all__ = ["ExtremeSink", "DEFAULT_DORMANT_FRACTION", "dormant_heads", "check_do
            "attention_extremes", "residual_hooks", "ResidualFeed"]
 
 DEFAULT_DORMANT_FRACTION = 0.1  # docs/metrics.md says why
+OUTPUT_NORM_ROWS = 2048  # query rows per float64 output-norm step: its temporaries stay O(rows * H * d), not O(T)
 
 
 def check_dormant_fraction(fraction: float) -> float:
@@ -109,12 +110,15 @@ class ExtremeSink:
         ratio = ratio.repeat_interleave(n_head // n_kv, dim=-1)  # query head h reads kv head h // group
         self.value_sum[layer] += (ratio * weight[:, None]).sum(0).cpu()
         self.value_weight[layer] += weight.sum().cpu()
-        rows = context[query_valid.bool()].double().transpose(0, 1)  # [H, N, d]: valid query rows only
         w_heads = w_out.double().reshape(w_out.shape[0], n_head, head_dim).permute(1, 2, 0)  # [H, d, hidden]
         gram = torch.bmm(w_heads, w_heads.transpose(1, 2))  # W_h^T W_h [H, d, d]: ||W_h o||^2 = o . (W_h^T W_h) o
-        squares = (torch.bmm(rows, gram) * rows).sum(-1)  # [H, N]
-        self.out_sum[layer] += squares.clamp_min(0.0).sqrt().sum(-1).cpu()
-        self.out_rows[layer] += rows.shape[1]
+        valid = context[query_valid.bool()]  # [N, H, d]: valid query rows only (a copy in the input dtype)
+        total = torch.zeros(n_head, dtype=torch.float64, device=valid.device)
+        for start in range(0, valid.shape[0], OUTPUT_NORM_ROWS):  # float64 temporaries of a bounded size
+            rows = valid[start:start + OUTPUT_NORM_ROWS].double().transpose(0, 1)  # [H, n, d]
+            total += (torch.bmm(rows, gram) * rows).sum(-1).clamp_min(0.0).sqrt().sum(-1)
+        self.out_sum[layer] += total.cpu()
+        self.out_rows[layer] += valid.shape[0]
         self.seen_attention = True
 
     @torch.no_grad()

@@ -80,6 +80,8 @@ class Family:
     mlp_names: tuple[str, str] = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # the MLP's up and down linears,
     # as module paths inside one block (BLOOM's and Falcon's names)
     interface = False  # True: a model routed through transformers' attention interface (diagnosis only)
+    mlp_live = 2  # MLP-width tensors alive at the MLP's peak in inference: the up projection's output and its
+    # activation (a one-op GELU); BLOOM's tanh-GELU expression holds 5, a gated MLP 3 (the planner's working set)
     bool_masks_out = False  # the model's bool masks say True = masked (MPT), not True = attend
     surgery_refusal: str | None = None  # why surgery is refused on this family (one line), or None
 
@@ -171,12 +173,20 @@ class Family:
         up, down = (block.get_submodule(name).weight for name in self.mlp_names)
         return up, down
 
+    def mlp_live_tensors(self, block: nn.Module) -> int:
+        """MLP-width tensors alive at once at the peak of ``block``'s MLP in inference (:attr:`mlp_live`)."""
+        return self.mlp_live
+
     def mlp_tensor_names(self, layer: int) -> tuple[str, str]:
         """Checkpoint tensor names (without ``prefix``) of block ``layer``'s up and down weights."""
         up, down = (f"{self.blocks}.{layer}.{name}.weight" for name in self.mlp_names)
         return up, down
 
     # --- attention semantics ------------------------------------------------------------------------------------
+    def kv_heads(self, config) -> int:
+        """Key/value heads of ``config``'s attention (as many as query heads unless the family groups them)."""
+        return self.layout(config).n_head
+
     def attention_shape(self, attn: nn.Module) -> tuple[int, int]:
         """``(n_head, head_dim)`` of one attention module."""
         return attn.num_heads, attn.head_dim
@@ -244,9 +254,12 @@ class Family:
     # --- sizes ---------------------------------------------------------------------------------------------------
     def block_params(self, config) -> int:
         """Parameters of one block (counted on a meta-device instance: no memory)."""
+        return sum(p.numel() for p in self.meta_block(config).parameters())
+
+    def meta_block(self, config) -> nn.Module:
+        """One block of ``config`` built on the meta device (shapes only, no memory)."""
         with torch.device("meta"):
-            block = self.block_class()(config, layer_idx=0)
-        return sum(p.numel() for p in block.parameters())
+            return self.block_class()(config, layer_idx=0)
 
     def params(self, config) -> int:
         """Parameters of the causal LM, a tied LM head counted once (counted on a meta-device instance)."""

@@ -23,6 +23,7 @@ class Bloom(Family):
     name, layers_field = "bloom", "n_layer"
     embedding, qkv_name, out_name = "word_embeddings.weight", "query_key_value", "dense"
     classes = ("BloomConfig", "BloomForCausalLM", "BloomAttention", "BloomBlock")
+    mlp_live = 5  # bloom_gelu_forward's x, x * 0.5, 0.79788456 * x, 0.044715 * x and its product with x
 
     def refusal(self, config: dict) -> str | None:
         scheme = config.get("position_embedding_type")

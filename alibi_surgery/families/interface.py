@@ -161,6 +161,10 @@ class InterfaceFamily(Family):
             return up.weight.t(), down.weight.t()  # Conv1D: [in, out]
         raise LookupError(f"no MLP up/down projection found in {type(block).__name__}")
 
+    def mlp_live_tensors(self, block: nn.Module) -> int:
+        """3 for a gated MLP (``act(gate(x)) * up(x)``: the activation, the up output, their product), else 2."""
+        return 3 if any(name.endswith("gate_proj") for name, _ in block.named_modules()) else 2
+
     def patched_forward(self):
         return None  # patching switches the attention implementation instead (attention/interface.py)
 
@@ -181,9 +185,12 @@ class InterfaceFamily(Family):
         return sum(p.numel() for p in model.parameters())
 
     def block_params(self, config) -> int:
+        return sum(p.numel() for p in self.meta_block(config).parameters())
+
+    def meta_block(self, config) -> nn.Module:
         with torch.device("meta"):
             model = self.model_class()(self.with_layers(config, 1))
-        return sum(p.numel() for b in self.decoder_blocks(model) for p in b.parameters())
+        return self.decoder_blocks(model)[0]
 
     def with_layers(self, config, n_layer: int):
         import copy

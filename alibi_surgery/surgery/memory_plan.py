@@ -4,8 +4,9 @@ Predicts peak memory, by part, for three jobs on a model of any registered famil
 a shape name (``bloom-560m``, ``mpt-7b``, ``falcon-rw-1b`` ...):
 
 * **diagnosis, in memory**: ``weights`` (every base-model parameter in the compute dtype) + ``activations``
-  (``DIAG_WORKING_SET`` hidden-sized values per token of one batch: the block's qkv, context, MLP 4h and GELU 4h
-  outputs, residuals; the fused attention adds only O(T) per head);
+  (:func:`diagnosis_working_set`: hidden-sized values per token of one batch at the MLP's or the attention's peak,
+  the larger; on CPU the attention's adds the torch backend's three ``[B, H, 256, 512]`` float32 score tiles, the
+  Triton kernel keeps its tiles on chip);
 * **diagnosis, streamed** (:mod:`alibi_surgery.diagnosis.stream`): ``block`` (one block in the compute dtype, plus its
   largest tensor once more while it is converted) + ``hidden states`` (every prompt's, all batches, kept between blocks)
   + ``activations`` of one batch;
@@ -34,14 +35,14 @@ from ..analysis.loss import default_chunk_tokens
 from .plan import Plan, meta_block, plan_shape
 
 __all__ = ["parse_bytes", "format_bytes", "load_config", "heads_for", "spread_plan", "diagnosis_memory", "plan_memory",
-           "format_plan", "predict_memory", "format_memory"]
+           "format_plan", "diagnosis_working_set", "predict_memory", "format_memory"]
 
 GIB = 2**30
 # Activation working set of one recomputed block in training, in units of hidden values per token: input and
 # post-attention LayerNorm outputs (2), fused qkv (3), attention context (1), output projection (1), residual (1),
 # MLP up-projection and activation output (4 + 4). See predict_memory.
 BLOCK_WORKING_SET = 16
-DIAG_WORKING_SET = 12  # hidden-sized values per token alive at a block's peak in inference (see module docstring)
+RESIDENT_HIDDEN = 4  # hidden-sized tensors alive through a block in inference (see diagnosis_working_set)
 CPU_RUNTIME = int(0.4 * GIB)
 PAPER_COLLAPSE_SHARE = {"bloom-560m": 0.44, "bloom-1b7": 0.36, "bloom-3b": 0.38, "bloom-7b1": 0.31}
 DEFAULT_COLLAPSE_SHARE = 0.40
@@ -56,16 +57,19 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) or not m.group(2) else 1000) ** power)
 
 
-def load_config(model: str):
+def load_config(model: str, surgery: bool = True):
     """``(name, config)`` of a shape name (:data:`~alibi_surgery.io.random_model.SHAPES`: ``bloom-7b1``,
-    ``mpt-7b``, ``falcon-rw-1b`` ...) or a checkpoint directory."""
+    ``mpt-7b``, ``falcon-rw-1b`` ...) or a checkpoint directory; with ``surgery`` a family surgery refuses is a
+    UsageError."""
     if model in SHAPES:
         return model, shape_config(model)
     from ..families import check_surgery, family_for
     from ..io.loading import load_config as read_config
 
     config = read_config(model)
-    check_surgery(family_for(config, model))
+    family = family_for(config, model)
+    if surgery:
+        check_surgery(family)
     return model, config
 
 
@@ -94,12 +98,47 @@ def spread_plan(config, n_heads: int) -> Plan:
     return Plan(selection=selection, zone=selection, frozen={}, included={}, source="plan-memory", **shape)
 
 
+def diagnosis_working_set(config) -> tuple[float, float]:
+    """Hidden-sized values per token alive at the two peaks of one block in an inference forward (a diagnosis),
+    ``(MLP, attention)``, counted from the modelling code (eager torch ops, each temporary freed when its last
+    reference goes):
+
+    * :data:`RESIDENT_HIDDEN` = 4 through the block: the embedding output, the block's input, the residual and the
+      normalised input; rotary models add their cos and sin (``2 * head_dim / hidden``);
+    * the MLP adds ``Family.mlp_live_tensors`` tensors of its width (BLOOM's tanh-GELU expression 5 of 4h: 20; a
+      one-op GELU 2; a gated MLP 3 of ``intermediate_size``);
+    * the attention adds ``2 * (n_head + 2 * n_kv) * head_dim / hidden + 1``: the projected query/key/value, the
+      backend's contiguous copies of them, its output and the context the output norms read
+      (:data:`~alibi_surgery.diagnosis.extremes.OUTPUT_NORM_ROWS` bounds their float64 steps); on CPU the torch
+      backend's score tiles come on top (:func:`diagnosis_memory`).
+
+    ``tests/analysis/test_scale.py`` checks the prediction against the live tensor storages of a real diagnosis
+    (tiny BLOOM and Llama); resident memory adds the allocator's own retention (docs/scale.md)."""
+    family, block = meta_block(config)
+    layout = family.layout(config)
+    h = layout.hidden
+    resident = RESIDENT_HIDDEN + (2 * layout.head_dim / h if family.interface else 0.0)
+    up, _ = family.mlp_weights(block)
+    mlp = family.mlp_live_tensors(block) * up.shape[0] / h
+    attention = 2 * (layout.n_head + 2 * family.kv_heads(config)) * layout.head_dim / h + 1
+    return resident + mlp, resident + attention
+
+
+def _tiles(config, batch: int, seq_len: int) -> int:
+    """Bytes of the torch backend's forward score tiles (two matmul outputs and their exp2, float32)."""
+    from ..kernels.reference import BLOCK_K, BLOCK_Q
+
+    n_head = family_for(config).layout(config).n_head
+    return 3 * batch * n_head * min(seq_len, BLOCK_Q) * min(seq_len, BLOCK_K) * 4
+
+
 def diagnosis_memory(config, dtype: torch.dtype, seq_len: int, batch: int, n_prompts: int, streamed: bool,
                      storage_dtype: torch.dtype = torch.bfloat16, cpu: bool = False) -> dict:
     """Predicted peak bytes of a diagnosis, by part (see the module docstring)."""
     w = torch.finfo(dtype).bits // 8
     h = family_for(config).layout(config).hidden
-    act = DIAG_WORKING_SET * batch * seq_len * h * w
+    mlp, attention = (v * batch * seq_len * h * w for v in diagnosis_working_set(config))
+    act = round(max(mlp, attention + (_tiles(config, batch, seq_len) if cpu else 0)))
     if not streamed:
         out = {"weights": model_bytes(config, dtype), "activations": act,
                "loading": model_bytes(config, storage_dtype) if cpu else 0}
@@ -129,17 +168,18 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
     for label, v in (("seq_len", seq_len), ("batch", batch), ("n_prompts", n_prompts)):
         if v < 1:
             raise UsageError(f"{label}={v}: must be >= 1")
-    name, config = load_config(model)
+    name, config = load_config(model, surgery=False)
     dt = parse_dtype(dtype, torch.device(device))
     n_heads = heads_for(name, config, heads)
-    plan = spread_plan(config, n_heads)
     family = family_for(config)
     layout = family.layout(config)
     n_params = family.params(config)
-    surgery = predict_memory(plan, dtype=dtype, seq_len=seq_len, batch=batch, vocab=layout.vocab,
-                             n_params_total=n_params, stochastic_rounding=stochastic_rounding)
     storage = _storage_dtype(config)
-    if cpu:  # loading (weights + mapped file) can peak above the step itself
+    surgery = None  # a family surgery refuses (an interface model) gets its diagnosis only
+    if not family.surgery_refusal:
+        surgery = predict_memory(spread_plan(config, n_heads), dtype=dtype, seq_len=seq_len, batch=batch,
+                                 vocab=layout.vocab, n_params_total=n_params, stochastic_rounding=stochastic_rounding)
+    if cpu and surgery:  # loading (weights + mapped file) can peak above the step itself
         surgery["loading"] = model_bytes(config, storage)
         surgery["total"] = max(surgery["total"], surgery["weights"] + surgery["loading"])
     out = {"model": name, "family": family.name, "n_layer": layout.n_layer, "n_head": layout.n_head,
@@ -147,10 +187,12 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
            "params": n_params, "dtype": dtype, "seq_len": seq_len, "batch": batch, "heads": n_heads,
            "device": device,
            "diagnosis": diagnosis_memory(config, dt, seq_len, batch, n_prompts, False, storage, cpu),
-           "diagnosis_streamed": diagnosis_memory(config, dt, seq_len, batch, n_prompts, True, storage, cpu),
+           "diagnosis_streamed": None if family.interface else  # loaded whole: no block runner (stream.py)
+           diagnosis_memory(config, dt, seq_len, batch, n_prompts, True, storage, cpu),
            "surgery": surgery, "budget": budget, "cpu_runtime": CPU_RUNTIME if cpu else 0}
     if budget is not None:
-        out["fits"] = {job: out[job]["total"] <= budget for job in ("diagnosis", "diagnosis_streamed", "surgery")}
+        out["fits"] = {job: out[job]["total"] <= budget for job in ("diagnosis", "diagnosis_streamed", "surgery")
+                       if out[job] is not None}
     return out
 
 
@@ -180,7 +222,7 @@ def does_not_fit(p: dict) -> list[str]:
     if not fits:
         return []
     jobs = [] if fits.get("surgery", True) else ["the surgery step"]
-    if not (fits.get("diagnosis", True) or fits.get("diagnosis_streamed", True)):
+    if not (fits.get("diagnosis", True) or fits.get("diagnosis_streamed", False)):
         jobs.insert(0, "diagnosis (in memory or streamed)")
     return jobs
 
@@ -203,10 +245,12 @@ def format_plan(p: dict) -> str:
         f"{g(d['activations'])}" + (f" (loading: + {g(d['loading'])} of mapped checkpoint)" if d["loading"] else "")
         + verdict("diagnosis"),
         f"  diagnosis, streamed  : {g(s['total'])} = one block {g(s['block'])} + hidden states "
-        f"{g(s['hidden_states'])} + activations {g(s['activations'])}{verdict('diagnosis_streamed')}",
+        f"{g(s['hidden_states'])} + activations {g(s['activations'])}{verdict('diagnosis_streamed')}" if s else
+        f"  diagnosis, streamed  : not available ({p['family']} models are loaded whole)",
         f"  surgery step, {p['heads']} heads: {g(m['total'])} = weights {g(m['weights'])} + slice grads "
         f"{g(m['grads'])} + optimizer {g(m['optimizer'])} + activations {g(m['activations'])} + loss chunk "
-        f"{g(m['loss_chunk'])}{verdict('surgery')}",
+        f"{g(m['loss_chunk'])}{verdict('surgery')}" if m else
+        f"  surgery step         : not available (alibi-surgery repairs bloom, falcon and mpt models)",
     ] + ([f"  (a CPU process adds about {g(p['cpu_runtime'])} of runtime)"] if p["cpu_runtime"] else []))
 
 

@@ -358,13 +358,10 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
 
 def meta_block(config):
     """``(family, block)``: one block of ``config``'s family built on the meta device (shapes only, no memory)."""
-    import torch
-
     from ..families import family_for
 
     family = family_for(config)
-    with torch.device("meta"):
-        return family, family.block_class()(config, layer_idx=0)
+    return family, family.meta_block(config)
 
 
 def plan_shape(config) -> dict:

@@ -4,8 +4,12 @@ import json
 import subprocess
 import sys
 
+import warnings
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alibi_surgery.errors import UsageError
 from alibi_surgery.analysis.scale_table import family_entry, family_json, family_table
@@ -71,7 +75,8 @@ def test_diagnosis_parts_by_hand():
     cfg = bloom_config("bloom-560m")
     h = 1024
     mem = diagnosis_memory(cfg, torch.float32, 512, 2, 8, streamed=True)
-    assert mem["hidden_states"] == 8 * 512 * h * 4 and mem["activations"] == 12 * 2 * 512 * h * 4
+    # BLOOM's peak is its MLP: 4 resident + the tanh-GELU's 5 tensors of 4h (on a card: no torch-backend tiles)
+    assert mem["hidden_states"] == 8 * 512 * h * 4 and mem["activations"] == (4 + 5 * 4) * 2 * 512 * h * 4
     assert mem["block"] == (12 * h * h + 13 * h) * 4 + 4 * h * h * 2
     full = diagnosis_memory(cfg, torch.bfloat16, 512, 1, 8, streamed=False)
     weights = (24 * (12 * h * h + 13 * h) + 250880 * h + 4 * h) * 2
@@ -122,3 +127,68 @@ def test_plan_memory_small_models_real_sizes_and_the_budget_as_exit_status(tmp_p
     assert captured.err.strip() == "error: the surgery step does not fit --budget 1.00 GiB"
     assert main(["plan-memory", "bloom-560m", "--budget", "-1GiB"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: cannot read '-1GiB' as a memory size")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak bytes of the tensor storages that ops create under this mode and that are still referenced (freed
+    through weakref finalizers): an allocator-free count of a job's working set. Storages that existed before (the
+    weights: ``detach`` returns them) are left out."""
+
+    def __init__(self, before: set):
+        super().__init__()
+        self.before, self.live, self.now, self.peak = before, {}, 0, 0
+
+    def _free(self, key, n):
+        self.live.pop(key, None)
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live or key in self.before or not storage.nbytes():
+                    continue
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                weakref.finalize(storage, self._free, key, storage.nbytes())
+                self.peak = max(self.peak, self.now)
+        return out
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-llama"])
+def test_diagnosis_activations_match_the_live_tensors_of_a_real_diagnosis(shape, tmp_path):
+    """Issue 31: the planner's diagnosis activations (fp32, CPU, torch backend, one prompt of 4,096 tokens) against
+    the peak of the live tensor storages while ``diagnose`` runs on a 2-layer random model: BLOOM peaks in its
+    tanh-GELU MLP (24 hidden values per token), Llama in its attention (9.5 values plus the score tiles, above its
+    MLP's 10.5)."""
+    from alibi_surgery import diagnose
+    from alibi_surgery.io.loading import load_model
+    from alibi_surgery.io.random_model import write_random_model
+
+    seq = 4096
+    path = write_random_model(tmp_path / shape, shape, n_layer=2, vocab_size=512, seed=0)
+    model, tok = load_model(str(path), dtype="float32", device="cpu")
+    before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with _LiveBytes(before) as live, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Llama: 4,096 tokens are past its config's training context
+        diagnose(model, tok, ["x" * (seq + 10)], max_length=seq, backend="torch")
+    predicted = plan_memory(str(path), heads="1", seq_len=seq, dtype="float32", device="cpu")["diagnosis"]
+    assert abs(predicted["activations"] - live.peak) < 0.08 * live.peak, (predicted["activations"], live.peak)
+
+
+def test_plan_memory_of_a_model_surgery_refuses_predicts_its_diagnosis(tmp_path, capsys):
+    """Issue 31: plan-memory on a Llama checkpoint refused the whole plan (surgery is out of scope for it); now it
+    predicts the in-memory diagnosis and says which jobs do not apply."""
+    from alibi_surgery.cli.main import main
+    from alibi_surgery.io.random_model import write_random_model
+
+    path = write_random_model(tmp_path / "llama", "tiny-llama", n_layer=2, vocab_size=512, seed=0)
+    assert main(["plan-memory", str(path), "--device", "cpu", "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "diagnosis, in memory" in out and "fits 1.00 GiB" in out
+    assert "streamed  : not available (llama models are loaded whole)" in out
+    assert "surgery step         : not available" in out
+    p = plan_memory(str(path), budget=1, device="cpu")
+    assert p["surgery"] is None and p["diagnosis_streamed"] is None and p["fits"] == {"diagnosis": False}

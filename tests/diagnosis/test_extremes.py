@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alibi_surgery import HeadReport, diagnose
+from alibi_surgery.diagnosis import extremes
 from alibi_surgery.diagnosis.extremes import ExtremeSink, dormant_heads, residual_hooks
 from alibi_surgery.diagnosis.report import read_report
 from alibi_surgery.diagnosis.stream import diagnose_streamed
@@ -137,9 +138,13 @@ def test_eager_backend_gives_residual_peak_only(case_model):
     assert ((report.residual_peak.double() - expected[2]).abs() / expected[2]).max() < 1e-4
 
 
-def test_add_attention_with_grouped_kv_heads_equals_a_direct_computation():
+@pytest.mark.parametrize("step", [None, 4], ids=["one-step", "steps-of-4-rows"])
+def test_add_attention_with_grouped_kv_heads_equals_a_direct_computation(step, monkeypatch):
     """4 query heads on 2 key/value heads (head h reads kv head h // 2), non-contiguous values, left padding, a
-    1-token prompt; the direct computation loops over prompts and heads in float64."""
+    1-token prompt; the direct computation loops over prompts and heads in float64. ``steps-of-4-rows``: the output
+    norms in float64 steps of 4 rows (11 valid rows: two full steps and a remainder of 3)."""
+    if step:
+        monkeypatch.setattr(extremes, "OUTPUT_NORM_ROWS", step)
     torch.manual_seed(0)
     batch, length, n_head, n_kv, d, hidden = 3, 6, 4, 2, 5, 7
     value = torch.randn(batch, n_kv, length, d).transpose(1, 2)  # [B, T, Hkv, d], not contiguous
