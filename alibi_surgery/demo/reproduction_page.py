@@ -110,8 +110,10 @@ def markdown(r: dict, figures: list[str]) -> str:
     s = r["settings"]
     held = r["held_out"]
     stock = r["claims"]["stock_does_work"]
-    head = (f"Testbeds {beds}. {r['seeds']} seeds each: {len(r['units'])} units, {len(r['seconds'])} jobs, "
-            f"{r['wall_seconds'] / 60:.0f} min on {r['workers']} workers. Surgery: {s['docs'][0]} documents per "
+    reused = sum(1 for v in r["seconds"].values() if not v)  # finished by an earlier invocation: 0 s here
+    ran = f" ({reused} finished by an earlier invocation of the same command)" if reused else ""
+    head = (f"Testbeds {beds}. {r['seeds']} seeds each: {len(r['units'])} units, {len(r['seconds'])} jobs{ran}, "
+            f"{r['wall_seconds'] / 60:.0f} min on {r['workers']} workers in this invocation. Surgery: {s['docs'][0]} documents per "
             f"seed, batch {s['batch_size']}, lr {s['lr']}, {s['epochs']} epochs, a checkpoint every "
             f"{s['save_every_steps']} steps. Functional measurement: {r['ablation']['texts']} held-out documents, "
             f"{r['ablation']['draws']} floor draws, {r['ablation']['bootstrap']} bootstrap resamples; on the stock "

@@ -55,7 +55,8 @@ def test_paper_end_to_end_on_a_two_layer_bloom_1b7(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["paper", str(model), "--paper-repo", str(FIXTURE), "--out", str(out), "--corpus", str(corpus),
                  "--c4", str(c4), "--arms", "treatment", "--experiments", "pass1,pass2,c4",
-                 "--dtype", "float32", "--backend", "torch", "--ablation-draws", "0", "--quiet"]) == 0
+                 "--dtype", "float32", "--backend", "torch", "--ablation-draws", "0", "--quiet",
+                 "--epochs", "1"]) == 0  # the paper's 15 epochs wrote 15 checkpoints of 400 MB per run
     assert "wrote" in capsys.readouterr().out
     data = json.loads((out / "paper.json").read_text())
     runs = data["runs"]

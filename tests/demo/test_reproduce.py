@@ -189,11 +189,12 @@ def test_tiny_reproduction_end_to_end_on_the_demo_model(tmp_path):
     from alibi_surgery.io.loading import load_tokenizer
 
     out = tmp_path / "repro"
-    r = reproduce(out, seeds=1, workers=1, docs=(8, 4), epochs=1, save_every=1, batch_size=8,
+    kinds = tuple(k for k in KINDS if k not in ("paper", "ours"))  # bf16 on a CPU: minutes (the run skips them too)
+    r = reproduce(out, seeds=1, workers=1, docs=(8, 4), epochs=1, save_every=1, batch_size=8, kinds=kinds,
                   ablation={"draws": 2, "texts": 2, "bootstrap": 20}, progress=False, log=lambda *a: None)
     (u,) = r["units"]
     assert u["targets"] == 11 and u["n_heads"] == 64  # the shipped model's collapsed band heads at 128 tokens
-    assert set(u["eval"]) == set(KINDS) and set(r["seconds"]) >= {"A-treatment-0", "A-stock", "A-ablate-0"}
+    assert set(u["eval"]) == set(kinds) and set(r["seconds"]) >= {"A-treatment-0", "A-stock", "A-ablate-0"}
     chunks = load_corpus(corpus_spec(out / "corpus" / "held-out" / "eval.jsonl"), load_tokenizer(str(model_dir())),
                          128)[0]
     net = AutoModelForCausalLM.from_pretrained(str(model_dir()), attn_implementation="eager").eval()

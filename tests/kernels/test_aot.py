@@ -18,22 +18,25 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 @pytest.mark.parametrize("arch", [80, 89, 90])
 def test_every_kernel_configuration_compiles_without_spills(arch, tmp_path):
     """sm_86 is left to the CLI report: the launchers give it sm_89's configurations, and in the full report
-    (2026-11-30) all 118 compile to the same registers, spills and shared memory on both."""
+    (2026-11-30) all 118 compile to the same registers, spills and shared memory on both. On sm_80 and sm_89 only
+    head_dim 128 compiles here (the widest tiles: the most registers, the most shared memory); 64 and 80 compile on
+    sm_90 here and on every target in the CLI report (a cut for the suite's time, 2026-12-07)."""
+    dims = (64, 80, 128) if arch == 90 else (128,)
     out = tmp_path / "report.json"
     # head_dim 96 is left to the CLI report: it compiles with exactly 80's tiles (both pad to 128 lanes). So is
     # float16: the launchers give it bfloat16's tiles, and in the full report (472 configurations, 2026-11-30) its 152
     # compile within 4 registers of bfloat16's, the same shared memory, no spill. So is the Falcon-RW bias variant
     # but for the configurations of the test below.
     proc = subprocess.run([sys.executable, "-m", "alibi_surgery.kernels.compile_report", "--arch", str(arch),
-                           "--head-dim", "64", "--head-dim", "80", "--head-dim", "128", "--bias", "bloom",
+                           *(a for d in dims for a in ("--head-dim", str(d))), "--bias", "bloom",
                            "--dtype", "float32", "--dtype", "bfloat16", "--jobs", "1", "--json", str(out)], env=ENV,
                           capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert {r["arch"] for r in results} == {arch}
     forward = [r for r in results if r["kernel"] == "_alibi_fwd_kernel"]
-    assert len(forward) == 3 * 2 * 2  # head dims x dtypes x statistics on/off
+    assert len(forward) == len(dims) * 2 * 2  # head dims x dtypes x statistics on/off
     backward = [r for r in results if r["kernel"].startswith("_alibi_bwd_")]
-    assert len(backward) == 3 * 2 * 3  # head dims x dtypes x (dK/dV pass, dQ pass, delta kernel)
+    assert len(backward) == len(dims) * 2 * 3  # head dims x dtypes x (dK/dV pass, dQ pass, delta kernel)
     assert len(results) - len(forward) - len(backward) == 6 * 2  # AdamW: parameter modes x gradient scale on/off
     bad = [r for r in results if not r["ok"]]
     assert not bad and proc.returncode == 0, proc.stdout
