@@ -189,7 +189,8 @@ def plan_memory(model: str, *, heads: str = "auto", seq_len: int = 512, batch: i
            "diagnosis": diagnosis_memory(config, dt, seq_len, batch, n_prompts, False, storage, cpu),
            "diagnosis_streamed": None if family.interface else  # loaded whole: no block runner (stream.py)
            diagnosis_memory(config, dt, seq_len, batch, n_prompts, True, storage, cpu),
-           "surgery": surgery, "budget": budget, "cpu_runtime": CPU_RUNTIME if cpu else 0}
+           "surgery": surgery, "surgery_refusal": family.surgery_refusal, "budget": budget,
+           "cpu_runtime": CPU_RUNTIME if cpu else 0}
     if budget is not None:
         out["fits"] = {job: out[job]["total"] <= budget for job in ("diagnosis", "diagnosis_streamed", "surgery")
                        if out[job] is not None}
@@ -250,7 +251,7 @@ def format_plan(p: dict) -> str:
         f"  surgery step, {p['heads']} heads: {g(m['total'])} = weights {g(m['weights'])} + slice grads "
         f"{g(m['grads'])} + optimizer {g(m['optimizer'])} + activations {g(m['activations'])} + loss chunk "
         f"{g(m['loss_chunk'])}{verdict('surgery')}" if m else
-        f"  surgery step         : not available (alibi-surgery repairs bloom, falcon and mpt models)",
+        f"  surgery step         : not available ({p['surgery_refusal']})",
     ] + ([f"  (a CPU process adds about {g(p['cpu_runtime'])} of runtime)"] if p["cpu_runtime"] else []))
 
 
