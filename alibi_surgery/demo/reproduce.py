@@ -78,6 +78,12 @@ class Job:
             return f"{self.testbed}-{self.arm}-{self.seed}" if self.arm else f"{self.testbed}-stock"
         return f"{self.testbed}-{self.kind}-{self.seed}"
 
+    @property
+    def key(self) -> str:
+        """Unique over every job (a run and the functional measurement of it share a name): the name, under
+        ``functional/`` for a measurement (its path in OUT)."""
+        return f"functional/{self.name}" if self.kind == "functional" else self.name
+
 
 def _repair_options(job: Job, bed: Testbed) -> dict:
     """The keywords of ``repair`` that make ``job`` its kind: passes, corpus, plan and settings overrides."""
@@ -219,24 +225,24 @@ def _done(out: Path, job: Job) -> bool:
 
 
 def _work(args: tuple) -> tuple[str, float]:
-    """Run one job in a worker process; returns (name, seconds), 0 for a job found finished."""
+    """Run one job in a worker process; returns (key, seconds), 0 for a job found finished."""
     job, bed, out, shared, corpora, ablation, threads = args
     import torch
 
     torch.set_num_threads(threads)
     if _done(out, job):
-        return job.name, 0.0
+        return job.key, 0.0
     t0 = time.perf_counter()
     if job.kind == "functional":
         _run_functional(job, bed, out, shared, corpora, ablation)
     else:
         _run_repair(job, bed, out, shared, corpora)
-    return job.name, time.perf_counter() - t0
+    return job.key, time.perf_counter() - t0
 
 
 def run_jobs(jobs: list[Job], out: Path, testbeds: dict, shared: dict, corpora: dict, ablation: dict, *,
              workers: int = 2, progress: bool = True, log=print) -> dict:
-    """Run ``jobs`` on ``workers`` spawned processes of one thread each; returns ``{name: seconds}``."""
+    """Run ``jobs`` on ``workers`` spawned processes of one thread each; returns ``{key: seconds}`` (:attr:`Job.key`)."""
     from tqdm.auto import tqdm
 
     seconds = {}

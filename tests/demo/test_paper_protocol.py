@@ -48,7 +48,7 @@ def test_paper_end_to_end_on_a_two_layer_bloom_1b7(tmp_path, capsys):
     from alibi_surgery.cli.main import main
     from alibi_surgery.io.random_model import write_random_model
 
-    model = write_random_model(tmp_path / "model", "bloom-1b7", n_layer=2, vocab_size=260)
+    model = write_random_model(tmp_path / "model", "bloom-1b7", n_layer=2, vocab_size=260)  # the shape
     corpus, c4 = tmp_path / "corpus.txt", tmp_path / "c4.txt"
     corpus.write_text("the mill turns when the river runs high and the lantern hangs by the door\n" * 2)
     c4.write_text("a tin roof and rain all night while geese cross the pond by the shop\n" * 2)

@@ -194,7 +194,10 @@ def test_tiny_reproduction_end_to_end_on_the_demo_model(tmp_path):
                   ablation={"draws": 2, "texts": 2, "bootstrap": 20}, progress=False, log=lambda *a: None)
     (u,) = r["units"]
     assert u["targets"] == 11 and u["n_heads"] == 64  # the shipped model's collapsed band heads at 128 tokens
-    assert set(u["eval"]) == set(kinds) and set(r["seconds"]) >= {"A-treatment-0", "A-stock", "A-ablate-0"}
+    assert set(u["eval"]) == set(kinds)
+    functional = {"functional/A-stock"} | {f"functional/A-{k}-0" for k in ("treatment", "gradient-only",
+                                                                           "reinit-only", "random-healthy", "ablate")}
+    assert set(r["seconds"]) == {f"A-{k}-0" for k in kinds} | functional  # every job once: runs and measurements
     chunks = load_corpus(corpus_spec(out / "corpus" / "held-out" / "eval.jsonl"), load_tokenizer(str(model_dir())),
                          128)[0]
     net = AutoModelForCausalLM.from_pretrained(str(model_dir()), attn_implementation="eager").eval()
