@@ -38,6 +38,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+@pytest.fixture(scope="session")
+def forked_cli():
+    """:class:`cli_fork.ForkedCli`: the CLI in its own process per run, the imports paid once per worker."""
+    from cli_fork import ForkedCli
+
+    cli = ForkedCli()
+    yield cli
+    cli.close()
+
+
 @pytest.fixture
 def tiny_lm():
     """A 3-layer BLOOM language model (hidden 64, 4 heads of 16), random weights, fp32, eval mode."""

@@ -1,9 +1,8 @@
-"""Shared by the tests that drive ``alibi-surgery repair`` as a subprocess (crash, lock, resume, write failures)."""
+"""Shared by the tests that drive ``alibi-surgery repair`` as its own process (crash, lock, resume, write
+failures): the inputs, the command, its environment, and a run held at a pause point."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alibi_surgery.surgery import trainer
+from cli_fork import SERVER_ENV
 from alibi_surgery.io.random_model import write_random_bloom
 
 WORDS = "the cat sat on a mat while dogs ran past the old red barn and birds sang".split()
@@ -23,30 +23,35 @@ def make_inputs(root: Path) -> Path:
     return root
 
 
+# The functional measurement at a test's size (the defaults, 20 draws on 64 texts, are most of a tiny run's time):
+# still measured before and after, so resume and the reports keep their ablation parts.
+SMALL_ABLATION = dict(ablation_draws=2, ablation_texts=4, ablation_bootstrap=20)
+SMALL_ABLATION_ARGS = [a for k, v in SMALL_ABLATION.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def repair_command(root: Path, out: Path, *extra, epochs: int = 1) -> list:
     """6 optimizer steps per epoch on two heads, a checkpoint every 2 steps."""
     return [sys.executable, "-m", "alibi_surgery.cli", "repair", str(root / "model"), "--out", str(out),
             "--corpus", str(root / "corpus.txt"), "--heads", "0:1;1:2", "--device", "cpu", "--backend", "torch",
             "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--epochs", str(epochs),
-            "--save-every-steps", "2", "--quiet", *extra]
+            "--save-every-steps", "2", "--quiet", *SMALL_ABLATION_ARGS, *extra]
 
 
 def cli_env(**extra) -> dict:
-    """The environment of a user's run: no interpreter, no test hook, one thread (the same bits every run)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", trainer.PAUSE_ENV)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
+    """The environment of a user's run (the CLI server's, :data:`cli_fork.SERVER_ENV`: no interpreter, offline, one
+    thread, so the same bits every run) without the test hook, plus ``extra``."""
+    return {**{k: v for k, v in SERVER_ENV.items() if k != trainer.PAUSE_ENV}, **extra}
 
 
-def start_paused(args: list, point: str, flag: Path) -> subprocess.Popen:
-    """Start ``args`` with the test hook set to ``point`` and return once the run waits there (its pid is in
-    ``flag``; delete ``flag`` to let it go on)."""
+def start_paused(cli, args: list, point: str, flag: Path, ignore_sigint: bool = False):
+    """Start ``args`` on ``cli`` (:class:`cli_fork.ForkedCli`) with the test hook set to ``point`` and return the
+    process once the run waits there (its pid is in ``flag``; delete ``flag`` to let it go on)."""
     env = cli_env(**{trainer.PAUSE_ENV: point, f"{trainer.PAUSE_ENV}_FILE": str(flag)})
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli.popen(args, env=env, ignore_sigint=ignore_sigint)
     deadline = time.monotonic() + 600
     while not (flag.exists() and flag.read_text()):
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before pausing at {point}: {proc.stderr.read()}")
+            pytest.fail(f"the run ended (exit {proc.returncode}) before pausing at {point}: {proc.communicate()[1]}")
         assert time.monotonic() < deadline, f"the run never reached {point}"
         time.sleep(0.1)
     return proc

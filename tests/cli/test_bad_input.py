@@ -1,4 +1,5 @@
-"""The bad-input matrix: the CLI driven as a user drives it, in a subprocess, with one broken input per case.
+"""The bad-input matrix: the CLI driven as a user drives it, each run its own process (forked from one that
+imported the CLI once: tests/cli_fork.py), with one broken input per case.
 
 Every case must end with a non-zero exit, exactly one stderr line ``error: ...`` naming the problem (no traceback;
 ``--debug`` shows one), and no file created or modified anywhere: not in the inputs, not in the output location,
@@ -432,21 +433,14 @@ def _snapshot(*roots: Path) -> dict:
     return seen
 
 
-def run_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "alibi_surgery.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_refused_in_one_line_and_nothing_is_written(case, world, tmp_path):
+def test_bad_input_is_refused_in_one_line_and_nothing_is_written(case, world, tmp_path, forked_cli):
     if case == "--device cuda without CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     make_args, needle = CASES[case]
     args = make_args(world, tmp_path)
     before = _snapshot(world, tmp_path)
-    result = run_cli(args, cwd=tmp_path)
+    result = forked_cli.run(args, cwd=tmp_path)
     err = result.stderr.strip()
     assert result.returncode != 0, f"exit 0 for a bad input\n{result.stdout}\n{err}"
     assert "Traceback" not in err, err
@@ -459,15 +453,15 @@ def test_matrix_has_the_cases_the_issue_lists():
     assert len(CASES) >= 20
 
 
-def test_debug_shows_the_traceback(world, tmp_path):
-    result = run_cli(["--debug", *_diagnose(world, tmp_path, model="truncated")], cwd=tmp_path)
+def test_debug_shows_the_traceback(world, tmp_path, forked_cli):
+    result = forked_cli.run(["--debug", *_diagnose(world, tmp_path, model="truncated")], cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "is truncated" in result.stderr
     assert not (tmp_path / "report.json").exists()
 
 
-def test_the_good_model_passes_the_same_checks(world, tmp_path):
+def test_the_good_model_passes_the_same_checks(world, tmp_path, forked_cli):
     """The matrix's inputs are broken only where each case says: the untouched model diagnoses fine."""
-    result = run_cli(_diagnose(world, tmp_path), cwd=tmp_path)
+    result = forked_cli.run(_diagnose(world, tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "report.json").read_text())["n_layer"] == 2

@@ -11,7 +11,6 @@ frozen weight bit-identical after a reload in stock transformers.
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 
 import pytest
@@ -27,7 +26,7 @@ from alibi_surgery.io.random_model import byte_tokenizer
 from alibi_surgery.surgery.reinit import reinit_heads
 from family_cases import CASES, HEAD_DIM, HIDDEN, VOCAB
 from helpers import BACKENDS, left_padded_mask
-from surgery_runs import cli_env
+from surgery_runs import SMALL_ABLATION_ARGS, cli_env
 
 PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 SELECTION = {0: [2], 1: [0, 1]}
@@ -228,14 +227,14 @@ def test_streamed_diagnosis_equals_in_memory(case, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", PARAMS)
-def test_repair_end_to_end_and_stock_reload(case, tmp_path):
+def test_repair_end_to_end_and_stock_reload(case, tmp_path, forked_cli):
     _save(case, tmp_path / "model", max_shard_size="2GB")
     (tmp_path / "corpus.txt").write_text("the cat sat on a mat while dogs ran past the old red barn " * 8)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "alibi_surgery.cli", "repair", str(tmp_path / "model"), "--out", str(out),
            "--corpus", str(tmp_path / "corpus.txt"), "--heads", "0:2;1:0,1", "--device", "cpu", "--backend",
-           "torch", "--seq-len", "16", "--batch-size", "2", "--epochs", "1", "--quiet"]
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+           "torch", "--seq-len", "16", "--batch-size", "2", "--epochs", "1", "--quiet", *SMALL_ABLATION_ARGS]
+    proc = forked_cli.run(cmd, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     after = AutoModelForCausalLM.from_pretrained(out / "final")

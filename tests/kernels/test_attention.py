@@ -14,8 +14,10 @@ from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from helpers import BACKENDS, DTYPES, assert_tolerance, attention_case, left_padded_mask, needs_triton
 
 # Every (T, head_dim) pair and every (T, heads) and (head_dim, heads) pair appears at least once.
-SHAPES = [(1, 64, 3), (1, 80, 12), (1, 96, 16), (1, 128, 3), (2, 64, 12), (2, 80, 16), (2, 96, 3), (2, 128, 12),
-          (97, 64, 16), (97, 80, 3), (97, 96, 12), (97, 128, 16), (130, 64, 3), (130, 80, 12), (130, 96, 16),
+# The widest layer (head_dim 128 x 16 heads, bloom-1b7's) at T = 1: eager fp16/bf16 on a CPU spends most of a
+# minute per case on its 2048-wide projections at T = 97.
+SHAPES = [(1, 64, 3), (1, 80, 12), (1, 96, 16), (1, 128, 16), (2, 64, 12), (2, 80, 16), (2, 96, 3), (2, 128, 12),
+          (97, 64, 16), (97, 80, 3), (97, 96, 12), (97, 128, 3), (130, 64, 3), (130, 80, 12), (130, 96, 16),
           (130, 128, 3)]
 
 

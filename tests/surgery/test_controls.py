@@ -19,7 +19,7 @@ from alibi_surgery.diagnosis.report import HeadReport
 from alibi_surgery.errors import UsageError
 from alibi_surgery.surgery import trainer
 from alibi_surgery.surgery.repair import RepairSettings, plan_surgery, repair
-from surgery_runs import make_inputs
+from surgery_runs import SMALL_ABLATION, make_inputs
 
 D = 32  # head_dim of the tiny shape: 2 layers x 4 heads, hidden 128
 SICK = {0: [1], 1: [2, 3]}  # the crafted report's collapsed heads (and so the targets of heads="auto")
@@ -46,6 +46,7 @@ def settings(**kw) -> RepairSettings:
 def run(inputs, out, **kw):
     kw.setdefault("settings", settings())
     kw.setdefault("report", crafted_report())
+    kw = {**SMALL_ABLATION, **kw}
     return repair(inputs / "model", out, corpus=[str(inputs / "corpus.txt")], device="cpu", backend="torch",
                   prompts=["the cat sat on the mat", "dogs ran past the old red barn"], **kw)
 

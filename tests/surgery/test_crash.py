@@ -7,14 +7,14 @@ Two kills, each at a known instant held by the test hook in trainer.py (``ALIBI_
 
 After each kill: every complete checkpoint loads in stock transformers, with its optimizer state; the partial one is
 never picked up; and ``--resume`` ends with final weights (and last optimizer state) bit-identical to an
-uninterrupted run with the same seed. All three runs are subprocesses with the same environment.
+uninterrupted run with the same seed. All three runs are their own processes (forked from one that imported the
+CLI: tests/cli_fork.py) with the same environment.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,14 +38,14 @@ def _command(root: Path, out: Path, *extra) -> list:
     return repair_command(root, out, "--lr", "1e-3", "--seed", "7", *extra, epochs=2)
 
 
-def _finish(root: Path, out: Path, *extra) -> None:
-    result = subprocess.run(_command(root, out, *extra), env=cli_env(), capture_output=True, text=True, timeout=600)
+def _finish(cli, root: Path, out: Path, *extra) -> None:
+    result = cli.run(_command(root, out, *extra), env=cli_env())
     assert result.returncode == 0, result.stderr
 
 
-def _kill_at(root: Path, out: Path, point: str) -> None:
+def _kill_at(cli, root: Path, out: Path, point: str) -> None:
     """Start a repair, wait until it pauses at ``point``, SIGKILL it."""
-    proc = start_paused(_command(root, out), point, out.parent / f"paused-{point.replace(':', '-')}")
+    proc = start_paused(cli, _command(root, out), point, out.parent / f"paused-{point.replace(':', '-')}")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -53,9 +53,9 @@ def _kill_at(root: Path, out: Path, point: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(inputs):
+def uninterrupted(inputs, forked_cli):
     out = inputs / "reference"
-    _finish(inputs, out)
+    _finish(forked_cli, inputs, out)
     return out
 
 
@@ -91,26 +91,26 @@ def test_the_reference_run_is_what_the_test_assumes(uninterrupted):
     assert names == [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
 
 
-def test_sigkill_during_training_then_resume_is_bit_identical(inputs, uninterrupted, tmp_path):
+def test_sigkill_during_training_then_resume_is_bit_identical(inputs, uninterrupted, tmp_path, forked_cli):
     out = tmp_path / "out"
-    _kill_at(inputs, out, "train:5")
+    _kill_at(forked_cli, inputs, out, "train:5")
     assert [p.name for p in _complete(out)] == ["step-00000002", "step-00000004"]
     assert not (out / "final").exists() and not (out / "report.json").exists()
     _assert_checkpoints_load(out)
-    _finish(inputs, out, "--resume")
+    _finish(forked_cli, inputs, out, "--resume")
     _assert_checkpoints_load(out)
     _assert_bit_identical(out, uninterrupted)
 
 
-def test_sigkill_while_writing_a_checkpoint_never_exposes_it(inputs, uninterrupted, tmp_path):
+def test_sigkill_while_writing_a_checkpoint_never_exposes_it(inputs, uninterrupted, tmp_path, forked_cli):
     out = tmp_path / "out"
-    _kill_at(inputs, out, "save:4")
+    _kill_at(forked_cli, inputs, out, "save:4")
     partial = out / "checkpoints" / ".tmp-step-00000004"
     assert (partial / "model.safetensors").is_file() and not (partial / trainer.STATE_FILE).exists()
     assert [p.name for p in _complete(out)] == ["step-00000002"]
     assert trainer.newest_checkpoint(out / "checkpoints").name == "step-00000002"
     _assert_checkpoints_load(out)
-    _finish(inputs, out, "--resume")
+    _finish(forked_cli, inputs, out, "--resume")
     assert not partial.exists()
     _assert_bit_identical(out, uninterrupted)
 

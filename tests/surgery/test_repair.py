@@ -11,6 +11,7 @@ import importlib
 import pytest
 import torch
 from helpers import selected_mask
+from surgery_runs import SMALL_ABLATION
 from transformers import AutoModelForCausalLM
 
 from alibi_surgery.cli import main
@@ -48,6 +49,7 @@ def settings(**kw):
 
 def run(tiny_dir, out, corpus, **kw):
     kw.setdefault("settings", settings())
+    kw = {**SMALL_ABLATION, **kw}
     return repair(tiny_dir, out, corpus=[str(corpus / "doc*.txt")], eval_text=str(corpus / "held-out.md"),
                   heads=kw.pop("heads", HEADS), device="cpu", backend="torch", prompts=PROMPTS, progress=False, **kw)
 

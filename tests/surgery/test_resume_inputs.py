@@ -1,12 +1,11 @@
 """``--resume`` continues the run it was started as, or refuses in one line (issue 31): another corpus, its reading
 options, another plan, other diagnosis prompts or held-out texts, another model of the same shape. Each case resumes
-one finished run (resuming a finished run checks its inputs too) as a real ``alibi-surgery repair`` subprocess, and
+one finished run (resuming a finished run checks its inputs too) as a real ``alibi-surgery repair`` process (tests/cli_fork.py), and
 nothing in OUT may change."""
 
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,13 @@ def _snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, forked_cli):
     root = make_inputs(tmp_path_factory.mktemp("resume-inputs"))
     (root / "other.txt").write_text((root / "corpus.txt").read_text().upper())  # same size, other text
     (root / "prompts.txt").write_text("one prompt about cats\nanother about dogs\n")
     write_random_bloom(root / "twin", "tiny", n_layer=2, seed=5)  # the same shape, other weights
     out = root / "out"
-    done = subprocess.run(repair_command(root, out), env=cli_env(), capture_output=True, text=True, timeout=600)
+    done = forked_cli.run(repair_command(root, out), env=cli_env())
     assert done.returncode == 0, done.stderr
     return root, out
 
@@ -60,11 +59,11 @@ def test_resume_refuses_other_inputs_in_one_line_and_writes_nothing(finished, ch
     assert _snapshot(out) == before
 
 
-def test_resume_with_the_same_inputs_from_elsewhere_is_accepted(finished, tmp_path):
+def test_resume_with_the_same_inputs_from_elsewhere_is_accepted(finished, tmp_path, forked_cli):
     """The corpus is compared by content: the same text under another path resumes."""
     root, out = finished
     moved = tmp_path / "moved.txt"
     moved.write_bytes((root / "corpus.txt").read_bytes())
     args = _swap(repair_command(root, out, "--resume"), "--corpus", str(moved))
-    result = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = forked_cli.run(args, env=cli_env())
     assert result.returncode == 0 and "nothing to resume" in result.stdout, result.stderr

@@ -1,4 +1,5 @@
-"""Runs at the edges, each a real ``alibi-surgery repair`` subprocess: two runs into one ``--out``, passes that find
+"""Runs at the edges, each a real ``alibi-surgery repair`` process (forked from one that imported the CLI once:
+tests/cli_fork.py): two runs into one ``--out``, passes that find
 nothing left, ``--resume`` of finished runs, a write failure and Ctrl-C part-way through training.
 
 Runs are held at a known instant by the test hook in trainer.py (``ALIBI_SURGERY_TEST_PAUSE``: the run writes its
@@ -27,14 +28,20 @@ def inputs(tmp_path_factory):
     return make_inputs(tmp_path_factory.mktemp("edges"))
 
 
-def _run(args: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600, **kw)
+@pytest.fixture
+def run(forked_cli):
+    """``run(args)``: the command in its own process, in a user's environment; a CompletedProcess."""
+    return lambda args: forked_cli.run(args, env=cli_env())
 
 
-def _paused(root: Path, out: Path, point: str, *extra) -> tuple[subprocess.Popen, Path]:
-    """Start a repair and return once it waits at ``point`` (delete the returned flag file to let it go on)."""
-    flag = out.parent / f"paused-{out.name}"
-    return start_paused(repair_command(root, out, *extra), point, flag), flag
+@pytest.fixture
+def paused(forked_cli):
+    """``paused(root, out, point, *extra)``: start a repair and return ``(process, flag)`` once it waits at
+    ``point`` (delete the flag file to let it go on)."""
+    def start(root: Path, out: Path, point: str, *extra, ignore_sigint: bool = False):
+        flag = out.parent / f"paused-{out.name}"
+        return start_paused(forked_cli, repair_command(root, out, *extra), point, flag, ignore_sigint), flag
+    return start
 
 
 def _one_error_line(stderr: str) -> str:
@@ -48,13 +55,13 @@ def _snapshot(root: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in root.rglob("*")}
 
 
-def test_a_second_run_into_the_same_out_is_refused_while_the_first_finishes(inputs, tmp_path):
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_finishes(inputs, tmp_path, run, paused):
     out = tmp_path / "out"
-    first, flag = _paused(inputs, out, "train:1")
+    first, flag = paused(inputs, out, "train:1")
     pid = flag.read_text()
     before = _snapshot(out)
     for extra in ((), ("--overwrite",), ("--resume",)):
-        second = _run(repair_command(inputs, out, "--seed", "9", *extra))
+        second = run(repair_command(inputs, out, "--seed", "9", *extra))
         assert second.returncode == 2, second.stderr
         err = _one_error_line(second.stderr)
         assert "is in use by another run" in err and f"pid {pid}" in err, err
@@ -66,23 +73,23 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_finishes(inpu
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 0  # the first run's, not the second's
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over(inputs, tmp_path):
+def test_a_lock_left_by_a_killed_run_is_taken_over(inputs, tmp_path, run, paused):
     out = tmp_path / "out"
-    proc, _ = _paused(inputs, out, "train:3")
+    proc, _ = paused(inputs, out, "train:3")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert (out / LOCK_NAME).is_file()  # stale: its holder is dead
-    resumed = _run(repair_command(inputs, out, "--resume"))
+    resumed = run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "final").is_dir() and not (out / LOCK_NAME).exists()
 
 
-def _fake_report(root: Path) -> Path:
+def _fake_report(root: Path, run) -> Path:
     """A diagnosis of the model in which head 0:1 is dead (bos_mass 0.99): pass 1 repairs it; a fresh diagnosis
     of the random model then finds nothing collapsed."""
     path = root / "fake-report.json"
     if not path.exists():
-        result = _run([sys.executable, "-m", "alibi_surgery.cli", "diagnose", str(root / "model"), "--json",
+        result = run([sys.executable, "-m", "alibi_surgery.cli", "diagnose", str(root / "model"), "--json",
                        str(path), "--max-length", "128", "--quiet", "--device", "cpu", "--backend", "torch"])
         assert result.returncode == 0, result.stderr
         data = json.loads(path.read_text())
@@ -94,11 +101,11 @@ def _fake_report(root: Path) -> Path:
     return path
 
 
-def test_passes_stop_when_a_later_pass_finds_nothing_and_resume_after_it(inputs, tmp_path):
+def test_passes_stop_when_a_later_pass_finds_nothing_and_resume_after_it(inputs, tmp_path, run):
     out = tmp_path / "out"
-    args = [a for a in repair_command(inputs, out, "--passes", "3", "--from-report", str(_fake_report(inputs)))]
+    args = [a for a in repair_command(inputs, out, "--passes", "3", "--from-report", str(_fake_report(inputs, run)))]
     args[args.index("--heads") + 1] = "auto"
-    result = _run(args)
+    result = run(args)
     assert result.returncode == 0, result.stderr
     assert "pass 2 found nothing left to repair" in result.stdout
     assert f"wrote {out / 'final'} and {out / 'report.md'}" in result.stdout
@@ -107,35 +114,36 @@ def test_passes_stop_when_a_later_pass_finds_nothing_and_resume_after_it(inputs,
     assert len(summary["passes"]) == 1 and summary["passes_asked"] == 3 and "nothing" in summary["stopped"]
     assert not (out / "pass-2").exists()
     before = _snapshot(out)
-    resumed = _run(args + ["--resume"])
+    resumed = run(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "nothing to resume" in resumed.stdout
     assert _snapshot(out) == before
 
 
-def test_resume_of_a_finished_single_pass_run_changes_nothing(inputs, tmp_path):
+def test_resume_of_a_finished_single_pass_run_changes_nothing(inputs, tmp_path, run):
     out = tmp_path / "out"
-    assert _run(repair_command(inputs, out)).returncode == 0
+    assert run(repair_command(inputs, out)).returncode == 0
     before = _snapshot(out)
-    resumed = _run(repair_command(inputs, out, "--resume"))
+    resumed = run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "nothing to resume" in resumed.stdout and _snapshot(out) == before
 
 
-def test_resume_after_the_last_checkpoint_but_before_the_report_finishes_the_run(inputs, tmp_path):
+def test_resume_after_the_last_checkpoint_but_before_the_report_finishes_the_run(inputs, tmp_path, run):
     """Killed after the last checkpoint, before final/ and the report: --resume has no step left to train."""
     out = tmp_path / "out"
-    assert _run(repair_command(inputs, out)).returncode == 0
+    assert run(repair_command(inputs, out)).returncode == 0
     for name in ("report.json", "report.md", "after.png"):
         (out / name).unlink()
-    resumed = _run(repair_command(inputs, out, "--resume"))
+    resumed = run(repair_command(inputs, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "report.json").is_file() and (out / "after.png").is_file()
 
 
-def test_a_write_failure_mid_training_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path):
+def test_a_write_failure_mid_training_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path, run,
+                                                                                       paused):
     out = tmp_path / "out"
-    proc, flag = _paused(inputs, out, "train:5")  # checkpoints 2 and 4 are complete
+    proc, flag = paused(inputs, out, "train:5")  # checkpoints 2 and 4 are complete
     limit = 4096  # bytes: every later checkpoint's weights are larger
     resource.prlimit(int(flag.read_text()), resource.RLIMIT_FSIZE, (limit, limit))
     flag.unlink()
@@ -148,21 +156,17 @@ def test_a_write_failure_mid_training_names_the_last_checkpoint_and_the_resume_c
     assert command.startswith("alibi-surgery repair ") and command.endswith(" --resume"), err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert not (out / LOCK_NAME).exists()
-    resumed = _run([sys.executable, "-m", "alibi_surgery.cli", *shlex.split(command)[1:]])  # as a shell reads it
+    resumed = run([sys.executable, "-m", "alibi_surgery.cli", *shlex.split(command)[1:]])  # as a shell reads it
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path, sig, code, word):
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(inputs, tmp_path, sig, code, word, paused):
     """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) end alike, even when the run was started with SIGINT
     ignored, as a shell starts a background job."""
     out = tmp_path / "out"
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `cmd &`
-    try:
-        proc, _ = _paused(inputs, out, "train:5")
-    finally:
-        signal.signal(signal.SIGINT, ignored)
+    proc, _ = paused(inputs, out, "train:5", ignore_sigint=True)  # as under `cmd &`
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == code, stderr
