@@ -92,6 +92,22 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Start the kernel's peak-resident-memory count (``VmHWM``) again from the current level (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak resident memory of this process (``VmHWM``) since it started or since
+    :func:`reset_peak_rss`, in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 0.5 ms and cross-checked with ru_maxrss."""
 

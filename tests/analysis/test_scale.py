@@ -192,3 +192,24 @@ def test_plan_memory_of_a_model_surgery_refuses_predicts_its_diagnosis(tmp_path,
     assert "surgery step         : not available" in out
     p = plan_memory(str(path), budget=1, device="cpu")
     assert p["surgery"] is None and p["diagnosis_streamed"] is None and p["fits"] == {"diagnosis": False}
+
+
+def test_cpu_diagnosis_gives_freed_memory_back_after_each_attention_and_changes_nothing(monkeypatch):
+    """allocator.release_after: called once per attention call of a CPU diagnosis of an ALiBi model (not of an
+    interface model, whose MLP reuses the freed blocks: docs/scale.md), the report identical, the hooks gone."""
+    from transformers import BloomForCausalLM
+
+    from alibi_surgery import allocator
+    from alibi_surgery.diagnosis.diagnose import diagnose
+    from alibi_surgery.io.random_model import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(bloom_config("tiny", n_layer=2)).eval()
+    tok, prompts = byte_tokenizer(), ["a first prompt of some length", "another one", "and a third"]
+    calls = []
+    plain = diagnose(model, tok, prompts, batch_size=2, backend="torch")
+    monkeypatch.setattr(allocator, "release_freed", lambda: calls.append(1) or True)
+    trimmed = diagnose(model, tok, prompts, batch_size=2, backend="torch")
+    assert len(calls) == 2 * 2  # 2 layers x 2 batches
+    assert torch.equal(plain.bos_mass, trimmed.bos_mass) and torch.equal(plain.entropy, trimmed.entropy)
+    assert all(not m._forward_hooks for m in model.modules())
