@@ -13,8 +13,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = ["errors", "kernels", "attention", "families", "io", "diagnosis", "viz", "analysis", "surgery", "demo",
-          "cli"]  # lowest first; alibi_surgery/__init__.py and __main__.py are the package's top
+LAYERS = ["errors", "allocator", "distributed", "kernels", "attention", "families", "io", "diagnosis", "viz",
+          "analysis", "surgery", "demo", "cli"]  # lowest first; alibi_surgery/__init__.py and __main__.py: the top
 
 
 def _layer_of(path: pathlib.Path, root: pathlib.Path = ROOT) -> str | None:

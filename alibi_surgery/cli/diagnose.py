@@ -1,5 +1,6 @@
 """``alibi-surgery diagnose MODEL``: classify every attention head of one model; :func:`diagnose_each` is shared with
-``family``."""
+``family``. Under ``torchrun`` the prompt batches are split over the ranks (:mod:`alibi_surgery.distributed`) and
+rank 0 writes and prints."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 from ..errors import UsageError
 from .options import add_diagnosis_options, add_healthy_option, add_output_options, prompts_from_args
 
-__all__ = ["add_parser", "run", "diagnose_each"]
+__all__ = ["add_parser", "run", "diagnose_each", "DISTRIBUTED"]
+
+DISTRIBUTED = True  # runs under torchrun: each rank diagnoses its share of the prompts
 
 
 def add_parser(sub) -> None:
@@ -33,6 +36,7 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..diagnosis.stream import diagnose_path
     from ..diagnosis.dormancy import check_threshold
     from ..diagnosis.extremes import check_dormant_fraction
+    from ..distributed import is_main, rank_device
 
     check_backend(args.backend)
     check_threshold(args.dormancy_threshold)
@@ -48,13 +52,14 @@ def diagnose_each(args, models: list[str]) -> list:
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
                    thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold,
                    dormant_fraction=args.dormant_fraction)
-    device = parse_device(args.device)
+    device = rank_device(parse_device(args.device))  # cuda: this rank's own GPU under torchrun
     return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
-                          announce=lambda msg: print(msg, file=sys.stderr), **options) for m in models]
+                          announce=lambda msg: is_main() and print(msg, file=sys.stderr), **options) for m in models]
 
 
 def run(args) -> None:
     from ..diagnosis.healthy import check_healthy_definition
+    from ..distributed import is_main
     from ..io.files import check_output_paths
     from ..viz.extremes import companion_path
 
@@ -65,6 +70,8 @@ def run(args) -> None:
                                   "heatmap (extremes)": extremes, "histogram": args.histogram},
                                  overwrite=args.overwrite, figures=("heatmap", "heatmap (extremes)", "histogram"))
     report = diagnose_each(args, [args.model])[0]
+    if not is_main():  # rank 0 writes and prints the report every rank holds
+        return
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"], healthy=healthy)
     if "csv" in outputs:

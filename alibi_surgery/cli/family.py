@@ -1,12 +1,15 @@
 """``alibi-surgery family DIR...``: diagnose several models of one family; the cross-scale table, a multi-panel
-heatmap and JSON."""
+heatmap and JSON. Under ``torchrun`` each model's prompt batches are split over the ranks and rank 0 writes and
+prints."""
 
 from __future__ import annotations
 
 from .diagnose import diagnose_each
 from .options import add_diagnosis_options, add_output_options
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "DISTRIBUTED"]
+
+DISTRIBUTED = True  # runs under torchrun (see diagnose_each)
 
 
 def add_parser(sub) -> None:
@@ -23,11 +26,14 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     from ..analysis.scale_table import family_entry, family_table, save_family_heatmap, save_family_json
+    from ..distributed import is_main
     from ..io.files import atomic_write_text, check_output_paths
 
     outputs = check_output_paths({"json": args.json, "heatmap": args.heatmap, "markdown": args.markdown},
                                  overwrite=args.overwrite)
     reports = diagnose_each(args, args.models)
+    if not is_main():
+        return
     entries = [family_entry(m, r) for m, r in zip(args.models, reports)]
     table = family_table(entries)
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file

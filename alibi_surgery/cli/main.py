@@ -30,8 +30,9 @@ import sys
 
 from . import (ablate, compare, demo, diagnose, drift, family, generate, paper, perplexity, plan_memory, random_model,
                repair)
+from ..distributed import close as close_ranks, init_from_env, is_main, world
 from .console import Terminated, flag_wording, resume_hint, setup_console, word_warnings
-from ..errors import UsageError, WriteError
+from ..errors import RankFailed, UsageError, WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -112,13 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     names = getattr(COMMANDS[args.command], "ARGUMENT_NAMES", None)  # the command's Python arguments named otherwise
     word_warnings(command, names)
     _quiet_transformers()
+    main_rank, owned = True, False
     try:
+        owned = init_from_env()  # under torchrun: this process is one rank of WORLD_SIZE
+        main_rank = is_main()
+        _check_ranks(args.command)
         code = COMMANDS[args.command].run(args)
-    except (UsageError, WriteError) as exc:
+    except (UsageError, WriteError, RankFailed) as exc:
         if args.debug:
             raise
-        message = flag_wording(str(exc), command, names)  # the library's words as the command's flags
-        print(f"error: {message}{resume_hint(exc, argv)}", file=sys.stderr)
+        if main_rank or isinstance(exc, WriteError):  # every rank meets the same bad input: rank 0 says it
+            message = flag_wording(str(exc), command, names)  # the library's words as the command's flags
+            print(f"error: {message}{resume_hint(exc, argv)}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt as exc:
         if args.debug:
@@ -126,7 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"error: {'terminated' if terminated else 'interrupted'}{resume_hint(exc, argv)}", file=sys.stderr)
         return 143 if terminated else 130
+    finally:
+        if owned:
+            close_ranks()
     return code if isinstance(code, int) else 0
+
+
+def _check_ranks(command: str) -> None:
+    """In a process group of several ranks (torchrun), refuse a command that does not split its work over ranks and
+    silence stdout and warnings on every rank but 0."""
+    if world()[1] == 1:
+        return
+    if not getattr(COMMANDS[command], "DISTRIBUTED", False):
+        ranked = ", ".join(name for name, module in COMMANDS.items() if getattr(module, "DISTRIBUTED", False))
+        raise UsageError(f"{command} runs in one process, not under torchrun (WORLD_SIZE={world()[1]}); "
+                         f"{ranked} split their prompts over ranks")
+    if is_main():
+        return
+    import os
+    import warnings
+
+    sys.stdout = open(os.devnull, "w")
+    warnings.simplefilter("ignore")
 
 
 if __name__ == "__main__":

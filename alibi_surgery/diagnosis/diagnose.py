@@ -24,7 +24,9 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from ..allocator import release_after
 from ..attention.backends import check_backend, resolve_backend
+from ..distributed import is_main, rank_guard, share_of, sum_across
 from ..errors import UsageError
 from ..families.base import training_context
 from ..io.loading import dtype_name
@@ -35,7 +37,7 @@ from .extremes import (DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes
 from .report import HeadReport, Thresholds
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
-           "padded_batches", "prompt_fingerprints", "uniform_bos_mass"]
+           "rank_batches", "padded_batches", "prompt_fingerprints", "uniform_bos_mass"]
 
 
 def check_prompts(prompts) -> list[str]:
@@ -103,6 +105,13 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int | None, batch_
             raise UsageError(f"prompt {i} has no tokens")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     return encoded, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def rank_batches(encoded, batches) -> list:
+    """This process's share of ``batches`` (:func:`~alibi_surgery.distributed.share_of`, balanced by padded
+    tokens): the batches themselves are the single process's, so each rank's per-batch statistics are too."""
+    mine = share_of([len(b) * max(len(encoded[i]) for i in b) for b in batches])
+    return [batches[i] for i in mine]
 
 
 def padded_batches(tokenizer, encoded, batches, device):
@@ -223,10 +232,11 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
 
     with _left_padding(tokenizer):
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
+    batches = rank_batches(encoded, batches)  # this rank's share (all of them in a single process)
     sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     extremes = ExtremeSink(n_layer, n_head)
-    with torch.inference_mode(), contextlib.ExitStack() as stack:
+    with rank_guard("diagnosis"), torch.inference_mode(), contextlib.ExitStack() as stack:
         sink = None
         feed = stack.enter_context(residual_hooks(base, extremes, family=family))
         if concrete != "eager":
@@ -235,8 +245,11 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
             stack.enter_context(attention_extremes(base, extremes))
         else:  # the model's own eager attention, the one that returns attention maps (Falcon >= 5.25 and
             stack.enter_context(patched(base, "eager"))  # interface models switch implementation for it)
+        # on a CPU, BLOOM-style MLPs cannot reuse the attention's freed temporaries: resident memory would hold both
+        stack.enter_context(release_after(attns, param.device.type == "cpu" and not family.interface))
         stream = padded_batches(tokenizer, encoded, batches, param.device)
-        for ids, mask in tqdm(stream, total=len(batches), desc="diagnose", unit="batch", disable=not progress):
+        for ids, mask in tqdm(stream, total=len(batches), desc="diagnose", unit="batch",
+                              disable=not (progress and is_main())):
             feed.mask = mask
             if concrete == "eager":
                 out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
@@ -247,6 +260,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
     if sink is not None:
         sums = sink.sums
+    sum_across(sums, *extremes.sum_tensors())  # every rank's batches (nothing in a single process)
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
                         thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, extremes=extremes,

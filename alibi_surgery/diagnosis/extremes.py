@@ -75,6 +75,9 @@ def first_token_ratio(norms: torch.Tensor, valid: torch.Tensor) -> tuple[torch.T
     return ratio, torch.where(counted, count, torch.zeros_like(count)).to(norms.dtype)
 
 
+_SUMS = ("value_sum", "value_weight", "out_sum", "out_rows", "resid_sum", "resid_weight")
+
+
 class ExtremeSink:
     """Accumulator of the extreme-token metrics of one model (``n_layer`` x ``n_head`` query heads).
 
@@ -91,7 +94,20 @@ class ExtremeSink:
         self.out_rows = torch.zeros(n_layer, **f64)
         self.resid_sum = torch.zeros(n_layer, **f64)
         self.resid_weight = torch.zeros(n_layer, **f64)
-        self.seen_attention = self.seen_residual = False
+        self.seen = torch.zeros(2, **f64)  # calls that fed the attention metrics, the residual ones
+
+    @property
+    def seen_attention(self) -> bool:
+        return bool(self.seen[0] > 0)
+
+    @property
+    def seen_residual(self) -> bool:
+        return bool(self.seen[1] > 0)
+
+    def sum_tensors(self) -> list[torch.Tensor]:
+        """Every accumulator (float64, CPU), for :func:`~alibi_surgery.distributed.sum_across`: after the sum over
+        ranks the sink holds every rank's prompts."""
+        return [getattr(self, name) for name in _SUMS] + [self.seen]
 
     @torch.no_grad()
     def add_attention(self, layer: int, value: torch.Tensor, key_valid: torch.Tensor, context: torch.Tensor,
@@ -119,7 +135,7 @@ class ExtremeSink:
             total += (torch.bmm(rows, gram) * rows).sum(-1).clamp_min(0.0).sqrt().sum(-1)
         self.out_sum[layer] += total.cpu()
         self.out_rows[layer] += valid.shape[0]
-        self.seen_attention = True
+        self.seen[0] += 1
 
     @torch.no_grad()
     def add_residual(self, layer: int, hidden: torch.Tensor, valid: torch.Tensor) -> None:
@@ -128,14 +144,13 @@ class ExtremeSink:
         ratio, weight = first_token_ratio(norms, valid)
         self.resid_sum[layer] += (ratio * weight).sum().cpu()
         self.resid_weight[layer] += weight.sum().cpu()
-        self.seen_residual = True
+        self.seen[1] += 1
 
     def merge(self, layer: int, other: "ExtremeSink", other_layer: int = 0) -> None:
         """Add ``other``'s sums of ``other_layer`` into ``layer`` (streamed diagnosis: one sink per block)."""
-        for name in ("value_sum", "value_weight", "out_sum", "out_rows", "resid_sum", "resid_weight"):
+        for name in _SUMS:
             getattr(self, name)[layer] += getattr(other, name)[other_layer]
-        self.seen_attention |= other.seen_attention
-        self.seen_residual |= other.seen_residual
+        self.seen += other.seen
 
     @staticmethod
     def _mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ block on the meta device, opens just that block's tensors, runs every prompt bat
 statistics, and frees it. Peak memory is about one block (in the compute dtype) plus the hidden states of all
 prompts; the embedding matrix (250,880 rows for BLOOM) is never loaded whole.
 
+Inside an initialised process group (``torchrun``) each rank streams every block over its share of the prompt
+batches and the sums are added over ranks at the end, as in :func:`~alibi_surgery.diagnosis.diagnose.diagnose`.
+
 The result is the HeadReport that :func:`~alibi_surgery.diagnosis.diagnose.diagnose` gives for the same checkpoint,
 prompts and backend: the same modules run on the same inputs in the same order (bit-identical on CPU in fp32 with the
 torch backend). Limits: the fused backends only (``triton``/``torch``), no ``eager``; tensor names with or without the
@@ -18,10 +21,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..allocator import release_after
 from ..attention.backends import resolve_backend
 from .dormancy import DEFAULT_THRESHOLD, DormancyCounter
 from ..families.base import training_context
-from .diagnose import build_report, check_options, encode_prompts, padded_batches
+from .diagnose import build_report, check_options, encode_prompts, padded_batches, rank_batches
+from ..distributed import is_main, rank_guard, sum_across
 from ..errors import UsageError
 from ..io.shards import CheckpointIndex
 from ..io.loading import dtype_name
@@ -100,8 +105,9 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     tensors = _Tensors(ckpt, device, dtype)
     dormancy = DormancyCounter(dormancy_threshold)
-    with torch.inference_mode():
-        encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
+    encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
+    batches = rank_batches(encoded, batches)  # this rank's share (all of them in a single process)
+    with rank_guard("streamed diagnosis"), torch.inference_mode():
         hidden, inputs, masks = [], [], []
         for ids, mask in padded_batches(tokenizer, encoded, batches, device):
             hidden.append(family.embed(tensors, ids, config, device, dtype))
@@ -109,7 +115,8 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             masks.append(mask.bool())
         sums = torch.zeros(layout.n_layer, layout.n_head, 3, dtype=torch.float64)
         extremes = ExtremeSink(layout.n_layer, layout.n_head)
-        for layer in tqdm(range(layout.n_layer), desc="diagnose (streamed)", unit="block", disable=not progress):
+        for layer in tqdm(range(layout.n_layer), desc="diagnose (streamed)", unit="block",
+                          disable=not (progress and is_main())):
             with torch.device("meta"):
                 block = family.block_class()(config, layer_idx=layer)
             names = family.block_names(layer, block)
@@ -121,7 +128,8 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             dormancy.add(*family.mlp_weights(block))
             block_extremes = ExtremeSink(1, layout.n_head)
             with patched(block, concrete), head_stats(block, **options) as sink, \
-                    attention_extremes(block, block_extremes):
+                    attention_extremes(block, block_extremes), \
+                    release_after(family.attention_modules(block), device.type == "cpu"):
                 for i, (args, kwargs) in enumerate(inputs):
                     block_extremes.add_residual(0, hidden[i], masks[i])
                     out = block(hidden[i], *args, **kwargs)
@@ -129,6 +137,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             sums[layer] = sink.sums[0]
             extremes.merge(layer, block_extremes)
             del block
+    sum_across(sums, *extremes.sum_tensors())  # every rank's batches: one all_reduce (none in one process)
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
                         max_length=max_length, thresholds=thresholds, streamed=True, family=family.name,
                         mlp_dormancy=dormancy.result(), extremes=extremes, dormant_fraction=dormant_fraction,

@@ -1,0 +1,77 @@
+"""Rank processes for the distributed tests (importable by ``torch.multiprocessing.spawn``'s children, which get the
+parent's sys.path): each joins a gloo group on a file store, runs its jobs and writes what it saw as JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+
+def _join(rank: int, world_size: int, store: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # the reference runs single-threaded too: the same per-batch float32 sums
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+
+def diagnosis_ranks(rank: int, world_size: int, store: str, model: str, prompts: list, out: str) -> None:
+    """In memory, streamed and through the CLI (``diagnose --json``); then ``repair``, which refuses to run as
+    ranks, and a CLI diagnosis in which rank 1 fails."""
+    import torch.distributed as dist
+
+    from alibi_surgery.cli.main import main
+    from alibi_surgery.diagnosis import diagnose as diagnose_module
+    from alibi_surgery.diagnosis.stream import diagnose_streamed
+    from alibi_surgery.io.loading import load_model, load_tokenizer
+
+    _join(rank, world_size, store)
+    out = Path(out)
+    seen = {}
+    try:
+        net, tok = load_model(model, dtype="float32", device="cpu")
+        seen["memory"] = diagnose_module.diagnose(net, tok, prompts, batch_size=2, backend="torch").to_dict()
+        seen["streamed"] = diagnose_streamed(model, load_tokenizer(model), prompts, batch_size=2,
+                                             backend="torch").to_dict()
+        prompts_file = out / "prompts.txt"
+        if rank == 0:
+            prompts_file.write_text("\n".join(prompts) + "\n")
+        dist.barrier()
+        cli = ["diagnose", model, "--prompts-file", str(prompts_file), "--batch-size", "2", "--backend", "torch",
+               "--device", "cpu", "--quiet"]
+        seen["cli"] = _main(main, [*cli, "--json", str(out / "cli.json")])
+        real = diagnose_module.padded_batches
+
+        def failing(*args, **kwargs):
+            if rank == 1:
+                raise RuntimeError("boom on purpose")
+            yield from real(*args, **kwargs)
+
+        seen["refused"] = _main(main, ["repair", model, "--out", str(out / f"repair{rank}"), "--corpus",
+                                       str(prompts_file)])
+        diagnose_module.padded_batches = failing
+        try:
+            seen["failed"] = _main(main, [*cli, "--json", str(out / "never.json")])
+        finally:
+            diagnose_module.padded_batches = real
+    finally:
+        (out / f"rank{rank}.json").write_text(json.dumps(seen))
+        dist.destroy_process_group()
+
+
+def _main(main, argv: list) -> dict:
+    """``main(argv)`` with its output captured: exit status, stdout and stderr."""
+    import sys
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = sys.stdout
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv)
+    finally:
+        sys.stdout = saved  # a non-zero rank's main points stdout at /dev/null
+    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
