@@ -75,3 +75,54 @@ def _main(main, argv: list) -> dict:
     finally:
         sys.stdout = saved  # a non-zero rank's main points stdout at /dev/null
     return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+FSDP_SELECTION = {0: [1], 1: [0, 3]}  # three heads in both layers of the 2-layer tiny shapes
+FSDP_OPTIM = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def fsdp_batch(vocab: int, batch: int = 4, seq: int = 16):
+    """The training batch of the FSDP tests: ``batch`` sequences of ``seq`` random token ids (seeded)."""
+    import torch
+
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, out: str) -> None:
+    """``steps`` AdamW steps (clip 1.0) on :data:`FSDP_SELECTION` under FSDP2: every block ``fully_shard``-ed on a
+    CPU mesh, the rank's share of :func:`fsdp_batch` (equal rows each), torch attention backend. Rank 0 saves the
+    losses (averaged over ranks), the first step's head-parameter gradients (gathered) and the gathered, folded
+    final state to ``out/fsdp.pt``."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from alibi_surgery.attention.patch import patch
+    from alibi_surgery.io.loading import load_model
+    from alibi_surgery.surgery.sharded import HeadParams, shard
+
+    _join(rank, world_size, store)
+    try:
+        net, _ = load_model(model, dtype="float32", device="cpu")
+        patch(net.eval(), "torch")
+        heads = HeadParams(net, FSDP_SELECTION)
+        shard(net, init_device_mesh("cpu", (world_size,)))
+        opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
+        ids = fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
+        losses, grads = [], None
+        for _ in range(steps):
+            loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if grads is None:
+                grads = [p.grad.full_tensor() for p in heads.params]
+            torch.nn.utils.clip_grad_norm_(heads.params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world_size)
+        state = dict(heads.full_state(net))
+        if rank == 0:
+            torch.save({"losses": losses, "grads": grads, "state": state}, Path(out) / "fsdp.pt")
+    finally:
+        dist.destroy_process_group()
