@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stochastic-rounding", action="store_true", help="bf16 surgery without an fp32 master copy")
     p.add_argument("--budget", help="memory to check against, e.g. 24GiB or 16GB")
     p.add_argument("--device", default="cuda", help="cuda (a card; default) or cpu (adds the loading cost there)")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="also predict per rank over N devices: data-parallel diagnosis, FSDP2 surgery step")
+    p.add_argument("--device-memory", metavar="SIZE",
+                   help="memory of each of the N devices, e.g. 80GiB: which jobs fit, and the smallest world size "
+                        "for the surgery step")
     add_output_options(p, json=("OUT", "write the prediction as JSON"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -35,18 +40,38 @@ def run(args) -> int:
     from ..io.files import atomic_write_text, check_output_paths
     from ..surgery.memory_plan import does_not_fit, format_bytes, format_plan, parse_bytes, plan_memory
 
+    from ..errors import UsageError
+    from ..surgery.rank_memory import format_ranks, plan_ranks
+
+    if args.device_memory and args.world_size is None:
+        raise UsageError("--device-memory is the memory of each of --world-size N devices: give --world-size too")
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size {args.world_size}: must be >= 1")
     out = check_output_paths({"json": args.json}, overwrite=args.overwrite).get("json")
     budget = parse_bytes(args.budget) if args.budget else None
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
     prediction = plan_memory(args.model, heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
                              dtype=args.dtype, budget=budget, n_prompts=args.prompts,
                              stochastic_rounding=args.stochastic_rounding, device=args.device)
+    ranks = None
+    if args.world_size is not None:
+        ranks = prediction["ranks"] = plan_ranks(args.model, world_size=args.world_size, device_memory=device_memory,
+                                                 heads=args.heads, seq_len=args.seq_len, batch=args.batch_size,
+                                                 dtype=args.dtype, n_prompts=args.prompts)
     if out:
         atomic_write_text(out, json.dumps(prediction, indent=2) + "\n")
     print(format_plan(prediction))
+    if ranks:
+        print(format_ranks(ranks))
     if out:
         print(f"wrote {out}")
     missing = does_not_fit(prediction)
     if missing:  # the answer to "does it fit?" is the exit status too
         print(f"error: {' and '.join(missing)} does not fit --budget {format_bytes(budget)}", file=sys.stderr)
+        return 1
+    missing = does_not_fit(ranks) if ranks else []
+    if missing:
+        print(f"error: {' and '.join(missing)} does not fit --device-memory {format_bytes(device_memory)} on each of "
+              f"{args.world_size} device(s)", file=sys.stderr)
         return 1
     return 0

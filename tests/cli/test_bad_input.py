@@ -289,6 +289,14 @@ CASES = {
     "unknown --backend": (lambda w, t: _diagnose(w, t, "--backend", "cudnn"), "unknown backend 'cudnn'"),
     "thresholds out of order": (lambda w, t: _diagnose(w, t, "--sink-threshold", "0.99"), "thresholds"),
     "missing corpus path": (lambda w, t: _repair(w, t, corpus="nope.txt"), "corpus path does not exist"),
+    "plan-memory --world-size 0": (lambda w, t: ["plan-memory", str(w / "model"), "--world-size", "0", "--json",
+                                                  str(t / "plan.json")], "--world-size 0: must be >= 1"),
+    "plan-memory --device-memory without --world-size": (
+        lambda w, t: ["plan-memory", str(w / "model"), "--device-memory", "80GiB", "--json", str(t / "plan.json")],
+        "--device-memory is the memory of each of --world-size N devices"),
+    "plan-memory --device-memory unreadable": (
+        lambda w, t: ["plan-memory", str(w / "model"), "--world-size", "2", "--device-memory", "lots"],
+        "cannot read 'lots' as a memory size"),
     "--budget too small": (lambda w, t: _repair(w, t, "--budget", "1MiB"), "), more than --budget 1048576 (1.0 MiB): train fewer heads, lower --seq-len 16"),
     "UTF-16 prompts file": (lambda w, t: _diagnose(w, t, "--prompts-file", str(w / "prompts-utf16.txt")),
                             "not UTF-8 text"),
