@@ -90,7 +90,8 @@ def fsdp_batch(vocab: int, batch: int = 4, seq: int = 16):
 
 def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, out: str) -> None:
     """``steps`` AdamW steps (clip 1.0) on :data:`FSDP_SELECTION` under FSDP2: every block ``fully_shard``-ed on a
-    CPU mesh, the rank's share of :func:`fsdp_batch` (equal rows each), torch attention backend. Rank 0 saves the
+    CPU mesh with the chunked loss as the root (:class:`LanguageModelLoss`), the rank's share of :func:`fsdp_batch`
+    (equal rows each), torch attention backend. Rank 0 saves the
     losses (averaged over ranks), the first step's head-parameter gradients (gathered) and the gathered, folded
     final state to ``out/fsdp.pt``."""
     import torch
@@ -99,19 +100,19 @@ def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, o
 
     from alibi_surgery.attention.patch import patch
     from alibi_surgery.io.loading import load_model
-    from alibi_surgery.surgery.sharded import HeadParams, shard
+    from alibi_surgery.surgery.sharded import HeadParams, LanguageModelLoss, shard
 
     _join(rank, world_size, store)
     try:
         net, _ = load_model(model, dtype="float32", device="cpu")
         patch(net.eval(), "torch")
         heads = HeadParams(net, FSDP_SELECTION)
-        shard(net, init_device_mesh("cpu", (world_size,)))
+        root = shard(LanguageModelLoss(net), init_device_mesh("cpu", (world_size,)))
         opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
         ids = fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
         losses, grads = [], None
         for _ in range(steps):
-            loss = net(input_ids=ids, labels=ids).loss
+            loss = root(ids)
             loss.backward()
             if grads is None:
                 grads = [p.grad.full_tensor() for p in heads.params]

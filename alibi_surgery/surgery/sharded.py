@@ -29,12 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..analysis.loss import causal_lm_labels, chunked_lm_loss
 from ..attention.patch import attention_modules
 from ..diagnosis.selection import check_selection
 from ..errors import UsageError
 from ..families import HeadLayout
 
-__all__ = ["HeadParams", "shard", "ROWS", "ROW_BIAS", "COLS"]
+__all__ = ["HeadParams", "LanguageModelLoss", "shard", "ROWS", "ROW_BIAS", "COLS"]
 
 ROWS, ROW_BIAS, COLS = "head_rows", "head_row_bias", "head_cols"
 _INDEX = "_alibi_surgery_index"  # the linear's selected rows / columns (a plain attribute: FSDP leaves it alone)
@@ -155,14 +156,31 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def shard(model: nn.Module, mesh=None) -> nn.Module:
-    """``fully_shard`` each decoder block of ``model``, then the model (embeddings, final norm, head) as the root,
-    on ``mesh`` (default: every rank of the default process group, on the ranks' device type). Attach
-    :class:`HeadParams` first. Returns ``model``, now an FSDP module (its parameters DTensors sharded on dim 0)."""
+
+class LanguageModelLoss(nn.Module):
+    """``forward(ids) -> loss``: the causal LM's chunked cross-entropy (:func:`chunked_lm_loss`, what ``repair``
+    trains on) as one module, so that it can be FSDP's root: the output embedding is read inside the root's
+    forward, where ``fully_shard`` has gathered it (outside, it is a shard)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        family, _ = attention_modules(self.model)
+        hidden = family.base_model(self.model)(ids, use_cache=False).last_hidden_state
+        return chunked_lm_loss(hidden, self.model.get_output_embeddings().weight, causal_lm_labels(ids))
+
+
+def shard(root: nn.Module, mesh=None) -> nn.Module:
+    """``fully_shard`` each decoder block of the model in ``root`` (a causal LM, or a :class:`LanguageModelLoss`
+    around one), then ``root`` itself (embeddings, final norm, head: gathered for the whole forward and backward), on
+    ``mesh`` (default: every rank of the default process group). Attach :class:`HeadParams` first. Returns
+    ``root``, now an FSDP module (its parameters DTensors sharded on dim 0)."""
     from torch.distributed.fsdp import fully_shard
 
-    family, _ = attention_modules(model)
-    for block in family.decoder_blocks(model):
+    family, _ = attention_modules(root.model if isinstance(root, LanguageModelLoss) else root)
+    for block in family.decoder_blocks(root.model if isinstance(root, LanguageModelLoss) else root):
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    fully_shard(root, mesh=mesh)
+    return root

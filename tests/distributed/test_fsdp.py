@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_ranks
+from alibi_surgery.analysis.loss import causal_lm_labels, chunked_lm_loss
 from alibi_surgery.attention.patch import patch
 from alibi_surgery.io.loading import load_model
 from alibi_surgery.io.random_model import write_random_model
@@ -44,7 +45,8 @@ def _reference(model: str):
         ids = dist_ranks.fsdp_batch(net.config.vocab_size)
         losses, grads = [], None
         for _ in range(STEPS):
-            loss = net(input_ids=ids, labels=ids).loss
+            hidden = net.base_model(ids, use_cache=False).last_hidden_state  # the trainer's loss
+            loss = chunked_lm_loss(hidden, net.get_output_embeddings().weight, causal_lm_labels(ids))
             loss.backward()
             if grads is None:
                 grads = []
