@@ -127,3 +127,47 @@ def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, o
             torch.save({"losses": losses, "grads": grads, "state": state}, Path(out) / "fsdp.pt")
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_resume_ranks(rank: int, world_size: int, store: str, model: str, out: str, phase: str) -> None:
+    """``phase="first"``: 2 AdamW steps under FSDP2 (as :func:`fsdp_ranks`), a checkpoint at ``out/ckpt``, then 1
+    step more and ``out/final-straight`` (uninterrupted). ``phase="resume"``: load ``out/ckpt`` into this world
+    size, 1 step, ``out/final-resumed``. Rank r trains on its share of :func:`fsdp_batch`."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from alibi_surgery.attention.patch import patch
+    from alibi_surgery.io.loading import load_model
+    from alibi_surgery.surgery.sharded import HeadParams, LanguageModelLoss, shard
+    from alibi_surgery.surgery.sharded_io import load_sharded, save_sharded, write_final
+
+    _join(rank, world_size, store)
+    import torch.distributed as dist
+
+    try:
+        net, tok = load_model(model, dtype="float32", device="cpu")
+        patch(net.eval(), "torch")
+        heads = HeadParams(net, FSDP_SELECTION)
+        root = shard(LanguageModelLoss(net), init_device_mesh("cpu", (world_size,)))
+        opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
+        ids = fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
+
+        def step():
+            root(ids).backward()
+            torch.nn.utils.clip_grad_norm_(heads.params, 1.0)
+            opt.step()
+            opt.zero_grad()
+
+        out = Path(out)
+        if phase == "first":
+            step()
+            step()
+            save_sharded(out / "ckpt", root, opt, {"step": 2})
+            step()
+            write_final(out / "final-straight", net, heads, tok)
+        else:
+            assert load_sharded(out / "ckpt", root, opt) == {"step": 2}
+            step()
+            write_final(out / "final-resumed", net, heads, tok, max_shard_bytes=200_000)  # several shards
+    finally:
+        dist.destroy_process_group()

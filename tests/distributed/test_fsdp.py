@@ -114,3 +114,37 @@ def test_head_params_fold_into_the_weights_and_leave_the_model_stock(tiny_lm):
     with torch.no_grad():
         torch.testing.assert_close(tiny_lm(ids).logits, moved, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(moved, want, atol=1e-3)
+
+
+def test_checkpoint_resumes_on_another_world_size_and_final_loads_in_stock_transformers(tmp_path):
+    """2 ranks: 2 steps, a DCP checkpoint, 1 step, ``final-straight``; 1 rank: the checkpoint, 1 step,
+    ``final-resumed`` (several safetensors shards). Both load in stock transformers and agree within the update
+    bound above; the frozen weights are the input's, bit for bit; the checkpoint holds the head slices only."""
+    from transformers import AutoModelForCausalLM
+
+    model = str(write_random_model(tmp_path / "model", "tiny", n_layer=2, vocab_size=260, seed=0))
+    mp.spawn(dist_ranks.fsdp_resume_ranks, args=(2, str(tmp_path / "store2"), model, str(tmp_path), "first"),
+             nprocs=2, join=True)
+    mp.spawn(dist_ranks.fsdp_resume_ranks, args=(1, str(tmp_path / "store1"), model, str(tmp_path), "resume"),
+             nprocs=1, join=True)
+    assert not list(tmp_path.glob(".tmp-*"))
+    ckpt = sum(f.stat().st_size for f in (tmp_path / "ckpt").iterdir() if f.suffix == ".distcp")
+    stock = AutoModelForCausalLM.from_pretrained(model)
+    d, h = 32, 128
+    slices = 3 * (3 * d * h + 3 * d + h * d)  # three heads' qkv rows, their bias, output columns
+    assert 3 * slices * 4 <= ckpt < 3 * slices * 4 * 1.25, ckpt  # values and two moments (fp32, DCP framing)
+    assert len(list((tmp_path / "final-resumed").glob("model-*-of-*.safetensors"))) > 1
+    before = stock.state_dict()
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "final-straight").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "final-resumed").state_dict()
+    assert set(straight) == set(resumed) == set(before)
+    changed = 0
+    for key, value in before.items():
+        if torch.equal(straight[key], value):
+            assert torch.equal(resumed[key], value), key
+            continue
+        changed += 1
+        want, have = straight[key] - value, resumed[key] - value
+        assert float((have - want).abs().max()) <= 5e-3 * dist_ranks.FSDP_OPTIM["lr"] * STEPS, key
+        assert float((have - want).norm()) <= 1e-3 * float(want.norm()), key
+    assert changed == 6  # both layers' qkv weight and bias, output weight
