@@ -37,7 +37,7 @@ from ..kernels.attention_fwd import interpreting
 from ..kernels.ops import unpack
 from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
 
-__all__ = ["patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
+__all__ = ["first_token_sinks", "patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
            "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys",
            "patch_state", "per_mask", "set_family_lookup"]
 
@@ -59,20 +59,37 @@ class _PatchState:
     shared: dict = dataclasses.field(default_factory=dict)  # resolved backends, the last keys: shared by all layers
 
 
+def first_token_sinks(stats: torch.Tensor, epsilon: float, exclude_first_query: bool) -> torch.Tensor:
+    """Per head, how many of the batch's sequences make it a first-token sink in Gu et al.'s sense (ICLR 2025,
+    ``eval_sink_open_source.py``): the attention the first token receives, averaged over the queries that see it
+    (every row of the sequence, the first included), above ``epsilon``. ``stats`` are per-sequence sums ``[B, H, 3]``
+    (first-token mass, entropy, rows); without the first query, its row (all its mass on itself: 1) is added back.
+    Returns float64 ``[H]``."""
+    extra = 1.0 if exclude_first_query else 0.0
+    stats = stats.to(device="cpu", dtype=torch.float64)
+    score = (stats[..., 0] + extra) / (stats[..., 2] + extra).clamp_min(1.0)
+    return (score > epsilon).sum(0, dtype=torch.float64)
+
+
 @dataclasses.dataclass
 class HeadStatsSink:
-    """Accumulates per-head (sum first-token mass, sum entropy, rows) over every forward call, per layer."""
+    """Accumulates per-head (sum first-token mass, sum entropy, rows) over every forward call, per layer, and with a
+    ``sink_epsilon`` the count of sequences in which each head is a first-token sink (:func:`first_token_sinks`)."""
 
     n_layer: int
     n_head: int
     exclude_first_query: bool = False
     normalize_entropy: bool = False
+    sink_epsilon: float | None = None
 
     def __post_init__(self):
         self.sums = torch.zeros(self.n_layer, self.n_head, 3, dtype=torch.float64)
+        self.sinks = torch.zeros(self.n_layer, self.n_head, dtype=torch.float64)
 
     def add(self, layer: int, stats: torch.Tensor) -> None:
         self.sums[layer] += stats.sum(0).to(device="cpu", dtype=torch.float64)
+        if self.sink_epsilon is not None:
+            self.sinks[layer] += first_token_sinks(stats, self.sink_epsilon, self.exclude_first_query)
 
 
 _FAMILY_OF: list = []  # [family_of_module], installed by alibi_surgery.families when it is imported
@@ -181,12 +198,14 @@ def patched(model: nn.Module, backend: str = "auto"):
 
 
 @contextlib.contextmanager
-def head_stats(model: nn.Module, *, exclude_first_query: bool = False, normalize_entropy: bool = False):
+def head_stats(model: nn.Module, *, exclude_first_query: bool = False, normalize_entropy: bool = False,
+               sink_epsilon: float | None = None):
     """Collect fused per-head statistics from every forward pass run inside the block (model must be patched)."""
     family, attns = attention_modules(model)
     if any(_STATE not in a.__dict__ for a in attns):
         raise RuntimeError("head_stats needs a patched model: call patch(model) first")
-    sink = HeadStatsSink(len(attns), family.attention_shape(attns[0])[0], exclude_first_query, normalize_entropy)
+    sink = HeadStatsSink(len(attns), family.attention_shape(attns[0])[0], exclude_first_query, normalize_entropy,
+                         sink_epsilon)
     for a in attns:
         a.__dict__[_STATE].sink = sink
     try:

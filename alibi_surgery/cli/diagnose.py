@@ -36,11 +36,13 @@ def diagnose_each(args, models: list[str]) -> list:
     from ..diagnosis.stream import diagnose_path
     from ..diagnosis.dormancy import check_threshold
     from ..diagnosis.extremes import check_dormant_fraction
+    from ..diagnosis.sinks import check_sink_epsilon
     from ..distributed import is_main, rank_device
 
     check_backend(args.backend)
     check_threshold(args.dormancy_threshold)
     check_dormant_fraction(args.dormant_fraction)
+    check_sink_epsilon(args.sink_epsilon)
     try:
         thresholds = Thresholds(args.dead_threshold, args.sink_threshold, args.low_entropy_threshold)
     except ValueError as exc:
@@ -51,7 +53,7 @@ def diagnose_each(args, models: list[str]) -> list:
     options = dict(batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
                    exclude_first_query=args.exclude_first_query, normalize_entropy=args.normalize_entropy,
                    thresholds=thresholds, progress=not args.quiet, dormancy_threshold=args.dormancy_threshold,
-                   dormant_fraction=args.dormant_fraction)
+                   dormant_fraction=args.dormant_fraction, sink_epsilon=args.sink_epsilon)
     device = rank_device(parse_device(args.device))  # cuda: this rank's own GPU under torchrun
     return [diagnose_path(m, prompts, device=device, dtype=parse_dtype(args.dtype, device), stream=args.stream,
                           announce=lambda msg: is_main() and print(msg, file=sys.stderr), **options) for m in models]

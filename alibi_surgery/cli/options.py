@@ -69,6 +69,9 @@ def add_diagnosis_options(p) -> None:
     p.add_argument("--dormant-fraction", type=float, default=0.1,
                    help="a head whose output norm is below this fraction of its layer's median head is flagged "
                         "dormant (0.1; docs/metrics.md)")
+    p.add_argument("--sink-epsilon", type=float, default=0.3,
+                   help="a head is a first-token sink on a prompt when the first token's attention, averaged over "
+                        "every query row, exceeds this (Gu et al.'s sink rate; 0.3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -30,11 +30,12 @@ from ..distributed import is_main, rank_guard, share_of, sum_across
 from ..errors import UsageError
 from ..families.base import training_context
 from ..io.loading import dtype_name
-from ..attention.patch import attention_modules, head_stats, patched
+from ..attention.patch import attention_modules, first_token_sinks, head_stats, patched
 from .dormancy import DEFAULT_THRESHOLD, model_dormancy
 from .extremes import (DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction,
                        residual_hooks)
 from .report import HeadReport, Thresholds
+from .sinks import DEFAULT_SINK_EPSILON, SINK_SHARE_TEXT, check_sink_epsilon
 
 __all__ = ["diagnose", "check_prompts", "stats_from_attention_probs", "build_report", "encode_prompts",
            "rank_batches", "padded_batches", "prompt_fingerprints", "uniform_bos_mass"]
@@ -171,11 +172,12 @@ _RATIO = "per prompt ||first token's {0}|| / mean over its other valid tokens, m
 def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_first_query, normalize_entropy,
                  max_length, thresholds, extremes: ExtremeSink | None = None,
                  dormant_fraction: float = DEFAULT_DORMANT_FRACTION, context: tuple[int, str] | None = None,
-                 **extra) -> HeadReport:
+                 sinks: tuple | None = None, **extra) -> HeadReport:
     """A HeadReport from per-layer, per-head sums ``[n_layer, n_head, 3]`` (first-token mass, entropy, rows) and the
     token ids ``encoded`` they were measured on, plus what ``extremes`` saw; warns (one line) when the prompts are too
     short to classify, and when one is longer than the training ``context`` the config records
-    (:func:`~alibi_surgery.families.base.training_context`)."""
+    (:func:`~alibi_surgery.families.base.training_context`). ``sinks``: ``(counts [n_layer, n_head], epsilon)``,
+    the sequences in which each head is a first-token sink."""
     rows = sums[..., 2].clamp_min(1.0)
     lengths = [len(e) for e in encoded]
     each, whole = prompt_fingerprints(encoded)
@@ -203,22 +205,29 @@ def build_report(sums, encoded, *, model_name, dtype, device, backend, exclude_f
                                   output_norm="mean over valid query rows of ||W_O[:, head cols] . o_head|| (no bias)")
     if seen_residual:
         metadata["metric"]["residual_peak"] = _RATIO.format("residual-stream input")
+    sink_share = None
+    if sinks is not None:
+        sink_share = (sinks[0] / max(len(encoded), 1)).float()
+        metadata["metric"].update(sink_epsilon=sinks[1], sink_share=SINK_SHARE_TEXT)
     return HeadReport((sums[..., 0] / rows).float(), (sums[..., 1] / rows).float(), n_tokens, thresholds, metadata,
                       value_ratio=extremes.value_ratio if seen_attention else None,
                       output_norm=extremes.output_norm if seen_attention else None,
                       residual_peak=extremes.residual_peak if seen_residual else None,
-                      dormant_fraction=dormant_fraction)
+                      dormant_fraction=dormant_fraction, sink_share=sink_share)
 
 
 def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int | None = None,
              backend: str = "auto", exclude_first_query: bool = False, normalize_entropy: bool = False,
              thresholds: Thresholds = Thresholds(), progress: bool = False,
              dormancy_threshold: float = DEFAULT_THRESHOLD,
-             dormant_fraction: float = DEFAULT_DORMANT_FRACTION) -> HeadReport:
+             dormant_fraction: float = DEFAULT_DORMANT_FRACTION,
+             sink_epsilon: float = DEFAULT_SINK_EPSILON) -> HeadReport:
     """Diagnose every head of a model of a registered family (causal LM or base model) over ``prompts``; the
-    report also holds the MLP dormancy (:mod:`~alibi_surgery.diagnosis.dormancy`) at ``dormancy_threshold`` and the
-    extreme-token metrics, heads flagged dormant at ``dormant_fraction`` of their layer's median output norm."""
+    report also holds the MLP dormancy (:mod:`~alibi_surgery.diagnosis.dormancy`) at ``dormancy_threshold``, the
+    extreme-token metrics, heads flagged dormant at ``dormant_fraction`` of their layer's median output norm, and
+    Gu et al.'s first-token sink share and rate at ``sink_epsilon`` (:func:`~alibi_surgery.attention.patch.first_token_sinks`)."""
     prompts = check_options(prompts, backend, batch_size, max_length)
+    check_sink_epsilon(sink_epsilon)
     check_dormant_fraction(dormant_fraction)
     dormancy = model_dormancy(model, dormancy_threshold)
     family, attns = attention_modules(model)
@@ -234,6 +243,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
     batches = rank_batches(encoded, batches)  # this rank's share (all of them in a single process)
     sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
+    sinks = torch.zeros(n_layer, n_head, dtype=torch.float64)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     extremes = ExtremeSink(n_layer, n_head)
     with rank_guard("diagnosis"), torch.inference_mode(), contextlib.ExitStack() as stack:
@@ -241,7 +251,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
         feed = stack.enter_context(residual_hooks(base, extremes, family=family))
         if concrete != "eager":
             stack.enter_context(patched(base, concrete))
-            sink = stack.enter_context(head_stats(base, **options))
+            sink = stack.enter_context(head_stats(base, **options, sink_epsilon=sink_epsilon))
             stack.enter_context(attention_extremes(base, extremes))
         else:  # the model's own eager attention, the one that returns attention maps (Falcon >= 5.25 and
             stack.enter_context(patched(base, "eager"))  # interface models switch implementation for it)
@@ -254,14 +264,17 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
             if concrete == "eager":
                 out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
                 for layer, probs in enumerate(out.attentions):
-                    sums[layer] += stats_from_attention_probs(probs, mask, **options).sum(0).cpu().double()
+                    stats = stats_from_attention_probs(probs, mask, **options)
+                    sums[layer] += stats.sum(0).cpu().double()
+                    sinks[layer] += first_token_sinks(stats, sink_epsilon, exclude_first_query)
                 del out
             else:
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
     if sink is not None:
-        sums = sink.sums
-    sum_across(sums, *extremes.sum_tensors())  # every rank's batches (nothing in a single process)
+        sums, sinks = sink.sums, sink.sinks
+    sum_across(sums, sinks, *extremes.sum_tensors())  # every rank's batches (nothing in a single process)
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,
                         thresholds=thresholds, family=family.name, mlp_dormancy=dormancy, extremes=extremes,
-                        dormant_fraction=dormant_fraction, context=training_context(base.config), **options)
+                        dormant_fraction=dormant_fraction, context=training_context(base.config),
+                        sinks=(sinks, sink_epsilon), **options)

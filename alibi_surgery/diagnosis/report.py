@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..io.files import atomic_write_text, read_text
 from .extremes import DEFAULT_DORMANT_FRACTION, dormant_heads
 from .healthy import SICK, check_healthy_definition, healthy_text, is_healthy
+from .sinks import sink_rate
 
 __all__ = ["Thresholds", "HeadReport", "read_report", "model_name", "CLASSES", "SICK", "classify", "collapse_band",
            "metric_differences", "measurement_differences", "check_same_measurement"]
@@ -107,6 +108,7 @@ class HeadReport:
     output_norm: torch.Tensor | None = None
     residual_peak: torch.Tensor | None = None
     dormant_fraction: float = DEFAULT_DORMANT_FRACTION
+    sink_share: torch.Tensor | None = None  # float32 [n_layer, n_head]: diagnosis/sinks.py
 
     @property
     def n_layer(self) -> int:
@@ -168,6 +170,10 @@ class HeadReport:
             if self.output_norm is not None:
                 entry["output_norm"] = _number(self.output_norm[at])
                 entry["dormant"] = dormant[at[0]][at[1]]
+            if self.sink_share is not None:
+                entry["sink_share"] = float(self.sink_share[at])
+        if self.sink_share is not None:
+            top["sink_rate"] = sink_rate(self.sink_share)
         if self.output_norm is not None:
             metric["dormant_fraction"] = self.dormant_fraction
         if self.residual_peak is not None:
@@ -219,7 +225,7 @@ class HeadReport:
         """The inverse of :meth:`to_dict`."""
         bos = torch.zeros(data["n_layer"], data["n_head"])
         ent = torch.zeros_like(bos)
-        extremes = {k: torch.full_like(bos, torch.nan) for k in ("value_ratio", "output_norm")
+        extremes = {k: torch.full_like(bos, torch.nan) for k in ("value_ratio", "output_norm", "sink_share")
                     if any(k in h for h in data["heads"])}  # absent in reports written before them
         for h in data["heads"]:
             bos[h["layer"], h["head"]] = h["bos_mass"]
@@ -234,7 +240,7 @@ class HeadReport:
         peak = data.get("residual_peak")
         peak = None if peak is None else torch.tensor([_from_number(x) for x in peak], dtype=torch.float32)
         return cls(bos, ent, data["n_tokens"], thresholds, metadata, extremes.get("value_ratio"),
-                   extremes.get("output_norm"), peak, fraction)
+                   extremes.get("output_norm"), peak, fraction, extremes.get("sink_share"))
 
     @classmethod
     def from_json(cls, path) -> "HeadReport":
@@ -258,6 +264,9 @@ class HeadReport:
         lines.append("  collapsed per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
         band = self.band()
         lines.append("  collapse band: " + ("none" if band is None else f"H{band[0]}-H{band[1]}"))
+        if self.sink_share is not None:
+            eps = self.metadata.get("metric", {}).get("sink_epsilon")
+            lines.append(f"  first-token sink rate (Gu et al., epsilon {eps}): {sink_rate(self.sink_share):.1f}%")
         if self.output_norm is not None:
             n = sum(map(sum, self.dormant))
             lines.append(f"  dormant (output norm < {self.dormant_fraction:g} x layer median): {n}/{total}")

@@ -25,6 +25,7 @@ from ..allocator import release_after
 from ..attention.backends import resolve_backend
 from .dormancy import DEFAULT_THRESHOLD, DormancyCounter
 from ..families.base import training_context
+from .sinks import DEFAULT_SINK_EPSILON, check_sink_epsilon
 from .diagnose import build_report, check_options, encode_prompts, padded_batches, rank_batches
 from ..distributed import is_main, rank_guard, sum_across
 from ..errors import UsageError
@@ -86,12 +87,15 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
                       exclude_first_query: bool = False, normalize_entropy: bool = False,
                       thresholds: Thresholds = Thresholds(), progress: bool = False,
                       dormancy_threshold: float = DEFAULT_THRESHOLD,
-                      dormant_fraction: float = DEFAULT_DORMANT_FRACTION) -> HeadReport:
+                      dormant_fraction: float = DEFAULT_DORMANT_FRACTION,
+                      sink_epsilon: float = DEFAULT_SINK_EPSILON) -> HeadReport:
     """Diagnose a checkpoint block by block (see the module docstring). ``dtype``: the compute dtype
     (default: float32 on CPU, bfloat16 on CUDA); weights are converted to it block by block. The extreme-token
-    metrics are measured too: each block's residual input is the hidden states fed to it."""
+    metrics and the first-token sink share (:mod:`~alibi_surgery.diagnosis.sinks`) are measured too: each block's
+    residual input is the hidden states fed to it."""
     prompts = check_options(prompts, backend, batch_size, max_length)
     check_dormant_fraction(dormant_fraction)
+    check_sink_epsilon(sink_epsilon)
     if backend == "eager":
         raise UsageError("streamed diagnosis needs a fused backend (triton or torch), not eager")
     device = torch.device(device)
@@ -114,6 +118,7 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             inputs.append(family.block_inputs(mask, config, dtype))
             masks.append(mask.bool())
         sums = torch.zeros(layout.n_layer, layout.n_head, 3, dtype=torch.float64)
+        sinks = torch.zeros(layout.n_layer, layout.n_head, dtype=torch.float64)
         extremes = ExtremeSink(layout.n_layer, layout.n_head)
         for layer in tqdm(range(layout.n_layer), desc="diagnose (streamed)", unit="block",
                           disable=not (progress and is_main())):
@@ -127,21 +132,21 @@ def diagnose_streamed(model_dir, tokenizer, prompts, *, batch_size: int = 8, max
             del weights
             dormancy.add(*family.mlp_weights(block))
             block_extremes = ExtremeSink(1, layout.n_head)
-            with patched(block, concrete), head_stats(block, **options) as sink, \
+            with patched(block, concrete), head_stats(block, **options, sink_epsilon=sink_epsilon) as sink, \
                     attention_extremes(block, block_extremes), \
                     release_after(family.attention_modules(block), device.type == "cpu"):
                 for i, (args, kwargs) in enumerate(inputs):
                     block_extremes.add_residual(0, hidden[i], masks[i])
                     out = block(hidden[i], *args, **kwargs)
                     hidden[i] = out[0] if isinstance(out, tuple) else out
-            sums[layer] = sink.sums[0]
+            sums[layer], sinks[layer] = sink.sums[0], sink.sinks[0]
             extremes.merge(layer, block_extremes)
             del block
-    sum_across(sums, *extremes.sum_tensors())  # every rank's batches: one all_reduce (none in one process)
+    sum_across(sums, sinks, *extremes.sum_tensors())  # every rank's batches: one all_reduce (none in one process)
     return build_report(sums, encoded, model_name=str(model_dir), dtype=dtype, device=device, backend=concrete,
                         max_length=max_length, thresholds=thresholds, streamed=True, family=family.name,
                         mlp_dormancy=dormancy.result(), extremes=extremes, dormant_fraction=dormant_fraction,
-                        context=training_context(config), **options)
+                        context=training_context(config), sinks=(sinks, sink_epsilon), **options)
 
 
 def diagnose_path(model: str, prompts, *, device: torch.device, dtype: torch.dtype, stream: bool = False,
