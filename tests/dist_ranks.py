@@ -88,6 +88,25 @@ def fsdp_batch(vocab: int, batch: int = 4, seq: int = 16):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
 
 
+def _fsdp_setup(rank: int, world_size: int, model: str):
+    """The model of ``model`` with :data:`FSDP_SELECTION` as head parameters, every block and the loss root sharded
+    on a CPU mesh, AdamW on the heads, and this rank's share of :func:`fsdp_batch`:
+    ``(net, tokenizer, heads, root, optimizer, ids)``."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from alibi_surgery.attention.patch import patch
+    from alibi_surgery.io.loading import load_model
+    from alibi_surgery.surgery.sharded import HeadParams, LanguageModelLoss, shard
+
+    net, tok = load_model(model, dtype="float32", device="cpu")
+    patch(net.eval(), "torch")
+    heads = HeadParams(net, FSDP_SELECTION)
+    root = shard(LanguageModelLoss(net), init_device_mesh("cpu", (world_size,)))
+    opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
+    return net, tok, heads, root, opt, fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
+
+
 def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, out: str) -> None:
     """``steps`` AdamW steps (clip 1.0) on :data:`FSDP_SELECTION` under FSDP2: every block ``fully_shard``-ed on a
     CPU mesh with the chunked loss as the root (:class:`LanguageModelLoss`), the rank's share of :func:`fsdp_batch`
@@ -96,20 +115,10 @@ def fsdp_ranks(rank: int, world_size: int, store: str, model: str, steps: int, o
     final state to ``out/fsdp.pt``."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from alibi_surgery.attention.patch import patch
-    from alibi_surgery.io.loading import load_model
-    from alibi_surgery.surgery.sharded import HeadParams, LanguageModelLoss, shard
 
     _join(rank, world_size, store)
     try:
-        net, _ = load_model(model, dtype="float32", device="cpu")
-        patch(net.eval(), "torch")
-        heads = HeadParams(net, FSDP_SELECTION)
-        root = shard(LanguageModelLoss(net), init_device_mesh("cpu", (world_size,)))
-        opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
-        ids = fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
+        net, _, heads, root, opt, ids = _fsdp_setup(rank, world_size, model)
         losses, grads = [], None
         for _ in range(steps):
             loss = root(ids)
@@ -134,23 +143,13 @@ def fsdp_resume_ranks(rank: int, world_size: int, store: str, model: str, out: s
     step more and ``out/final-straight`` (uninterrupted). ``phase="resume"``: load ``out/ckpt`` into this world
     size, 1 step, ``out/final-resumed``. Rank r trains on its share of :func:`fsdp_batch`."""
     import torch
-    from torch.distributed.device_mesh import init_device_mesh
+    import torch.distributed as dist
 
-    from alibi_surgery.attention.patch import patch
-    from alibi_surgery.io.loading import load_model
-    from alibi_surgery.surgery.sharded import HeadParams, LanguageModelLoss, shard
     from alibi_surgery.surgery.sharded_io import load_sharded, save_sharded, write_final
 
     _join(rank, world_size, store)
-    import torch.distributed as dist
-
     try:
-        net, tok = load_model(model, dtype="float32", device="cpu")
-        patch(net.eval(), "torch")
-        heads = HeadParams(net, FSDP_SELECTION)
-        root = shard(LanguageModelLoss(net), init_device_mesh("cpu", (world_size,)))
-        opt = torch.optim.AdamW(heads.params, **FSDP_OPTIM)
-        ids = fsdp_batch(net.config.vocab_size).chunk(world_size)[rank]
+        net, tok, heads, root, opt, ids = _fsdp_setup(rank, world_size, model)
 
         def step():
             root(ids).backward()
