@@ -170,3 +170,32 @@ def fsdp_resume_ranks(rank: int, world_size: int, store: str, model: str, out: s
             write_final(out / "final-resumed", net, heads, tok, max_shard_bytes=200_000)  # several shards
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_failed_save_ranks(rank: int, world_size: int, store: str, model: str, out: str) -> None:
+    """A checkpoint at ``out/ckpt-1``, then one at ``out/ckpt-2`` whose write fails on rank 1 (its storage writer
+    raises): each rank records what it raised in ``out/failed{rank}.json``."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from alibi_surgery.surgery.sharded_io import save_sharded
+
+    _join(rank, world_size, store)
+    seen = {}
+    try:
+        net, tok, heads, root, opt, ids = _fsdp_setup(rank, world_size, model)
+        root(ids).backward()
+        opt.step()
+        save_sharded(Path(out) / "ckpt-1", root, opt, {"step": 1})
+        if rank == 1:
+            def broken(self, *args, **kwargs):
+                raise OSError("disk full on purpose")
+            FileSystemWriter.write_data = broken
+        try:
+            save_sharded(Path(out) / "ckpt-2", root, opt, {"step": 2})
+            seen["raised"] = None
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
+            seen["raised"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        (Path(out) / f"failed{rank}.json").write_text(json.dumps(seen))
+        dist.destroy_process_group()

@@ -3,7 +3,8 @@
 * :func:`save_sharded` writes the trained head parameters and their AdamW state with Distributed Checkpoint
   (``torch.distributed.checkpoint``: each rank its own shards, one ``.metadata`` for all) into ``.tmp-NAME``, then
   rank 0 writes ``meta`` as the completion marker and moves the directory into place: a checkpoint is complete or
-  absent. The frozen weights are not in it (they are the input model's).
+  absent. A rank whose write fails makes the save raise on every rank (DCP gathers the ranks' results), and rank 0
+  removes the partial directory. The frozen weights are not in it (they are the input model's).
 * :func:`load_sharded` restores them into a model sharded over any world size (DCP reshards on load) and returns
   ``meta``.
 * :func:`write_final` gathers the model one module at a time (:meth:`HeadParams.full_state`), rank 0 writes it as
@@ -23,6 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from ..distributed import is_main
+from ..errors import WriteError
 from ..io.files import atomic_write_text, replace_dir
 from .sharded import COLS, ROW_BIAS, ROWS, HeadParams
 
@@ -65,7 +67,18 @@ def save_sharded(final, root: nn.Module, optimizer, meta: dict) -> Path:
 
     final = Path(final)
     tmp = _staging(final)
-    dcp.save(_states(root, optimizer), checkpoint_id=str(tmp))
+    try:
+        dcp.save(_states(root, optimizer), checkpoint_id=str(tmp))  # a rank's failure is raised on every rank
+    except BaseException as exc:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        failures = getattr(exc, "failures", None)  # DCP's CheckpointException (a BaseException): rank -> (exc, tb)
+        if not failures:
+            raise
+        rank, (first, _) = min(failures.items())
+        more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+        raise WriteError(f"writing checkpoint {final} failed on rank {rank}{more}: {type(first).__name__}: "
+                         f"{first}") from None
     _barrier()
     if is_main():
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete

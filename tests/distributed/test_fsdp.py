@@ -148,3 +148,20 @@ def test_checkpoint_resumes_on_another_world_size_and_final_loads_in_stock_trans
         assert float((have - want).abs().max()) <= 5e-3 * dist_ranks.FSDP_OPTIM["lr"] * STEPS, key
         assert float((have - want).norm()) <= 1e-3 * float(want.norm()), key
     assert changed == 6  # both layers' qkv weight and bias, output weight
+
+
+def test_a_rank_that_fails_its_write_fails_the_checkpoint_on_every_rank_and_leaves_none(tmp_path):
+    """Rank 1's storage writer raises while checkpoint 2 is written: both ranks raise (naming the failure), there is
+    no ``ckpt-2`` and no partial ``.tmp-ckpt-2``, and ``ckpt-1`` is whole (its marker and DCP's metadata)."""
+    import json
+
+    model = str(write_random_model(tmp_path / "model", "tiny", n_layer=2, vocab_size=260, seed=0))
+    mp.spawn(dist_ranks.fsdp_failed_save_ranks, args=(2, str(tmp_path / "store"), model, str(tmp_path)), nprocs=2,
+             join=True)
+    seen = [json.loads((tmp_path / f"failed{r}.json").read_text()) for r in range(2)]
+    for s in seen:  # one WriteError line on each rank, naming the checkpoint, the rank and the reason
+        assert s["raised"].startswith("WriteError: writing checkpoint ") and "ckpt-2 failed on rank 1: OSError: disk " \
+            "full on purpose" in s["raised"], seen
+    assert not (tmp_path / "ckpt-2").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert json.loads((tmp_path / "ckpt-1" / "trainer_state.json").read_text()) == {"step": 1}
+    assert (tmp_path / "ckpt-1" / ".metadata").is_file()
