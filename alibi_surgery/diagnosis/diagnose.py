@@ -30,7 +30,7 @@ from ..distributed import is_main, rank_guard, share_of, sum_across
 from ..errors import UsageError
 from ..families.base import training_context
 from ..io.loading import dtype_name
-from ..attention.patch import attention_modules, first_token_sinks, head_stats, patched
+from ..attention.patch import HeadStatsSink, attention_modules, head_stats, patched
 from .dormancy import DEFAULT_THRESHOLD, model_dormancy
 from .extremes import (DEFAULT_DORMANT_FRACTION, ExtremeSink, attention_extremes, check_dormant_fraction,
                        residual_hooks)
@@ -242,12 +242,9 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
     with _left_padding(tokenizer):
         encoded, batches = encode_prompts(tokenizer, prompts, max_length, batch_size)
     batches = rank_batches(encoded, batches)  # this rank's share (all of them in a single process)
-    sums = torch.zeros(n_layer, n_head, 3, dtype=torch.float64)
-    sinks = torch.zeros(n_layer, n_head, dtype=torch.float64)
     options = dict(exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy)
     extremes = ExtremeSink(n_layer, n_head)
     with rank_guard("diagnosis"), torch.inference_mode(), contextlib.ExitStack() as stack:
-        sink = None
         feed = stack.enter_context(residual_hooks(base, extremes, family=family))
         if concrete != "eager":
             stack.enter_context(patched(base, concrete))
@@ -255,6 +252,7 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
             stack.enter_context(attention_extremes(base, extremes))
         else:  # the model's own eager attention, the one that returns attention maps (Falcon >= 5.25 and
             stack.enter_context(patched(base, "eager"))  # interface models switch implementation for it)
+            sink = HeadStatsSink(n_layer, n_head, **options, sink_epsilon=sink_epsilon)  # fed from the maps below
         # on a CPU, BLOOM-style MLPs cannot reuse the attention's freed temporaries: resident memory would hold both
         stack.enter_context(release_after(attns, param.device.type == "cpu" and not family.interface))
         stream = padded_batches(tokenizer, encoded, batches, param.device)
@@ -264,14 +262,11 @@ def diagnose(model, tokenizer, prompts, *, batch_size: int = 8, max_length: int 
             if concrete == "eager":
                 out = base(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
                 for layer, probs in enumerate(out.attentions):
-                    stats = stats_from_attention_probs(probs, mask, **options)
-                    sums[layer] += stats.sum(0).cpu().double()
-                    sinks[layer] += first_token_sinks(stats, sink_epsilon, exclude_first_query)
+                    sink.add(layer, stats_from_attention_probs(probs, mask, **options))
                 del out
             else:
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
-    if sink is not None:
-        sums, sinks = sink.sums, sink.sinks
+    sums, sinks = sink.sums, sink.sinks
     sum_across(sums, sinks, *extremes.sum_tensors())  # every rank's batches (nothing in a single process)
     return build_report(sums, encoded, model_name=getattr(base.config, "_name_or_path", None) or family.name,
                         dtype=param.dtype, device=param.device, backend=concrete, max_length=max_length,

@@ -43,12 +43,16 @@ __all__ = ["fsdp_step_memory", "smallest_world_size", "plan_ranks", "format_rank
 MAX_WORLD_SIZE = 4096
 
 
+def _check_world_size(world_size) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+
+
 def fsdp_step_memory(config, n_heads: int, *, world_size: int, seq_len: int, batch: int = 1,
                      dtype: str = "bfloat16") -> dict:
     """Predicted peak bytes per rank of one FSDP2 surgery step on ``n_heads`` heads spread over every layer, by
     part (see the module docstring); ``batch`` is the rank's own batch."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    _check_world_size(world_size)
     family = family_for(config)
     layout = family.layout(config)
     name, w = _dtype_bytes(dtype)
@@ -96,8 +100,7 @@ def plan_ranks(model: str, *, world_size: int, device_memory: int | None = None,
     from ..io.loading import parse_dtype
     from .memory_plan import _storage_dtype, diagnosis_memory, heads_for, load_config
 
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    _check_world_size(world_size)
     if device_memory is not None and device_memory <= 0:
         raise UsageError(f"device_memory={device_memory}: must be a positive size")
     name, config = load_config(model, surgery=False)

@@ -34,6 +34,7 @@ from ..attention.patch import attention_modules
 from ..diagnosis.selection import check_selection
 from ..errors import UsageError
 from ..families import HeadLayout
+from .slices import head_indices
 
 __all__ = ["HeadParams", "LanguageModelLoss", "shard", "ROWS", "ROW_BIAS", "COLS"]
 
@@ -77,8 +78,7 @@ class HeadParams:
         self.linears: list[nn.Linear] = []
         for layer, heads in self.selection.items():
             qkv, out = family.qkv(attns[layer]), family.out(attns[layer])
-            rows = torch.cat([torch.arange(a, b) for h in heads for a, b in family.qkv_rows(h, self.layout)])
-            cols = torch.cat([torch.arange(*family.out_cols(h, self.layout)) for h in heads])
+            rows, cols = head_indices(family, self.layout, heads)
             with torch.no_grad():
                 self._attach(qkv, rows, _qkv_forward, {ROWS: qkv.weight[rows]} |
                              ({ROW_BIAS: qkv.bias[rows]} if qkv.bias is not None else {}))
@@ -98,16 +98,11 @@ class HeadParams:
         """Write the trained values into the weights and restore the linears (their parameters unregistered, their
         forwards their own). The original parameters stay frozen. Needs plain (unsharded) tensors."""
         for linear in self.linears:
-            index = getattr(linear, _INDEX).to(linear.weight.device)
-            if hasattr(linear, COLS):
-                linear.weight.index_copy_(1, index, getattr(linear, COLS).to(linear.weight.dtype))
-            else:
-                linear.weight.index_copy_(0, index, getattr(linear, ROWS).to(linear.weight.dtype))
-                if hasattr(linear, ROW_BIAS):
-                    linear.bias.index_copy_(0, index, getattr(linear, ROW_BIAS).to(linear.bias.dtype))
+            own = {k: v for k, v in linear._parameters.items() if v is not None}
+            for name, value in _folded(linear, own).items():
+                getattr(linear, name).copy_(value)
             for name in (ROWS, ROW_BIAS, COLS):
-                if name in linear._parameters:
-                    del linear._parameters[name]
+                linear._parameters.pop(name, None)
             old = linear.__dict__.pop(_OLD)
             if old is None:
                 del linear.forward
@@ -123,7 +118,6 @@ class HeadParams:
         return [linear._parameters[n] for linear in self.linears for n in (ROWS, ROW_BIAS, COLS)
                 if n in linear._parameters]
 
-
     def full_state(self, model: nn.Module):
         """Yield the stock model's ``(key, tensor)`` pairs with the trained values folded in, one module at a time:
         a sharded parameter (a DTensor) is gathered in full with ``full_tensor()``, a collective, so every rank must
@@ -138,23 +132,29 @@ class HeadParams:
                 continue
             full = {k: _full(v) for k, v in own.items()}
             if id(module) in routed:
-                index = getattr(module, _INDEX).to(full["weight"].device)
-                if COLS in full:
-                    full["weight"] = full["weight"].index_copy(1, index, full[COLS].to(full["weight"].dtype))
-                else:
-                    full["weight"] = full["weight"].index_copy(0, index, full[ROWS].to(full["weight"].dtype))
-                    if ROW_BIAS in full:
-                        full["bias"] = full["bias"].index_copy(0, index, full[ROW_BIAS].to(full["bias"].dtype))
+                full |= _folded(module, full)
             for k, v in full.items():
                 if k not in (ROWS, ROW_BIAS, COLS):
                     yield (f"{name}.{k}" if name else k), v
+
+
+def _folded(linear: nn.Linear, tensors: dict) -> dict:
+    """The routed ``linear``'s ``weight`` (and, for QKV rows with a bias, ``bias``) with its head parameters
+    written in, from ``tensors`` (its own, by name: the module's, or gathered copies); new tensors."""
+    index = getattr(linear, _INDEX).to(tensors["weight"].device)
+    weight = tensors["weight"]
+    if COLS in tensors:
+        return {"weight": weight.index_copy(1, index, tensors[COLS].to(weight.dtype))}
+    out = {"weight": weight.index_copy(0, index, tensors[ROWS].to(weight.dtype))}
+    if ROW_BIAS in tensors:
+        out["bias"] = tensors["bias"].index_copy(0, index, tensors[ROW_BIAS].to(tensors["bias"].dtype))
+    return out
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind ``t``: gathered when it is a DTensor, detached either way."""
     t = t.detach()
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
 
 
 class LanguageModelLoss(nn.Module):
@@ -179,8 +179,9 @@ def shard(root: nn.Module, mesh=None) -> nn.Module:
     ``root``, now an FSDP module (its parameters DTensors sharded on dim 0)."""
     from torch.distributed.fsdp import fully_shard
 
-    family, _ = attention_modules(root.model if isinstance(root, LanguageModelLoss) else root)
-    for block in family.decoder_blocks(root.model if isinstance(root, LanguageModelLoss) else root):
+    model = root.model if isinstance(root, LanguageModelLoss) else root
+    family, _ = attention_modules(model)
+    for block in family.decoder_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(root, mesh=mesh)
     return root

@@ -109,7 +109,7 @@ def write_final(final, model: nn.Module, heads: HeadParams, tokenizer=None, *,
 
     final = Path(final)
     tmp = _staging(final)
-    shards, current, size, seen = [], {}, 0, set()
+    shards, current, size = [], {}, 0
 
     def flush():
         nonlocal current, size
@@ -121,9 +121,8 @@ def write_final(final, model: nn.Module, heads: HeadParams, tokenizer=None, *,
 
     tied = _tied_names(model)
     for key, tensor in heads.full_state(model):
-        if key in tied or key in seen:
+        if key in tied:
             continue
-        seen.add(key)
         if not is_main():
             continue  # every rank gathers (a collective); rank 0 alone keeps and writes
         nbytes = tensor.numel() * tensor.element_size()

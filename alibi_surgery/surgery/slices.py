@@ -37,7 +37,7 @@ from ..attention.patch import attention_modules
 from ..families import HeadLayout
 from ..diagnosis.selection import check_selection
 
-__all__ = ["HeadSlices", "SliceSpec", "check_selection"]
+__all__ = ["HeadSlices", "SliceSpec", "check_selection", "head_indices"]
 
 KINDS = ("qkv_weight", "qkv_bias", "dense_weight")
 _ROUTED = "_alibi_surgery_sliced"
@@ -94,6 +94,14 @@ class _ColumnSlicedLinear(torch.autograd.Function):
         x_sel = x.reshape(-1, x.shape[-1]).index_select(1, cols).to(ctx.dtype)  # [tokens, n * d]
         grad_w = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype).t().matmul(x_sel)  # [hidden, n * d]
         return (grad_x, None, None, None, None, *grad_w.chunk(ctx.n_blocks, 1))
+
+
+def head_indices(family, layout: HeadLayout, heads) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: the fused QKV weight's rows of ``heads`` (:meth:`Family.qkv_rows`, head by head) and the
+    output projection's input columns (:meth:`Family.out_cols`), as int64 index tensors in selection order."""
+    rows = torch.cat([torch.arange(a, b) for h in heads for a, b in family.qkv_rows(h, layout)])
+    cols = torch.cat([torch.arange(*family.out_cols(h, layout)) for h in heads])
+    return rows, cols
 
 
 class HeadSlices:
@@ -158,13 +166,10 @@ class HeadSlices:
             t.grad = self.grad[self.offsets[i]:self.offsets[i] + sizes[i]].view(t.shape)
 
     def _route(self, qkv, out, heads, specs, trainable):
-        device = qkv.weight.device
-        blocks = [r for h in heads for r in self.family.qkv_rows(h, self.layout)]
-        rows = torch.cat([torch.arange(a, b) for a, b in blocks]).to(device)
-        cols = torch.cat([torch.arange(*self.family.out_cols(h, self.layout)) for h in heads]).to(device)
+        rows, cols = (t.to(qkv.weight.device) for t in head_indices(self.family, self.layout, heads))
         by_kind = {kind: [t for s, t in zip(specs, trainable) if s.kind == kind] for kind in KINDS}
         qkv_w, qkv_b, dense_w = by_kind["qkv_weight"], by_kind["qkv_bias"], by_kind["dense_weight"]
-        n_rows, n_cols = len(blocks), len(heads)
+        n_rows, n_cols = sum(len(self.family.qkv_rows(h, self.layout)) for h in heads), len(heads)
 
         def qkv_forward(module, x):
             return _RowSlicedLinear.apply(x, module.weight, module.bias, rows, n_rows, *qkv_w, *qkv_b)
