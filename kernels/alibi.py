@@ -38,6 +38,8 @@ class AttentionOptions(NamedTuple):
     by ln(visible keys). ``softmax_scale``, ``bias_scale`` and ``alibi_bf16`` are the score options above.
     ``window`` (an int >= 1; None or 0: none) is a sliding window, transformers' ``sliding_window_causal_mask_function``:
     the query row at key index r sees key j iff ``r - window < j <= r``; see :func:`resolve_window`. Forward only.
+    ``row_stats`` returns each query row's raw (first-token mass, entropy) instead of the per-head sums, the form
+    whose gradients the backward takes (``stats_grad``); it implies the statistics.
     An unknown name is a TypeError, as for any keyword argument."""
 
     with_stats: bool = False
@@ -47,6 +49,7 @@ class AttentionOptions(NamedTuple):
     bias_scale: float = 1.0
     alibi_bf16: bool = False
     window: int | None = None
+    row_stats: bool = False
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -139,3 +142,19 @@ def refuse_backward(n_head: int, n_kv: int, window) -> None:
         what = "grouped-query" if n_kv != n_head else "sliding-window"
         raise UsageError(f"the backward of {what} attention is not implemented (forward only, e.g. for diagnosis): "
                          "run it under torch.no_grad() or with inputs that do not require grad")
+
+
+def stats_grad_terms(stats_grad, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics' share of the backward, for both backends: ``(gstat, delta)``.
+
+    ``stats_grad`` is ``(d_rows, rows)``, both float32 ``[B, H, q_len, 2]``: the loss's gradient with respect to the
+    forward's ``row_stats`` output and that output (per row: first-token mass m, entropy H in nats). With
+    ``dH/ds_ij = -p_ij (ln p_ij + H_i)`` and ``dm/ds_ij = p_ij ([j = first key] - m_i)``, the score gradient is
+    ``P * (dP - delta)`` once dP gains ``g_m`` on the first key's column and ``-g_H ln p``, and
+    ``delta_i += g_m m_i + g_H H_i``. Returns ``gstat`` contiguous ``[B, H, q_len, 2]`` of ``(g_m, g_H ln 2)``
+    (ln 2: the kernels hold base-2 log-probabilities) and the raised ``delta`` ``[B, H, q_len]``."""
+    d_rows, rows = stats_grad
+    d_rows = d_rows.to(device=delta.device, dtype=torch.float32)
+    delta = delta + (d_rows * rows.to(torch.float32)).sum(-1)
+    gstat = d_rows * torch.tensor([1.0, math.log(2.0)], device=delta.device, dtype=torch.float32)
+    return gstat.contiguous(), delta

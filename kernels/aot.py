@@ -95,7 +95,8 @@ def fwd_signature(dtype: torch.dtype) -> dict:
     from .attention_fwd import _alibi_fwd_kernel
 
     t = _TRITON_TYPE[dtype]
-    pointers = dict(Q=t, K=t, V=t, O=t, LSE="fp32", KPOS="i32", KSTART="i32", SLOPES="fp32", STATS="fp32")
+    pointers = dict(Q=t, K=t, V=t, O=t, LSE="fp32", KPOS="i32", KSTART="i32", SLOPES="fp32", STATS="fp32",
+                    ROWS="fp32")
     sig = {}
     for name in _alibi_fwd_kernel.arg_names:
         if name in pointers:
@@ -107,16 +108,19 @@ def fwd_signature(dtype: torch.dtype) -> dict:
     return sig
 
 
-def _bias_variant(alibi_bf16: bool, window: bool = False) -> str:
+def _bias_variant(alibi_bf16: bool, window: bool = False, row_stats: bool = False, stats_grad: bool = False) -> str:
     """The ``variant`` of an attention result: "" for BLOOM's bias, "alibi-bf16" for Falcon-RW's rounded one,
-    "window" for the sliding window (with BLOOM's bias)."""
-    return "+".join(n for n, on in (("alibi-bf16", alibi_bf16), ("window", window)) if on)
+    "window" for the sliding window (with BLOOM's bias), "row-stats" / "stats-grad" for the statistics with
+    gradients (forward and backward)."""
+    flags = (("alibi-bf16", alibi_bf16), ("window", window), ("row-stats", row_stats), ("stats-grad", stats_grad))
+    return "+".join(n for n, on in flags if on)
 
 
 def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
-                alibi_bf16: bool = False, window: bool = False) -> CompileResult:
+                alibi_bf16: bool = False, window: bool = False, row_stats: bool = False) -> CompileResult:
     """Compile the forward kernel with exactly the configuration the launcher picks on ``arch`` (``alibi_bf16``:
-    the Falcon-RW bias, constexpr ``ALIBI_BF16``; ``window``: the sliding window, constexpr ``HAS_WINDOW``; the
+    the Falcon-RW bias, constexpr ``ALIBI_BF16``; ``window``: the sliding window, constexpr ``HAS_WINDOW``;
+    ``row_stats``: the per-row statistics whose gradients the backward takes, constexpr ``ROW_STATS``; the
     other score options and grouped-query attention's group size are runtime values). The group size ``n_group``
     is compiled as a runtime integer (GQA's case; the JIT specialises the value 1 of multi-head attention)."""
     from .attention_fwd import _alibi_fwd_kernel, pick_config
@@ -124,18 +128,20 @@ def compile_fwd(arch: int, head_dim: int, dtype: torch.dtype, with_stats: bool,
     cfg = pick_config(head_dim, dtype, arch, with_stats, window)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WITH_STATS=with_stats, EXCLUDE_FIRST=False, NORMALIZE_ENTROPY=False,
-                      UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16, HAS_WINDOW=window)
+                      UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16, HAS_WINDOW=window,
+                      ROW_STATS=row_stats)
     sig = fwd_signature(dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(_alibi_fwd_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, divisible)
-    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype], variant=_bias_variant(alibi_bf16, window))
+    return dataclasses.replace(result, dtype_name=_TRITON_TYPE[dtype],
+                               variant=_bias_variant(alibi_bf16, window, row_stats=row_stats))
 
 
 def bwd_signature(kernel, dtype: torch.dtype) -> dict:
     """Runtime-argument types of a backward kernel (``_alibi_bwd_kernel`` or ``_bwd_delta_kernel``)."""
     t = _TRITON_TYPE[dtype]
     pointers = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, O=t, LSE="fp32", DELTA="fp32", KPOS="i32", KSTART="i32",
-                    SLOPES="fp32")
+                    SLOPES="fp32", GSTAT="fp32")
     sig = {}
     for name in kernel.arg_names:
         if name in pointers:
@@ -147,9 +153,11 @@ def bwd_signature(kernel, dtype: torch.dtype) -> dict:
     return sig
 
 
-def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_bf16: bool = False) -> CompileResult:
+def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_bf16: bool = False,
+                stats_grad: bool = False) -> CompileResult:
     """Compile one backward pass (``which``: ``"dkdv"``, ``"dq"`` or ``"delta"``) with the configuration its
-    launcher picks; the result is named ``_alibi_bwd_<which>``."""
+    launcher picks; the result is named ``_alibi_bwd_<which>``. ``stats_grad``: with the statistics' gradients
+    (constexpr ``STATS_GRAD``)."""
     from .attention_bwd import DELTA_BLOCK, _alibi_bwd_kernel, _bwd_delta_kernel, pick_bwd_config
 
     width = block_d(head_dim)
@@ -161,12 +169,13 @@ def compile_bwd(arch: int, head_dim: int, dtype: torch.dtype, which: str, alibi_
         cfg = pick_bwd_config(head_dim, dtype, arch, alibi_bf16)[0 if which == "dkdv" else 1]
         num_warps, num_stages = cfg.num_warps, cfg.num_stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=width, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          DKDV=which == "dkdv", UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16)
+                          DKDV=which == "dkdv", UPCAST=False, IEEE=dtype == torch.float32, ALIBI_BF16=alibi_bf16,
+                          STATS_GRAD=stats_grad)
     sig = bwd_signature(kernel, dtype)
     divisible = tuple(a for a in sig if sig[a].startswith("*") or a.startswith("stride_"))
     result = aot_compile(kernel, sig, constexprs, arch, num_warps, num_stages, divisible)
     return dataclasses.replace(result, kernel=f"_alibi_bwd_{which}", dtype_name=_TRITON_TYPE[dtype],
-                               variant=_bias_variant(alibi_bf16))
+                               variant=_bias_variant(alibi_bf16, stats_grad=stats_grad and which != "delta"))
 
 
 def adamw_signature(dtype: torch.dtype, grad_dtype: torch.dtype | None = None, bf16_state: bool = False) -> dict:

@@ -99,7 +99,7 @@ def _fwd_block_range(
 
 @triton.jit
 def _alibi_fwd_kernel(
-    Q, K, V, O, LSE, KPOS, KSTART, SLOPES, STATS,
+    Q, K, V, O, LSE, KPOS, KSTART, SLOPES, STATS, ROWS,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -108,6 +108,7 @@ def _alibi_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_STATS: tl.constexpr, EXCLUDE_FIRST: tl.constexpr, NORMALIZE_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr = False, HAS_WINDOW: tl.constexpr = False,
+    ROW_STATS: tl.constexpr = False,
 ):
     tl.static_assert(_ORIGIN_ROWS % BLOCK_M == 0)
     pid_m = tl.program_id(0)
@@ -170,6 +171,11 @@ def _alibi_fwd_kernel(
         if HAS_WINDOW:  # the first real key has left the window of later rows: no mass on it
             p0 = tl.where(kstart > row_k - window, p0, 0.0)
         ent = (tl.math.log2(l_i) - c_i / l_i) * _LN2
+        if ROW_STATS:  # per row, raw (first-token mass, entropy in nats), 0 on padded rows: what the backward reads
+            real = qpos >= 0
+            row_base = ROWS + (pid_bh * q_len + offs_m) * 2
+            tl.store(row_base, tl.where(real, p0, 0.0), mask=m_ok)
+            tl.store(row_base + 1, tl.where(real, ent, 0.0), mask=m_ok)
         if NORMALIZE_ENTROPY:
             visible = qpos + 1
             if HAS_WINDOW:
@@ -224,7 +230,10 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     Returns:
         ``(out [B, q_len, H, d] in q's dtype, lse2 [B, H, q_len] float32, stats)``: ``lse2`` is the base-2
         log-sum-exp of the base-2 scores (+inf on padded query rows), what the backward reads; stats is None or a
-        float32 ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows.
+        float32 ``[B, H, 3]`` tensor of (sum of first-token mass, sum of entropy, row count) over the counted rows;
+        with ``row_stats`` it is instead float32 ``[B, H, q_len, 2]``: each row's raw first-token mass and entropy
+        (nats, before ``normalize_entropy``; every real row, whatever ``exclude_first_query``), 0 on padded rows,
+        the values :func:`~.attention_bwd.alibi_attention_bwd` differentiates (``stats_grad``).
     """
     opts = AttentionOptions(**options)
     batch, n_head, q_len, head_dim = q.shape
@@ -252,22 +261,26 @@ def alibi_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     store_dtype = torch.float32 if interp and q.dtype == torch.bfloat16 else q.dtype
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=store_dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=torch.float32)
-    stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if opts.with_stats else lse
+    with_stats = opts.with_stats or opts.row_stats
+    stats = torch.empty(batch, n_head, n_qblocks, 3, device=q.device, dtype=torch.float32) if with_stats else lse
+    rows = torch.zeros(batch, n_head, q_len, 2, device=q.device, dtype=torch.float32) if opts.row_stats else lse
 
     grid = (n_qblocks, batch * n_head)
     _alibi_fwd_kernel[grid](
-        q, k, v, out, lse, key_pos, kstart, slopes, stats,
+        q, k, v, out, lse, key_pos, kstart, slopes, stats, rows,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
         n_head, q_len, k_len, n_qblocks, qk_scale, n_group, window, slopes_batch_stride(slopes),
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        WITH_STATS=opts.with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
+        WITH_STATS=with_stats, EXCLUDE_FIRST=opts.exclude_first_query,
         NORMALIZE_ENTROPY=opts.normalize_entropy, UPCAST=interp and q.dtype == torch.bfloat16,
         IEEE=q.dtype == torch.float32, ALIBI_BF16=bool(opts.alibi_bf16), HAS_WINDOW=window > 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ROW_STATS=bool(opts.row_stats), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if opts.row_stats:
+        return out.to(q.dtype), lse, rows
     return out.to(q.dtype), lse, (stats.sum(2) if opts.with_stats else None)
 
 

@@ -5,7 +5,9 @@ without statistics), both backward passes (dK/dV and dQ) and the delta kernel fo
 and with Falcon-RW's bf16-rounded one (the constexpr ``ALIBI_BF16``, variant ``alibi-bf16``; ``softmax_scale`` and
 ``bias_scale`` are runtime values and compile nothing), the forward with a sliding window (``--bias window``: the
 constexpr ``HAS_WINDOW`` with BLOOM's bias, variant ``window``; the window's length and grouped-query attention's
-group size are runtime values; the backward has neither), and the AdamW kernel's variants (fp32, bf16 rounded to
+group size are runtime values; the backward has neither), the statistics with gradients (``--bias stats-grad``: the
+forward's per-row statistics, constexpr ``ROW_STATS``, and both backward passes with their gradients, constexpr
+``STATS_GRAD``, BLOOM's bias), and the AdamW kernel's variants (fp32, bf16 rounded to
 nearest or stochastically, bf16/fp16 with an fp32 master copy, bf16 with bf16 moments (the paper's optimizer);
 each with and without a gradient scale) for
 sm_80/86/89/90 without a GPU, and prints registers, spills and shared memory against each architecture's per-block
@@ -32,6 +34,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BIASES = {"bloom": False, "alibi-bf16": True}  # --bias name: the kernels' ALIBI_BF16
 WINDOW = "window"  # --bias name of the forward's sliding-window variant (HAS_WINDOW, BLOOM's bias)
+STATS_GRAD = "stats-grad"  # --bias name of the statistics-with-gradients variant (ROW_STATS, STATS_GRAD)
 
 
 # (param dtype, master copy, stochastic rounding, bf16 moments) of each AdamW parameter mode
@@ -63,11 +66,21 @@ def window_configs(archs=ARCHS, head_dims=HEAD_DIMS, dtypes=DTYPES):
     return [(*c, False, True) for c in itertools.product(archs, head_dims, dtypes, (False, True))]
 
 
-def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES, window=False):
+def stats_grad_configs(archs=ARCHS, head_dims=HEAD_DIMS, dtypes=DTYPES):
+    """``("fwd", (arch, head_dim, dtype, True, False, False, True))`` (per-row statistics) and ``("bwd", (arch,
+    head_dim, dtype, pass, False, True))`` (statistics' gradients) of the stats-grad variant."""
+    grid = list(itertools.product(archs, head_dims, dtypes))
+    return ([("fwd", (*c, True, False, False, True)) for c in grid]
+            + [("bwd", (*c, which, False, True)) for c in grid for which in ("dkdv", "dq")])
+
+
+def all_configs(archs=ARCHS, head_dims=HEAD_DIMS, biases=tuple(BIASES.values()), dtypes=DTYPES, window=False,
+                stats_grad=False):
     """Every (kernel, arguments) pair of the report: forward (with ``window``, its sliding-window variant too),
-    backward, AdamW."""
+    backward (with ``stats_grad``, the statistics-with-gradients variant of both), AdamW."""
     return ([("fwd", c) for c in launcher_configs(archs, head_dims, biases, dtypes)]
             + [("fwd", c) for c in (window_configs(archs, head_dims, dtypes) if window else [])]
+            + (stats_grad_configs(archs, head_dims, dtypes) if stats_grad else [])
             + [("bwd", c) for c in bwd_configs(archs, head_dims, biases, dtypes)]
             + [("adamw", c) for c in adamw_configs(archs)])
 
@@ -111,9 +124,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only these architectures")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="only these head dims")
-    parser.add_argument("--bias", action="append", choices=[*BIASES, WINDOW],
-                        help="only these attention variants: bias kinds, and the forward's sliding window "
-                             "(default: all three)")
+    parser.add_argument("--bias", action="append", choices=[*BIASES, WINDOW, STATS_GRAD],
+                        help="only these attention variants: bias kinds, the forward's sliding window, the "
+                             "statistics with gradients (default: all four)")
     parser.add_argument("--dtype", action="append", choices=list(_DTYPE_NAMES),
                         help="only these attention dtypes (default: all three)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
@@ -123,11 +136,11 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execvpe(sys.executable, [sys.executable, "-m", "alibi_surgery.kernels.compile_report", *argv], env)
-    chosen = args.bias or [*BIASES, WINDOW]
+    chosen = args.bias or [*BIASES, WINDOW, STATS_GRAD]
     biases = tuple(BIASES[b] for b in chosen if b in BIASES)
     dtypes = tuple(_DTYPE_NAMES[d] for d in args.dtype) if args.dtype else DTYPES
     results = compile_all(all_configs(tuple(args.arch or ARCHS), tuple(args.head_dim or HEAD_DIMS), biases, dtypes,
-                                      WINDOW in chosen), args.jobs)
+                                      WINDOW in chosen, STATS_GRAD in chosen), args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

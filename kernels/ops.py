@@ -16,7 +16,10 @@ Four operators in the ``alibi_surgery`` namespace, each with a fake (meta) imple
 ``impl`` is ``"triton"`` (the kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (the blocked
 twins). ``key_pos`` (int32 ``[B, Tk]``, -1 for padding) and ``kstart`` (int32 ``[B]``, each row's first real key)
 are computed once per model forward by the caller. ``stats`` is float32 ``[B, H, 3]`` (sum of first-token mass,
-sum of entropy, row count) with ``with_stats``, else an empty tensor; it and ``lse2`` get no gradient.
+sum of entropy, row count) with ``with_stats``, else an empty tensor; ``lse2`` and those sums get no gradient.
+With ``row_stats`` (the optional last input) ``stats`` is each query row's raw (first-token mass, entropy)
+``[B, H, Tq, 2]`` instead, and it is differentiable: the backward operators take its gradient (``d_rows``, with the
+saved rows) and fold it into the same two passes (:func:`~.alibi.stats_grad_terms`).
 Only q, k, v (or qkv), the output and the fp32 log-sum-exp are saved for the backward (O(T * H * D)).
 The backward exists for Hkv = H and no window only: a call that needs gradients otherwise raises UsageError (one
 line) before anything runs, in eager mode (:func:`call`) and when ``torch.compile`` traces the autograd setup.
@@ -50,35 +53,45 @@ def _heads_first(*tensors: Tensor) -> list[Tensor]:
 
 
 def _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
-             softmax_scale, bias_scale, alibi_bf16, window=0):
+             softmax_scale, bias_scale, alibi_bf16, window=0, row_stats=False):
     fwd, _ = _IMPLS[impl]
     out, lse, stats = fwd(*_heads_first(q, k, v), key_pos, slopes, kstart=kstart, with_stats=with_stats,
                           exclude_first_query=exclude_first_query, normalize_entropy=normalize_entropy,
                           softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16,
-                          window=window or None)
+                          window=window or None, row_stats=row_stats)
     return out, lse, (stats if stats is not None else lse.new_empty(0))
 
 
-def _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads):
-    """Run the backward into ``grads`` (``[B, T, H, D]`` buffers)."""
+def _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads,
+              d_rows=None, rows=None):
+    """Run the backward into ``grads`` (``[B, T, H, D]`` buffers); ``d_rows`` (with the forward's ``rows``): the
+    gradient of the per-row statistics, or None."""
     _, bwd = _IMPLS[impl]
     bwd(do, *_heads_first(q, k, v), out, lse, key_pos, slopes, kstart=kstart, grads=_heads_first(*grads),
-        softmax_scale=softmax_scale, bias_scale=bias_scale, alibi_bf16=alibi_bf16)
+        stats_grad=None if d_rows is None else (d_rows, rows), softmax_scale=softmax_scale, bias_scale=bias_scale,
+        alibi_bf16=alibi_bf16)
 
 
 def _refuse_backward(packed: bool, inputs) -> None:
-    """UsageError when a call that needs gradients has grouped key/value heads or a window (the optional last
+    """UsageError when a call that needs gradients has grouped key/value heads or a window (the first optional
     input of either operator): the backward exists for neither."""
     n_fixed = 12 if packed else 13
     window = inputs[n_fixed] if len(inputs) > n_fixed else 0
     refuse_backward(1, 1, window) if packed else refuse_backward(inputs[0].shape[2], inputs[1].shape[2], window)
 
 
-def _fake_forward(q, with_stats):
+def _fake_forward(q, with_stats, row_stats=False):
     batch, q_len, n_head, head_dim = q.shape
     out = q.new_empty(batch, q_len, n_head, head_dim)
     lse = q.new_empty(batch, n_head, q_len, dtype=torch.float32)
-    return out, lse, q.new_empty((batch, n_head, 3) if with_stats else (0,), dtype=torch.float32)
+    shape = (batch, n_head, q_len, 2) if row_stats else (batch, n_head, 3) if with_stats else (0,)
+    return out, lse, q.new_empty(shape, dtype=torch.float32)
+
+
+def _row_stats(inputs, packed: bool) -> bool:
+    """The ``row_stats`` input of either operator (the optional input after ``window``)."""
+    index = 13 if packed else 14
+    return bool(inputs[index]) if len(inputs) > index else False
 
 
 # --- separate q, k, v ----------------------------------------------------------------------------------------------
@@ -86,29 +99,32 @@ def _fake_forward(q, with_stats):
 @torch.library.custom_op("alibi_surgery::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
               with_stats: bool, exclude_first_query: bool, normalize_entropy: bool, softmax_scale: float | None,
-              bias_scale: float, alibi_bf16: bool, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+              bias_scale: float, alibi_bf16: bool, window: int = 0,
+              row_stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(q, k, v, key_pos, kstart, slopes, impl, with_stats, exclude_first_query, normalize_entropy,
-                    softmax_scale, bias_scale, alibi_bf16, window)
+                    softmax_scale, bias_scale, alibi_bf16, window, row_stats)
 
 
 @attention.register_fake
 def _(q, k, v, key_pos, kstart, slopes, impl, with_stats, *args):
-    return _fake_forward(q, with_stats)
+    return _fake_forward(q, with_stats, _row_stats((None,) * 7 + (with_stats, *args), False))
 
 
 def _attention_backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
-                        alibi_bf16):
+                        alibi_bf16, d_rows=None, rows=None):
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads)
+    _backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16, grads,
+              d_rows, rows)
     return grads
 
 
 @torch.library.custom_op("alibi_surgery::attention_backward", mutates_args=())
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_pos: Tensor,
                        kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None, bias_scale: float,
-                       alibi_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       alibi_bf16: bool, d_rows: Tensor | None = None,
+                       rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return _attention_backward(do, q, k, v, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
-                               alibi_bf16)
+                               alibi_bf16, d_rows, rows)
 
 
 @attention_backward.register_fake
@@ -116,22 +132,41 @@ def _(do, q, k, v, *args):
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
-def _setup(ctx, inputs, output):
-    _refuse_backward(False, inputs)  # gradients are needed
-    q, k, v, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16, *_ = inputs
+def _mark_outputs(ctx, inputs, output, packed: bool) -> bool:
+    """Autograd set-up shared by both operators: ``lse`` never gets a gradient; the statistics get one only as
+    per-row values (``row_stats``), which are then saved for the backward. Returns ``row_stats``."""
+    _refuse_backward(packed, inputs)  # gradients are needed
     ctx.n_inputs = len(inputs)
-    out, lse, stats = output
-    ctx.mark_non_differentiable(lse, stats)
+    ctx.row_stats = _row_stats(inputs, packed)
+    _, lse, stats = output
+    ctx.mark_non_differentiable(*((lse,) if ctx.row_stats else (lse, stats)))
     ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
-    ctx.save_for_backward(q, k, v, out, lse, key_pos, kstart, slopes)
+    return ctx.row_stats
+
+
+def _grad_inputs(ctx, d_out, d_stats, out):
+    """``(d_out, d_rows)`` for a backward operator, or None when neither the output nor the statistics were
+    used. A loss on the statistics alone gets a zero ``d_out``."""
+    d_rows = d_stats if ctx.row_stats else None
+    if d_out is None and d_rows is None:
+        return None
+    return (torch.zeros_like(out) if d_out is None else d_out), d_rows
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16, *_ = inputs
+    rows = output[2] if _mark_outputs(ctx, inputs, output, False) else None
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_pos, kstart, slopes, rows)
     ctx.options = (impl, softmax_scale, bias_scale, alibi_bf16)
 
 
-def _attention_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_backward):
-    if d_out is None:  # the output was not used
+def _attention_grad(ctx, d_out, _d_lse, d_stats, backward=attention_backward):
+    q, k, v, out, lse, key_pos, kstart, slopes, rows = ctx.saved_tensors
+    grad_inputs = _grad_inputs(ctx, d_out, d_stats, out)
+    if grad_inputs is None:  # neither the output nor the statistics were used
         return (None,) * ctx.n_inputs
-    q, k, v, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
-    dq, dk, dv = backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options)
+    d_out, d_rows = grad_inputs
+    dq, dk, dv = backward(d_out, q, k, v, out, lse, key_pos, kstart, slopes, *ctx.options, d_rows, rows)
     return dq, dk, dv, *([None] * (ctx.n_inputs - 3))
 
 
@@ -144,29 +179,31 @@ attention.register_autograd(_attention_grad, setup_context=_setup)
 def attention_packed(qkv: Tensor, layout: str, key_pos: Tensor, kstart: Tensor, slopes: Tensor, impl: str,
                      with_stats: bool, exclude_first_query: bool, normalize_entropy: bool,
                      softmax_scale: float | None, bias_scale: float, alibi_bf16: bool,
-                     window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                     window: int = 0, row_stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(*unpack(qkv, layout), key_pos, kstart, slopes, impl, with_stats, exclude_first_query,
-                    normalize_entropy, softmax_scale, bias_scale, alibi_bf16, window)
+                    normalize_entropy, softmax_scale, bias_scale, alibi_bf16, window, row_stats)
 
 
 @attention_packed.register_fake
 def _(qkv, layout, key_pos, kstart, slopes, impl, with_stats, *args):
-    return _fake_forward(unpack(qkv, layout)[0], with_stats)
+    return _fake_forward(unpack(qkv, layout)[0], with_stats, _row_stats((None,) * 6 + (with_stats, *args), True))
 
 
-def _packed_backward(do, qkv, layout, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16):
+def _packed_backward(do, qkv, layout, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale, alibi_bf16,
+                     d_rows=None, rows=None):
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _backward(do, *unpack(qkv, layout), out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
-              alibi_bf16, unpack(dqkv, layout))
+              alibi_bf16, unpack(dqkv, layout), d_rows, rows)
     return dqkv
 
 
 @torch.library.custom_op("alibi_surgery::attention_packed_backward", mutates_args=())
 def attention_packed_backward(do: Tensor, qkv: Tensor, layout: str, out: Tensor, lse: Tensor, key_pos: Tensor,
                               kstart: Tensor, slopes: Tensor, impl: str, softmax_scale: float | None,
-                              bias_scale: float, alibi_bf16: bool) -> Tensor:
+                              bias_scale: float, alibi_bf16: bool, d_rows: Tensor | None = None,
+                              rows: Tensor | None = None) -> Tensor:
     return _packed_backward(do, qkv, layout, out, lse, key_pos, kstart, slopes, impl, softmax_scale, bias_scale,
-                            alibi_bf16)
+                            alibi_bf16, d_rows, rows)
 
 
 @attention_packed_backward.register_fake
@@ -175,22 +212,20 @@ def _(do, qkv, *args):
 
 
 def _setup_packed(ctx, inputs, output):
-    _refuse_backward(True, inputs)  # gradients are needed
     qkv, layout, key_pos, kstart, slopes, impl, _, _, _, softmax_scale, bias_scale, alibi_bf16, *_ = inputs
-    ctx.n_inputs = len(inputs)
-    out, lse, stats = output
-    ctx.mark_non_differentiable(lse, stats)
-    ctx.set_materialize_grads(False)  # no zero gradients for lse and stats
-    ctx.save_for_backward(qkv, out, lse, key_pos, kstart, slopes)
+    rows = output[2] if _mark_outputs(ctx, inputs, output, True) else None
+    ctx.save_for_backward(qkv, output[0], output[1], key_pos, kstart, slopes, rows)
     ctx.options = (layout, impl, softmax_scale, bias_scale, alibi_bf16)
 
 
-def _packed_grad(ctx, d_out, _d_lse, _d_stats, backward=attention_packed_backward):
-    if d_out is None:
+def _packed_grad(ctx, d_out, _d_lse, d_stats, backward=attention_packed_backward):
+    qkv, out, lse, key_pos, kstart, slopes, rows = ctx.saved_tensors
+    grad_inputs = _grad_inputs(ctx, d_out, d_stats, out)
+    if grad_inputs is None:
         return (None,) * ctx.n_inputs
-    qkv, out, lse, key_pos, kstart, slopes = ctx.saved_tensors
+    d_out, d_rows = grad_inputs
     layout, *options = ctx.options
-    dqkv = backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options)
+    dqkv = backward(d_out, qkv, layout, out, lse, key_pos, kstart, slopes, *options, d_rows, rows)
     return dqkv, *([None] * (ctx.n_inputs - 1))
 
 

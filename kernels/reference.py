@@ -30,7 +30,7 @@ import torch
 import math
 
 from .alibi import (AttentionOptions, alibi_bias, first_real_key, kv_groups, refuse_backward, resolve_softmax_scale,
-                    resolve_window)
+                    resolve_window, stats_grad_terms)
 
 __all__ = ["alibi_attention_blocked", "alibi_attention_blocked_bwd"]
 
@@ -141,7 +141,9 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 
     out = torch.empty(batch, q_len, n_head, head_dim, device=q.device, dtype=out_dtype)
     lse = torch.empty(batch, n_head, q_len, device=q.device, dtype=f32)
-    stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if opts.with_stats else None
+    with_stats = opts.with_stats or opts.row_stats
+    stats = torch.zeros(batch, n_head, 3, device=q.device, dtype=f32) if with_stats else None
+    rows_out = torch.zeros(batch, n_head, q_len, 2, device=q.device, dtype=f32) if opts.row_stats else None
     k_lo = (int(first_key.min()) // block_k) * block_k
     bias = _Bias(slopes, key_pos, first_key, shift, opts)
     # Key of position 0 per batch row, for the first-token score (as the kernel does: one dot per row).
@@ -170,7 +172,7 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             alpha = torch.exp2(m - m_new)
             s_centred = s.sub_(m_new[..., None])
             p = torch.exp2(s_centred)
-            if opts.with_stats:  # sum_j p_j * s_centred_j, in s's own storage (s is not read again)
+            if with_stats:  # sum_j p_j * s_centred_j, in s's own storage (s is not read again)
                 centred = alpha * (centred + (m - m_new) * l) + s_centred.mul_(p).sum(-1)
             l = l * alpha + p.sum(-1)
             pv = torch.matmul(p.view(batch, n_kv, -1, k1 - k0), v[:, :, k0:k1])
@@ -182,7 +184,7 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         out[:, q0:q1] = torch.where(row_ok, acc / l[..., None], 0.0).transpose(1, 2).to(out_dtype)
         lse[:, :, q0:q1] = torch.where(row_ok[..., 0], m + torch.log2(l), math.inf)
 
-        if opts.with_stats:
+        if with_stats:
             qpos = key_pos[:, rows][:, None, :]  # [B, 1, bq]
             counted = qpos >= 0
             if opts.exclude_first_query:
@@ -192,23 +194,25 @@ def alibi_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             if window:  # the first real key has left the window of later rows: no mass on it
                 p0 = torch.where(first_key[:, None, None] > rows[None, None, :] - window, p0, 0.0)
             ent = (torch.log2(l) - centred / l) * math.log(2.0)
+            if opts.row_stats:  # raw, every real row; 0 on padded rows
+                rows_out[:, :, q0:q1] = torch.where((qpos >= 0)[..., None], torch.stack([p0, ent], -1), 0.0)
             if opts.normalize_entropy:
                 n_visible = ((qpos + 1).clamp_max(window) if window else qpos + 1).to(f32).clamp_min(2.0)
                 ent = torch.where(qpos > 0, ent / torch.log(n_visible), 0.0)
             stats[..., 0] += torch.where(counted, p0, 0.0).sum(-1)
             stats[..., 1] += torch.where(counted, ent, 0.0).sum(-1)
             stats[..., 2] += counted.to(f32).sum(-1)
-    return out, lse, stats
+    return out, lse, (rows_out if opts.row_stats else stats)
 
 
 def alibi_attention_blocked_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 out: torch.Tensor, lse: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor, *,
-                                kstart: torch.Tensor | None = None, grads: tuple | None = None, block_q: int = 128,
-                                block_k: int = 128, **options):
+                                kstart: torch.Tensor | None = None, grads: tuple | None = None,
+                                stats_grad: tuple | None = None, block_q: int = 128, block_k: int = 128, **options):
     """Gradients (dq, dk, dv) of :func:`alibi_attention_blocked`, recomputing each probability tile from ``lse``.
 
     ``do`` and ``out`` are ``[B, q_len, H, d]``; q, k, v, ``lse`` (base 2) and the options as in the forward;
-    ``grads`` as in :func:`~.attention_bwd.alibi_attention_bwd`. Padded query rows (position -1, ``lse`` +inf) get
+    ``grads`` and ``stats_grad`` as in :func:`~.attention_bwd.alibi_attention_bwd`. Padded query rows (position -1, ``lse`` +inf) get
     no gradient and pass none on: the forward outputs the constant 0 there, so this is its exact derivative.
     Memory is O(block_q * block_k * B * H) plus the three gradients, accumulated in fp32 and returned in q's dtype.
     One key/value head per query head and no ``window`` (UsageError otherwise: not implemented).
@@ -225,6 +229,8 @@ def alibi_attention_blocked_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     bias = _Bias(slopes, key_pos, first_key, shift, opts)
     do = do.to(f32).transpose(1, 2)  # [B, H, q_len, d]
     delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij
+    if stats_grad is not None:
+        gstat, delta = stats_grad_terms(stats_grad, delta)
     dq = torch.zeros(batch, n_head, q_len, head_dim, device=q.device, dtype=f32)
     dk = torch.zeros(batch, n_head, k_len, head_dim, device=q.device, dtype=f32)
     dv = torch.zeros_like(dk)
@@ -243,7 +249,13 @@ def alibi_attention_blocked_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
                 s = s.masked_fill(torch.arange(k0, k1, device=q.device)[None, :] > rows[:, None], MASKED)
             p = torch.exp2(s - lse_b)  # lse +inf on padded rows: exactly 0
             dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
-            ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta_b)
+            dp = torch.matmul(dob, vb.transpose(-1, -2))
+            if stats_grad is not None:  # as the kernels' _stats_dp
+                g_first, g_ent = gstat[:, :, q0:q1, 0:1], gstat[:, :, q0:q1, 1:2]
+                dp -= g_ent * torch.where(p > 0, s - lse_b, 0.0)
+                is_first = torch.arange(k0, k1, device=q.device)[None, :] == first_key[:, None]  # [B, cols]
+                dp += torch.where(is_first[:, None, None, :], g_first, 0.0)
+            ds = p * (dp - delta_b)
             dq[:, :, q0:q1] += torch.matmul(ds, kb)
             dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
     result = (dq * scale).to(q.dtype), (dk * scale).to(q.dtype), dv.to(q.dtype)

@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.bloom.modeling_bloom import BloomAttention, build_alibi_tensor
 
 from alibi_surgery import patch_bloom
+from alibi_surgery.kernels.alibi import alibi_slopes
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TRITON_RUNS = INTERPRETING or torch.cuda.is_available()
@@ -154,3 +155,24 @@ def hooked_runs(model, tokenizer, prompts, install):
             for h in handles:
                 h.remove()
         yield ids.shape[1], captured
+
+
+def dense_attention(q, k, v, mask=None, slopes=None, scale=None, window=None):
+    """float64 causal ALiBi attention, FlashAttention layout, BLOOM's positions; ``(out, probs [B, H, Tq, Tk])``.
+    Grouped k and v are expanded here (query head h reads head h // G); ``window``: keys r - window < j <= r."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    batch, n_head, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    mask = torch.ones(batch, k_len) if mask is None else mask
+    valid = mask.bool()
+    pos = (mask.cumsum(-1) - 1).double()
+    slopes = alibi_slopes(n_head) if slopes is None else slopes
+    s = q @ k.transpose(-1, -2) * (scale or head_dim ** -0.5) + slopes.double()[None, :, None, None] * pos[:, None, None]
+    rows = torch.arange(q_len)[:, None] + k_len - q_len
+    visible = valid[:, None, None, :] & (torch.arange(k_len)[None, :] <= rows)[None, None]
+    if window:
+        visible &= (torch.arange(k_len)[None, :] > rows - window)[None, None]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    real_rows = valid[:, k_len - q_len:][:, None, :, None]
+    return ((p @ v) * real_rows).transpose(1, 2), p * real_rows

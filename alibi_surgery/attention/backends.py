@@ -71,7 +71,8 @@ def run_attention(q, k, v, key_pos, slopes, backend: str, *, kstart=None, **opti
     Falcon-RW's bias): BLOOM by default, MPT with its ``softmax_scale``, Falcon-RW with ``alibi_bf16=True,
     bias_scale=softmax_scale=1/sqrt(d)``; slopes of 0 give plain causal attention. ``window`` (an int >= 1) is a
     sliding window: the row at key index r sees keys r - window < j <= r. Returns ``(out [B, Tq, H, d], lse2
-    [B, H, Tq], stats [B, H, 3] or None)``; gradients come back contiguous in ``[B, T, H, d]`` (as ``[B, H, T, d]``
+    [B, H, Tq], stats [B, H, 3] or None)``; with ``row_stats``, stats is each row's raw (first-token mass,
+    entropy) ``[B, H, Tq, 2]``, differentiable in q, k, v like the output; gradients come back contiguous in ``[B, T, H, d]`` (as ``[B, H, T, d]``
     views), for Hkv = H and no window only: a call that needs them otherwise raises UsageError (forward only).
     """
     return _call(ops.attention, (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), key_pos, kstart, slopes,
@@ -93,9 +94,9 @@ def _call(op, inputs, key_pos, kstart, slopes, backend, options):
     window = resolve_window(o.window, sys.maxsize)  # checked here; the operators take 0 for none
     flags = (bool(o.with_stats), bool(o.exclude_first_query), bool(o.normalize_entropy),
              None if o.softmax_scale is None else float(o.softmax_scale), float(o.bias_scale), bool(o.alibi_bf16),
-             window)
+             window, bool(o.row_stats))
     device = inputs[0].device
     key_pos, kstart = kernel_positions(key_pos, kstart, device)
     out, lse, stats = ops.call(op, *inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend,
                                *flags)
-    return out, lse, (stats if o.with_stats else None)
+    return out, lse, (stats if o.with_stats or o.row_stats else None)

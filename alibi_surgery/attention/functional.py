@@ -59,16 +59,24 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class AttentionStats(NamedTuple):
     """Per-head sums over the valid query rows of each batch row, float32 ``[B, H]`` each: first-token mass (the
     attention on each row's first real key), entropy (natural log) and the number of rows summed. Divide by
-    ``rows`` for means."""
+    ``rows`` for means. With ``row_stats=True`` also each query row's values, ``[B, H, Tq]`` (0 on padded rows),
+    else None.
+
+    When q, k or v require gradients (and grad mode is on), the statistics carry gradients too, computed in the
+    attention's own backward pass (no T x T matrix): a loss may use the first-token mass or the entropy, summed or
+    per row. ``rows`` is a count and has none."""
 
     first_token_mass: torch.Tensor
     entropy: torch.Tensor
     rows: torch.Tensor
+    first_token_rows: torch.Tensor | None = None
+    entropy_rows: torch.Tensor | None = None
 
 
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                     slopes: torch.Tensor | None = None, softmax_scale: float | None = None,
-                    return_stats: bool = False, backend: str = "auto", window: int | None = None):
+                    return_stats: bool = False, backend: str = "auto", window: int | None = None,
+                    row_stats: bool = False):
     """Causal ALiBi attention of q ``[B, Tq, H, D]`` over k, v ``[B, Tk, Hkv, D]`` (``Tq <= Tk``; Hkv = H, or Hkv
     dividing H: grouped-query attention, forward only).
 
@@ -77,9 +85,11 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
         slopes: float ``[H]``, or ``[B, H]`` (per batch row, as FlashAttention's ``alibi_slopes``), on q's device;
             None: BLOOM's schedule for H heads.
         softmax_scale: the scores' scale; None: ``1 / sqrt(D)``.
-        return_stats: also return :class:`AttentionStats`.
+        return_stats: also return :class:`AttentionStats`, differentiable when q, k or v require gradients.
         backend: ``auto`` (triton on CUDA, torch elsewhere), ``triton`` or ``torch``.
         window: None, or a sliding window: the query at key index r sees keys r - window < j <= r (forward only).
+        row_stats: with ``return_stats``, also each query row's statistics (``first_token_rows``,
+            ``entropy_rows``).
     Returns:
         ``out`` ``[B, Tq, H, D]`` in q's dtype, or ``(out, AttentionStats)``.
     """
@@ -94,31 +104,41 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attent
         raise UsageError("q, k and v must share one dtype and one device")
     if q.shape[1] > k_len:
         raise UsageError(f"q has more rows ({q.shape[1]}) than k and v ({k_len}); causal attention needs Tq <= Tk")
+    _check_row_stats(return_stats, row_stats)
     if q.numel() == 0:
-        return _empty(q, k, v, attention_mask, (batch, k_len), return_stats)
+        return _empty(q, k, v, attention_mask, (batch, k_len), return_stats, row_stats)
     key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, k_len, n_head, head_dim, slopes, backend,
                                                 q.device)
+    per_row = _per_row(return_stats, row_stats, q, k, v)
     out, _, stats = run_attention(*(t.transpose(1, 2) for t in (q, k, v)), key_pos, slopes, backend, kstart=kstart,
-                                  with_stats=return_stats, softmax_scale=softmax_scale, window=window)
-    return (out, _stats(stats)) if return_stats else out
+                                  with_stats=return_stats, row_stats=per_row, softmax_scale=softmax_scale,
+                                  window=window)
+    if not return_stats:
+        return out
+    return out, (_stats_from_rows(stats, key_pos, row_stats) if per_row else _stats(stats))
 
 
 def alibi_attention_qkvpacked(qkv: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                               slopes: torch.Tensor | None = None, softmax_scale: float | None = None,
-                              return_stats: bool = False, backend: str = "auto"):
+                              return_stats: bool = False, backend: str = "auto", row_stats: bool = False):
     """:func:`alibi_attention` of one packed ``qkv`` ``[B, T, H, 3, D]`` (BLOOM's fused QKV, viewed); its gradient
     is one contiguous tensor of that shape."""
     if qkv.dim() != 5 or qkv.shape[3] != 3:
         raise UsageError(f"qkv must be [batch, seq, heads, 3, head_dim], got shape {list(qkv.shape)}")
     batch, seq, n_head, _, head_dim = qkv.shape
     _check(qkv[:, :, :, 0], "qkv")
+    _check_row_stats(return_stats, row_stats)
     if qkv.numel() == 0:
-        return _empty(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], attention_mask, (batch, seq), return_stats)
+        return _empty(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], attention_mask, (batch, seq), return_stats,
+                      row_stats)
     key_pos, kstart, slopes, backend = _prepare(attention_mask, batch, seq, n_head, head_dim, slopes, backend,
                                                 qkv.device)
+    per_row = _per_row(return_stats, row_stats, qkv)
     out, _, stats = run_attention_packed(qkv, "interleaved", key_pos, slopes, backend, kstart=kstart,
-                                         with_stats=return_stats, softmax_scale=softmax_scale)
-    return (out, _stats(stats)) if return_stats else out
+                                         with_stats=return_stats, row_stats=per_row, softmax_scale=softmax_scale)
+    if not return_stats:
+        return out
+    return out, (_stats_from_rows(stats, key_pos, row_stats) if per_row else _stats(stats))
 
 
 def _check(t: torch.Tensor, name: str, shape: tuple | None = None) -> tuple:
@@ -135,7 +155,7 @@ def _check(t: torch.Tensor, name: str, shape: tuple | None = None) -> tuple:
     return tuple(t.shape)
 
 
-def _empty(q, k, v, mask, mask_shape, return_stats):
+def _empty(q, k, v, mask, mask_shape, return_stats, row_stats=False):
     """An empty call (batch, Tq, heads or head_dim 0) returns an empty ``out`` shaped like q (zero statistics), as
     ``scaled_dot_product_attention`` does; its gradients are zeros of the inputs' shapes. The mask is still checked."""
     if mask is not None:
@@ -144,7 +164,9 @@ def _empty(q, k, v, mask, mask_shape, return_stats):
     if not return_stats:
         return out
     zeros = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
-    return out, AttentionStats(zeros, zeros.clone(), zeros.clone())
+    per_row = (torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+               for _ in range(2 * row_stats))
+    return out, AttentionStats(zeros, zeros.clone(), zeros.clone(), *per_row)
 
 
 def _check_mask(mask, batch: int, k_len: int) -> None:
@@ -204,3 +226,27 @@ def _default_slopes(n_head: int, device: torch.device) -> torch.Tensor:
 
 def _stats(stats: torch.Tensor) -> AttentionStats:
     return AttentionStats(stats[..., 0], stats[..., 1], stats[..., 2])
+
+
+def _check_row_stats(return_stats, row_stats) -> None:
+    if row_stats and not return_stats:
+        raise UsageError("row_stats=True needs return_stats=True")
+
+
+def _per_row(return_stats: bool, row_stats: bool, *inputs: torch.Tensor) -> bool:
+    """Whether the call takes the per-row statistics from the kernels: asked for, or needed for gradients (the
+    kernels' per-head sums carry none)."""
+    if not return_stats:
+        return False
+    return bool(row_stats) or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+
+
+def _stats_from_rows(rows: torch.Tensor, key_pos: torch.Tensor, keep_rows: bool) -> AttentionStats:
+    """:class:`AttentionStats` from the kernels' per-row statistics ``[B, H, Tq, 2]`` (0 on padded rows): sums by
+    torch ops, so gradients flow back to the rows and from them into the attention's backward."""
+    q_len = rows.shape[2]
+    real = (key_pos[:, key_pos.shape[1] - q_len:] >= 0).to(torch.float32)  # [B, Tq]: the query rows' own keys
+    first, entropy = rows[..., 0], rows[..., 1]
+    count = real.sum(-1, keepdim=True).expand(rows.shape[0], rows.shape[1])
+    extra = (first, entropy) if keep_rows else ()
+    return AttentionStats(first.sum(-1), entropy.sum(-1), count, *extra)
