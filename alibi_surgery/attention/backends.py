@@ -24,7 +24,7 @@ BACKENDS = ("auto", "triton", "torch", "eager")
 _needs = f"the triton backend needs head_dim to be {SUPPORTED_HEAD_DIMS}"
 
 __all__ = ["BACKENDS", "check_backend", "check_triton_head_dim", "resolve_backend", "run_attention",
-           "run_attention_packed"]
+           "run_attention_packed", "row_sums"]
 
 
 def check_backend(backend: str) -> str:
@@ -100,3 +100,21 @@ def _call(op, inputs, key_pos, kstart, slopes, backend, options):
     out, lse, stats = ops.call(op, *inputs, key_pos, kstart, slopes.to(device=device, dtype=torch.float32), backend,
                                *flags)
     return out, lse, (stats if o.with_stats or o.row_stats else None)
+
+
+def row_sums(rows: torch.Tensor, key_pos: torch.Tensor, exclude_first_query: bool = False,
+             normalize_entropy: bool = False) -> torch.Tensor:
+    """The per-head sums ``[B, H, 3]`` (first-token mass, entropy, counted rows) that ``with_stats`` returns, from
+    the per-row statistics of ``row_stats`` (``[B, H, Tq, 2]``, raw, 0 on padded rows) by torch ops, so that
+    gradients flow back into the rows; the same counting and normalisation rules as the kernels
+    (:class:`~alibi_surgery.kernels.alibi.AttentionOptions`). ``key_pos`` ``[B, Tk]``: the query rows are its last
+    Tq columns."""
+    q_len = rows.shape[2]
+    qpos = key_pos[:, key_pos.shape[1] - q_len:].to(torch.int64)[:, None, :]  # [B, 1, Tq]
+    counted = (qpos > 0) if exclude_first_query else (qpos >= 0)
+    first, entropy = rows[..., 0], rows[..., 1]
+    if normalize_entropy:
+        entropy = torch.where(qpos > 0, entropy / torch.log((qpos + 1).to(torch.float32).clamp_min(2.0)), 0.0)
+    weight = counted.to(rows.dtype)
+    count = weight.sum(-1).expand(rows.shape[0], rows.shape[1])
+    return torch.stack([(first * weight).sum(-1), (entropy * weight).sum(-1), count], -1)

@@ -49,7 +49,7 @@ import torch
 
 from ..errors import UsageError
 from ..kernels.alibi import alibi_slopes, first_real_key, key_positions
-from .backends import resolve_backend, run_attention, run_attention_packed
+from .backends import resolve_backend, row_sums, run_attention, run_attention_packed
 
 __all__ = ["alibi_attention", "alibi_attention_qkvpacked", "AttentionStats"]
 
@@ -243,10 +243,7 @@ def _per_row(return_stats: bool, row_stats: bool, *inputs: torch.Tensor) -> bool
 
 def _stats_from_rows(rows: torch.Tensor, key_pos: torch.Tensor, keep_rows: bool) -> AttentionStats:
     """:class:`AttentionStats` from the kernels' per-row statistics ``[B, H, Tq, 2]`` (0 on padded rows): sums by
-    torch ops, so gradients flow back to the rows and from them into the attention's backward."""
-    q_len = rows.shape[2]
-    real = (key_pos[:, key_pos.shape[1] - q_len:] >= 0).to(torch.float32)  # [B, Tq]: the query rows' own keys
-    first, entropy = rows[..., 0], rows[..., 1]
-    count = real.sum(-1, keepdim=True).expand(rows.shape[0], rows.shape[1])
-    extra = (first, entropy) if keep_rows else ()
-    return AttentionStats(first.sum(-1), entropy.sum(-1), count, *extra)
+    torch ops (:func:`~.backends.row_sums`), so gradients flow back to the rows and into the attention's backward."""
+    sums = row_sums(rows, key_pos)
+    extra = (rows[..., 0], rows[..., 1]) if keep_rows else ()
+    return AttentionStats(sums[..., 0], sums[..., 1], sums[..., 2], *extra)

@@ -35,7 +35,8 @@ from ..errors import UsageError
 from ..kernels.alibi import first_real_key
 from ..kernels.attention_fwd import interpreting
 from ..kernels.ops import unpack
-from .backends import check_backend, check_triton_head_dim, resolve_backend, run_attention, run_attention_packed
+from .backends import (check_backend, check_triton_head_dim, resolve_backend, row_sums, run_attention,
+                       run_attention_packed)
 
 __all__ = ["first_token_sinks", "patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
            "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys",
@@ -55,6 +56,7 @@ class _PatchState:
     maps: bool = False  # output_attentions of the enclosing block's call (families whose blocks keep it to themselves)
     hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
+    rows: object = None  # an active row_stats.TrainableStats (differentiable statistics), fed by fused_attention
     extremes: object = None  # an active diagnosis.extremes.ExtremeSink (attention_extremes), fed by fused_attention
     shared: dict = dataclasses.field(default_factory=dict)  # resolved backends, the last keys: shared by all layers
 
@@ -296,7 +298,7 @@ def check_eager_call(state: _PatchState, output_attentions: bool) -> None:
         if state.backend != "eager":
             warnings.warn(f"output_attentions=True: this call runs {state.family.name}'s eager attention",
                           stacklevel=5)
-    if state.sink is not None or state.extremes is not None:
+    if state.sink is not None or state.extremes is not None or state.rows is not None:
         raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
 
 
@@ -329,14 +331,17 @@ def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attenti
         with torch.inference_mode(False):  # never an inference tensor: a later training step saves it
             slopes = state.slopes[device] = family.module_slopes(module).to(device=device, dtype=torch.float32)
     key_pos, kstart = attention_keys(module, attention_mask, batch, k_len, device, bool_masks_out)
-    sink = state.sink
-    options = dict(kstart=kstart, with_stats=sink is not None,
+    sink, rows = state.sink, state.rows
+    options = dict(kstart=kstart, with_stats=sink is not None, row_stats=rows is not None,
                    exclude_first_query=bool(sink and sink.exclude_first_query),
                    normalize_entropy=bool(sink and sink.normalize_entropy), **family.kernel_options(module))
     if layout is None:
         context, _, stats = run_attention(*qkv, key_pos, slopes, backend, **options)
     else:
         context, _, stats = run_attention_packed(qkv, layout, key_pos, slopes, backend, **options)
+    if rows is not None:  # per-row statistics on the autograd graph; the sink gets their sums
+        rows.add(state.layer, stats, key_pos)
+        stats = row_sums(stats.detach(), key_pos, sink.exclude_first_query, sink.normalize_entropy) if sink else None
     if sink is not None:
         sink.add(state.layer, stats)
     if state.extremes is not None:  # value_ratio, output_norm (diagnosis/extremes.py); value [B, Tk, H, d]

@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
                    help="master: fp32 master copy of bf16/fp16 slices (default); stochastic: bf16, stochastically "
                         "rounded; bf16: bf16 moments, updates rounded into bf16 weights (the paper's)")
     t.add_argument("--stochastic-rounding", action="store_true", help="same as --optimizer-precision stochastic")
+    t.add_argument("--sink-penalty", type=float, default=d.sink_penalty, metavar="LAMBDA",
+                   help="add LAMBDA times the target heads' mean first-token mass to the loss, so that repaired heads "
+                        "do not fall back onto the first token (computed in the fused kernels; default 0: none)")
     p.add_argument("--prompts-file", metavar="FILE", help="diagnosis prompts, one per line, or .jsonl/.json "
                                                           "(default: built-in set)")
     add_model_options(p, backends="auto, triton or torch")
@@ -117,7 +120,7 @@ def run(args) -> None:
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
                               reinit=not args.no_reinit, eval_convention=args.eval_convention,
                               control=args.control, save_every_epochs=args.save_every_epochs,
-                              **_training_options(args))
+                              sink_penalty=args.sink_penalty, **_training_options(args))
     settings.check()
     if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
         import sys

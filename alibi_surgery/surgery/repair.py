@@ -325,7 +325,8 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
         run.rediagnose()
     started = json.loads(read_text(out / "run.json", what="run record"))
     recovered = _functional(run, final, reuse=best is None or (newest is not None and best == newest.name))
-    report = {"input": str(run.model_dir), "arm": run.s.arm, "final": str(final), "final_checkpoint": best,
+    report = {"input": str(run.model_dir), "arm": run.s.arm, "settings": dataclasses.asdict(run.s), "final": str(final),
+              "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
               "eval_ppl_before": started.get("eval_ppl_before"),
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),

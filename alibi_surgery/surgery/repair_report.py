@@ -34,6 +34,8 @@ def write_markdown(run, report: dict) -> None:
              f"- final model: `{report['final']}` "
              f"(from {report['final_checkpoint'] or 'no training step: the model as the arm prepared it'})",
              f"- targeted heads: {run.plan.n_heads}",
+             *([f"- sink penalty: {run.s.sink_penalty:g} x the targets' mean first-token mass, added to the loss"]
+               if run.s.sink_penalty else []),
              f"- held-out perplexity before surgery: {format_ppl(report.get('eval_ppl_before'))}"]
     prompts = report.get("eval_prompts_ppl_before") is not None
     if prompts:

@@ -58,6 +58,7 @@ class RepairSettings:
     eval_convention: str = "tokens"  # how eval_prompts' per-text losses combine (analysis.perplexity)
     control: str | None = None  # a control arm (CONTROLS); None: treatment, or gradient-only with reinit=False
     save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and of the last)
+    sink_penalty: float = 0.0  # adds this times the targets' mean first-token mass to the loss (0: none)
 
     @property
     def arm(self) -> str:
@@ -103,9 +104,13 @@ class RepairSettings:
             raise UsageError(f"warmup={self.warmup}: must be a fraction in [0, 1)")
         for name, value, rule in (("lr", self.lr, "a finite number >= 0"),
                                   ("max_grad_norm", self.max_grad_norm, "a finite number > 0"),
-                                  ("weight_decay", self.weight_decay, "a finite number >= 0")):
+                                  ("weight_decay", self.weight_decay, "a finite number >= 0"),
+                                  ("sink_penalty", self.sink_penalty, "a finite number >= 0")):
             if not math.isfinite(value) or value < 0 or (value == 0 and name == "max_grad_norm"):
                 raise UsageError(f"{name}={value}: must be {rule}")
+        if self.sink_penalty and not self.trains:
+            raise UsageError(f"sink_penalty={self.sink_penalty} needs training, and the {self.arm} arm trains "
+                             f"nothing")
 
 
 def same_settings(saved: dict, settings: RepairSettings) -> bool:

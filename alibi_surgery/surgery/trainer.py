@@ -12,6 +12,7 @@ the partial one and raises :class:`~alibi_surgery.errors.WriteError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -229,13 +230,15 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 batches = list(run.micro_batches(epoch, step_in_epoch))
                 for ids in batches:
                     ids = ids.to(model.device)
-                    hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
-                    loss = chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
-                    if not torch.isfinite(loss):
-                        last = newest_checkpoint(run.ckpt_dir)
-                        raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: stopped; "
-                                         f"the last good checkpoint is {last or 'none (nothing was saved yet)'}")
-                    (loss / len(batches)).backward()
+                    with _penalised(run) as penalty:
+                        hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
+                        loss = chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
+                        if not torch.isfinite(loss):
+                            last = newest_checkpoint(run.ckpt_dir)
+                            raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: "
+                                             f"stopped; the last good checkpoint is "
+                                             f"{last or 'none (nothing was saved yet)'}")
+                        ((loss + penalty()) / len(batches)).backward()
                     _test_pause("train", position["step"] + 1)
                     window_loss += float(loss.detach())
                     window_n += 1
@@ -274,6 +277,22 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
         bar.close()
         slices.remove()
         run.best = best
+
+
+@contextlib.contextmanager
+def _penalised(run: Run):
+    """The block of one micro-batch's forward and backward; yields ``penalty()``: ``sink_penalty`` times the
+    target heads' mean first-token mass in that forward (:mod:`~alibi_surgery.attention.row_stats`, differentiable,
+    no T x T matrix), or 0 without a penalty. The backward stays inside: activation checkpointing recomputes the
+    forward there, and the recomputation must ask for the same statistics."""
+    lam = run.s.sink_penalty
+    if not lam:
+        yield lambda: 0.0
+        return
+    from ..attention.row_stats import trainable_stats
+
+    with trainable_stats(run.model) as stats:
+        yield lambda: lam * stats.first_token_mass(run.plan.selection)
 
 
 def enable_checkpointing(model) -> None:

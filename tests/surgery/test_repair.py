@@ -184,3 +184,35 @@ def test_compare_command_is_wired(tiny_dir, corpus, tmp_path, capsys):
     assert main(["compare", str(base), str(base), "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "c.json").read_text())
     assert main(["compare", str(base), str(tmp_path / "missing.json")]) == 2
+
+
+def test_sink_penalty_enters_the_training_loss(tiny_dir):
+    """The trainer's micro-batch block (``trainer._penalised``) adds ``sink_penalty`` times the targets' mean
+    first-token mass, with gradients: against that mean from eager BLOOM's attention maps (real query rows past
+    position 0), scaled by the same factor."""
+    from types import SimpleNamespace
+
+    from alibi_surgery import patched
+
+    ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ours in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").float()
+        if ours:
+            fake_run = SimpleNamespace(s=RepairSettings(sink_penalty=2.5), model=model,
+                                       plan=SimpleNamespace(selection=SELECTED))
+            with patched(model, "torch"), trainer._penalised(fake_run) as penalty:
+                model(ids)
+                penalty().backward()
+        else:
+            maps = model(ids, output_attentions=True).attentions
+            mass = sum(maps[layer][:, heads, 1:, 0].double().sum() for layer, heads in SELECTED.items())
+            rows = sum(len(heads) for heads in SELECTED.values()) * ids.shape[0] * (ids.shape[1] - 1)
+            (2.5 * mass / rows).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, want in grads[1].items():
+        assert (grads[0][name] - want).abs().max() <= 1e-4 * max(want.abs().max().item(), 1e-3), name
+    plain = SimpleNamespace(s=RepairSettings(), model=None, plan=None)
+    with trainer._penalised(plain) as penalty:  # no penalty: nothing is collected, the term is 0
+        assert penalty() == 0.0
