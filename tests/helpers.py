@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,17 @@ def dense_attention(q, k, v, mask=None, slopes=None, scale=None, window=None):
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
     real_rows = valid[:, k_len - q_len:][:, None, :, None]
     return ((p @ v) * real_rows).transpose(1, 2), p * real_rows
+
+
+SINK_MIRROR = Path(  # a fetched sail-sg/Attention-Sink (checkout or bare git directory)
+    os.environ.get("ALIBI_SURGERY_SINK_REPO", "/work/.mirror/sail-sg+Attention-Sink/repo"))
+
+
+def eager_attention_maps(path: str, prompt: str, tok, length: int | None = None) -> torch.Tensor:
+    """[layers, heads, T, T] eager attention probabilities of one prompt (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.tensor([tok(prompt)["input_ids"][:length]])
+    with torch.no_grad():
+        return torch.stack([a[0] for a in model(ids, output_attentions=True).attentions]).double()

@@ -24,7 +24,7 @@ BACKENDS = ("auto", "triton", "torch", "eager")
 _needs = f"the triton backend needs head_dim to be {SUPPORTED_HEAD_DIMS}"
 
 __all__ = ["BACKENDS", "check_backend", "check_triton_head_dim", "resolve_backend", "run_attention",
-           "run_attention_packed", "row_sums"]
+           "run_attention_packed", "row_sums", "run_received"]
 
 
 def check_backend(backend: str) -> str:
@@ -118,3 +118,16 @@ def row_sums(rows: torch.Tensor, key_pos: torch.Tensor, exclude_first_query: boo
     weight = counted.to(rows.dtype)
     count = weight.sum(-1).expand(rows.shape[0], rows.shape[1])
     return torch.stack([(first * weight).sum(-1), (entropy * weight).sum(-1), count], -1)
+
+
+def run_received(q, k, lse, key_pos, slopes, backend: str, *, kstart=None, **options) -> torch.Tensor:
+    """The attention each key receives, ``[B, H, Tk]`` float32, summed over the query rows, from q ``[B, H, Tq, d]``,
+    k ``[B, Hkv, Tk, d]`` and the forward's ``lse2`` (:mod:`~alibi_surgery.kernels.received`); the score options as
+    the forward's (statistics options ignored). No gradient; no window."""
+    from ..kernels.received import attention_received, attention_received_blocked
+
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"the key-side pass needs the triton or torch backend, got {backend!r}")
+    options = {k: v for k, v in options.items() if k in ("softmax_scale", "bias_scale", "alibi_bf16", "window")}
+    run = attention_received if backend == "triton" else attention_received_blocked
+    return run(q, k, lse, key_pos, slopes.to(device=q.device, dtype=torch.float32), kstart=kstart, **options)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..kernels.alibi import first_real_key, key_positions
-from .backends import run_attention
+from .backends import run_attention, run_received
 
 __all__ = ["IMPLEMENTATION", "register", "install", "uninstall", "interface_attention", "mask_structure"]
 
@@ -109,10 +109,13 @@ def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         with torch.inference_mode(False):
             slopes = state.slopes[device] = torch.zeros(n_head, dtype=torch.float32, device=device)
     sink = state.sink
-    context, _, stats = run_attention(
+    context, lse, stats = run_attention(
         query, key, value, key_pos, slopes, backend, kstart=kstart, window=window, softmax_scale=scaling,
         with_stats=sink is not None, exclude_first_query=bool(sink and sink.exclude_first_query),
         normalize_entropy=bool(sink and sink.normalize_entropy))
+    if state.received is not None:  # the key-side pass over this call's log-sum-exp
+        state.received.add(module.layer_idx, run_received(query, key, lse, key_pos, slopes, backend, kstart=kstart,
+                                                          window=window, softmax_scale=scaling), key_pos)
     if sink is not None:
         sink.add(module.layer_idx, stats)
     if state.extremes is not None:  # value_ratio, output_norm (diagnosis/extremes.py), k/v heads as they are

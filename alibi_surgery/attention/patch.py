@@ -36,7 +36,7 @@ from ..kernels.alibi import first_real_key
 from ..kernels.attention_fwd import interpreting
 from ..kernels.ops import unpack
 from .backends import (check_backend, check_triton_head_dim, resolve_backend, row_sums, run_attention,
-                       run_attention_packed)
+                       run_attention_packed, run_received)
 
 __all__ = ["first_token_sinks", "patch", "unpatch", "patched", "patch_bloom", "unpatch_bloom", "attention_modules", "current_backend",
            "head_stats", "fused_attention", "eager_fallback", "check_eager_call", "key_validity", "attention_keys",
@@ -57,6 +57,7 @@ class _PatchState:
     hook: object = None  # the enclosing block's forward pre-hook that sets ``maps``
     sink: "HeadStatsSink | None" = None
     rows: object = None  # an active row_stats.TrainableStats (differentiable statistics), fed by fused_attention
+    received: object = None  # an active diagnosis.key_sinks.ReceivedSink (attention received per key)
     extremes: object = None  # an active diagnosis.extremes.ExtremeSink (attention_extremes), fed by fused_attention
     shared: dict = dataclasses.field(default_factory=dict)  # resolved backends, the last keys: shared by all layers
 
@@ -298,7 +299,7 @@ def check_eager_call(state: _PatchState, output_attentions: bool) -> None:
         if state.backend != "eager":
             warnings.warn(f"output_attentions=True: this call runs {state.family.name}'s eager attention",
                           stacklevel=5)
-    if state.sink is not None or state.extremes is not None or state.rows is not None:
+    if any(x is not None for x in (state.sink, state.extremes, state.rows, state.received)):
         raise RuntimeError("head statistics need the triton or torch backend, without output_attentions")
 
 
@@ -336,9 +337,13 @@ def fused_attention(module: nn.Module, fused: torch.Tensor, layout: str, attenti
                    exclude_first_query=bool(sink and sink.exclude_first_query),
                    normalize_entropy=bool(sink and sink.normalize_entropy), **family.kernel_options(module))
     if layout is None:
-        context, _, stats = run_attention(*qkv, key_pos, slopes, backend, **options)
+        context, lse, stats = run_attention(*qkv, key_pos, slopes, backend, **options)
     else:
-        context, _, stats = run_attention_packed(qkv, layout, key_pos, slopes, backend, **options)
+        context, lse, stats = run_attention_packed(qkv, layout, key_pos, slopes, backend, **options)
+    if state.received is not None:  # the key-side pass over this call's log-sum-exp
+        state.received.add(state.layer, run_received(query.transpose(1, 2), key if layout is None else
+                                                     key.transpose(1, 2), lse, key_pos, slopes, backend,
+                                                     **options), key_pos)
     if rows is not None:  # per-row statistics on the autograd graph; the sink gets their sums
         rows.add(state.layer, stats, key_pos)
         stats = row_sums(stats.detach(), key_pos, sink.exclude_first_query, sink.normalize_entropy) if sink else None

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                        histogram=("OUT.png", "write the distribution of first-token mass with the class thresholds"))
     add_diagnosis_options(p)
     add_healthy_option(p)
+    p.add_argument("--sinks", type=int, metavar="N",
+                   help="also list, per head, the N positions (and tokens) that draw the most attention by Gu et "
+                        "al.'s per-position score, each prompt run alone (docs/metrics.md); in the JSON as key_sinks")
 
 
 def diagnose_each(args, models: list[str]) -> list:
@@ -71,9 +74,13 @@ def run(args) -> None:
     outputs = check_output_paths({"json": args.json, "csv": args.csv, "heatmap": args.heatmap,
                                   "heatmap (extremes)": extremes, "histogram": args.histogram},
                                  overwrite=args.overwrite, figures=("heatmap", "heatmap (extremes)", "histogram"))
+    _check_sinks(args)
     report = diagnose_each(args, [args.model])[0]
     if not is_main():  # rank 0 writes and prints the report every rank holds
         return
+    sinks = _key_sinks(args) if args.sinks else None
+    if sinks is not None:
+        report.metadata["key_sinks"] = sinks.to_dict(args.sinks)
     if "json" in outputs:  # files first, then the terminal: a closed pipe can never cost a file
         report.to_json(outputs["json"], healthy=healthy)
     if "csv" in outputs:
@@ -91,5 +98,33 @@ def run(args) -> None:
 
         save_histogram(report, outputs["histogram"])
     print(report.format_summary(healthy))
+    if sinks is not None:
+        print(sinks.format(args.sinks))
     for path in outputs.values():
         print(f"wrote {path}")
+
+
+def _check_sinks(args) -> None:
+    """``--sinks N``: N >= 1, in one process, on a model held in memory (not ``--stream``), fused backends."""
+    from ..distributed import world
+
+    if args.sinks is None:
+        return
+    if args.sinks < 1:
+        raise UsageError(f"--sinks {args.sinks}: must be >= 1")
+    if args.stream:
+        raise UsageError("--sinks needs the model in memory; it cannot be combined with --stream")
+    if world()[1] > 1:
+        raise UsageError("--sinks runs in one process, not under torchrun")
+    if args.backend == "eager":
+        raise UsageError("--sinks comes from the fused kernels: use --backend auto, triton or torch")
+
+
+def _key_sinks(args):
+    """The per-position sink scores of ``--sinks`` (:func:`~alibi_surgery.diagnosis.key_sinks.key_sinks`)."""
+    from ..diagnosis.key_sinks import key_sinks
+    from ..io.loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    return key_sinks(model, tokenizer, prompts_from_args(args), backend=args.backend, max_length=args.max_length,
+                     epsilon=args.sink_epsilon, progress=not args.quiet)

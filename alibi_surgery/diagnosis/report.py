@@ -46,7 +46,7 @@ __all__ = ["Thresholds", "HeadReport", "read_report", "model_name", "CLASSES", "
 
 CLASSES = ("healthy", "bos-sink", "dead", "low-entropy")
 SINK_SWEEP = (0.4, 0.5, 0.6)  # the sink thresholds the diagnosis JSON also counts the classes at
-TOP_LEVEL = ("mlp_dormancy",)  # metadata written as top-level fields of the JSON (diagnosis/dormancy.py)
+TOP_LEVEL = ("mlp_dormancy", "key_sinks")  # metadata written as top-level JSON fields (dormancy.py, key_sinks.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -290,11 +290,14 @@ CASES = {
     "thresholds out of order": (lambda w, t: _diagnose(w, t, "--sink-threshold", "0.99"), "thresholds"),
     "missing corpus path": (lambda w, t: _repair(w, t, corpus="nope.txt"), "corpus path does not exist"),
     "--sink-epsilon 1.5": (lambda w, t: _diagnose(w, t, "--sink-epsilon", "1.5"), "--sink-epsilon 1.5: must be in [0, 1)"),
+    "--sinks 0": (lambda w, t: _diagnose(w, t, "--sinks", "0"), "--sinks 0: must be >= 1"),
+    "--sinks with --stream": (lambda w, t: _diagnose(w, t, "--sinks", "3", "--stream"),
+                              "--sinks needs the model in memory; it cannot be combined with --stream"),
     "--sink-penalty -1": (lambda w, t: _repair(w, t, "--sink-penalty", "-1"),
-                          "sink_penalty=-1.0: must be a finite number >= 0"),
+                          "--sink-penalty -1.0: must be a finite number >= 0"),
     "--sink-penalty on an arm that trains nothing": (
         lambda w, t: _repair(w, t, "--sink-penalty", "1", "--control", "reinit-only"),
-        "sink_penalty=1.0 needs training, and the reinit-only arm trains nothing"),
+        "--sink-penalty 1.0 needs training, and the reinit-only arm trains nothing"),
     "plan-memory --world-size 0": (lambda w, t: ["plan-memory", str(w / "model"), "--world-size", "0", "--json",
                                                   str(t / "plan.json")], "--world-size 0: must be >= 1"),
     "plan-memory --device-memory without --world-size": (

@@ -21,19 +21,13 @@ from alibi_surgery.diagnosis.stream import diagnose_streamed
 from alibi_surgery.errors import UsageError
 from alibi_surgery.io.loading import load_model, load_tokenizer
 from alibi_surgery.io.random_model import write_random_model
+from helpers import SINK_MIRROR, eager_attention_maps
 
 PROMPTS = ["the mill turns when the river runs high and the lantern hangs by the door " * 2,
            "geese cross the pond at dawn", "a tin roof and rain all night while the ferry waits at the pier",
            "snow on the pass closes the road for a week", "short one", "the baker opens the shop before the bells"]
-MIRROR = Path(os.environ.get("ALIBI_SURGERY_SINK_REPO", "/work/.mirror/sail-sg+Attention-Sink/repo"))
-
-
-def _maps(path: str, prompt: str, tok, length: int | None = None) -> torch.Tensor:
-    """[layers, heads, T, T] eager attention probabilities of one prompt (float64)."""
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    ids = torch.tensor([tok(prompt)["input_ids"][:length]])
-    with torch.no_grad():
-        return torch.stack([a[0] for a in model(ids, output_attentions=True).attentions]).double()
+MIRROR = SINK_MIRROR
+_maps = eager_attention_maps
 
 
 def _scores(path: str, tok) -> torch.Tensor:
