@@ -9,9 +9,8 @@ mass on itself) included, which the fused kernels' per-sequence sums give exactl
 (:func:`~alibi_surgery.attention.patch.first_token_sinks`). Reported by ``diagnose``: ``sink_share`` per head (the
 fraction of prompts on which it is a sink), ``sink_rate`` for the model, ``metric.sink_epsilon``.
 
-Limits: key position 0 only (their code reports every position; other positions need the attention each key
-receives, a key-side pass the kernels do not make yet); a prompt is scored whole, where their code truncates every
-prompt to 64 tokens (pass ``--max-length 64`` for the same).
+Limits: key position 0 here (every position: :mod:`~alibi_surgery.diagnosis.key_sinks`, ``diagnose --sinks``); a
+prompt is scored whole, where their code truncates every prompt to 64 tokens (pass ``--max-length 64`` for the same).
 """
 
 from __future__ import annotations
