@@ -29,7 +29,7 @@ import argparse
 import sys
 
 from . import (ablate, compare, demo, diagnose, drift, family, generate, paper, perplexity, plan_memory, random_model,
-               repair)
+               repair, sparsify)
 from ..distributed import close as close_ranks, init_from_env, is_main, world
 from .console import Terminated, flag_wording, resume_hint, setup_console, word_warnings
 from ..errors import RankFailed, UsageError, WriteError
@@ -39,7 +39,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # Every command, in the order ``--help`` lists them: its module has ``add_parser(sub)`` and ``run(args)``.
 COMMANDS = {"diagnose": diagnose, "random-model": random_model, "repair": repair, "compare": compare, "demo": demo,
             "family": family, "plan-memory": plan_memory, "perplexity": perplexity, "drift": drift,
-            "generate": generate, "ablate": ablate, "paper": paper}
+            "generate": generate, "ablate": ablate, "paper": paper, "sparsify": sparsify}
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -20,6 +20,13 @@ PAPER_RECIPE = {"optimizer_precision": "bf16", "schedule": "paper", "epochs": 15
 
 
 def add_parser(sub) -> None:
+    build_parser(sub, "repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
+                 description="Plan, re-initialise, train only the selected heads' slices, checkpoint, re-diagnose "
+                             "and report. The input directory is never written to.")
+
+
+def build_parser(sub, name: str, **texts):
+    """The parser of ``repair`` (and of ``sparsify``, which adds its own options to it): every option of a run."""
     from ..surgery.optim import PRECISIONS
     from ..surgery.repair import RepairSettings
     from ..surgery.reinit import INITS
@@ -27,9 +34,7 @@ def add_parser(sub) -> None:
     from ..surgery.settings import CONTROLS
 
     d = RepairSettings()
-    p = sub.add_parser("repair", help="re-initialise and retrain collapsed heads (the paper's surgery)",
-                       description="Plan, re-initialise, train only the selected heads' slices, checkpoint, "
-                                   "re-diagnose and report. The input directory is never written to.")
+    p = sub.add_parser(name, **texts)
     p.add_argument("model", help="local model directory (config, safetensors, tokenizer) or cached hub id")
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --resume/--overwrite)")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="training text: files, directories or globs")
@@ -105,6 +110,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
 
 
 def run(args) -> None:
@@ -120,7 +126,7 @@ def run(args) -> None:
                               checkpointing=not args.no_checkpointing, stochastic_rounding=args.stochastic_rounding,
                               reinit=not args.no_reinit, eval_convention=args.eval_convention,
                               control=args.control, save_every_epochs=args.save_every_epochs,
-                              sink_penalty=args.sink_penalty, **_training_options(args))
+                              sink_penalty=args.sink_penalty, **_sparsify_options(args), **_training_options(args))
     settings.check()
     if getattr(args, "recipe_warning", None):  # after the settings' own checks: a refusal stays one line
         import sys
@@ -161,6 +167,13 @@ def run(args) -> None:
         print(Plan.from_dict(result).format(memory))
         return
     _print_result(result, Path(args.out))
+
+
+def _sparsify_options(args) -> dict:
+    """The settings ``sparsify`` adds (its objective and constraint); none for ``repair``."""
+    if getattr(args, "command", None) != "sparsify":
+        return {}
+    return dict(objective="sparsify", loss_slack=args.loss_slack, geco_rate=args.geco_rate)
 
 
 def _training_options(args) -> dict:

@@ -50,10 +50,10 @@ def random_healthy_plan(plan: Plan, report: HeadReport, seed: int) -> Plan:
 
 def apply_arm(model, plan: Plan, settings) -> None:
     """What ``settings.arm`` does to ``model``'s selected heads before training (in place; nothing for
-    ``gradient-only`` or an empty selection)."""
+    ``gradient-only``, ``sparsify`` or an empty selection)."""
     if not plan.selection:
         return
     if settings.arm == "ablate":
         ablate_heads(model, plan.selection)
-    elif settings.arm != "gradient-only":
+    elif settings.arm not in ("gradient-only", "sparsify"):  # both train the heads from their current values
         reinit_heads(model, plan.selection, seed=settings.seed, init=settings.init)

@@ -24,6 +24,7 @@ file, set by the caller with ``source="report"``):
   classes dead or bos-sink inside band x layers. Needs a report. Zone: band x layers. ``band`` cannot be combined with
   an explicit ``heads`` list, and ``layers`` means nothing without ``band``.
 * ``heads=None``: no heads from any mode; only ``include`` selects (source ``"list"``; zone as for a list).
+* ``heads="all"`` (source ``"list"``): every head of every layer (``sparsify``'s default). Zone: the whole model.
 
 Then ``freeze`` (a head spec) removes heads from the selection; they stay in the zone, where they count as in-band
 frozen. An explicit ``heads`` list that names a frozen head is an error (it asks for both). ``include`` (a head
@@ -325,6 +326,9 @@ def make_plan(*, n_layer: int, n_head: int, head_dim: int, hidden: int, report: 
     elif heads is None:
         targets, zone, mode = set(), set(), "list"
         empty_why = "no heads were selected"
+    elif isinstance(heads, str) and heads.strip().lower() == "all":  # every head (sparsify's default)
+        targets = zone = _rect((0, n_layer - 1), (0, n_head - 1))
+        mode, empty_why = "list", "the model has no heads"
     else:
         targets = pairs(parse_heads(heads, n_layer, n_head))
         zone = _bounding_rect(targets)

@@ -59,10 +59,15 @@ class RepairSettings:
     control: str | None = None  # a control arm (CONTROLS); None: treatment, or gradient-only with reinit=False
     save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and of the last)
     sink_penalty: float = 0.0  # adds this times the targets' mean first-token mass to the loss (0: none)
+    objective: str = "repair"  # repair (the language-model loss) or sparsify (mean entropy under a loss constraint)
+    loss_slack: float = 0.05  # sparsify: the loss may rise this many nats per token above the model's own
+    geco_rate: float = 0.05  # sparsify: step of the GECO multiplier's log per optimizer step, per nat of excess
 
     @property
     def arm(self) -> str:
-        """The arm this run is (:data:`ARMS`)."""
+        """The arm this run is (:data:`ARMS`, or ``sparsify``)."""
+        if self.objective == "sparsify":
+            return "sparsify"
         return self.control or ("treatment" if self.reinit else "gradient-only")
 
     @property
@@ -108,6 +113,14 @@ class RepairSettings:
                                   ("sink_penalty", self.sink_penalty, "a finite number >= 0")):
             if not math.isfinite(value) or value < 0 or (value == 0 and name == "max_grad_norm"):
                 raise UsageError(f"{name}={value}: must be {rule}")
+        if self.objective not in ("repair", "sparsify"):
+            raise UsageError(f"unknown objective={self.objective!r}; choose repair or sparsify")
+        if self.objective == "sparsify" and (self.reinit or self.control is not None):
+            raise UsageError("objective='sparsify' trains the heads from their current values: reinit=False and no "
+                             "control")
+        for name, value in (("loss_slack", self.loss_slack), ("geco_rate", self.geco_rate)):
+            if not math.isfinite(value) or value <= 0:
+                raise UsageError(f"{name}={value}: must be a finite number > 0")
         if self.sink_penalty and not self.trains:
             raise UsageError(f"sink_penalty={self.sink_penalty} needs training, and the {self.arm} arm trains "
                              f"nothing")

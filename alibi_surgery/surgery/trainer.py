@@ -219,6 +219,9 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
         run.learning_rates = meta.get("learning_rates", [])
         best = position.get("best", best)
     model.train()
+    geco = None
+    if s.objective == "sparsify":
+        geco = Geco.from_dict(position.get("geco")) if "geco" in position else Geco.start(run, s)
     if s.checkpointing:
         enable_checkpointing(model)
     bar = tqdm(total=run.total_steps, initial=position["step"], desc="surgery", unit="step",
@@ -230,23 +233,25 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 batches = list(run.micro_batches(epoch, step_in_epoch))
                 for ids in batches:
                     ids = ids.to(model.device)
-                    with _penalised(run) as penalty:
-                        hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
-                        loss = chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
+                    with _objective(run, geco) as objective:
+                        loss = _lm_loss(model, ids)
                         if not torch.isfinite(loss):
                             last = newest_checkpoint(run.ckpt_dir)
                             raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: "
                                              f"stopped; the last good checkpoint is "
                                              f"{last or 'none (nothing was saved yet)'}")
-                        ((loss + penalty()) / len(batches)).backward()
+                        (objective(loss) / len(batches)).backward()
                     _test_pause("train", position["step"] + 1)
                     window_loss += float(loss.detach())
                     window_n += 1
                 lr = surgery_lr(s.schedule, position["step"] + 1, run.total_steps, s.lr, s.warmup)
                 opt.step(lr=lr)
+                if geco is not None:
+                    geco.step()
                 run.learning_rates.append(lr)
                 opt.zero_grad()
-                position = {"step": position["step"] + 1, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
+                position = {"step": position["step"] + 1, "epoch": epoch, "step_in_epoch": step_in_epoch + 1,
+                            **({"geco": geco.to_dict()} if geco is not None else {})}
                 bar.update(1)
                 epoch_end = step_in_epoch + 1 == run.steps_per_epoch
                 if epoch_end:
@@ -257,6 +262,8 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     train_ppl = math.exp(window_loss / window_n) if window_n else None
                     window_loss, window_n = 0.0, 0
                     entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
+                    if geco is not None:
+                        entry["geco"] = geco.to_dict()
                     score = held_out(entry)
                     improved = score is not None and (best["eval_ppl"] is None or score < best["eval_ppl"])
                     name = f"{CKPT_PREFIX}{position['step']:08d}"
@@ -279,20 +286,90 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
         run.best = best
 
 
+def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch (chunked over the vocabulary: no full logits tensor)."""
+    hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
+    return chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
+
+
 @contextlib.contextmanager
-def _penalised(run: Run):
-    """The block of one micro-batch's forward and backward; yields ``penalty()``: ``sink_penalty`` times the
-    target heads' mean first-token mass in that forward (:mod:`~alibi_surgery.attention.row_stats`, differentiable,
-    no T x T matrix), or 0 without a penalty. The backward stays inside: activation checkpointing recomputes the
-    forward there, and the recomputation must ask for the same statistics."""
-    lam = run.s.sink_penalty
-    if not lam:
-        yield lambda: 0.0
+def _objective(run: Run, geco: "Geco | None" = None):
+    """The block of one micro-batch's forward and backward; yields ``objective(loss)``, what is minimised given
+    the language-model loss of that forward:
+
+    * ``repair``: the loss, plus ``sink_penalty`` times the target heads' mean first-token mass;
+    * ``sparsify``: the targets' mean row entropy plus the GECO multiplier times (loss - target) (:class:`Geco`),
+      with the sink penalty too when one is set.
+
+    The statistics come from the fused kernels with their gradients (:mod:`~alibi_surgery.attention.row_stats`, no
+    T x T matrix). The backward stays inside: activation checkpointing recomputes the forward there, and the
+    recomputation must ask for the same statistics."""
+    s = run.s
+    if not s.sink_penalty and geco is None:
+        yield lambda loss: loss
         return
     from ..attention.row_stats import trainable_stats
 
     with trainable_stats(run.model) as stats:
-        yield lambda: lam * stats.first_token_mass(run.plan.selection)
+        def objective(loss):
+            total = loss
+            if geco is not None:
+                entropy = stats.entropy(run.plan.selection)
+                geco.observe(float(loss.detach()), float(entropy.detach()))
+                total = entropy + geco.lam * (loss - geco.target)
+            if s.sink_penalty:
+                total = total + s.sink_penalty * stats.first_token_mass(run.plan.selection)
+            return total
+
+        yield objective
+
+
+@dataclasses.dataclass
+class Geco:
+    """The GECO-style constraint of ``sparsify`` (Rezende & Viola 2018): minimise the targets' mean entropy
+    subject to loss <= ``target`` (the model's own loss plus ``loss_slack``). The loss term is weighted by the
+    multiplier ``lam``, whose log moves after every optimizer step by ``rate`` times the moving average of
+    (loss - target) (decay 0.9 per micro-batch): it grows while the loss is above the target and shrinks below it,
+    within [1e-4, 1e4]. Saved in every checkpoint (``position["geco"]``), so a resumed run continues it."""
+
+    target: float
+    base: float  # the model's own loss before training
+    rate: float
+    lam: float = 1.0
+    excess: float | None = None  # moving average of loss - target
+    entropy: float | None = None  # moving average of the targets' mean entropy (nats)
+
+    @classmethod
+    def start(cls, run: Run, s) -> "Geco":
+        """Measure the model's own loss on the first micro-batches of epoch 0 (up to 8, no gradient)."""
+        losses = []
+        was_training = run.model.training
+        run.model.eval()
+        with torch.no_grad():
+            for step in range(run.steps_per_epoch):
+                for ids in run.micro_batches(0, step):
+                    losses.append(float(_lm_loss(run.model, ids.to(run.model.device))))
+                if len(losses) >= 8:
+                    break
+        run.model.train(was_training)
+        base = sum(losses) / len(losses)
+        return cls(target=base + s.loss_slack, base=base, rate=s.geco_rate)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Geco":
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def observe(self, loss: float, entropy: float) -> None:
+        excess = loss - self.target
+        self.excess = excess if self.excess is None else 0.9 * self.excess + 0.1 * excess
+        self.entropy = entropy if self.entropy is None else 0.9 * self.entropy + 0.1 * entropy
+
+    def step(self) -> None:
+        if self.excess is not None:
+            self.lam = min(1e4, max(1e-4, self.lam * math.exp(self.rate * self.excess)))
 
 
 def enable_checkpointing(model) -> None:

@@ -187,7 +187,7 @@ def test_compare_command_is_wired(tiny_dir, corpus, tmp_path, capsys):
 
 
 def test_sink_penalty_enters_the_training_loss(tiny_dir):
-    """The trainer's micro-batch block (``trainer._penalised``) adds ``sink_penalty`` times the targets' mean
+    """The trainer's micro-batch block (``trainer._objective``) adds ``sink_penalty`` times the targets' mean
     first-token mass, with gradients: against that mean from eager BLOOM's attention maps (real query rows past
     position 0), scaled by the same factor."""
     from types import SimpleNamespace
@@ -201,9 +201,9 @@ def test_sink_penalty_enters_the_training_loss(tiny_dir):
         if ours:
             fake_run = SimpleNamespace(s=RepairSettings(sink_penalty=2.5), model=model,
                                        plan=SimpleNamespace(selection=SELECTED))
-            with patched(model, "torch"), trainer._penalised(fake_run) as penalty:
+            with patched(model, "torch"), trainer._objective(fake_run) as objective:
                 model(ids)
-                penalty().backward()
+                objective(torch.zeros(())).backward()  # a zero language-model loss: the penalty alone
         else:
             maps = model(ids, output_attentions=True).attentions
             mass = sum(maps[layer][:, heads, 1:, 0].double().sum() for layer, heads in SELECTED.items())
@@ -214,5 +214,5 @@ def test_sink_penalty_enters_the_training_loss(tiny_dir):
     for name, want in grads[1].items():
         assert (grads[0][name] - want).abs().max() <= 1e-4 * max(want.abs().max().item(), 1e-3), name
     plain = SimpleNamespace(s=RepairSettings(), model=None, plan=None)
-    with trainer._penalised(plain) as penalty:  # no penalty: nothing is collected, the term is 0
-        assert penalty() == 0.0
+    with trainer._objective(plain) as objective:  # no penalty: nothing is collected, the loss as it is
+        assert objective(1.25) == 1.25
