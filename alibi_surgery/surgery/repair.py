@@ -332,8 +332,16 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),
               "learning_rates": run.learning_rates, "checkpoints": run.history, "functional": recovered,
               "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
+    if run.s.objective == "sparsify":
+        from .sparsify_report import sparsity_summary
+
+        report["sparsity"] = sparsity_summary(report)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(run, report)
+    if run.s.objective == "sparsify":
+        from .sparsify_report import write_sparsity
+
+        write_sparsity(out, report)
     write_plots(run)
     return report
 

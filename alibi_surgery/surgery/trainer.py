@@ -264,7 +264,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
                     if geco is not None:
                         entry["geco"] = geco.to_dict()
-                    score = held_out(entry)
+                    score = held_out(entry) if geco is None else _sparsity_score(run, entry)
                     improved = score is not None and (best["eval_ppl"] is None or score < best["eval_ppl"])
                     name = f"{CKPT_PREFIX}{position['step']:08d}"
                     entry["checkpoint"] = name
@@ -322,6 +322,19 @@ def _objective(run: Run, geco: "Geco | None" = None):
             return total
 
         yield objective
+
+
+def _sparsity_score(run: Run, entry: dict) -> float | None:
+    """What ``sparsify`` keeps as its best checkpoint (``final/``): the lowest mean entropy of the targets among
+    the checkpoints whose held-out loss stays within ``loss_slack`` of the model's own (any checkpoint without
+    held-out text); None for one over the slack."""
+    before = json.loads((run.out / "run.json").read_text()).get("eval_ppl_before")
+    if before is not None and entry.get("eval_ppl") is not None and \
+            math.log(entry["eval_ppl"]) > math.log(before) + run.s.loss_slack:
+        return None
+    sel = run.plan.selection
+    chosen = [h["entropy_after"] for h in entry["comparison"]["heads"] if h["head"] in sel.get(h["layer"], ())]
+    return sum(chosen) / len(chosen)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,101 @@
+"""``alibi-surgery sparsify`` (issue 33, item 2): lower the heads' attention entropy under a loss constraint, end to
+end on a tiny model, resumable bit for bit, with the entropies checked against eager attention maps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alibi_surgery.cli.main import main
+from alibi_surgery.io.random_model import write_random_bloom
+from alibi_surgery.surgery.repair import RepairSettings, repair_pass
+from alibi_surgery.surgery.trainer import Geco
+
+PROMPTS = ["The cat sat on the mat.", "def f(x):\n    return x + 1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparsify")
+    model = write_random_bloom(root / "tiny", "tiny", seed=4)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    (root / "corpus.txt").write_text(" ".join(words[(j * 5) % 12] for j in range(80)))
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (root / "held-out.txt").write_text(" ".join(reversed(words)) * 10)
+    return model, root
+
+
+def eager_entropy(path, prompts) -> float:
+    """Mean row entropy (nats) over every head, query row and prompt, from eager BLOOM's attention maps."""
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for prompt in prompts:
+            for p in model(**tok(prompt, return_tensors="pt"), output_attentions=True).attentions:
+                p = p.double()
+                total += float(-(p * torch.log(torch.where(p > 0, p, 1.0))).sum(-1).sum())
+                rows += p.shape[1] * p.shape[2]
+    return total / rows
+
+
+def test_sparsify_end_to_end(files, tmp_path, capsys):
+    model, root = files
+    out = tmp_path / "out"
+    assert main(["sparsify", str(model), "--out", str(out), "--corpus", str(root / "corpus.txt"), "--eval-text",
+                 str(root / "held-out.txt"), "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1",
+                 "--epochs", "3", "--lr", "3e-3", "--ablation-draws", "0", "--quiet", "--backend", "torch",
+                 "--prompts-file", str(root / "prompts.txt")]) == 0
+    assert "arm: sparsify" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    s = report["sparsity"]
+    assert report["settings"]["objective"] == "sparsify" and report["arm"] == "sparsify"
+    assert len(s["heads"]) == 8 and report["plan"]["selection"] == {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}
+    assert s["entropy_after"] < s["entropy_before"] - 0.2
+    assert s["target_loss"] == pytest.approx(s["base_loss"] + 0.05)
+    assert all(c["lambda"] is not None and c["lambda"] > 0 for c in s["curve"])
+    # independent: eager BLOOM's maps of the input and of final/ on other prompts
+    before, after = eager_entropy(model, PROMPTS), eager_entropy(out / "final", PROMPTS)
+    assert after < before - 0.1, (before, after)
+    assert "## Sparsity" in (out / "report.md").read_text() and (out / "sparsity.png").stat().st_size > 0
+    a = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for name in a:  # head slices only: the attention projections move, nothing else does
+        changed = not torch.equal(a[name], b[name])
+        assert changed == ("query_key_value" in name or "self_attention.dense.weight" in name), name
+
+
+def test_sparsify_resumes_bit_for_bit_with_its_multiplier(files, tmp_path):
+    model, root = files
+    settings = RepairSettings(seq_len=32, batch_size=2, grad_accum=1, lr=3e-3, epochs=1, save_every_steps=2,
+                              objective="sparsify", reinit=False, diag_max_length=24)
+    options = dict(corpus=[str(root / "corpus.txt")], heads="all", device="cpu", backend="torch", prompts=PROMPTS,
+                   progress=False, ablation_draws=0)
+    repair_pass(model, tmp_path / "a", settings=settings, **options)
+    with pytest.raises(KeyboardInterrupt):
+        repair_pass(model, tmp_path / "b", settings=settings, _stop_after_steps=3, **options)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["position"]["geco"]["lam"] > 0 and math.isfinite(state["position"]["geco"]["target"])
+    repair_pass(model, tmp_path / "b", settings=settings, resume=True, **options)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ga = json.loads((tmp_path / "a" / "report.json").read_text())["sparsity"]["lambda"]
+    gb = json.loads((tmp_path / "b" / "report.json").read_text())["sparsity"]["lambda"]
+    assert ga == gb
+
+
+def test_geco_multiplier_moves_with_the_constraint():
+    geco = Geco(target=2.0, base=1.95, rate=0.5)
+    geco.observe(2.4, 3.0)  # loss above the target: the multiplier grows
+    geco.step()
+    assert geco.lam == pytest.approx(math.exp(0.5 * 0.4))
+    for _ in range(50):
+        geco.observe(1.0, 3.0)  # far below: it shrinks, never under 1e-4
+        geco.step()
+    assert 1e-4 <= geco.lam < 1e-2
+    assert Geco.from_dict(geco.to_dict()) == geco
