@@ -37,7 +37,7 @@ import triton.language as tl
 from .alibi import AttentionOptions, refuse_backward, stats_grad_terms
 from .configs import BwdConfig, arch_of, block_d, cdiv, pick_bwd_config
 from .attention_fwd import check_head_dim, interpreting, kernel_positions, score_args, slopes_batch_stride
-from .attention_tiles import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _load_rows, _load_tile, _pos_bias,
+from .attention_tiles import (_MASKED, _ORIGIN_ROWS, _bias_origin, _dot, _key_block, _load_rows, _load_tile,
                               _query_block_keys, _query_rows, _scores, _slope_terms)
 
 __all__ = ["alibi_attention_bwd", "pick_bwd_config", "BwdConfig", "DELTA_BLOCK"]
@@ -111,23 +111,9 @@ def _dkdv_program(
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ALIBI_BF16: tl.constexpr, STATS_GRAD: tl.constexpr,
 ):
     """dK and dV of one key block (grid: key blocks x batch * head)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_head
-    h = pid_bh % n_head
-    start_n = tl.program_id(0) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < k_len
-    d_ok = offs_d < HEAD_DIM
+    pid_bh, b, h, start_n, offs_n, offs_d, n_ok, d_ok, slope2, kstart, key_bias = _key_block(
+        KPOS, KSTART, SLOPES, n_head, k_len, slope_stride, HEAD_DIM, BLOCK_D, BLOCK_N, ALIBI_BF16)
     q_shift = k_len - q_len
-
-    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
-    kpos = tl.load(KPOS + b * k_len + offs_n, mask=n_ok, other=-1)
-    kstart = tl.load(KSTART + b)
-    # Hoisted out of the query loop: the bias relative to the key block's own origin (start_n - kstart), small and
-    # exact; each query block shifts it by one scalar. The shift rounds at the size of slope * distance, where the
-    # probabilities are exponentially small (Falcon's bf16 bias is absolute: origin 0, no shift).
-    key_bias = _pos_bias(kpos, slope2, bias2, start_n - kstart, ALIBI_BF16)  # (the origin is unused under ALIBI_BF16)
     k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kt, n_ok, d_ok, UPCAST)
     v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vt, n_ok, d_ok, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)

@@ -114,6 +114,29 @@ def _query_rows(n_head, q_len, k_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 
 
 @triton.jit
+def _key_block(KPOS, KSTART, SLOPES, n_head, k_len, slope_stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, ALIBI_BF16: tl.constexpr):
+    """The key block of a program on a (key block, batch * head) grid (the dK/dV pass, the key-side pass):
+    ``(pid_bh, b, h, start_n, offs_n, offs_d, n_ok, d_ok, slope2, kstart, key_bias)``. ``key_bias`` is the keys'
+    bias relative to the block's own origin (``start_n - kstart``), hoisted out of the query loop: small and exact;
+    each query block shifts it by one scalar (``slope2`` times the difference of origins). The shift rounds at the
+    size of slope * distance, where the probabilities are exponentially small (Falcon's bf16 bias is absolute:
+    origin 0, no shift)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_head
+    h = pid_bh % n_head
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < k_len
+    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
+    kpos = tl.load(KPOS + b * k_len + offs_n, mask=n_ok, other=-1)
+    kstart = tl.load(KSTART + b)
+    key_bias = _pos_bias(kpos, slope2, bias2, start_n - kstart, ALIBI_BF16)  # (the origin is unused under ALIBI_BF16)
+    return pid_bh, b, h, start_n, offs_n, offs_d, n_ok, offs_d < HEAD_DIM, slope2, kstart, key_bias
+
+
+@triton.jit
 def _load_rows(base, offs_m, offs_d, stride_t, m_ok, d_ok, UPCAST: tl.constexpr):
     """A ``[rows, BLOCK_D]`` tile at ``base + row * stride_t + d`` (masked-off lanes read 0), in fp32 when UPCAST."""
     x = tl.load(base + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .alibi import AttentionOptions, first_real_key, kv_groups, resolve_softmax_scale
-from .attention_tiles import _MASKED, _ORIGIN_ROWS, _dot, _load_rows, _pos_bias, _slope_terms
+from .attention_tiles import _MASKED, _ORIGIN_ROWS, _dot, _key_block, _load_rows
 from .configs import block_d, cdiv, check_head_dim, interpreting
 from .reference import LOG2E, MASKED, _Bias
 
@@ -81,19 +81,9 @@ def _received_kernel(
 ):
     """Attention received by one key block over every query block that can see it (grid: key blocks x B * H)."""
     tl.static_assert(_ORIGIN_ROWS % BLOCK_M == 0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_head
-    h = pid_bh % n_head
-    start_n = tl.program_id(0) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < k_len
-    d_ok = offs_d < HEAD_DIM
+    pid_bh, b, h, start_n, offs_n, offs_d, n_ok, d_ok, slope2, kstart, key_bias = _key_block(
+        KPOS, KSTART, SLOPES, n_head, k_len, slope_stride, HEAD_DIM, BLOCK_D, BLOCK_N, ALIBI_BF16)
     q_shift = k_len - q_len
-    slope2, bias2 = _slope_terms(SLOPES + b * slope_stride, h, n_head, ALIBI_BF16)
-    kpos = tl.load(KPOS + b * k_len + offs_n, mask=n_ok, other=-1)
-    kstart = tl.load(KSTART + b)
-    key_bias = _pos_bias(kpos, slope2, bias2, start_n - kstart, ALIBI_BF16)  # as the dK/dV pass: block origin
     k = _load_rows(K + b * stride_kb + (h // n_group) * stride_kh, offs_n, offs_d, stride_kt, n_ok, d_ok, UPCAST)
     acc = tl.zeros([BLOCK_N], tl.float32)
     lo = (tl.maximum(start_n - q_shift, 0) // BLOCK_M) * BLOCK_M

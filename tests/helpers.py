@@ -191,3 +191,23 @@ def eager_attention_maps(path: str, prompt: str, tok, length: int | None = None)
     ids = torch.tensor([tok(prompt)["input_ids"][:length]])
     with torch.no_grad():
         return torch.stack([a[0] for a in model(ids, output_attentions=True).attentions]).double()
+
+
+def assert_compiles_like_eager(loss_fn, leaves, *args, atol: float = 1e-5):
+    """``torch.compile(loss_fn, fullgraph=True)`` makes one graph with no break, and its ``(loss, extra)`` and the
+    gradients of ``leaves`` equal eager's; returns the compiled ``extra``."""
+    explained = torch._dynamo.explain(loss_fn)(*leaves, *args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    loss, extra = torch.compile(loss_fn, fullgraph=True)(*leaves, *args)  # inductor on CPU
+    loss.backward()
+    compiled = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    eager_loss, eager_extra = loss_fn(*leaves, *args)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(extra, eager_extra, rtol=1e-5, atol=1e-5)
+    for a, t in zip(compiled, leaves):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=atol)
+    return extra

@@ -9,7 +9,7 @@ import torch
 import alibi_surgery
 from alibi_surgery import AttentionStats, UsageError, alibi_attention, alibi_attention_qkvpacked
 from alibi_surgery.kernels.alibi import alibi_slopes
-from helpers import BACKENDS, dense_attention as dense, left_padded_mask
+from helpers import BACKENDS, assert_compiles_like_eager, dense_attention as dense, left_padded_mask
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,20 +116,7 @@ def test_torch_compile_fullgraph_equals_eager_forward_and_backward():
     mask = left_padded_mask(2, 13, [0, 4])
     leaves = [torch.randn(2, 13, 3, 16, requires_grad=True) for _ in range(3)]
     leaves.append(torch.randn(2, 13, 3, 3, 16, requires_grad=True))
-    explained = torch._dynamo.explain(_loss)(*leaves, mask)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
-    torch._dynamo.reset()
-    loss, entropy = torch.compile(_loss, fullgraph=True)(*leaves, mask)  # inductor on CPU
-    loss.backward()
-    compiled_grads = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    eager_loss, eager_entropy = _loss(*leaves, mask)
-    eager_loss.backward()
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy, eager_entropy, rtol=1e-5, atol=1e-5)
-    for a, t in zip(compiled_grads, leaves):
-        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5)
+    assert_compiles_like_eager(_loss, leaves, mask)
 
 
 def test_exported_from_the_package():
