@@ -69,7 +69,8 @@ def selected(name, selection, d):
 
 
 @pytest.mark.parametrize("backend,clip", [
-    pytest.param(b, c, id=f"{'clip' if c else 'noclip'}-{b if isinstance(b, str) else b.values[0]}",
+    pytest.param(b if isinstance(b, str) else b.values[0], c,
+                 id=f"{'clip' if c else 'noclip'}-{b if isinstance(b, str) else b.values[0]}",
                  marks=() if isinstance(b, str) else b.marks)
     for b in ["eager", *BACKENDS] for c in (None, 0.05)
     if not (c is None and not isinstance(b, str) and b.values[0] == "triton")])  # triton: the clip case only (time)
