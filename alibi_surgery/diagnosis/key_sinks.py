@@ -64,16 +64,21 @@ class KeySinks:
 
     def top(self, layer: int, head: int, n: int) -> list[dict]:
         """The ``n`` (prompt, position) pairs of one head with the highest score, with their token strings."""
-        found = [(float(s[layer, head, j]), p, j) for p, s in enumerate(self.scores) for j in range(s.shape[-1])]
-        found.sort(key=lambda x: -x[0])
-        return [{"prompt": p, "position": j, "token": self.tokens[p][j], "score": round(score, 6)}
-                for score, p, j in found[:n]]
+        values = torch.cat([s[layer, head] for s in self.scores])  # every (prompt, position), in order
+        starts = torch.tensor([0] + [s.shape[-1] for s in self.scores]).cumsum(0)
+        order = torch.sort(values, descending=True, stable=True).indices[:n]  # ties: the earlier (prompt, position)
+        found = []
+        for i in order.tolist():
+            p = int(torch.searchsorted(starts, i, right=True)) - 1
+            found.append({"prompt": p, "position": i - int(starts[p]), "token": self.tokens[p][i - int(starts[p])],
+                          "score": round(float(values[i]), 6)})
+        return found
 
     def rate_beyond_first(self) -> float:
         """Percent of (prompt, layer, head) triples with a sink at a position other than 0."""
-        hits = [bool((s[..., 1:] > self.epsilon).any(-1)[i, h]) for s in self.scores
-                for i in range(s.shape[0]) for h in range(s.shape[1])]
-        return 100.0 * sum(hits) / max(len(hits), 1)
+        hits = sum(int((s[..., 1:] > self.epsilon).any(-1).sum()) for s in self.scores)
+        triples = sum(s.shape[0] * s.shape[1] for s in self.scores)
+        return 100.0 * hits / max(triples, 1)
 
     def to_dict(self, n: int) -> dict:
         n_layer, n_head = self.scores[0].shape[:2]

@@ -9,10 +9,11 @@ import math
 
 from ..io.files import atomic_savefig, atomic_write_text
 
-__all__ = ["sparsity_summary", "write_sparsity"]
+__all__ = ["mean_entropy", "sparsity_summary", "write_sparsity"]
 
 
-def _mean_entropy(heads: list[dict], selection: dict, key: str) -> float:
+def mean_entropy(heads: list[dict], selection: dict, key: str) -> float:
+    """The mean of ``key`` over the comparison's head entries that ``selection`` holds (layer keys int or str)."""
     chosen = [h[key] for h in heads if h["head"] in selection.get(str(h["layer"]), selection.get(h["layer"], []))]
     return sum(chosen) / len(chosen) if chosen else float("nan")
 
@@ -23,11 +24,11 @@ def sparsity_summary(report: dict) -> dict:
     history = report["checkpoints"]
     heads = history[-1]["comparison"]["heads"] if history else []
     geco = next((e["geco"] for e in reversed(history) if e.get("geco")), None)
-    curve = [{"step": e["step"], "entropy": _mean_entropy(e["comparison"]["heads"], selection, "entropy_after"),
+    curve = [{"step": e["step"], "entropy": mean_entropy(e["comparison"]["heads"], selection, "entropy_after"),
               "eval_loss": None if e.get("eval_ppl") is None else math.log(e["eval_ppl"]),
               "lambda": (e.get("geco") or {}).get("lam")} for e in history]
-    return {"entropy_before": _mean_entropy(heads, selection, "entropy_before"),
-            "entropy_after": _mean_entropy(heads, selection, "entropy_after"),
+    return {"entropy_before": mean_entropy(heads, selection, "entropy_before"),
+            "entropy_after": mean_entropy(heads, selection, "entropy_after"),
             "eval_loss_before": None if report.get("eval_ppl_before") is None else math.log(report["eval_ppl_before"]),
             "base_loss": None if geco is None else geco["base"], "target_loss": None if geco is None else geco["target"],
             "lambda": None if geco is None else geco["lam"], "curve": curve,

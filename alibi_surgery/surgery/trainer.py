@@ -332,9 +332,9 @@ def _sparsity_score(run: Run, entry: dict) -> float | None:
     if before is not None and entry.get("eval_ppl") is not None and \
             math.log(entry["eval_ppl"]) > math.log(before) + run.s.loss_slack:
         return None
-    sel = run.plan.selection
-    chosen = [h["entropy_after"] for h in entry["comparison"]["heads"] if h["head"] in sel.get(h["layer"], ())]
-    return sum(chosen) / len(chosen)
+    from .sparsify_report import mean_entropy
+
+    return mean_entropy(entry["comparison"]["heads"], run.plan.selection, "entropy_after")
 
 
 @dataclasses.dataclass
