@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from alibi_surgery.kernels.adamw import (SliceLayout, adamw_step, clip_scale,
+from alibi_surgery.kernels.adamw import (BLOCK, SliceLayout, adamw_step, clip_scale,
                                          global_grad_norm)
 from helpers import BACKENDS, INTERPRETING, needs_triton
 
@@ -46,7 +46,7 @@ class FakeModel:
         if reverse:
             self.params.reverse()
         self.outside = [m.clone() for m in self.mats]
-        self.layout = SliceLayout(self.params)
+        self.layout = SliceLayout(self.params, block=BLOCK)  # the GPUs' block (CPU tensors default to a larger one)
 
     def assert_outside_untouched(self):
         for mat, before, mask in zip(self.mats, self.outside, self.masks):
@@ -163,6 +163,23 @@ def _bf16_neighbours(x: torch.Tensor):
     """(toward zero, away from zero) bf16 neighbours of fp32 values, as fp32."""
     low = x.view(torch.int32) & -(1 << 16)
     return low.view(torch.float32), (low + (1 << 16)).view(torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_any_block_gives_the_same_bits(rounding):
+    """CPU tensors default to INTERPRETER_BLOCK (one program per tensor here), GPUs to BLOCK: the update is
+    elementwise and stochastic rounding's counter is the element's index, so the block never changes a bit."""
+    models = [FakeModel(dtype=torch.bfloat16, d=16, hidden=40, heads=(0, 2), seed=4) for _ in range(3)]
+    for m, block in zip(models, (64, 1024, None)):
+        m.layout = SliceLayout(m.params, block=block)
+    assert models[0].layout.n_blocks > models[1].layout.n_blocks > models[2].layout.n_blocks == len(models[2].params)
+    grad_list = grads(models[0].layout, 2, torch.bfloat16)
+    for m in models:
+        run(m, "triton", grad_list, lrs=(1e-3, 2e-3), stochastic_rounding=rounding == "stochastic", seed=3)
+    for m in models[1:]:
+        for a, b in zip(m.params, models[0].params):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
