@@ -13,6 +13,10 @@ from helpers import BACKENDS
 from test_slices import SELECTION, batch, small_model
 
 STEPS = 6
+# The optimizer's torch twin, except where a test names the Triton kernel: the kernel equals the twin
+# (tests/kernels/test_adamw_kernel.py) and costs ~50 ms a program under the interpreter (2026-12-07: this file took
+# 208 s of the suite with the kernel in every test).
+OPT = "torch"
 LRS = [1e-3 * (i + 1) / STEPS for i in range(STEPS)]  # a warm-up schedule, changed every step
 
 
@@ -46,9 +50,9 @@ def paper_way(model, selection, batches, eps, max_grad_norm=None):
         opt.step()
 
 
-def sliced_way(model, selection, batches, eps, max_grad_norm=None, **opt_kw):
+def sliced_way(model, selection, batches, eps, max_grad_norm=None, backend=OPT, **opt_kw):
     slices = HeadSlices(model, selection)
-    opt = HeadSlicedAdamW(slices, lr=LRS[0], eps=eps, max_grad_norm=max_grad_norm, **opt_kw)
+    opt = HeadSlicedAdamW(slices, lr=LRS[0], eps=eps, max_grad_norm=max_grad_norm, backend=backend, **opt_kw)
     for lr, (ids, mask, labels) in zip(LRS, batches):
         opt.zero_grad()
         model(ids, attention_mask=mask, labels=labels).loss.backward()
@@ -83,7 +87,7 @@ def test_equivalent_to_the_papers_method(backend, clip):
     batches = [batch(base, seed=10 + i, length=29) for i in range(STEPS)]
     paper, ours = copy.deepcopy(base), patch_bloom(copy.deepcopy(base), backend)
     paper_way(paper, SELECTION, batches, eps, clip)
-    sliced_way(ours, SELECTION, batches, eps, clip)
+    sliced_way(ours, SELECTION, batches, eps, clip, backend="triton" if backend == "triton" else OPT)
     d = base.transformer.h[0].self_attention.head_dim
     paper_sd, ours_sd = paper.state_dict(), ours.state_dict()
     n_trained = 0
@@ -121,18 +125,18 @@ def test_state_dict_round_trip_resumes_bit_exactly():
 
     a = copy.deepcopy(base)
     sa = HeadSlices(a, SELECTION)
-    oa = HeadSlicedAdamW(sa, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    oa = HeadSlicedAdamW(sa, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0, backend=OPT)
     run(a, oa, sa, batches)
 
     b = copy.deepcopy(base)
     sb = HeadSlices(b, SELECTION)
-    ob = HeadSlicedAdamW(sb, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    ob = HeadSlicedAdamW(sb, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0, backend=OPT)
     run(b, ob, sb, batches[:2])
     state = ob.state_dict()
     sb.remove()
     c = copy.deepcopy(b)  # a fresh process would load the saved model and this state
     sc = HeadSlices(c, SELECTION)
-    oc = HeadSlicedAdamW(sc, lr=0.5, weight_decay=0.0)
+    oc = HeadSlicedAdamW(sc, lr=0.5, weight_decay=0.0, backend=OPT)
     oc.load_state_dict(state)
     assert (oc.lr, oc.weight_decay, oc.step_count, oc.max_grad_norm) == (1e-3, 0.1, 2, 1.0)
     run(c, oc, sc, batches[2:])
