@@ -14,8 +14,8 @@ from alibi_surgery.attention.backends import run_attention
 from alibi_surgery.kernels.alibi import alibi_slopes, key_positions
 from alibi_surgery.kernels.attention_bwd import alibi_attention_bwd
 from alibi_surgery.kernels.reference import alibi_attention_blocked, alibi_attention_blocked_bwd
-from helpers import BACKENDS, DTYPES, assert_tolerance, attention_grads, left_padded_mask, make_attention, needs_triton
-from test_attention import SHAPES
+from helpers import BACKENDS, assert_tolerance, attention_grads, left_padded_mask, make_attention, needs_triton
+from test_attention import SHAPE_DTYPES
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,8 +49,7 @@ def check_all(ours, eager, ref, mask, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,head_dim,n_head", SHAPES, ids=[f"T{t}-d{d}-h{h}" for t, d, h in SHAPES])
+@pytest.mark.parametrize("T,head_dim,n_head,dtype", SHAPE_DTYPES)
 def test_backward_matches_eager(T, head_dim, n_head, dtype, backend):
     pads = [min(5, T - 1), T - 1]  # a left-padded row and a single real token (T = 1: no padding)
     mask = left_padded_mask(2, T, pads)
