@@ -168,22 +168,29 @@ def _fmt(x: float | None) -> str:
 
 
 def run_demo(out="alibi-surgery-demo", *, overwrite: bool = False, epochs: int | None = None, seed: int = 0,
-             progress: bool = False, log=print) -> dict:
+             progress: bool = False, ablation: dict | None = None, log=print) -> dict:
     """Diagnose, plan, repair, re-diagnose and compare the demo model; everything goes to ``out``. Returns the
-    summary dict (also ``OUT/summary.json``)."""
+    summary dict (also ``OUT/summary.json``). ``ablation`` overrides :data:`DEMO_ABLATION`'s entries."""
     from ..io.lock import DirLock
     from ..io.outdir import check_out_dir, clear_dir
 
+    from ..surgery.settings import RunOptions
+
     t0 = time.perf_counter()
+    ablation = dict(DEMO_ABLATION, **(ablation or {}))
+    unknown = set(ablation) - set(DEMO_ABLATION)
+    if unknown:
+        raise UsageError(f"ablation={sorted(unknown)}: the demo takes {' and '.join(sorted(DEMO_ABLATION))}")
+    RunOptions(**ablation).check()  # before anything is written
     src = model_dir()
     out = check_out_dir(out, src, resume=False, overwrite=overwrite, can_resume=False)
     with DirLock(out):
         if overwrite:
             clear_dir(out)
-        return _run_demo(out, src, epochs, seed, progress, log, t0)
+        return _run_demo(out, src, epochs, seed, progress, log, t0, ablation)
 
 
-def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
+def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0, ablation: dict) -> dict:
     from ..analysis.compare import compare
     from ..viz.comparison_figures import save_delta_heatmap
     from ..diagnosis.diagnose import diagnose
@@ -209,7 +216,7 @@ def _run_demo(out: Path, src: Path, epochs, seed, progress, log, t0) -> dict:
     settings = RepairSettings(diag_max_length=max_length, seed=seed,
                               **dict(DEMO_SETTINGS, epochs=epochs or DEMO_SETTINGS["epochs"]))
     report = repair_pass(src, out / "surgery", corpus=corpus_spec(train), eval_text=corpus_spec(held_out),
-                         report=before, settings=settings, progress=progress, **DEMO_ABLATION)
+                         report=before, settings=settings, progress=progress, **ablation)
     final = out / "surgery" / "final"
     ppl_before = report["eval_ppl_before"]
     cmp = compare(before, final, targets=report["plan"]["selection"], max_length=max_length)
