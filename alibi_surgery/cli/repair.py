@@ -173,7 +173,7 @@ def _sparsify_options(args) -> dict:
     """The settings ``sparsify`` adds (its objective and constraint); none for ``repair``."""
     if getattr(args, "command", None) != "sparsify":
         return {}
-    return dict(objective="sparsify", loss_slack=args.loss_slack, geco_rate=args.geco_rate)
+    return dict(objective="sparsify", loss_slack=args.loss_slack, geco_rate=args.geco_rate, train=args.train)
 
 
 def _training_options(args) -> dict:

@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
     p = repair.build_parser(
         sub, "sparsify", help="post-train heads to attend sparsely, the loss held within a slack",
         description="Lower the selected heads' mean attention entropy (every head by default) while the language-"
-                    "model loss stays within --loss-slack of the model's own (a GECO-style multiplier). Head "
-                    "slices only; checkpoints, resume and reports as repair. The input directory is never written to.")
+                    "model loss stays within --loss-slack of the model's own (a GECO-style multiplier). The "
+                    "heads' slices train, or the whole model with --train full; checkpoints, resume and reports "
+                    "as repair. The input directory is never written to.")
     p.set_defaults(heads="all")
     g = p.add_argument_group("sparsify")
     g.add_argument("--loss-slack", type=float, default=d.loss_slack, metavar="NATS",
@@ -32,6 +33,9 @@ def add_parser(sub) -> None:
                         f"{d.loss_slack:g})")
     g.add_argument("--geco-rate", type=float, default=d.geco_rate, metavar="R",
                    help=f"the multiplier's log moves by R x (loss - target) after every step (default {d.geco_rate:g})")
+    g.add_argument("--train", default=d.train, metavar="slices|full",
+                   help="what trains: the selected heads' slices (the default) or every parameter of the model "
+                        "(the penalty still covers the selected heads)")
 
 
 def run(args) -> None:

@@ -269,8 +269,9 @@ def _dtype_bytes(dtype) -> tuple[str, int]:
 
 
 def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: int, n_params_total: int,
-                   stochastic_rounding: bool = False, bf16_moments: bool = False) -> dict:
-    """Predicted peak device memory of one surgery step, in bytes, by part.
+                   stochastic_rounding: bool = False, bf16_moments: bool = False, full: bool = False) -> dict:
+    """Predicted peak device memory of one surgery step, in bytes, by part. ``full`` (``sparsify --train full``):
+    every parameter trains, ``N = P`` and autograd records from layer 0.
 
     With ``N = plan.trainable_params`` trained elements, ``w`` bytes per weight element (4 for float32, 2 for
     bfloat16/float16), ``P = n_params_total``, ``B = batch``, ``T = seq_len``, ``h = plan.hidden``,
@@ -305,9 +306,9 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
         raise UsageError(f"stochastic rounding is for bfloat16 weights, not {name}")
     if bf16_moments and (name != "bfloat16" or stochastic_rounding):
         raise UsageError(f"bf16 moments are for bfloat16 weights rounded to nearest, not {name}")
-    n = plan.trainable_params
+    n = n_params_total if full else plan.trainable_params
     tokens_hidden = batch * seq_len * plan.hidden * w
-    lowest = min(plan.selection) if plan.selection else plan.n_layer
+    lowest = 0 if full else min(plan.selection) if plan.selection else plan.n_layer
     recorded = plan.n_layer - lowest
     chunk = min(default_chunk_tokens(vocab), batch * seq_len)
     out = {

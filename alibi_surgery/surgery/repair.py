@@ -245,7 +245,7 @@ def _make_plan(model, tokenizer, job: RepairJob):
                             seq_len=settings.seq_len, batch=settings.batch_size, vocab=layout.vocab,
                             n_params_total=sum(p.numel() for p in model.parameters()),
                             stochastic_rounding=settings.stochastic_rounding,
-                            bf16_moments=settings.optimizer_precision == "bf16")
+                            bf16_moments=settings.optimizer_precision == "bf16", full=settings.train == "full")
     check_budget(memory, opts.budget, model.device)
     return baseline, plan, memory
 

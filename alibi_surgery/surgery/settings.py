@@ -62,6 +62,7 @@ class RepairSettings:
     objective: str = "repair"  # repair (the language-model loss) or sparsify (mean entropy under a loss constraint)
     loss_slack: float = 0.05  # sparsify: the loss may rise this many nats per token above the model's own
     geco_rate: float = 0.05  # sparsify: step of the GECO multiplier's log per optimizer step, per nat of excess
+    train: str = "slices"  # what trains: slices (the selected heads') or full (every parameter; sparsify only)
 
     @property
     def arm(self) -> str:
@@ -118,6 +119,10 @@ class RepairSettings:
         if self.objective == "sparsify" and (self.reinit or self.control is not None):
             raise UsageError("objective='sparsify' trains the heads from their current values: reinit=False and no "
                              "control")
+        if self.train not in ("slices", "full"):
+            raise UsageError(f"unknown train={self.train!r}; choose slices or full")
+        if self.train == "full" and self.objective != "sparsify":
+            raise UsageError("train='full' is sparsify's: repair trains the selected heads' slices")
         for name, value in (("loss_slack", self.loss_slack), ("geco_rate", self.geco_rate)):
             if not math.isfinite(value) or value <= 0:
                 raise UsageError(f"{name}={value}: must be a finite number > 0")

@@ -40,12 +40,15 @@ def sparsity_summary(report: dict) -> dict:
 def write_sparsity(out, report: dict) -> None:
     """Append the sparsity section to ``OUT/report.md`` and write ``OUT/sparsity.png``."""
     s = report["sparsity"]
+    full = (report.get("settings") or {}).get("train") == "full"
+    trained = "every parameter of the model (--train full)" if full else "the selected heads' slices"
     fmt = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"  # noqa: E731
     lines = ["", "## Sparsity", "",
              f"Mean attention entropy of the {len(s['heads'])} selected heads (nats, diagnosis prompts): "
              f"{fmt(s['entropy_before'])} before, {fmt(s['entropy_after'])} after. Loss constraint: the model's own "
              f"training loss {fmt(s['base_loss'])}, target {fmt(s['target_loss'])} (+ the slack), GECO multiplier "
-             f"{fmt(s['lambda'])} at the end; held-out loss {fmt(s['eval_loss_before'])} before.", "",
+             f"{fmt(s['lambda'])} at the end; held-out loss {fmt(s['eval_loss_before'])} before. Trained: "
+             f"{trained}.", "",
              "| step | mean entropy | held-out loss | multiplier |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {fmt(c['entropy'])} | {fmt(c['eval_loss'])} | {fmt(c['lambda'])} |" for c in s["curve"]]
     lines += ["", "| head | entropy before | after |", "|---|---|---|"]

@@ -30,6 +30,7 @@ from ..io.files import atomic_write_text, staged_dir
 from ..io.loading import quiet_transformers
 from ..analysis.loss import causal_lm_labels, chunked_lm_loss
 from ..analysis.perplexity import chunks_perplexity
+from .full import AllParameters
 from .optim import HeadSlicedAdamW
 from .plan import Plan
 from .schedule import lr_at, surgery_lr
@@ -201,7 +202,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
     from tqdm.auto import tqdm
 
     s, model = run.s, run.model
-    slices = HeadSlices(model, run.plan.selection)
+    slices = AllParameters(model) if s.train == "full" else HeadSlices(model, run.plan.selection)
     opt = HeadSlicedAdamW(slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
                           precision=s.optimizer_precision, seed=s.seed)
     position = {"step": 0, "epoch": 0, "step_in_epoch": 0}
@@ -287,9 +288,14 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
 
 
 def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token loss of one micro-batch (chunked over the vocabulary: no full logits tensor)."""
+    """The mean next-token loss of one micro-batch, chunked over the vocabulary (no full logits tensor) unless the
+    LM head trains (``sparsify --train full``), whose gradient needs the logits."""
     hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
-    return chunked_lm_loss(hidden, model.get_output_embeddings().weight, causal_lm_labels(ids))
+    head, labels = model.get_output_embeddings(), causal_lm_labels(ids)
+    if not head.weight.requires_grad:
+        return chunked_lm_loss(hidden, head.weight, labels)
+    logits = head(hidden[:, :-1]).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 @contextlib.contextmanager

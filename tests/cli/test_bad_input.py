@@ -298,6 +298,8 @@ CASES = {
     "--sink-penalty on an arm that trains nothing": (
         lambda w, t: _repair(w, t, "--sink-penalty", "1", "--control", "reinit-only"),
         "--sink-penalty 1.0 needs training, and the reinit-only arm trains nothing"),
+    "sparsify --train bogus": (lambda w, t: ["sparsify", *_repair(w, t, "--train", "bogus")[1:]],
+                               "unknown --train bogus; choose slices or full"),
     "plan-memory --world-size 0": (lambda w, t: ["plan-memory", str(w / "model"), "--world-size", "0", "--json",
                                                   str(t / "plan.json")], "--world-size 0: must be >= 1"),
     "plan-memory --device-memory without --world-size": (

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alibi_surgery.cli.main import main
+from alibi_surgery.errors import UsageError
 from alibi_surgery.io.random_model import write_random_bloom
 from alibi_surgery.surgery.repair import RepairSettings, repair_pass
 from alibi_surgery.surgery.trainer import Geco
@@ -61,7 +62,8 @@ def test_sparsify_end_to_end(files, tmp_path, capsys):
     # independent: eager BLOOM's maps of the input and of final/ on other prompts
     before, after = eager_entropy(model, PROMPTS), eager_entropy(out / "final", PROMPTS)
     assert after < before - 0.1, (before, after)
-    assert "## Sparsity" in (out / "report.md").read_text() and (out / "sparsity.png").stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "## Sparsity" in md and "Trained: the selected heads' slices." in md and (out / "sparsity.png").stat().st_size
     a = AutoModelForCausalLM.from_pretrained(model).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     for name in a:  # head slices only: the attention projections move, nothing else does
@@ -99,3 +101,37 @@ def test_geco_multiplier_moves_with_the_constraint():
         geco.step()
     assert 1e-4 <= geco.lam < 1e-2
     assert Geco.from_dict(geco.to_dict()) == geco
+
+
+def test_train_full_moves_every_parameter_and_its_first_step_is_the_slices_step_on_attention(files, tmp_path):
+    """--train full: every parameter trains (the MLPs and embeddings too). With no clipping, the first step's update
+    of the attention projections equals the head-sliced run's (AdamW is elementwise and the gradients are the same
+    derivatives), so the whole-model path feeds the optimizer the same numbers on the weights both train."""
+    model, root = files
+    common = dict(seq_len=32, batch_size=2, grad_accum=1, lr=3e-3, epochs=1, save_every_steps=1,
+                  objective="sparsify", reinit=False, diag_max_length=24, max_grad_norm=1e9)
+    options = dict(corpus=[str(root / "corpus.txt")], heads="all", device="cpu", backend="torch", prompts=PROMPTS,
+                   progress=False, ablation_draws=0)
+    runs = {}
+    for train in ("slices", "full"):
+        with pytest.raises(KeyboardInterrupt):
+            repair_pass(model, tmp_path / train, settings=RepairSettings(train=train, **common),
+                        _stop_after_steps=1, **options)
+        runs[train] = AutoModelForCausalLM.from_pretrained(
+            tmp_path / train / "checkpoints" / "step-00000001").state_dict()
+    stock = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    for name, a in stock.items():
+        attention = "query_key_value" in name or "self_attention.dense.weight" in name
+        # Adam's first step moves an element by lr * g / (|g| + eps): about lr whatever g's size, so the loss's two
+        # summation orders (chunked vs whole logits) move elements with |g| near eps by a fraction of lr. The key
+        # biases' true gradient is 0 (softmax ignores a shift), so their updates are rounding noise: weights only.
+        if attention and name.endswith("weight"):
+            torch.testing.assert_close(runs["full"][name], runs["slices"][name], rtol=0, atol=1e-3 * common["lr"])
+        elif not attention:
+            assert torch.equal(runs["slices"][name], a), name
+        if name.endswith("weight") and "layernorm" not in name:  # layer norms start at 1 and 0: Adam moves them too
+            assert not torch.equal(runs["full"][name], a), f"{name} did not train under --train full"
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert state["settings"]["train"] == "full"
+    with pytest.raises(UsageError, match="train='full' is sparsify's"):
+        RepairSettings(train="full").check()
