@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
@@ -242,11 +241,13 @@ def _work(args: tuple) -> tuple[str, float]:
 
 def run_jobs(jobs: list[Job], out: Path, testbeds: dict, shared: dict, corpora: dict, ablation: dict, *,
              workers: int = 2, progress: bool = True, log=print) -> dict:
-    """Run ``jobs`` on ``workers`` spawned processes of one thread each; returns ``{key: seconds}`` (:attr:`Job.key`)."""
+    """Run ``jobs`` on ``workers`` spawned processes of one thread each (one worker: the caller's torch thread count,
+    which follows ``OMP_NUM_THREADS``); returns ``{key: seconds}`` (:attr:`Job.key`)."""
+    import torch
     from tqdm.auto import tqdm
 
     seconds = {}
-    threads = 1 if workers > 1 else max(1, os.cpu_count() or 1)
+    threads = 1 if workers > 1 else torch.get_num_threads()
     tasks = [(job, testbeds[job.testbed], out, dict(shared), corpora, ablation, threads) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool, \
             tqdm(total=len(jobs), desc="reproduce", unit="job", disable=not progress) as bar:
