@@ -91,15 +91,15 @@ def test_a_prompts_directory_is_named_as_one(tmp_path):
         read_prompts(None, tmp_path)
 
 
-def test_a_byte_order_mark_does_not_change_the_measurement(model, tmp_path):
+def test_a_byte_order_mark_does_not_change_the_measurement(model, tmp_path, forked_cli):
     text = "The lighthouse keeper climbed the spiral stairs every evening at dusk.\n"
     plain, marked = tmp_path / "plain.txt", tmp_path / "bom.txt"
     plain.write_text(text, encoding="utf-8")
     marked.write_text(text, encoding="utf-8-sig")
     reports = []
     for name, path in (("a", plain), ("b", marked)):
-        result = _cli("diagnose", model, "--prompts-file", path, "--json", tmp_path / f"{name}.json", "--quiet",
-                      "--device", "cpu")
+        result = forked_cli.run(["diagnose", model, "--prompts-file", path, "--json", tmp_path / f"{name}.json",
+                                 "--quiet", "--device", "cpu"])
         assert result.returncode == 0, result.stderr
         reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
     assert reports[0]["metadata"]["prompt_tokens"] == reports[1]["metadata"]["prompt_tokens"]
@@ -107,9 +107,9 @@ def test_a_byte_order_mark_does_not_change_the_measurement(model, tmp_path):
 
 
 @pytest.mark.parametrize("suffix,magic", [(".jpg", b"\xff\xd8\xff"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
-def test_the_heatmap_is_written_in_the_format_its_name_asks_for(model, tmp_path, suffix, magic):
+def test_the_heatmap_is_written_in_the_format_its_name_asks_for(model, tmp_path, suffix, magic, forked_cli):
     out = tmp_path / f"heads{suffix}"
-    result = _cli("diagnose", model, "--heatmap", out, "--quiet", "--max-length", "16")
+    result = forked_cli.run(["diagnose", model, "--heatmap", out, "--quiet", "--max-length", "16"])
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:len(magic)] == magic
 
