@@ -7,8 +7,11 @@ every parameter), checkpoints and resume then work unchanged: the "slices" are t
 ordinary autograd fills the gradients.
 
 Limits: in place only (the parameters' own dtype, which must be the same for all; fp16/bf16 get the optimizer's
-fp32 master copy, the default); 1-D and 2-D parameters only (every ALiBi family's are); the optimizer state is
-two (three with a master copy) times the model, which ``--dry-run``'s memory prediction counts.
+fp32 master copy, the default); 1-D and 2-D parameters of at most 2**31 - 1 elements (:func:`check_full`, run
+before anything is written). Memory per parameter: its gradient (the weights' bytes) and 8 bytes of moments, 12 with
+a master copy; the loss's whole logits (``B x T x vocab``, about 12 bytes each beyond the model dtype's); the
+``--dry-run`` prediction counts all three. Weight decay, when set, applies to every parameter (LayerNorms, biases
+and embeddings too).
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ from ..errors import UsageError
 from ..families import HeadLayout
 from .slices import _ROUTED, HeadSlices, SliceSpec
 
-__all__ = ["AllParameters", "trainable_numel"]
+__all__ = ["AllParameters", "check_full"]
+
+_MAX_NUMEL = 2**31 - 1  # the fused AdamW's per-tensor limit
 
 
-def trainable_numel(model: nn.Module) -> int:
-    """Elements :class:`AllParameters` trains: every parameter once (tied weights once)."""
-    return sum(p.numel() for p in model.parameters())
+def check_full(model: nn.Module) -> None:
+    """Refuse, in one line and before anything is written, a model that ``--train full`` cannot train: parameters of
+    several dtypes, of more than two dimensions, or of more than 2**31 - 1 elements."""
+    named = list(model.named_parameters())  # tied parameters once
+    dtypes = {p.dtype for _, p in named}
+    if len(dtypes) != 1:
+        raise UsageError(f"--train full needs one parameter dtype, the model has {sorted(map(str, dtypes))}")
+    for name, p in named:
+        if p.dim() not in (1, 2) or p.numel() > _MAX_NUMEL:
+            raise UsageError(f"--train full trains 1-D and 2-D parameters of at most 2**31 - 1 elements; {name} has "
+                             f"shape {list(p.shape)}")
 
 
 class AllParameters(HeadSlices):
@@ -37,18 +50,13 @@ class AllParameters(HeadSlices):
         family, attns = attention_modules(model)
         if _ROUTED in model.__dict__:
             raise UsageError("this model already has HeadSlices attached: remove() them first")
+        check_full(model)
         named = list(model.named_parameters())  # tied parameters once
-        dtypes = {p.dtype for _, p in named}
-        if len(dtypes) != 1:
-            raise UsageError(f"--train full needs one parameter dtype, the model has {sorted(map(str, dtypes))}")
-        bad = next(((n, list(p.shape)) for n, p in named if p.dim() not in (1, 2)), None)
-        if bad is not None:
-            raise UsageError(f"--train full trains 1-D and 2-D parameters only; {bad[0]} has shape {bad[1]}")
         self.model, self.family = model, family
         n_head, d = family.attention_shape(attns[0])
         self.layout = HeadLayout(len(attns), n_head, d, n_head * d, 0)
         self.selection = {}
-        self.dtype, self.in_place = dtypes.pop(), True
+        self.dtype, self.in_place = named[0][1].dtype, True
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.specs = [SliceSpec(-1, -1, name) for name, _ in named]
         self.tensors = [p for _, p in named]

@@ -271,7 +271,8 @@ def _dtype_bytes(dtype) -> tuple[str, int]:
 def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: int, n_params_total: int,
                    stochastic_rounding: bool = False, bf16_moments: bool = False, full: bool = False) -> dict:
     """Predicted peak device memory of one surgery step, in bytes, by part. ``full`` (``sparsify --train full``):
-    every parameter trains, ``N = P`` and autograd records from layer 0.
+    every parameter trains, ``N = P``, autograd records from layer 0, and ``loss_chunk`` is the whole logits
+    (``B*T*vocab * (w + 12)``: the model-dtype logits, their fp32 copy, the saved log-softmax and its gradient).
 
     With ``N = plan.trainable_params`` trained elements, ``w`` bytes per weight element (4 for float32, 2 for
     bfloat16/float16), ``P = n_params_total``, ``B = batch``, ``T = seq_len``, ``h = plan.hidden``,
@@ -319,6 +320,8 @@ def predict_memory(plan: Plan, *, dtype: str, seq_len: int, batch: int, vocab: i
         "activations": (recorded + 1 + BLOCK_WORKING_SET) * tokens_hidden if recorded else 0,
         "loss_chunk": chunk * vocab * (4 + (w if w != 4 else 0)) + tokens_hidden if recorded else 0,
     }
+    if full:
+        out["loss_chunk"] = batch * seq_len * vocab * (w + 12) + tokens_hidden
     out["optimizer"] = out["moments"] + out["master"]
     out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"] + out["loss_chunk"]
     out.update(dtype=name, trainable_params=n, chunk_tokens=chunk, stochastic_rounding=bool(stochastic_rounding),

@@ -129,12 +129,14 @@ class HeadSlicedAdamW:
     def _layout_key(self) -> list:
         return [[s.layer, s.head, s.kind, list(t.shape)] for s, t in zip(self.slices.specs, self.slices.tensors)]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, device=None) -> dict:
         """Everything needed to resume bit-exactly: step, hyper-parameters, the slice layout and the fp32 buffers
-        (copies, on the buffers' device)."""
+        (copies on the buffers' device; with ``device``, the buffers moved there, which shares them when they are
+        there already: for a save that writes them at once, without a second device copy of the state)."""
+        move = (lambda t: t.clone()) if device is None else (lambda t: t.to(device))
         return {"step": self.step_count, **{k: getattr(self, k) for k in _HYPER}, "slices": self._layout_key(),
-                "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
-                "master": None if self.master is None else self.master.clone()}
+                "exp_avg": move(self.exp_avg), "exp_avg_sq": move(self.exp_avg_sq),
+                "master": None if self.master is None else move(self.master)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

@@ -231,6 +231,10 @@ def _make_plan(model, tokenizer, job: RepairJob):
     if settings.optimizer_precision == "bf16" and weights != torch.bfloat16:
         raise UsageError(f"optimizer_precision='bf16' rounds every update into bfloat16 weights, but the model runs "
                          f"in {dtype_name(weights)}: pass dtype='bfloat16', or use optimizer_precision='master'")
+    if settings.train == "full":
+        from .full import check_full
+
+        check_full(model)
     report = opts.report
     if isinstance(report, (str, Path)):
         report = HeadReport.from_json(report)

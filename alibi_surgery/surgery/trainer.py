@@ -129,9 +129,8 @@ class Run:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
             _test_pause("save", position["step"])
-            state = opt.state_dict()
-            tensors = {k: state[k].contiguous().cpu() for k in ("exp_avg", "exp_avg_sq", "master")
-                       if state[k] is not None}
+            state = opt.state_dict(device="cpu")  # no second device copy of the state (all of it: --train full)
+            tensors = {k: state[k].contiguous() for k in ("exp_avg", "exp_avg_sq", "master") if state[k] is not None}
             save_file(tensors, str(tmp / OPT_FILE))
             meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
                                                         k not in ("exp_avg", "exp_avg_sq", "master")},
@@ -288,8 +287,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
 
 
 def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token loss of one micro-batch, chunked over the vocabulary (no full logits tensor) unless the
-    LM head trains (``sparsify --train full``), whose gradient needs the logits."""
+    """Mean next-token loss of a micro-batch: chunked (no full logits) unless the LM head trains (--train full)."""
     hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
     head, labels = model.get_output_embeddings(), causal_lm_labels(ids)
     if not head.weight.requires_grad:

@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from alibi_surgery.kernels.adamw import (BLOCK, SliceLayout, adamw_step, clip_scale,
+from alibi_surgery.kernels.adamw import (BLOCK, INTERPRETER_BLOCK, SliceLayout, adamw_step, clip_scale,
                                          global_grad_norm)
 from helpers import BACKENDS, INTERPRETING, needs_triton
 
@@ -170,8 +170,9 @@ def _bf16_neighbours(x: torch.Tensor):
 def test_any_block_gives_the_same_bits(rounding):
     """CPU tensors default to INTERPRETER_BLOCK (one program per tensor here), GPUs to BLOCK: the update is
     elementwise and stochastic rounding's counter is the element's index, so the block never changes a bit."""
+    assert SliceLayout([torch.zeros(8)]).block == INTERPRETER_BLOCK  # the CPU default
     models = [FakeModel(dtype=torch.bfloat16, d=16, hidden=40, heads=(0, 2), seed=4) for _ in range(3)]
-    for m, block in zip(models, (64, 1024, None)):
+    for m, block in zip(models, (64, BLOCK, INTERPRETER_BLOCK)):
         m.layout = SliceLayout(m.params, block=block)
     assert models[0].layout.n_blocks > models[1].layout.n_blocks > models[2].layout.n_blocks == len(models[2].params)
     grad_list = grads(models[0].layout, 2, torch.bfloat16)

@@ -14,7 +14,7 @@ from test_slices import SELECTION, batch, small_model
 
 STEPS = 6
 # The optimizer's torch twin, except where a test names the Triton kernel: the kernel equals the twin
-# (tests/kernels/test_adamw_kernel.py) and costs ~50 ms a program under the interpreter (2026-12-07: this file took
+# (tests/kernels/test_adamw_kernel.py) and costs ~30 ms a program under the interpreter (2026-12-07: this file took
 # 208 s of the suite with the kernel in every test).
 OPT = "torch"
 LRS = [1e-3 * (i + 1) / STEPS for i in range(STEPS)]  # a warm-up schedule, changed every step
