@@ -25,20 +25,26 @@ GIB = 2**30
 
 
 def _warm_up(config, tok, prompt: str) -> None:
-    """The process's runtime before the baseline: the family's modelling code, the tokenizer, and one diagnosis of
-    a one-layer toy of the family (hidden 64) on up to 1,024 tokens of the prompt, so that the first forward's fixed
+    """The process's runtime before the baseline: the family's modelling code, the tokenizer, the checkpoint loader
+    and one diagnosis of a one-layer toy of the family (hidden 64, loaded from a temporary checkpoint) on up to 1,024
+    tokens of the prompt, so that the first forward's fixed
     costs (code pages, thread pools, the BLAS library's buffers, the torch backend's tiled path) are not counted as
     the job's."""
     import gc
+    import tempfile
 
     from alibi_surgery.diagnosis.diagnose import diagnose
     from alibi_surgery.families import family_for
+    from alibi_surgery.io.loading import load_model
 
     family = family_for(config)
     toy_config = family.make_config(n_layer=1, hidden=64, n_head=4, vocab=family.layout(config).vocab)
     if hasattr(toy_config, "intermediate_size"):  # small blocks only: the allocator's thresholds stay where they were
         toy_config.intermediate_size = 128
-    toy = family.model_class()(toy_config).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # through the loader, whose own first use is runtime too
+        family.model_class()(toy_config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        toy, _ = load_model(tmp, dtype="float32", device="cpu")
     diagnose(toy, tok, [prompt], max_length=1024, backend="torch")
     del toy
     gc.collect()
@@ -83,8 +89,8 @@ def _one(ckpt: str, job: str, seq: int, heads: int) -> dict:
     key = {"diagnose": "diagnosis", "stream": "diagnosis_streamed", "surgery": "surgery"}[job]
     total = pred[key]["total"]
     return dict(checkpoint=Path(ckpt).name, n_layer=pred["n_layer"], hidden=pred["hidden"], job=job, seq=seq,
-                heads=heads if job == "surgery" else "", dtype="float32", predicted_gib=round(total / GIB, 3),
-                measured_gib=round(peak / GIB, 3), error_pct=round(100 * (total - peak) / peak, 1),
+                heads=heads if job == "surgery" else "", dtype="float32", predicted_gib=round(total / GIB, 4),
+                measured_gib=round(peak / GIB, 4), error_pct=round(100 * (total - peak) / peak, 1),
                 runtime_gib=round(base / GIB, 3), planner_runtime_gib=round(pred["cpu_runtime"] / GIB, 3),
                 process_peak_gib=round(process_peak / GIB, 3))
 
