@@ -10,7 +10,10 @@ world is ``(0, 1)`` and every helper is a no-op, so the single-process path is t
   so every rank computes the same split);
 * :func:`rank_guard`: wraps a rank's local work so that a failure on one rank reaches every rank as
   :class:`~alibi_surgery.errors.RankFailed` (one line naming the rank) instead of a hang in the next collective;
-* :func:`sum_across`: adds float64 CPU tensors across ranks in place with one ``all_reduce`` (flattened together).
+* :func:`sum_across`: adds float64 CPU tensors across ranks in place with one ``all_reduce`` (flattened together);
+* :func:`replicated`: work that every rank runs whole, in step (forwards of a model sharded over the ranks, where
+  each forward is a collective): inside it, :func:`share_of` gives every rank every item and :func:`sum_across`
+  adds nothing, so a diagnosis there is the single process's on every rank.
 
 Limits: one process group (the default one); sums travel as float64 on the CPU (gloo), which is what the diagnosis
 accumulators hold; a rank killed outright (SIGKILL, OOM killer) is torchrun's to tear down, not this module's.
@@ -25,7 +28,10 @@ import torch
 
 from .errors import RankFailed, UsageError, WriteError
 
-__all__ = ["world", "is_main", "init_from_env", "rank_device", "close", "share_of", "rank_guard", "sum_across"]
+__all__ = ["world", "is_main", "init_from_env", "rank_device", "close", "share_of", "rank_guard", "sum_across",
+           "replicated", "barrier"]
+
+_REPLICATED = [0]  # depth of replicated() blocks
 
 
 def _dist():
@@ -45,18 +51,30 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def init_from_env() -> bool:
+def init_from_env(single: bool = False) -> bool:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1, ``MASTER_ADDR`` ...)
     unless one is initialised already: gloo for CPU tensors, and NCCL for CUDA ones with ``cuda:LOCAL_RANK`` as this
-    rank's current device when CUDA is available. Returns True when this call initialised it."""
+    rank's current device when CUDA is available. Without torchrun, ``single=True`` makes a group of this process
+    alone (on a file store in a temporary directory: FSDP2 needs a group even for one rank). Returns True when this
+    call initialised it."""
+    import tempfile
+
     import torch.distributed as dist
 
-    if _dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _dist():
+        return False
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks <= 1 and not single:
         return False
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if "MASTER_ADDR" in os.environ:  # torchrun, of one rank or more
+        dist.init_process_group(backend)
+    else:
+        store = os.path.join(tempfile.mkdtemp(prefix="alibi-surgery-group-"), "store")
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     return True
 
 
@@ -78,7 +96,9 @@ def close() -> None:
 def share_of(costs: list[float], rank: int | None = None, world_size: int | None = None) -> list[int]:
     """Indices of the items ``rank`` takes (in ascending order), from a split of ``costs`` over ``world_size`` ranks
     that gives each item, largest first, to the rank with the least so far (ties: the lower rank, then the earlier
-    item). The default rank and size are this process's."""
+    item). The default rank and size are this process's; inside :func:`replicated`, every item."""
+    if _REPLICATED[0] and rank is None:
+        return list(range(len(costs)))
     if rank is None or world_size is None:
         rank, world_size = world()
     load = [0.0] * world_size
@@ -119,9 +139,9 @@ def rank_guard(what: str):
 
 def sum_across(*tensors: torch.Tensor) -> None:
     """Sum ``tensors`` (float64, on the CPU) over every rank, in place, with one ``all_reduce``. A no-op in a single
-    process."""
+    process, or inside :func:`replicated` (every rank holds the whole sum already)."""
     dist = _dist()
-    if dist is None or not tensors:
+    if dist is None or not tensors or _REPLICATED[0]:
         return
     with torch.inference_mode():  # accumulators made under inference mode can only be updated in it
         flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -130,3 +150,21 @@ def sum_across(*tensors: torch.Tensor) -> None:
         for t in tensors:
             t.copy_(flat[start:start + t.numel()].view_as(t))
             start += t.numel()
+
+
+@contextlib.contextmanager
+def replicated():
+    """Within the block every rank does the whole of the work (see the module docstring): for the forwards of a
+    model sharded over the ranks, which all ranks must run alike."""
+    _REPLICATED[0] += 1
+    try:
+        yield
+    finally:
+        _REPLICATED[0] -= 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()

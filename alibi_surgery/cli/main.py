@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     main_rank, owned = True, False
     try:
-        owned = init_from_env()  # under torchrun: this process is one rank of WORLD_SIZE
+        # under torchrun: this process is one rank of WORLD_SIZE (a group of one for --distributed without it)
+        owned = init_from_env(single=getattr(args, "distributed", "none") == "fsdp")
         main_rank = is_main()
-        _check_ranks(args.command)
+        _check_ranks(args)
         code = COMMANDS[args.command].run(args)
     except (UsageError, WriteError, RankFailed) as exc:
         if args.debug:
@@ -138,15 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _check_ranks(command: str) -> None:
+def _ranked(args) -> bool:
+    """Whether this invocation runs as ranks: the command's ``DISTRIBUTED`` (True, or a function of the args)."""
+    allowed = getattr(COMMANDS[args.command], "DISTRIBUTED", False)
+    return bool(allowed(args) if callable(allowed) else allowed)
+
+
+def _check_ranks(args) -> None:
     """In a process group of several ranks (torchrun), refuse a command that does not split its work over ranks and
     silence stdout and warnings on every rank but 0."""
+    command = args.command
     if world()[1] == 1:
         return
-    if not getattr(COMMANDS[command], "DISTRIBUTED", False):
-        ranked = ", ".join(name for name, module in COMMANDS.items() if getattr(module, "DISTRIBUTED", False))
+    if not _ranked(args):
+        ranked = ", ".join(name for name, module in COMMANDS.items() if getattr(module, "DISTRIBUTED", False) is True)
         raise UsageError(f"{command} runs in one process, not under torchrun (WORLD_SIZE={world()[1]}); "
-                         f"{ranked} split their prompts over ranks")
+                         f"{ranked} split their prompts over ranks; repair trains over them with --distributed fsdp")
     if is_main():
         return
     import os

@@ -110,7 +110,15 @@ def build_parser(sub, name: str, **texts):
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", choices=("none", "fsdp"), default="none",
+                   help="fsdp: train over every rank of torchrun with FSDP2 (float32, the language-model loss, one "
+                        "pass; docs/scale.md); without torchrun, one rank")
     return p
+
+
+def DISTRIBUTED(args) -> bool:
+    """Whether this invocation may run as ranks of torchrun: with ``--distributed fsdp``."""
+    return getattr(args, "distributed", "none") == "fsdp"
 
 
 def run(args) -> None:
@@ -159,7 +167,7 @@ def run(args) -> None:
                     backend=args.backend, prompts=prompts, save_dtype=args.save_dtype, resume=args.resume,
                     overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet, budget=budget,
                     ablation_draws=args.ablation_draws, ablation_texts=args.ablation_texts,
-                    ablation_bootstrap=args.ablation_bootstrap)
+                    ablation_bootstrap=args.ablation_bootstrap, distributed=args.distributed)
     if args.dry_run:
         from ..surgery.plan import Plan
 

@@ -101,7 +101,7 @@ def fingerprint(model_path, job) -> dict:
             "heads": plan.heads, "band": plan.band, "layers": plan.layers, "freeze": plan.freeze,
             "include": plan.include, "allow_empty": plan.allow_empty, "report": _report(plan.report),
             "dtype": run.dtype, "save_dtype": run.save_dtype, "ablation_draws": run.ablation_draws,
-            "ablation_texts": run.ablation_texts, "ablation_bootstrap": run.ablation_bootstrap}
+            "ablation_texts": run.ablation_texts, "ablation_bootstrap": run.ablation_bootstrap, "distributed": run.distributed}
 
 
 def _show(value) -> str:

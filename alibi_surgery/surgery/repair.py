@@ -29,6 +29,7 @@ paper's gradient-only control) and ``settings.control`` runs a control arm inste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -38,13 +39,15 @@ from pathlib import Path
 import torch
 
 from ..io.corpus import CorpusSpec, load_corpus
+from ..distributed import barrier, is_main, rank_device, rank_guard, replicated
 from ..diagnosis.dormancy import checkpoint_dormancy
 from ..diagnosis.diagnose import diagnose
 from ..errors import UsageError, WriteError, mark_resumable
 from ..families import family_for
 from ..io.files import atomic_write_text, read_text, staged_dir
 from ..io.checkpoint import cast_checkpoint, stored_dtype
-from ..io.loading import dtype_name, load_model, load_config, parse_dtype, quiet_transformers, resolve_model_dir
+from ..io.loading import (dtype_name, load_model, load_config, parse_device, parse_dtype, quiet_transformers,
+                          resolve_model_dir)
 from ..io.lock import DirLock
 from ..io.outdir import check_out_dir, clear_dir
 from ..attention.patch import patch
@@ -112,6 +115,8 @@ def repair(model_dir, out, *, passes: int = 1, resume: bool = False, overwrite: 
     ``already_complete`` set."""
     if passes < 1:
         raise UsageError(f"passes={passes}: must be >= 1")
+    if passes > 1 and options.get("distributed") == "fsdp":
+        raise UsageError(f"distributed='fsdp' runs one pass, not passes={passes}")
     # the cheap checks first (settings, unknown keywords): before the model is read
     RepairJob.from_options(**{k: v for k, v in options.items() if k != "_stop_after_steps"})
     model_path = _repairable(model_dir)
@@ -175,8 +180,9 @@ def repair_pass(model_dir, out, *, resume: bool = False, overwrite: bool = False
     final_dtype = parse_dtype(save_dtype, torch.device("cpu")) if save_dtype else stored_dtype(model_path)
     if dry_run:
         return _plan_pass(model_path, job)
-    out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
-    with DirLock(out):
+    with rank_guard("repair"):  # every rank checks OUT before rank 0 writes into it
+        out = check_out_dir(out, model_path, resume=resume, overwrite=overwrite)
+    with DirLock(out) if is_main() else contextlib.nullcontext():
         resume_from, meta = _check_resume(model_path, out, job) if resume else (None, None)
         done = _completed(out) if resume else None  # a finished run of this model and these settings
         if done is not None:
@@ -216,6 +222,9 @@ def _check_resume(model_path: Path, out: Path, job: RepairJob) -> tuple[Path | N
     if meta["model"] != expected:
         raise UsageError(f"resume=True: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
+    if meta.get("distributed", "none") != job.run.distributed:
+        raise UsageError(f"resume=True: {resume_from.name} was written with distributed="
+                         f"{meta.get('distributed', 'none')!r}; resume with the same")
     if not same_settings(meta["settings"], settings):
         raise UsageError(f"resume=True: {resume_from.name} was made with different settings "
                          f"({settings_differences(meta['settings'], settings)[0]}); resume with the same")
@@ -268,7 +277,10 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
     written, the selected heads re-initialised."""
     resume_from, meta = resumed
     settings, opts = job.settings, job.run
-    model, tokenizer = load_model(str(resume_from or model_path), dtype=opts.dtype, device=opts.device)
+    sharded = opts.distributed == "fsdp"  # its checkpoints hold the heads only: the model is the input's
+    device = str(rank_device(parse_device(opts.device))) if sharded else opts.device  # cuda:LOCAL_RANK per rank
+    model, tokenizer = load_model(str(model_path if sharded else resume_from or model_path), dtype=opts.dtype,
+                                  device=device)
     patch(model, opts.backend)
     if opts.corpus is None and settings.trains:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")
@@ -291,20 +303,27 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
             settings.seed)
         ppl_before = chunks_perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
         prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, opts.backend)
-        if clear:
-            clear_dir(out)
-        baseline.to_json(out / "baseline.json")
-        plan.to_json(out / "plan.json")
-        functional.save_before(out, ablation_before)
-        atomic_write_text(out / "run.json", json.dumps(
-            {"input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
-             "corpus_options": None if opts.corpus is None else CorpusSpec.of(opts.corpus).options(),
-             "fingerprint": fingerprint(model_path, job),
-             "settings": dataclasses.asdict(settings),
-             "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+        if is_main():
+            _record(out, clear, baseline, plan, ablation_before, {
+                "input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
+                "corpus_options": None if opts.corpus is None else CorpusSpec.of(opts.corpus).options(),
+                "fingerprint": fingerprint(model_path, job), "settings": dataclasses.asdict(settings),
+                "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        barrier()  # the other ranks go on once OUT holds the run's record
         apply_arm(model, plan, settings)
     return Run(model, tokenizer, plan, baseline, job, out, model_path, data)
+
+
+def _record(out: Path, clear: bool, baseline, plan, ablation_before, record: dict) -> None:
+    """OUT's first files (rank 0): emptied when ``clear``, then the baseline, the plan, the functional measurement
+    before surgery and ``run.json``."""
+    if clear:
+        clear_dir(out)
+    baseline.to_json(out / "baseline.json")
+    plan.to_json(out / "plan.json")
+    functional.save_before(out, ablation_before)
+    atomic_write_text(out / "run.json", json.dumps(record, indent=1) + "\n")
 
 
 def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
@@ -314,21 +333,32 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
     final = out / "final"
     newest = newest_checkpoint(run.ckpt_dir)
     best = run.best.get("checkpoint") or (newest.name if newest else None)
-    with staged_dir(final, "final model") as tmp:
-        if best is not None:
-            shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
-        else:
-            with quiet_transformers():
-                run.model.save_pretrained(tmp, safe_serialization=True)
-                run.tokenizer.save_pretrained(tmp)
-        if final_dtype is not None:
-            cast_checkpoint(tmp, final_dtype)
-    if not run.history:
-        run.evaluate(0, 0.0, None, None)
-    if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
-        run.rediagnose()
+    state = getattr(run, "state", None)
+    sharded = state is not None and hasattr(state, "write_final")  # FSDP2: final/ is gathered, not copied
+    if sharded:
+        if best is not None and newest is not None and best != newest.name:
+            state.load(run.ckpt_dir / best)
+        state.write_final(final, run.tokenizer, final_dtype)
+    elif is_main():
+        with staged_dir(final, "final model") as tmp:
+            if best is not None:
+                shutil.copytree(run.ckpt_dir / best, tmp, ignore=shutil.ignore_patterns(OPT_FILE, STATE_FILE))
+            else:
+                with quiet_transformers():
+                    run.model.save_pretrained(tmp, safe_serialization=True)
+                    run.tokenizer.save_pretrained(tmp)
+            if final_dtype is not None:
+                cast_checkpoint(tmp, final_dtype)
+    barrier()
+    with state.gathered() if sharded else contextlib.nullcontext():  # every rank runs the same forwards
+        if not run.history:
+            run.evaluate(0, 0.0, None, None)
+        if run.latest is None:  # resumed after the last checkpoint: diagnose the model as it now is, for the plots
+            run.rediagnose()
+    with replicated() if sharded else contextlib.nullcontext():  # the ablation reads whole weights: final/ loaded
+        recovered = _functional(run, final, reuse=not sharded and (best is None or (
+            newest is not None and best == newest.name)))
     started = json.loads(read_text(out / "run.json", what="run record"))
-    recovered = _functional(run, final, reuse=best is None or (newest is not None and best == newest.name))
     report = {"input": str(run.model_dir), "arm": run.s.arm, "settings": dataclasses.asdict(run.s), "final": str(final),
               "final_checkpoint": best,
               "final_dtype": dtype_name(final_dtype or next(run.model.parameters()).dtype),
@@ -336,6 +366,8 @@ def _finish(run: Run, final_dtype: torch.dtype | None) -> dict:
               "eval_prompts_ppl_before": started.get("eval_prompts_ppl_before"), "plan": run.plan.to_dict(),
               "learning_rates": run.learning_rates, "checkpoints": run.history, "functional": recovered,
               "mlp_dormancy": {"before": checkpoint_dormancy(run.model_dir), "after": checkpoint_dormancy(final)}}
+    if not is_main():
+        return report
     if run.s.objective == "sparsify":
         from .sparsify_report import sparsity_summary
 

@@ -170,7 +170,9 @@ class RunOptions:
     """The data and the machinery of a pass: training ``corpus``, held-out ``eval_text`` (packed) and
     ``eval_prompts`` (texts scored alone), ``device``, ``dtype``, attention ``backend``, the dtype of ``OUT/final``
     (``save_dtype``, default the input checkpoint's), ``progress`` bars, and how functional recovery is measured
-    (``ablation_draws``, ``ablation_texts``, ``ablation_bootstrap``: :mod:`~alibi_surgery.surgery.functional`)."""
+    (``ablation_draws``, ``ablation_texts``, ``ablation_bootstrap``: :mod:`~alibi_surgery.surgery.functional`), and
+    ``distributed``: ``"none"`` (one process) or ``"fsdp"`` (every rank of the process group together:
+    :mod:`~alibi_surgery.surgery.sharded_train`)."""
 
     corpus: object = None
     eval_text: object = None
@@ -183,8 +185,11 @@ class RunOptions:
     ablation_draws: int = 20  # functional recovery's noise-floor draws per head (0: not measured)
     ablation_texts: int | None = 64  # at most this many held-out texts for it (None: all)
     ablation_bootstrap: int = 1000  # bootstrap resamples of its intervals (0: none)
+    distributed: str = "none"  # none or fsdp
 
     def check(self) -> None:
+        if self.distributed not in ("none", "fsdp"):
+            raise UsageError(f"distributed={self.distributed!r}: must be 'none' or 'fsdp'")
         for name, least in (("ablation_draws", 0), ("ablation_texts", 1), ("ablation_bootstrap", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
@@ -212,6 +217,12 @@ class RepairJob:
         settings.check()
         run = RunOptions(**{k: v for k, v in options.items() if k in run_names})
         run.check()
+        if run.distributed == "fsdp":
+            from .sharded_train import fsdp_refusal
+
+            refusal = fsdp_refusal(settings, run.dtype)
+            if refusal:
+                raise UsageError(refusal)
         return cls(settings, PlanOptions(**{k: v for k, v in options.items() if k in plan_names}), run)
 
     def prompts(self) -> list:

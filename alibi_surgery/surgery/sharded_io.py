@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..distributed import is_main
+from ..distributed import barrier, is_main
 from ..errors import WriteError
 from ..io.files import atomic_write_text, replace_dir
 from .sharded import COLS, ROW_BIAS, ROWS, HeadParams
@@ -34,13 +34,6 @@ META_FILE = "trainer_state.json"
 _HEAD = (ROWS, ROW_BIAS, COLS)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _staging(final: Path) -> Path:
     """``.tmp-NAME`` beside ``final``, emptied by rank 0; every rank returns once it exists."""
     tmp = final.with_name(f".tmp-{final.name}")
@@ -48,7 +41,7 @@ def _staging(final: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     return tmp
 
 
@@ -79,11 +72,11 @@ def save_sharded(final, root: nn.Module, optimizer, meta: dict) -> Path:
         more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
         raise WriteError(f"writing checkpoint {final} failed on rank {rank}{more}: {type(first).__name__}: "
                          f"{first}") from None
-    _barrier()
+    barrier()
     if is_main():
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
         replace_dir(tmp, final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -103,8 +96,9 @@ def load_sharded(path, root: nn.Module, optimizer) -> dict:
 
 
 def write_final(final, model: nn.Module, heads: HeadParams, tokenizer=None, *,
-                max_shard_bytes: int = 2 * 10**9) -> Path:
-    """Write ``model`` (the causal LM inside the FSDP root) with the trained values folded in at ``final``."""
+                max_shard_bytes: int = 2 * 10**9, dtype=None) -> Path:
+    """Write ``model`` (the causal LM inside the FSDP root) with the trained values folded in at ``final``, its
+    floating-point tensors in ``dtype`` (default: as they are)."""
     from safetensors.torch import save_file
 
     final = Path(final)
@@ -125,6 +119,8 @@ def write_final(final, model: nn.Module, heads: HeadParams, tokenizer=None, *,
             continue
         if not is_main():
             continue  # every rank gathers (a collective); rank 0 alone keeps and writes
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -142,11 +138,17 @@ def write_final(final, model: nn.Module, heads: HeadParams, tokenizer=None, *,
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             atomic_write_text(tmp / "model.safetensors.index.json",
                               json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        model.config.save_pretrained(tmp)
+        config = model.config
+        if dtype is not None:
+            import copy
+
+            config = copy.deepcopy(config)
+            config.dtype = dtype
+        config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_dir(tmp, final)
-    _barrier()
+    barrier()
     return final
 
 

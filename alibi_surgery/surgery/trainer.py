@@ -28,9 +28,10 @@ from ..errors import UsageError
 from ..families import family_for
 from ..io.files import atomic_write_text, staged_dir
 from ..io.loading import quiet_transformers
-from ..analysis.loss import causal_lm_labels, chunked_lm_loss
+from ..distributed import is_main
 from ..analysis.perplexity import chunks_perplexity
 from .full import AllParameters
+from .objective import Geco, lm_loss, objective, sparsity_score
 from .optim import HeadSlicedAdamW
 from .plan import Plan
 from .schedule import lr_at, surgery_lr
@@ -195,25 +196,72 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+class SlicedTraining:
+    """The trained state of one process: the selected heads' slices (or, with ``--train full``, every parameter)
+    and :class:`HeadSlicedAdamW`; checkpoints hold the whole model (:meth:`Run.save`). :class:`~alibi_surgery.
+    surgery.sharded_train.ShardedTraining` is its FSDP2 twin; :func:`train` drives either."""
+
+    def __init__(self, run: Run):
+        s, self.run = run.s, run
+        self.slices = AllParameters(run.model) if s.train == "full" else HeadSlices(run.model, run.plan.selection)
+        self.opt = HeadSlicedAdamW(self.slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+                                   precision=s.optimizer_precision, seed=s.seed)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.run.model, ids)
+
+    def mean(self, loss: torch.Tensor) -> float:
+        """The micro-batch's loss as a number (every rank's mean, under FSDP)."""
+        return float(loss.detach())
+
+    def step(self, lr: float) -> None:
+        self.opt.step(lr=lr)
+        self.opt.zero_grad()
+
+    def save(self, position: dict) -> Path:
+        return self.run.save(self.slices, self.opt, position)
+
+    def load(self, checkpoint: Path) -> dict:
+        """Restore the optimizer state of ``checkpoint`` (the weights were loaded with the model); its metadata."""
+        from safetensors.torch import load_file
+
+        meta = json.loads((checkpoint / STATE_FILE).read_text())
+        tensors = load_file(str(checkpoint / OPT_FILE))
+        device = self.slices.grad.device
+        state = dict(meta["optimizer"], exp_avg=tensors["exp_avg"].to(device),
+                     exp_avg_sq=tensors["exp_avg_sq"].to(device),
+                     master=tensors["master"].to(device) if meta["has_master"] else None)
+        state["betas"] = tuple(state["betas"])
+        self.opt.load_state_dict(state)
+        return meta
+
+    def gathered(self):
+        """The block in which the model runs whole forwards (evaluation): nothing to gather in one process."""
+        return contextlib.nullcontext()
+
+    def remove(self) -> None:
+        self.slices.remove()
+
+
+def training_state(run: Run):
+    """The trained state of ``run``: :class:`SlicedTraining`, or under ``distributed="fsdp"`` the sharded one."""
+    if run.job.run.distributed == "fsdp":
+        from .sharded_train import ShardedTraining
+
+        return ShardedTraining(run)
+    return SlicedTraining(run)
+
+
 def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = None) -> None:
     """The training loop of one pass (resumable)."""
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     s, model = run.s, run.model
-    slices = AllParameters(model) if s.train == "full" else HeadSlices(model, run.plan.selection)
-    opt = HeadSlicedAdamW(slices, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
-                          precision=s.optimizer_precision, seed=s.seed)
+    state = training_state(run)
     position = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     best = {"eval_ppl": None, "checkpoint": None, "stale": 0}  # eval_ppl: the held_out() figure of the best
     if resume_from is not None:
-        meta = json.loads((resume_from / STATE_FILE).read_text())
-        tensors = load_file(str(resume_from / OPT_FILE))
-        state = dict(meta["optimizer"], exp_avg=tensors["exp_avg"].to(slices.grad.device),
-                     exp_avg_sq=tensors["exp_avg_sq"].to(slices.grad.device),
-                     master=tensors["master"].to(slices.grad.device) if meta["has_master"] else None)
-        state["betas"] = tuple(state["betas"])
-        opt.load_state_dict(state)
+        meta = state.load(resume_from)
         position = meta["position"]
         run.history = meta["history"]
         run.learning_rates = meta.get("learning_rates", [])
@@ -225,7 +273,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
     if s.checkpointing:
         enable_checkpointing(model)
     bar = tqdm(total=run.total_steps, initial=position["step"], desc="surgery", unit="step",
-               disable=not run.progress)
+               disable=not (run.progress and is_main()))
     window_loss, window_n = 0.0, 0
     try:
         for epoch in range(position["epoch"], s.epochs):
@@ -233,23 +281,23 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 batches = list(run.micro_batches(epoch, step_in_epoch))
                 for ids in batches:
                     ids = ids.to(model.device)
-                    with _objective(run, geco) as objective:
-                        loss = _lm_loss(model, ids)
-                        if not torch.isfinite(loss):
+                    with objective(run, geco) as minimised:
+                        loss = state.loss(ids)
+                        value = state.mean(loss)
+                        if not math.isfinite(value):
                             last = newest_checkpoint(run.ckpt_dir)
-                            raise UsageError(f"the loss is {float(loss.detach())} at step {position['step'] + 1}: "
+                            raise UsageError(f"the loss is {value} at step {position['step'] + 1}: "
                                              f"stopped; the last good checkpoint is "
                                              f"{last or 'none (nothing was saved yet)'}")
-                        (objective(loss) / len(batches)).backward()
+                        (minimised(loss) / len(batches)).backward()
                     _test_pause("train", position["step"] + 1)
-                    window_loss += float(loss.detach())
+                    window_loss += value
                     window_n += 1
                 lr = surgery_lr(s.schedule, position["step"] + 1, run.total_steps, s.lr, s.warmup)
-                opt.step(lr=lr)
+                state.step(lr)
                 if geco is not None:
                     geco.step()
                 run.learning_rates.append(lr)
-                opt.zero_grad()
                 position = {"step": position["step"] + 1, "epoch": epoch, "step_in_epoch": step_in_epoch + 1,
                             **({"geco": geco.to_dict()} if geco is not None else {})}
                 bar.update(1)
@@ -261,10 +309,12 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                 if saved_epoch or periodic:
                     train_ppl = math.exp(window_loss / window_n) if window_n else None
                     window_loss, window_n = 0.0, 0
-                    entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl, None)
+                    with state.gathered():
+                        entry = run.evaluate(position["step"], position["step"] / run.steps_per_epoch, train_ppl,
+                                             None)
                     if geco is not None:
                         entry["geco"] = geco.to_dict()
-                    score = held_out(entry) if geco is None else _sparsity_score(run, entry)
+                    score = held_out(entry) if geco is None else sparsity_score(run, entry)
                     improved = score is not None and (best["eval_ppl"] is None or score < best["eval_ppl"])
                     name = f"{CKPT_PREFIX}{position['step']:08d}"
                     entry["checkpoint"] = name
@@ -273,7 +323,7 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
                     elif saved_epoch and score is not None:
                         best = dict(best, stale=best["stale"] + 1)
                     position["best"] = best
-                    run.save(slices, opt, position)
+                    state.save(position)
                     bar.set_postfix(recovered=entry["recovered"], eval_ppl=entry["eval_ppl"])
                     if s.patience and best["stale"] >= s.patience:
                         return
@@ -282,111 +332,9 @@ def train(run: Run, resume_from: Path | None, stop_after_steps: int | None = Non
             position = dict(position, step_in_epoch=0)
     finally:
         bar.close()
-        slices.remove()
+        state.remove()
         run.best = best
-
-
-def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of a micro-batch: chunked (no full logits) unless the LM head trains (--train full)."""
-    hidden = family_for(model.config).base_model(model)(ids, use_cache=False).last_hidden_state
-    head, labels = model.get_output_embeddings(), causal_lm_labels(ids)
-    if not head.weight.requires_grad:
-        return chunked_lm_loss(hidden, head.weight, labels)
-    logits = head(hidden[:, :-1]).float()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-@contextlib.contextmanager
-def _objective(run: Run, geco: "Geco | None" = None):
-    """The block of one micro-batch's forward and backward; yields ``objective(loss)``, what is minimised given
-    the language-model loss of that forward:
-
-    * ``repair``: the loss, plus ``sink_penalty`` times the target heads' mean first-token mass;
-    * ``sparsify``: the targets' mean row entropy plus the GECO multiplier times (loss - target) (:class:`Geco`),
-      with the sink penalty too when one is set.
-
-    The statistics come from the fused kernels with their gradients (:mod:`~alibi_surgery.attention.row_stats`, no
-    T x T matrix). The backward stays inside: activation checkpointing recomputes the forward there, and the
-    recomputation must ask for the same statistics."""
-    s = run.s
-    if not s.sink_penalty and geco is None:
-        yield lambda loss: loss
-        return
-    from ..attention.row_stats import trainable_stats
-
-    with trainable_stats(run.model) as stats:
-        def objective(loss):
-            total = loss
-            if geco is not None:
-                entropy = stats.entropy(run.plan.selection)
-                geco.observe(float(loss.detach()), float(entropy.detach()))
-                total = entropy + geco.lam * (loss - geco.target)
-            if s.sink_penalty:
-                total = total + s.sink_penalty * stats.first_token_mass(run.plan.selection)
-            return total
-
-        yield objective
-
-
-def _sparsity_score(run: Run, entry: dict) -> float | None:
-    """What ``sparsify`` keeps as its best checkpoint (``final/``): the lowest mean entropy of the targets among
-    the checkpoints whose held-out loss stays within ``loss_slack`` of the model's own (any checkpoint without
-    held-out text); None for one over the slack."""
-    before = json.loads((run.out / "run.json").read_text()).get("eval_ppl_before")
-    if before is not None and entry.get("eval_ppl") is not None and \
-            math.log(entry["eval_ppl"]) > math.log(before) + run.s.loss_slack:
-        return None
-    from .sparsify_report import mean_entropy
-
-    return mean_entropy(entry["comparison"]["heads"], run.plan.selection, "entropy_after")
-
-
-@dataclasses.dataclass
-class Geco:
-    """The GECO-style constraint of ``sparsify`` (Rezende & Viola 2018): minimise the targets' mean entropy
-    subject to loss <= ``target`` (the model's own loss plus ``loss_slack``). The loss term is weighted by the
-    multiplier ``lam``, whose log moves after every optimizer step by ``rate`` times the moving average of
-    (loss - target) (decay 0.9 per micro-batch): it grows while the loss is above the target and shrinks below it,
-    within [1e-4, 1e4]. Saved in every checkpoint (``position["geco"]``), so a resumed run continues it."""
-
-    target: float
-    base: float  # the model's own loss before training
-    rate: float
-    lam: float = 1.0
-    excess: float | None = None  # moving average of loss - target
-    entropy: float | None = None  # moving average of the targets' mean entropy (nats)
-
-    @classmethod
-    def start(cls, run: Run, s) -> "Geco":
-        """Measure the model's own loss on the first micro-batches of epoch 0 (up to 8, no gradient)."""
-        losses = []
-        was_training = run.model.training
-        run.model.eval()
-        with torch.no_grad():
-            for step in range(run.steps_per_epoch):
-                for ids in run.micro_batches(0, step):
-                    losses.append(float(_lm_loss(run.model, ids.to(run.model.device))))
-                if len(losses) >= 8:
-                    break
-        run.model.train(was_training)
-        base = sum(losses) / len(losses)
-        return cls(target=base + s.loss_slack, base=base, rate=s.geco_rate)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Geco":
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def observe(self, loss: float, entropy: float) -> None:
-        excess = loss - self.target
-        self.excess = excess if self.excess is None else 0.9 * self.excess + 0.1 * excess
-        self.entropy = entropy if self.entropy is None else 0.9 * self.entropy + 0.1 * entropy
-
-    def step(self) -> None:
-        if self.excess is not None:
-            self.lam = min(1e4, max(1e-4, self.lam * math.exp(self.rate * self.excess)))
+        run.state = state
 
 
 def enable_checkpointing(model) -> None:

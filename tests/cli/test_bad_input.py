@@ -298,6 +298,12 @@ CASES = {
     "--sink-penalty on an arm that trains nothing": (
         lambda w, t: _repair(w, t, "--sink-penalty", "1", "--control", "reinit-only"),
         "--sink-penalty 1.0 needs training, and the reinit-only arm trains nothing"),
+    "repair --distributed fsdp --sink-penalty": (
+        lambda w, t: _repair(w, t, "--distributed", "fsdp", "--sink-penalty", "0.5"),
+        "--distributed fsdp trains without a sink penalty, not --sink-penalty 0.5"),
+    "repair --distributed fsdp --dtype bfloat16": (
+        lambda w, t: _repair(w, t, "--distributed", "fsdp", "--dtype", "bfloat16"),
+        "--distributed fsdp trains in float32, not --dtype bfloat16"),
     "sparsify --train bogus": (lambda w, t: ["sparsify", *_repair(w, t, "--train", "bogus")[1:]],
                                "unknown --train bogus; choose slices or full"),
     "plan-memory --world-size 0": (lambda w, t: ["plan-memory", str(w / "model"), "--world-size", "0", "--json",

@@ -19,7 +19,7 @@ from alibi_surgery.io.random_model import write_random_bloom
 from alibi_surgery.surgery.repair import RepairSettings, repair
 from alibi_surgery.surgery.reinit import reinit_heads
 
-from alibi_surgery.surgery import trainer
+from alibi_surgery.surgery import objective as objective_module
 repair_module = importlib.import_module("alibi_surgery.surgery.repair")  # the module: alibi_surgery.surgery.repair is the function
 HEADS = "0:1;1:2,3"
 SELECTED = {0: [1], 1: [2, 3]}
@@ -103,13 +103,13 @@ def test_reinit_zeroes_output_columns_and_bias_and_redraws_rows(tiny_dir):
 
 @pytest.mark.parametrize("kill", ["after-epoch-1", "mid-epoch"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, corpus, tmp_path, kill, monkeypatch):
-    real, trained = trainer.chunked_lm_loss, []
+    real, trained = objective_module.chunked_lm_loss, []
 
     def counting(hidden, *args, **kwargs):  # counts training micro-batches (held-out perplexity has no grad)
         trained.append(hidden.requires_grad)
         return real(hidden, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "chunked_lm_loss", counting)
+    monkeypatch.setattr(objective_module, "chunked_lm_loss", counting)
     s = settings(save_every_steps=1) if kill == "mid-epoch" else settings()
     run(tiny_dir, tmp_path / "a", corpus, settings=s)
     full = sum(trained)
@@ -162,7 +162,7 @@ def test_budget_is_checked_against_the_planner(tiny_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, corpus, tmp_path, monkeypatch):
-    real = trainer.chunked_lm_loss
+    real = objective_module.chunked_lm_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -172,7 +172,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, corpus, tmp
         calls["n"] += 1
         return loss * float("nan") if calls["n"] > 8 else loss  # micro-batches 9+ (step 5+) go NaN
 
-    monkeypatch.setattr(trainer, "chunked_lm_loss", flaky)
+    monkeypatch.setattr(objective_module, "chunked_lm_loss", flaky)
     with pytest.raises(repair_module.UsageError, match="last good checkpoint is .*step-00000004"):
         run(tiny_dir, tmp_path / "out", corpus, settings=settings(save_every_steps=2, epochs=3))
     assert (tmp_path / "out" / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
@@ -187,7 +187,7 @@ def test_compare_command_is_wired(tiny_dir, corpus, tmp_path, capsys):
 
 
 def test_sink_penalty_enters_the_training_loss(tiny_dir):
-    """The trainer's micro-batch block (``trainer._objective``) adds ``sink_penalty`` times the targets' mean
+    """The trainer's micro-batch block (``objective.objective``) adds ``sink_penalty`` times the targets' mean
     first-token mass, with gradients: against that mean from eager BLOOM's attention maps (real query rows past
     position 0), scaled by the same factor."""
     from types import SimpleNamespace
@@ -201,7 +201,7 @@ def test_sink_penalty_enters_the_training_loss(tiny_dir):
         if ours:
             fake_run = SimpleNamespace(s=RepairSettings(sink_penalty=2.5), model=model,
                                        plan=SimpleNamespace(selection=SELECTED))
-            with patched(model, "torch"), trainer._objective(fake_run) as objective:
+            with patched(model, "torch"), objective_module.objective(fake_run) as objective:
                 model(ids)
                 objective(torch.zeros(())).backward()  # a zero language-model loss: the penalty alone
         else:
@@ -214,5 +214,5 @@ def test_sink_penalty_enters_the_training_loss(tiny_dir):
     for name, want in grads[1].items():
         assert (grads[0][name] - want).abs().max() <= 1e-4 * max(want.abs().max().item(), 1e-3), name
     plain = SimpleNamespace(s=RepairSettings(), model=None, plan=None)
-    with trainer._objective(plain) as objective:  # no penalty: nothing is collected, the loss as it is
+    with objective_module.objective(plain) as objective:  # no penalty: nothing is collected, the loss as it is
         assert objective(1.25) == 1.25
