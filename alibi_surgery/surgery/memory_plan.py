@@ -252,7 +252,9 @@ def format_plan(p: dict) -> str:
         f"{g(m['grads'])} + optimizer {g(m['optimizer'])} + activations {g(m['activations'])} + loss chunk "
         f"{g(m['loss_chunk'])}{verdict('surgery')}" if m else
         f"  surgery step         : not available ({p['surgery_refusal']})",
-    ] + ([f"  (a CPU process adds about {g(p['cpu_runtime'])} of runtime)"] if p["cpu_runtime"] else []))
+    ] + ([f"  (a CPU process adds about {g(p['cpu_runtime'])} of runtime; glibc's heap may hold up to as much again "
+          f"as the activations under 16k tokens, unless MALLOC_MMAP_THRESHOLD_=131072: docs/scale.md)"]
+         if p["cpu_runtime"] else []))
 
 
 def _dtype_bytes(dtype) -> tuple[str, int]:
