@@ -1,7 +1,8 @@
 """Process-group helpers: the one place that knows whether this process is one rank of several.
 
 Everything else asks :func:`world` and runs the same code at any world size; with no initialised process group the
-world is ``(0, 1)`` and every helper is a no-op, so the single-process path is the distributed path with one rank.
+world is ``(0, 1)`` and every helper is a no-op, so the single-process path is the distributed path with one rank
+(``repair --distributed fsdp`` without torchrun runs in a group of one: FSDP2 needs a group).
 
 * :func:`init_from_env`: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), initialise the default
   process group (gloo for CPU tensors, NCCL for CUDA ones); :func:`rank_device` maps ``cuda`` to
@@ -70,7 +71,7 @@ def init_from_env(single: bool = False) -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-    if "MASTER_ADDR" in os.environ:  # torchrun, of one rank or more
+    if ranks > 1 or "MASTER_ADDR" in os.environ:  # torchrun, of one rank or more
         dist.init_process_group(backend)
     else:
         store = os.path.join(tempfile.mkdtemp(prefix="alibi-surgery-group-"), "store")
@@ -114,9 +115,10 @@ def share_of(costs: list[float], rank: int | None = None, world_size: int | None
 def rank_guard(what: str):
     """Run a rank's local part of ``what`` (e.g. ``"diagnosis"``); on leaving, every rank learns whether any rank
     failed (one ``all_gather_object``) and, if one did, every rank raises :class:`RankFailed` naming the first failed
-    rank and its error. A no-op in a single process."""
+    rank and its error. A no-op in a single process or a group of one, and inside :func:`replicated` (there every
+    rank is in a collective forward: a failing rank exits, and torchrun stops the others)."""
     dist = _dist()
-    if dist is None:
+    if dist is None or dist.get_world_size() == 1 or _REPLICATED[0]:
         yield
         return
     rank, size = world()

@@ -201,10 +201,9 @@ def fsdp_failed_save_ranks(rank: int, world_size: int, store: str, model: str, o
         dist.destroy_process_group()
 
 
-def repair_ranks(rank: int, world_size: int, store: str, argv: list, out: str, stop_after: int | None) -> None:
-    """``repair ... --distributed fsdp`` as one rank: through the CLI (``argv``), or, with ``stop_after``, through
-    the library stopped at that step boundary (a KeyboardInterrupt on every rank, as a kill between steps). Writes
-    what the CLI said to ``out/rank{rank}.json``."""
+def repair_ranks(rank: int, world_size: int, store: str, argv: list, out: str) -> None:
+    """``repair ... --distributed fsdp`` through the CLI (``argv``) as one rank; writes what it said to
+    ``out/rank{rank}.json``."""
     import torch.distributed as dist
 
     from alibi_surgery.cli.main import main
@@ -212,36 +211,7 @@ def repair_ranks(rank: int, world_size: int, store: str, argv: list, out: str, s
     _join(rank, world_size, store)
     seen = {}
     try:
-        if stop_after is None:
-            seen = _main(main, argv)
-        else:
-            from alibi_surgery.surgery.repair import repair_pass
-
-            try:
-                repair_pass(**_library_options(argv), _stop_after_steps=stop_after)
-            except KeyboardInterrupt as exc:
-                seen = {"stopped": str(getattr(exc, "last_checkpoint", None))}
+        seen = _main(main, argv)
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
         dist.destroy_process_group()
-
-
-def _library_options(argv: list) -> dict:
-    """``repair_pass`` keywords of the CLI arguments ``argv``: what the CLI's ``run`` passes to ``repair``."""
-    import alibi_surgery.surgery.repair as library
-    from alibi_surgery.cli import repair as cli_repair
-    from alibi_surgery.cli.main import build_parser
-
-    captured = {}
-
-    def capture(model, out, passes, dry_run, **options):
-        captured.update(model_dir=model, out=out, **options)
-
-    real, library.repair = library.repair, capture
-    try:
-        cli_repair.run(build_parser().parse_args(argv))
-    except (KeyError, TypeError):  # run() prints the result of the real repair: there is none
-        pass
-    finally:
-        library.repair = real
-    return captured

@@ -11,7 +11,8 @@ covers every input that shapes the run, beside the settings (compared on their o
 * ``eval_prompts`` and ``prompts`` (the diagnosis prompts): a digest of the texts;
 * the plan options ``heads``, ``band``, ``layers``, ``freeze``, ``include``, ``allow_empty`` and ``report`` (a
   report file's content, or an in-memory report's JSON); ``dtype``, ``save_dtype`` and the functional measurement's
-  ``ablation_draws``, ``ablation_texts``, ``ablation_bootstrap``.
+  ``ablation_draws``, ``ablation_texts``, ``ablation_bootstrap``; ``distributed`` (an FSDP2 run's checkpoints hold
+  the heads only: they resume under FSDP2, at any world size).
 
 ``device``, ``backend``, ``progress`` and ``budget`` may change between a run and its resumption (a run stopped on
 one GPU continues on another). Limits: a file larger than :data:`FULL_BYTES` is digested from its size and
@@ -101,7 +102,8 @@ def fingerprint(model_path, job) -> dict:
             "heads": plan.heads, "band": plan.band, "layers": plan.layers, "freeze": plan.freeze,
             "include": plan.include, "allow_empty": plan.allow_empty, "report": _report(plan.report),
             "dtype": run.dtype, "save_dtype": run.save_dtype, "ablation_draws": run.ablation_draws,
-            "ablation_texts": run.ablation_texts, "ablation_bootstrap": run.ablation_bootstrap, "distributed": run.distributed}
+            "ablation_texts": run.ablation_texts, "ablation_bootstrap": run.ablation_bootstrap,
+            "distributed": run.distributed}
 
 
 def _show(value) -> str:

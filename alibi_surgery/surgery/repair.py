@@ -164,7 +164,7 @@ def repair_pass(model_dir, out, *, resume: bool = False, overwrite: bool = False
     :meth:`~alibi_surgery.surgery.settings.RepairJob.from_options`: ``settings`` (a :class:`RepairSettings`), the plan
     options ``report``, ``heads``, ``band``, ``layers``, ``freeze``, ``include``, ``prompts``, ``allow_empty``,
     ``budget``, and the run options ``corpus``, ``eval_text``, ``eval_prompts``, ``device``, ``dtype``, ``backend``,
-    ``save_dtype``, ``progress``.
+    ``save_dtype``, ``progress``, ``distributed`` (``"fsdp"``: every rank together, :mod:`.sharded_train`).
 
     ``budget``: bytes the surgery step may use; a plan whose predicted peak
     (:func:`~alibi_surgery.surgery.memory_plan.predict_memory`) exceeds it is refused before anything is written.
@@ -222,9 +222,6 @@ def _check_resume(model_path: Path, out: Path, job: RepairJob) -> tuple[Path | N
     if meta["model"] != expected:
         raise UsageError(f"resume=True: {resume_from.name} is a checkpoint of a different model "
                          f"({meta['model']} vs {expected})")
-    if meta.get("distributed", "none") != job.run.distributed:
-        raise UsageError(f"resume=True: {resume_from.name} was written with distributed="
-                         f"{meta.get('distributed', 'none')!r}; resume with the same")
     if not same_settings(meta["settings"], settings):
         raise UsageError(f"resume=True: {resume_from.name} was made with different settings "
                          f"({settings_differences(meta['settings'], settings)[0]}); resume with the same")
@@ -274,13 +271,14 @@ def _plan_pass(model_path: Path, job: RepairJob) -> dict:
 def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear: bool) -> Run:
     """Everything before training: inputs checked, model loaded (from the checkpoint of ``resumed = (resume_from,
     meta)`` when there is one), plan made (or read back from ``meta``), OUT emptied (``clear``) and its first files
-    written, the selected heads re-initialised."""
+    written, the selected heads re-initialised. Under FSDP2 the model is always the input's (its checkpoints hold
+    the heads only)."""
     resume_from, meta = resumed
     settings, opts = job.settings, job.run
     sharded = opts.distributed == "fsdp"  # its checkpoints hold the heads only: the model is the input's
     device = str(rank_device(parse_device(opts.device))) if sharded else opts.device  # cuda:LOCAL_RANK per rank
-    model, tokenizer = load_model(str(model_path if sharded else resume_from or model_path), dtype=opts.dtype,
-                                  device=device)
+    model, tokenizer = load_model(str(model_path if sharded else resume_from or model_path),
+                                  dtype=opts.dtype or ("float32" if sharded else None), device=device)
     patch(model, opts.backend)
     if opts.corpus is None and settings.trains:  # the cheap input checks come before the diagnosis
         raise UsageError("--corpus is required (files, directories or globs of training text)")
@@ -303,21 +301,22 @@ def _prepare(model_path: Path, out: Path, job: RepairJob, resumed: tuple, clear:
             settings.seed)
         ppl_before = chunks_perplexity(model, eval_chunks, settings.batch_size) if eval_chunks is not None else None
         prompts_before = prompts_perplexity(model, eval_ids, settings.eval_convention, opts.backend)
-        if is_main():
-            _record(out, clear, baseline, plan, ablation_before, {
+        with rank_guard("repair"):  # rank 0 writes; a failure there reaches every rank
+            _record(out, clear and is_main(), baseline, plan, ablation_before, is_main() and {
                 "input": str(model_path), "arm": settings.arm, "corpus": [str(f) for f in files],
                 "corpus_options": None if opts.corpus is None else CorpusSpec.of(opts.corpus).options(),
                 "fingerprint": fingerprint(model_path, job), "settings": dataclasses.asdict(settings),
                 "eval_ppl_before": ppl_before, "eval_prompts_ppl_before": prompts_before,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        barrier()  # the other ranks go on once OUT holds the run's record
         apply_arm(model, plan, settings)
     return Run(model, tokenizer, plan, baseline, job, out, model_path, data)
 
 
 def _record(out: Path, clear: bool, baseline, plan, ablation_before, record: dict) -> None:
-    """OUT's first files (rank 0): emptied when ``clear``, then the baseline, the plan, the functional measurement
-    before surgery and ``run.json``."""
+    """OUT's first files: emptied when ``clear``, then the baseline, the plan, the functional measurement before
+    surgery and ``run.json`` (``record``; nothing without one: not rank 0)."""
+    if not record:
+        return
     if clear:
         clear_dir(out)
     baseline.to_json(out / "baseline.json")

@@ -54,8 +54,9 @@ def _states(root: nn.Module, optimizer) -> dict:
             "optim": optim_state}
 
 
-def save_sharded(final, root: nn.Module, optimizer, meta: dict) -> Path:
-    """Write a checkpoint of ``root`` (an FSDP module with :class:`HeadParams`) and ``optimizer`` at ``final``."""
+def save_sharded(final, root: nn.Module, optimizer, meta: dict, before_marker=None) -> Path:
+    """Write a checkpoint of ``root`` (an FSDP module with :class:`HeadParams`) and ``optimizer`` at ``final``;
+    ``before_marker()`` (tests: a pause) runs on every rank once the shards are written, before the marker."""
     import torch.distributed.checkpoint as dcp
 
     final = Path(final)
@@ -72,6 +73,8 @@ def save_sharded(final, root: nn.Module, optimizer, meta: dict) -> Path:
         more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
         raise WriteError(f"writing checkpoint {final} failed on rank {rank}{more}: {type(first).__name__}: "
                          f"{first}") from None
+    if before_marker is not None:
+        before_marker()
     barrier()
     if is_main():
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete

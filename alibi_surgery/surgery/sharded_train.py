@@ -36,8 +36,9 @@ from .sharded_io import load_sharded, save_sharded
 __all__ = ["ShardedTraining", "fsdp_refusal"]
 
 
-def fsdp_refusal(settings, dtype: str | None, passes: int = 1) -> str | None:
-    """Why a run with these settings cannot use ``distributed="fsdp"`` (None: it can)."""
+def fsdp_refusal(settings, dtype: str | None) -> str | None:
+    """Why a run with these settings cannot use ``distributed="fsdp"`` in this process group (None: it can);
+    no ``dtype`` means float32 here."""
     if settings.objective != "repair" or settings.train != "slices":
         return "distributed='fsdp' trains the selected heads' slices with the language-model loss (not sparsify)"
     if settings.sink_penalty:
@@ -47,8 +48,9 @@ def fsdp_refusal(settings, dtype: str | None, passes: int = 1) -> str | None:
                 f"optimizer_precision={settings.optimizer_precision!r}")
     if dtype not in (None, "float32", "fp32"):
         return f"distributed='fsdp' trains in float32, not dtype={dtype!r}"
-    if passes != 1:
-        return f"distributed='fsdp' runs one pass, not passes={passes}"
+    ranks = world()[1]
+    if settings.batch_size % ranks:
+        return f"batch_size={settings.batch_size} does not split over {ranks} ranks: give a multiple of {ranks}"
     return None
 
 
@@ -99,14 +101,15 @@ class ShardedTraining:
         self.opt.zero_grad()
 
     def save(self, position: dict) -> Path:
-        from .trainer import CKPT_PREFIX, config_key
+        from .trainer import CKPT_PREFIX, _test_pause, config_key
 
         run = self.run
         meta = {"position": position, "distributed": "fsdp", "world_size": self.world_size,
                 "plan": run.plan.to_dict(), "settings": dataclasses.asdict(run.s),
                 "model": config_key(run.model.config), "history": run.history,
                 "learning_rates": run.learning_rates}
-        return save_sharded(run.ckpt_dir / f"{CKPT_PREFIX}{position['step']:08d}", self.root, self.opt, meta)
+        return save_sharded(run.ckpt_dir / f"{CKPT_PREFIX}{position['step']:08d}", self.root, self.opt, meta,
+                            before_marker=lambda: _test_pause("save", position["step"]))
 
     def load(self, checkpoint: Path) -> dict:
         """Restore the head parameters and AdamW state of ``checkpoint`` (written at any world size)."""

@@ -3,8 +3,8 @@
 :class:`Run` holds what a pass trains (model, plan, baseline diagnosis, packed corpus, settings); :func:`train` runs
 its optimizer steps (resumable from a checkpoint, bit-identically), checkpointing at the end of every
 ``save_every_epochs``-th epoch (and of the last) and every ``save_every_steps``, and re-diagnosing the model
-against the baseline at each checkpoint. A checkpoint is the model safetensors + tokenizer, the optimizer's slice
-state and the loop position, written to a temporary directory and moved into place by
+against the baseline at each checkpoint. A checkpoint (one process: :class:`SlicedTraining`) is the model safetensors + tokenizer, the optimizer's
+slice state and the loop position (under FSDP2 the heads and their state only: :mod:`.sharded_train`), written to a temporary directory and moved into place by
 :func:`~alibi_surgery.io.files.replace_dir`, so a kill at any instant never leaves a torn one; a failed write removes
 the partial one and raises :class:`~alibi_surgery.errors.WriteError`.
 :mod:`~alibi_surgery.surgery.repair` drives it. Limits: the corpus is held in memory as packed token rows.
@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..families import family_for
 from ..io.files import atomic_write_text, staged_dir
 from ..io.loading import quiet_transformers
-from ..distributed import is_main
+from ..distributed import is_main, world
 from ..analysis.perplexity import chunks_perplexity
 from .full import AllParameters
 from .objective import Geco, lm_loss, objective, sparsity_score
@@ -180,11 +180,12 @@ PAUSE_ENV = "ALIBI_SURGERY_TEST_PAUSE"  # crash tests only: see _test_pause
 def _test_pause(point: str, step: int) -> None:
     """Crash-test hook, inert unless ``ALIBI_SURGERY_TEST_PAUSE`` is ``train:STEP`` (inside step STEP, after its first
     backward) or ``save:STEP`` (half-way through writing checkpoint STEP: weights written, optimizer state and the
-    completion marker not). There the process writes its pid to ``$ALIBI_SURGERY_TEST_PAUSE_FILE`` and sleeps
-    until the test kills it, or deletes that file (then the run goes on)."""
+    completion marker not). There the process writes its pid to ``$ALIBI_SURGERY_TEST_PAUSE_FILE`` (with ``.R``
+    appended on rank R of several) and sleeps until the test kills it, or deletes that file (then the run goes on)."""
     if os.environ.get(PAUSE_ENV) != f"{point}:{step}":
         return
-    flag = Path(os.environ[f"{PAUSE_ENV}_FILE"])
+    rank, size = world()
+    flag = Path(os.environ[f"{PAUSE_ENV}_FILE"] + (f".{rank}" if size > 1 else ""))
     flag.write_text(str(os.getpid()))
     while flag.exists():
         time.sleep(0.05)
@@ -240,7 +241,9 @@ class SlicedTraining:
         return contextlib.nullcontext()
 
     def remove(self) -> None:
+        """Detach the slices and let go of the optimizer state (nothing of it is needed after training)."""
         self.slices.remove()
+        self.slices = self.opt = None
 
 
 def training_state(run: Run):

@@ -1,6 +1,6 @@
 """``repair --distributed fsdp`` (issue 32, item 2) end to end: two CPU ranks (gloo, a file store) against the
-single process's ``repair`` with the same settings, and a run stopped after step 4 on two ranks that one rank
-resumes.
+single process's ``repair`` with the same settings, and a torchrun of two ranks, one of them killed while a checkpoint
+is half written, that one rank resumes.
 
 Bounds (fp32, derived in test_fsdp.py's docstring): the ranks average two half-batch means where one process takes
 the mean of the batch, so losses and gradients agree to rounding, and AdamW's per-element normalisation magnifies
@@ -13,7 +13,13 @@ forwards) to 1e-4.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +29,7 @@ from safetensors.torch import load_file
 import dist_ranks
 from alibi_surgery.cli.main import main
 from alibi_surgery.io.random_model import write_random_model
+from alibi_surgery.surgery.trainer import PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +53,10 @@ def _argv(tmp_path, model: str, out: str) -> list:
             "--device", "cpu", "--ablation-draws", "0", "--quiet"]
 
 
-def _ranks(tmp_path, argv: list, name: str, stop_after=None) -> list:
+def _ranks(tmp_path, argv: list, name: str) -> list:
     out = tmp_path / name
     out.mkdir()
-    mp.spawn(dist_ranks.repair_ranks, args=(2, str(out / "store"), argv, str(out), stop_after), nprocs=2)
+    mp.spawn(dist_ranks.repair_ranks, args=(2, str(out / "store"), argv, str(out)), nprocs=2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -73,7 +80,7 @@ def _compare_final(single, sharded, original) -> None:
     assert moved == 6  # qkv weight and bias, dense weight, in both layers
 
 
-def test_two_ranks_equal_one_process_and_a_stopped_run_resumes_on_one_rank(tmp_path):
+def test_two_ranks_equal_one_process_and_a_killed_run_resumes_on_one_rank(tmp_path):
     model = _inputs(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run one thread each: the same float32 sums
@@ -96,11 +103,28 @@ def test_two_ranks_equal_one_process_and_a_stopped_run_resumes_on_one_rank(tmp_p
     _compare_final(tmp_path / "single", tmp_path / "sharded", tmp_path / "model")
     assert not list((tmp_path / "sharded" / "checkpoints").glob("*/model*.safetensors"))  # heads only
 
-    # stopped after step 4 on two ranks, resumed on one: the uninterrupted run's final weights
+    # torchrun, two ranks, rank 1 killed while checkpoint 8 is half written: every rank stops, step 4 is the last
+    # complete checkpoint, and one rank resumes from it to the uninterrupted run's final weights
     argv = _argv(tmp_path, model, "resumed") + ["--distributed", "fsdp"]
-    stopped = _ranks(tmp_path, argv, "stop", stop_after=4)
-    assert stopped[0]["stopped"].endswith("step-00000004") and stopped[1] == stopped[0]
-    assert not (tmp_path / "resumed" / "final").exists()
+    flag = tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_ENV: "save:8", f"{PAUSE_ENV}_FILE": str(flag)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "alibi_surgery.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not all(Path(f"{flag}.{r}").is_file() and Path(f"{flag}.{r}").read_text() for r in range(2)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the ranks never reached checkpoint 8"
+        time.sleep(0.1)
+    os.kill(int(Path(f"{flag}.1").read_text()), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: terminated") and "step-00000004" in ours[0], err[-3000:]
+    done = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert "step-00000004" in done and "step-00000008" not in done and not (tmp_path / "resumed" / "final").exists()
+    plain = [a for a in argv if a not in ("--distributed", "fsdp")]  # its checkpoints hold the heads only
+    assert main(plain + ["--resume"]) == 2
     torch.set_num_threads(1)
     try:
         assert main(argv + ["--resume"]) == 0
