@@ -23,7 +23,6 @@ whole input model before sharding it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -66,10 +65,7 @@ class ShardedTraining:
             raise UsageError("distributed='fsdp' needs a process group: run under torchrun (the CLI makes a group of "
                              "one without it), or call torch.distributed.init_process_group first")
         s, self.run = run.s, run
-        self.rank, self.world_size = world()
-        if s.batch_size % self.world_size:
-            raise UsageError(f"batch_size={s.batch_size} does not split over {self.world_size} ranks: give a "
-                             f"multiple of {self.world_size}")
+        self.rank, self.world_size = world()  # the batch size divides by it (fsdp_refusal, before any write)
         model = run.model
         if next(model.parameters()).dtype != torch.float32:
             raise UsageError(f"distributed='fsdp' trains in float32, not {next(model.parameters()).dtype}")
@@ -101,13 +97,10 @@ class ShardedTraining:
         self.opt.zero_grad()
 
     def save(self, position: dict) -> Path:
-        from .trainer import CKPT_PREFIX, _test_pause, config_key
+        from .trainer import CKPT_PREFIX, _test_pause
 
         run = self.run
-        meta = {"position": position, "distributed": "fsdp", "world_size": self.world_size,
-                "plan": run.plan.to_dict(), "settings": dataclasses.asdict(run.s),
-                "model": config_key(run.model.config), "history": run.history,
-                "learning_rates": run.learning_rates}
+        meta = run.checkpoint_meta(position, distributed="fsdp", world_size=self.world_size)
         return save_sharded(run.ckpt_dir / f"{CKPT_PREFIX}{position['step']:08d}", self.root, self.opt, meta,
                             before_marker=lambda: _test_pause("save", position["step"]))
 

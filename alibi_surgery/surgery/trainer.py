@@ -133,13 +133,18 @@ class Run:
             state = opt.state_dict(device="cpu")  # no second device copy of the state (all of it: --train full)
             tensors = {k: state[k].contiguous() for k in ("exp_avg", "exp_avg_sq", "master") if state[k] is not None}
             save_file(tensors, str(tmp / OPT_FILE))
-            meta = {"position": position, "optimizer": {k: v for k, v in state.items() if k not in tensors and
-                                                        k not in ("exp_avg", "exp_avg_sq", "master")},
-                    "has_master": state["master"] is not None, "plan": self.plan.to_dict(),
-                    "settings": dataclasses.asdict(self.s), "model": config_key(self.model.config),
-                    "history": self.history, "learning_rates": self.learning_rates}
+            meta = self.checkpoint_meta(position, optimizer={
+                k: v for k, v in state.items() if k not in tensors and k not in ("exp_avg", "exp_avg_sq", "master")},
+                has_master=state["master"] is not None)
             atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks it complete
         return final
+
+    def checkpoint_meta(self, position: dict, **extra) -> dict:
+        """A checkpoint's metadata: the loop position, the plan, the settings, the model's shape, the history and
+        the learning rates so far, and ``extra`` (what the trained state adds)."""
+        return {"position": position, **extra, "plan": self.plan.to_dict(), "settings": dataclasses.asdict(self.s),
+                "model": config_key(self.model.config), "history": self.history,
+                "learning_rates": self.learning_rates}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def rediagnose(self) -> tuple[HeadReport, Comparison]:
